@@ -1,0 +1,405 @@
+"""Command-line arguments: the upstream Megatron-DeepSpeed flag spellings -> one validated config.
+
+Every flag the ALCF launcher emits, and the ones its users pass by hand, are accepted with the
+upstream spelling (dashes and underscores mixed as upstream: `--lr_constant_plus_cooldown`,
+`--override-opt_param-scheduler`, `--deepspeed_config`, ...). Flags that upstream accepts but
+this code cannot honour yet are refused by `validate_args` with a message, never ignored
+silently; flags that only select CUDA kernel fusions are accepted and have no effect (the
+fused paths do not exist here; `scaled_dot_product_attention` picks the kernel).
+
+`parse_args(argv)` returns an `argparse.Namespace` with upstream attribute names (the
+"config"); `validate_args` fills derived values (data-parallel size, number of micro-batches,
+padded vocabulary...) and raises `ArgumentError` listing every problem at once.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Sequence
+
+from megatron.optimizer import optimizer_help, optimizer_names
+from megatron.optimizer_param_scheduler import LR_SCHEDULES, build_schedule_spec
+
+FLASH_ATTN_FLAGS = ("use_flash_attn_v1", "use_flash_attn_v2", "use_flash_attn_triton", "use_flash_attn_builder")
+
+
+class ArgumentError(ValueError):
+    """Invalid configuration; the message lists every problem, one per line."""
+
+
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def _int_like(v: str) -> int:
+    """Integer that also accepts '1.0' / '1e9' forms the launcher or users write."""
+    f = float(v)
+    if f != int(f):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}")
+    return int(f)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Pretrain a Llama-style GPT with DeepSpeed (Megatron-DeepSpeed compatible flags).",
+        allow_abbrev=False,
+    )
+    _model_args(p)
+    _init_args(p)
+    _training_args(p)
+    _optimizer_args(p)
+    _lr_args(p)
+    _checkpoint_args(p)
+    _data_args(p)
+    _parallel_args(p)
+    _logging_args(p)
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=None)
+    g.add_argument("--hidden-size", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: swiglu int(8h/3/64)*64, else 4h")
+    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--num-key-value-heads", type=int, default=None, help="GQA; default = heads")
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--use-rotary-position-embeddings", action="store_true")
+    g.add_argument("--rotary-position-embeddings-theta", dest="rope_theta", type=float, default=10000.0)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false")
+    g.add_argument("--normalization", choices=["layernorm", "rmsnorm"], default="layernorm")
+    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--apply-layernorm-1p", action="store_true")
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--squared-relu", action="store_true")
+    g.add_argument("--openai-gelu", action="store_true", help="accepted; GELU uses the exact erf form")
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--embedding-weights-in-fp32", action="store_true", help="accepted; no effect")
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--no-query-key-layer-scaling", dest="apply_query_key_layer_scaling", action="store_false",
+                   help="accepted; attention scaling is always 1/sqrt(d_head) (what this flag selects upstream)")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true", help="accepted; sdpa handles precision")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--use-flash-attn", "--use-flash-attn-v1", dest="use_flash_attn_v1", action="store_true")
+    g.add_argument("--use-flash-attn-v2", action="store_true")
+    g.add_argument("--use-flash-attn-triton", action="store_true")
+    g.add_argument("--use-flash-attn-builder", action="store_true")
+    # CUDA fusion switches of upstream: accepted so launcher command lines work unchanged.
+    for flag in ("--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-masked-softmax-fusion",
+                 "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
+                 "--accumulate-allreduce-grads-in-fp32"):
+        g.add_argument(flag, action="store_true", help="accepted; no fused kernels on this path")
+
+
+def _init_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("initialization")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--data-parallel-random-init", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--adjust-word-embedding-init", action="store_true",
+                   help="initialize word embeddings with --word-embedding-init-std (really applied here)")
+    g.add_argument("--word-embedding-init-std", type=float, default=0.02)
+    g.add_argument("--init-method-xavier-uniform", action="store_true")
+    g.add_argument("--no-initialization", dest="perform_initialization", action="store_false")
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=_int_like, default=None)
+    g.add_argument("--train-samples", type=_int_like, default=None)
+    g.add_argument("--train-tokens", type=_int_like, default=None, help="also stop once this many tokens are consumed")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--eval-on-start", action="store_true", help="evaluate once before the first step")
+    g.add_argument("--skip-train", action="store_true")
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-signal-handler", action="store_true")
+    g.add_argument("--kill-switch-file", type=str, default=None)
+    g.add_argument("--checkpoint-activations", action="store_true")
+    g.add_argument("--checkpoint-num-layers", type=int, default=1)
+    g.add_argument("--deepspeed-activation-checkpointing", action="store_true")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+
+
+def _optimizer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="adamw", choices=optimizer_names(), metavar="NAME",
+                   help=f"one of: {optimizer_help()}")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant")
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--cpu-optimizer", action="store_true")
+    g.add_argument("--cpu_torch_adam", action="store_true")
+    g.add_argument("--ds_fused_adam", action="store_true")
+
+
+def _lr_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("learning rate")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear", choices=list(LR_SCHEDULES),
+                   help="LR schedule after warmup (registry: megatron/optimizer_param_scheduler.py)")
+    g.add_argument("--lr-decay-iters", type=_int_like, default=None)
+    g.add_argument("--lr-decay-samples", type=_int_like, default=None)
+    g.add_argument("--lr-decay-tokens", type=_int_like, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=_int_like, default=0)
+    g.add_argument("--lr-warmup-samples", type=_int_like, default=0)
+    g.add_argument("--lr-warmup-tokens", type=_int_like, default=None)
+    g.add_argument("--lr-constant-tokens", type=_int_like, default=None)
+    g.add_argument("--lr-constant-fraction", type=float, default=0.001)
+    g.add_argument("--lr-cooldown-tokens", type=_int_like, default=None)
+    g.add_argument("--lr-cooldown-fraction", type=float, default=0.65)
+    g.add_argument("--constant-lr", type=float, default=0.00011)
+    g.add_argument("--timescale", type=float, default=10.0)
+    g.add_argument("--lr_constant_plus_cooldown", action="store_true")
+    g.add_argument("--lr_constant_plus_cooldown_frac", type=float, default=0.05)
+    g.add_argument("--lr-cooldown-iters", type=_int_like, default=None,
+                   help="constant+cooldown: cool down over the last N iterations")
+    g.add_argument("--lr-cooldown-start-iter", type=_int_like, default=None,
+                   help="constant+cooldown: start the cooldown at this iteration")
+    g.add_argument("--lr-wsd-decay-iters", type=_int_like, default=None)
+    g.add_argument("--lr-wsd-decay-samples", type=_int_like, default=None)
+    g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "1-sqrt", "minus_sqrt"], default="1-sqrt")
+    g.add_argument("--lr-finder", action="store_true")
+    g.add_argument("--override-opt_param-scheduler", action="store_true")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true")
+    g.add_argument("--warmup", type=int, default=None, help="deprecated; use --lr-warmup-*")
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", type=str, default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--load", type=str, default=None)
+    g.add_argument("--load-tag", type=str, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-load-lr-state", action="store_true")
+    g.add_argument("--finetune", action="store_true")
+    g.add_argument("--use-checkpoint-args", action="store_true")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+    g.add_argument("--universal-checkpoint", action="store_true")
+    g.add_argument("--reset-iteration", action="store_true")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None)
+    g.add_argument("--data-file-list", type=str, default=None)
+    g.add_argument("--shuffle-sample-in-corpus", action="store_true")
+    g.add_argument("--blend-sample-in-corpus", action="store_true")
+    g.add_argument("--split", type=str, default="969, 30, 1")
+    g.add_argument("--data-cache-path", type=str, default=None)
+    g.add_argument("--data-impl", choices=["mmap", "infer"], default="infer")
+    g.add_argument("--mmap-warmup", action="store_true")
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--dataloader-type", choices=["single", "cyclic"], default="single")
+    g.add_argument("--tokenizer-type", default=None,
+                   choices=["BertWordPieceLowerCase", "BertWordPieceCase", "GPT2BPETokenizer", "SentencePieceTokenizer",
+                            "GPTSentencePieceTokenizer", "HFTokenizer", "NullTokenizer", "Llama2Tokenizer"])
+    g.add_argument("--tokenizer-model", type=str, default=None)
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--vocab-file", type=str, default=None)
+    g.add_argument("--merge-file", type=str, default=None)
+    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--ds-sequence-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--no-pipeline-parallel", action="store_true")
+    g.add_argument("--zero-stage", type=_int_like, default=1)
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo", "ccl", "xccl", "hccl"], default=None,
+                   help="default: chosen from the hardware (xccl/ccl on XPU, nccl on CUDA, gloo on CPU)")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
+    g.add_argument("--DDP-impl", default="local", choices=["local", "torch"])
+    # DeepSpeed's own config arguments (deepspeed.add_config_arguments), declared here so --help is fast.
+    g.add_argument("--deepspeed", action="store_true")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", type=str, default=None)
+    g.add_argument("--deepspeed_mpi", action="store_true")
+
+
+def _logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--timing-log-level", type=int, choices=[0, 1, 2], default=0)
+    g.add_argument("--timing-log-option", choices=["max", "minmax", "all"], default="minmax")
+    g.add_argument("--tensorboard-dir", type=str, default=None)
+    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000)
+    for flag in ("--log-timers-to-tensorboard", "--log-batch-size-to-tensorboard",
+                 "--log-validation-ppl-to-tensorboard", "--log-optimizer-states-to-tensorboard",
+                 "--log-memory-to-tensorboard", "--log-world-size-to-tensorboard", "--log-params-norm",
+                 "--log-num-zeros-in-grad"):
+        g.add_argument(flag, action="store_true")
+    g.add_argument("--no-log-learnig-rate-to-tensorboard", dest="log_learning_rate_to_tensorboard", action="store_false")
+    g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard", action="store_false")
+    g.add_argument("--wandb-project", type=str, default=None)
+    g.add_argument("--wandb-exp-name", type=str, default=None)
+    g.add_argument("--wandb-save-dir", type=str, default=None)
+    g.add_argument("--metrics-file", type=str, default=None,
+                   help="append one JSON line per logged iteration/evaluation (default: <save>/metrics.jsonl)")
+
+
+def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> argparse.Namespace:
+    """Parse (argparse keeps the last occurrence of a flag, so later flags win) and validate."""
+    args = build_parser().parse_args(argv)
+    validate_args(args, env=os.environ if env is None else env)
+    return args
+
+
+def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
+    """Every configuration problem, as one line each naming the fix."""
+    errs: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errs.append(msg)
+
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        need(getattr(args, name) is not None, f"--{name.replace('_', '-')} is required")
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                 "eval_interval", "log_interval", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "ds_sequence_parallel_size"):
+        v = getattr(args, name)
+        need(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0 (got {v})")
+    need(args.eval_iters >= 0, f"--eval-iters must be >= 0 (got {args.eval_iters})")
+    need(args.lr is not None, "--lr is required (the maximum learning rate)")
+    if args.lr is not None:
+        need(args.lr >= 0 and math.isfinite(args.lr), f"--lr must be a finite number >= 0 (got {args.lr})")
+        need(args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must be <= --lr ({args.lr})")
+    need((args.train_iters is None) != (args.train_samples is None),
+         "give exactly one of --train-iters and --train-samples")
+    for name in ("train_iters", "train_samples"):
+        v = getattr(args, name)
+        need(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0 (got {v}); "
+             "with TRAIN_TOKENS, make it at least seq-length x global-batch-size")
+    need(args.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3 (got {args.zero_stage})")
+    need(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
+    need(args.lr_warmup_fraction is None or 0.0 <= args.lr_warmup_fraction <= 1.0,
+         f"--lr-warmup-fraction must be in [0, 1] (got {args.lr_warmup_fraction})")
+    need(args.lr_warmup_fraction is None or (args.lr_warmup_iters == 0 and args.lr_warmup_samples == 0),
+         "--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are mutually exclusive")
+    need(args.warmup is None, "--warmup is deprecated: use --lr-warmup-fraction or --lr-warmup-iters")
+    need(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+         "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually exclusive "
+         "(unset OVERRIDE_CKPT_OPT_PARAM or drop --override-opt_param-scheduler)")
+    need(args.save is None or args.save_interval is None or args.save_interval > 0,
+         f"--save-interval must be > 0 (got {args.save_interval})")
+    need(args.data_file_list is not None or args.data_path,
+         "no training data: give --data-file-list (DATA_FILE_LIST=...) or --data-path")
+    if args.data_file_list is not None:
+        need(os.path.isfile(args.data_file_list),
+             f"--data-file-list {args.data_file_list}: file not found (check DATA_FILE_LIST)")
+    if args.num_attention_heads and args.hidden_size and args.kv_channels is None:
+        need(args.hidden_size % args.num_attention_heads == 0,
+             f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads ({args.num_attention_heads})")
+    if args.num_attention_heads and args.num_key_value_heads:
+        need(args.num_attention_heads % args.num_key_value_heads == 0,
+             f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
+             f"--num-key-value-heads ({args.num_key_value_heads})")
+    if args.seq_length and args.max_position_embeddings:
+        need(args.max_position_embeddings >= args.seq_length,
+             f"--max-position-embeddings ({args.max_position_embeddings}) must be >= --seq-length ({args.seq_length})")
+    need(0.0 < args.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1] (got {args.rotary_percent})")
+
+    tp, pp, sp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.ds_sequence_parallel_size
+    model_parallel = tp * pp * sp
+    if model_parallel > 0 and world_size % model_parallel:
+        errs.append(f"world size {world_size} is not divisible by TP*PP*SP = {tp}*{pp}*{sp} = {model_parallel}; "
+                    "change TP/PP/SP or the number of processes")
+    elif model_parallel > 0 and args.global_batch_size is not None and args.micro_batch_size:
+        dp = world_size // model_parallel
+        need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
+             f"--global-batch-size ({args.global_batch_size}) must be a multiple of micro-batch-size x data-parallel "
+             f"size = {args.micro_batch_size} x {dp}; set GLOBAL_BATCH accordingly or change MICRO_BATCH")
+
+    # Upstream flags whose behaviour is not implemented here yet: refuse rather than ignore.
+    unsupported = {
+        "tensor_model_parallel_size": (tp > 1, "tensor parallelism (TP > 1)"),
+        "pipeline_model_parallel_size": (pp > 1, "pipeline parallelism (PP > 1)"),
+        "ds_sequence_parallel_size": (sp > 1, "Ulysses sequence parallelism (SP > 1)"),
+        "checkpoint_activations": (args.checkpoint_activations or args.deepspeed_activation_checkpointing
+                                   or args.recompute_granularity is not None, "activation checkpointing"),
+        "squared_relu": (args.squared_relu, "--squared-relu"),
+        "apply_layernorm_1p": (args.apply_layernorm_1p, "--apply-layernorm-1p"),
+        "reset_position_ids": (args.reset_position_ids or args.reset_attention_mask,
+                               "--reset-position-ids/--reset-attention-mask"),
+        "lr_finder": (args.lr_finder, "--lr-finder"),
+        "fp16": (args.fp16, "--fp16 (use --bf16 or fp32)"),
+    }
+    for _, (bad, what) in unsupported.items():
+        if bad:
+            errs.append(f"{what} is not supported by this version yet; remove the flag")
+    return errs
+
+
+def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespace:
+    """Check the configuration and fill derived fields. Raises ArgumentError listing all problems."""
+    world_size = int(env.get("WORLD_SIZE") or env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE")
+                     or env.get("SLURM_NTASKS") or 1)
+    args.world_size = world_size
+    errs = _problems(args, world_size)
+    if errs:
+        raise ArgumentError("\n".join(errs))
+
+    mp = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.ds_sequence_parallel_size
+    args.data_parallel_size = world_size // mp
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    if args.train_iters is None:
+        args.train_iters = args.train_samples // args.global_batch_size
+    if args.num_key_value_heads is None:
+        args.num_key_value_heads = args.num_attention_heads
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64) if args.swiglu else 4 * args.hidden_size
+    args.use_flash_attn = any(getattr(args, f) for f in FLASH_ATTN_FLAGS)
+    if args.weight_decay_incr_style == "constant":
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+    elif args.start_weight_decay is None or args.end_weight_decay is None:
+        raise ArgumentError("--start-weight-decay and --end-weight-decay are required when "
+                            f"--weight-decay-incr-style is {args.weight_decay_incr_style}")
+    args.params_dtype = "bf16" if args.bf16 else "fp32"
+    if args.save is not None and args.save_interval is None:
+        args.save_interval = args.train_iters  # save at the end only
+    if args.metrics_file is None and args.save is not None:
+        args.metrics_file = os.path.join(args.save, "metrics.jsonl")
+    try:  # the LR schedule is checked now, not after DeepSpeed has started
+        build_schedule_spec(args)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    return args

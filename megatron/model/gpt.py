@@ -1,0 +1,322 @@
+"""Llama-style GPT decoder whose parameter names equal upstream Megatron-DeepSpeed's (spec §9.1).
+
+Fused layouts: `self_attention.query_key_value.weight` is [n_kv * (g + 2) * d, h] with, per KV
+group, its g query heads, then k, then v (g = heads / kv_heads); `mlp.dense_h_to_4h.weight` is
+[gate; up] for SwiGLU. `language_model.output_layer` is absent when embeddings are tied.
+Tensors are [batch, seq, hidden] throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_RESIDUAL_PROJECTIONS = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), or None with learned positions
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int  # already padded
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # None -> num_attention_heads
+    ffn_hidden_size: int | None = None  # None -> swiglu: int(8h/3/64)*64, else 4h
+    kv_channels: int | None = None  # None -> hidden_size / num_attention_heads
+    max_position_embeddings: int = 4096
+    normalization: str = "rmsnorm"  # or "layernorm"
+    layernorm_epsilon: float = 1e-5
+    swiglu: bool = True  # False -> GELU MLP
+    use_rotary_position_embeddings: bool = True  # False -> learned absolute positions
+    rope_theta: float = 10000.0
+    rotary_percent: float = 1.0
+    untie_embeddings_and_output_weights: bool = True
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    word_embedding_init_std: float | None = None  # None -> init_method_std
+    init_method_xavier_uniform: bool = False
+    apply_residual_scaled_init: bool = True  # output projections: std / sqrt(2L)
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"GPTConfig: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        heads = self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = heads
+        check(self.num_key_value_heads > 0 and heads % self.num_key_value_heads == 0,
+              f"num_attention_heads ({heads}) must be divisible by num_key_value_heads "
+              f"({self.num_key_value_heads})")
+        if self.kv_channels is None:
+            check(self.hidden_size % heads == 0, f"hidden_size ({self.hidden_size}) must be "
+                  f"divisible by num_attention_heads ({heads}) unless kv_channels is given")
+            self.kv_channels = self.hidden_size // heads
+        if self.ffn_hidden_size is None:  # upstream rule (spec §3.7)
+            h = self.hidden_size
+            self.ffn_hidden_size = int(8 * h / 3 / 64) * 64 if self.swiglu else 4 * h
+        check(self.kv_channels > 0 and self.ffn_hidden_size > 0,
+              f"kv_channels ({self.kv_channels}) and ffn_hidden_size ({self.ffn_hidden_size}) "
+              "must be positive")
+        check(self.normalization in ("rmsnorm", "layernorm"),
+              f"normalization must be 'rmsnorm' or 'layernorm', got {self.normalization!r}")
+        check(0.0 < self.rotary_percent <= 1.0,
+              f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        r = self.rotary_dim
+        check(not self.use_rotary_position_embeddings or (r > 0 and r % 2 == 0),
+              f"rotary dims int(kv_channels * rotary_percent) = {r} must be even and > 0")
+        for name in ("hidden_dropout", "attention_dropout"):
+            p = getattr(self, name)
+            check(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
+        check(self.init_method_std >= 0 and (self.word_embedding_init_std or 0.0) >= 0,
+              "init stds must be non-negative")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading head dims that RoPE rotates (upstream: int(kv_channels * rotary_percent))."""
+        return int(self.kv_channels * self.rotary_percent)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Closed-form parameter count (no model needed). `exclude_embeddings` drops the word and
+        position embeddings and the untied output layer."""
+        h, d, f = self.hidden_size, self.kv_channels, self.ffn_hidden_size
+        bias = int(self.add_bias_linear)
+        norm = h * (2 if self.normalization == "layernorm" else 1)
+        qkv_out = (self.num_attention_heads + 2 * self.num_key_value_heads) * d
+        mlp_in = f * (2 if self.swiglu else 1)
+        layer = (2 * norm + (h + bias) * qkv_out + (self.num_attention_heads * d + bias) * h
+                 + (h + bias) * mlp_in + (f + bias) * h)
+        total = self.num_layers * layer + norm
+        if not exclude_embeddings:
+            total += self.vocab_size * h
+            total += 0 if self.use_rotary_position_embeddings else self.max_position_embeddings * h
+            total += self.vocab_size * h if self.untie_embeddings_and_output_weights else 0
+        return total
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight (as HF Llama)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def _norm(config: GPTConfig) -> nn.Module:
+    if config.normalization == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.layernorm_epsilon)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [max_pos, rotary_dim] (rotate-half layout), computed once in float32."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.rotary_dim, self.theta = config.rotary_dim, config.rope_theta
+        self.max_positions = config.max_position_embeddings
+        shape = (self.max_positions, self.rotary_dim)
+        self.register_buffer("cos", torch.empty(shape), persistent=False)
+        self.register_buffer("sin", torch.empty(shape), persistent=False)
+        self.reset_tables()
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        dim = self.rotary_dim
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos.copy_(emb.cos())  # copy_ keeps the buffers' device and dtype
+        self.sin.copy_(emb.sin())
+
+    def forward(self, seq_len: int, position_ids: torch.Tensor | None) -> Rope:
+        """Returns cos, sin shaped [s, 1, r] or [b, s, 1, r] (broadcast over heads)."""
+        if position_ids is None:
+            return self.cos[:seq_len, None, :], self.sin[:seq_len, None, :]
+        return self.cos[position_ids].unsqueeze(-2), self.sin[position_ids].unsqueeze(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on the first cos.shape[-1] dims of x [b, s, heads, d]; the rest pass."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    out = x_rot * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
+    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.d, self.group = config.kv_channels, self.n_heads // self.n_kv
+        self.dropout, h, bias = config.attention_dropout, config.hidden_size, config.add_bias_linear
+        self.query_key_value = nn.Linear(h, (self.n_heads + 2 * self.n_kv) * self.d, bias=bias)
+        self.dense = nn.Linear(self.n_heads * self.d, h, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        b, s, _ = x.shape
+        g = self.group
+        qkv = self.query_key_value(x).view(b, s, self.n_kv, g + 2, self.d)
+        q = qkv[:, :, :, :g].reshape(b, s, self.n_heads, self.d)  # head i uses kv group i // g
+        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=g > 1)
+        return self.dense(out.transpose(1, 2).reshape(b, s, self.n_heads * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu, h, f = config.swiglu, config.hidden_size, config.ffn_hidden_size
+        bias = config.add_bias_linear
+        # SwiGLU: one fused [gate; up] projection
+        self.dense_h_to_4h = nn.Linear(h, 2 * f if self.swiglu else f, bias=bias)
+        self.dense_4h_to_h = nn.Linear(f, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dense_h_to_4h(x)
+        if self.swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(F.gelu(x))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.input_layernorm = _norm(config)
+        self.self_attention = Attention(config)
+        self.post_attention_layernorm = _norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        x = x + self.dropout(self.self_attention(self.input_layernorm(x), rope))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        self.final_layernorm = _norm(config)
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, rope)
+        return self.final_layernorm(x)
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, h)
+        if not config.use_rotary_position_embeddings:
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        if hasattr(self, "position_embeddings"):
+            if position_ids is None:
+                position_ids = torch.arange(tokens.shape[1], device=tokens.device)
+            x = x + self.position_embeddings(position_ids)
+        return self.embedding_dropout(x)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.embedding = Embedding(config)
+        use_rope = config.use_rotary_position_embeddings
+        self.rotary_pos_emb = RotaryEmbedding(config) if use_rope else None
+        self.encoder = Encoder(config)
+        if config.untie_embeddings_and_output_weights:
+            self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        rope = self.rotary_pos_emb(tokens.shape[1], position_ids) if self.rotary_pos_emb else None
+        x = self.encoder(self.embedding(tokens, position_ids), rope)
+        head = getattr(self, "output_layer", None)
+        return head(x) if head is not None else F.linear(x, self.embedding.word_embeddings.weight)
+
+
+class GPTModel(nn.Module):
+    """Decoder-only LM. forward(tokens) -> logits [b, s, V]; with labels -> per-token float32
+    cross-entropy [b, s] (labels are already shifted; label -100 gives loss 0)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.language_model = LanguageModel(config)
+        self.init_weights()
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        seq_len = tokens.shape[1]
+        if seq_len > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        logits = self.language_model(tokens, position_ids)
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+        return loss.view_as(labels)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re-)initialize every parameter as upstream does (spec §7). With `seed`, a private
+        generator on the parameters' device is used (global RNG untouched; same seed and device
+        give the same weights); without, the global RNG."""
+        cfg = self.config
+        std = cfg.init_method_std
+        scaled_std = std / math.sqrt(2 * cfg.num_layers) if cfg.apply_residual_scaled_init else std
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        for name, p in self.named_parameters():  # tied weights appear once
+            if name.endswith("bias"):
+                p.zero_()
+            elif name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("word_embeddings.weight"):
+                wstd = std if cfg.word_embedding_init_std is None else cfg.word_embedding_init_std
+                nn.init.normal_(p, 0.0, wstd, generator=gen)
+            elif name.endswith("position_embeddings.weight"):
+                nn.init.normal_(p, 0.0, std, generator=gen)
+            elif cfg.init_method_xavier_uniform:
+                nn.init.xavier_uniform_(p, generator=gen)
+            elif name.endswith(_RESIDUAL_PROJECTIONS):
+                nn.init.normal_(p, 0.0, scaled_std, generator=gen)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=gen)
+        if self.language_model.rotary_pos_emb is not None:
+            self.language_model.rotary_pos_emb.reset_tables()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (tied weights counted once); `exclude_embeddings` drops
+        word/position embeddings and the untied output layer."""
+        emb = ("word_embeddings.weight", "position_embeddings.weight", "output_layer.weight")
+        return sum(p.numel() for n, p in self.named_parameters()
+                   if not (exclude_embeddings and n.endswith(emb)))

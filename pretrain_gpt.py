@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Pretrain a Llama-style GPT under DeepSpeed ZeRO (Megatron-DeepSpeed compatible flags).
+
+Usually started by `train_alcf.sh`, which turns environment variables into these flags.
+Arguments are validated before anything expensive (DeepSpeed, data indices) starts; a bad
+configuration prints one `ERROR:` line per problem and exits with status 2.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron.arguments import ArgumentError, parse_args
+
+    try:
+        args = parse_args(argv)
+    except ArgumentError as e:
+        for line in str(e).splitlines():
+            print(f"ERROR: {line}", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK") or os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO") if rank == 0 else logging.ERROR,
+        format="[%(asctime)s][%(levelname).1s][%(name)s] %(message)s",
+    )
+    from megatron.data.data_list import DataListError
+    from megatron.training import pretrain
+
+    try:
+        pretrain(args)
+    except (ArgumentError, DataListError, FileNotFoundError) as e:
+        # Configuration problems found while building data/model/checkpoints: one line, no traceback.
+        if rank == 0 or os.environ.get("MEGATRON_LOG_ALL_RANKS"):
+            print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Helpers that run the real trainer in 1 or 2 gloo processes (torchrun, mpiexec or plain python)
+and read back its per-iteration metrics. Shared by the end-to-end tests."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny Llama: fast on 2 cores, still every code path of the real one.
+TINY_MODEL = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-key-value-heads", "2",
+    "--ffn-hidden-size", "128", "--seq-length", "32", "--max-position-embeddings", "64",
+    "--swiglu", "--normalization", "rmsnorm", "--disable-bias-linear", "--use-rotary-position-embeddings",
+    "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "500",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_dataset(directory: str, n_docs: int = 400, vocab: int = 500, seed: int = 0) -> str:
+    """Write a small .bin/.idx corpus with learnable structure and its data list; returns the list path."""
+    from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.join(directory, "toy_text_document")
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(n_docs):
+        start = int(rng.integers(0, vocab - 1))
+        length = int(rng.integers(20, 120))
+        doc = (start + np.arange(length) * int(rng.integers(1, 4))) % (vocab - 1)  # arithmetic runs
+        builder.add_document(doc.astype(np.uint16))
+    builder.finalize(prefix + ".idx")
+    data_list = os.path.join(directory, "toy.txt")
+    with open(data_list, "w") as f:
+        f.write(f"1.0 {prefix} toy\n")
+    return data_list
+
+
+def env_for(nproc: int, threads: int | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = str(threads or max(1, 2 // nproc))
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def launch_command(nproc: int, launcher: str) -> list[str]:
+    script = os.path.join(ROOT, "pretrain_gpt.py")
+    if nproc == 1 and launcher == "python":
+        return [sys.executable, script]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script]
+    if launcher == "mpiexec":
+        mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+        if not os.path.exists(mpiexec):
+            mpiexec = shutil.which("mpiexec")
+        return [mpiexec, "-n", str(nproc), sys.executable, script]
+    raise ValueError(launcher)
+
+
+def run_trainer(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 600,
+                check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = env_for(nproc)
+    if launcher == "mpiexec":
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env.update(env_extra or {})
+    proc = subprocess.run(launch_command(nproc, launcher) + args, env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(path: str) -> tuple[dict[int, float], list[dict]]:
+    """(per-iteration training loss, validation records) from a metrics.jsonl file."""
+    train, val = {}, []
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "lm_loss" in r:
+                train[r["iteration"]] = r["lm_loss"]
+            elif "val_loss" in r:
+                val.append(r)
+    return train, val
