@@ -1,0 +1,35 @@
+"""Conditions that end a run early and cleanly (a checkpoint is saved first): SIGTERM with
+--exit-signal-handler, --exit-interval, --exit-duration-in-mins, --kill-switch-file."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class ExitConditions:
+    """SIGTERM (--exit-signal-handler), --exit-interval, --exit-duration-in-mins, --kill-switch-file."""
+
+    def __init__(self, args):
+        self.args, self.start, self.signalled = args, time.time(), False
+        if args.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self.signalled = True
+
+    def reason(self, iteration: int) -> str | None:
+        a = self.args
+        flags = [self.signalled,
+                 bool(a.exit_interval and iteration % a.exit_interval == 0),
+                 bool(a.exit_duration_in_mins and (time.time() - self.start) / 60 > a.exit_duration_in_mins),
+                 bool(a.kill_switch_file and os.path.exists(a.kill_switch_file))]
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank must agree
+            t = torch.tensor(flags, dtype=torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = [bool(x) for x in t.tolist()]
+        names = ["signal", "exit-interval", "exit-duration", "kill-switch-file"]
+        return next((n for n, f in zip(names, flags) if f), None)
