@@ -1,0 +1,913 @@
+#!/usr/bin/env bash
+# Functions of the training launcher (train_alcf.sh). Sourcing this file only defines them;
+# `alcf_main "$@"` does the work:
+#
+#   1. read the environment (upstream names and their aliases), apply the demo / machine /
+#      model-preset defaults, and check everything (one "ERROR: ..." line per problem, exit 2,
+#      before anything is installed, built or written);
+#   2. assemble the DeepSpeed config and the trainer command as a bash array (never flattened:
+#      arguments that contain spaces stay one argument; the user's own arguments come last, so
+#      they override every launcher default, argparse keeping the last occurrence);
+#   3. DRY_RUN=1: print both and stop. Otherwise set up Python (ALCF/env.sh), build the demo
+#      data if needed, write the config, the .env dump and the run directories, and launch
+#      (mpiexec under PBS, srun under SLURM, python / torchrun / mpiexec on a workstation),
+#      tee-ing everything to the run's output.log. The exit status is the trainer's.
+#
+# Variables (default in brackets; "machine" = per-machine table, "preset" = MODEL_ARCH):
+#   model      MODEL_ARCH [7B; 7M in the demo] (tiny 7M/demo 30M 2B 7B 33B 70B llama3-3B
+#              smollm3-3B phi4-mini), HEADS|NHEADS, NLAYERS|NUM_LAYERS, HIDDEN, NUM_KV_HEAD,
+#              FFN_HIDDEN_SIZE, SEQ|SEQ_LEN [preset], ROPE_THETA [50000], INIT_METHOD_STD
+#              [sqrt(2/(5*HIDDEN))], NO_LLAMA, NO_FLASH_ATTN
+#   parallel   TP [machine, 1], PP [1], SP [1], ZERO_STAGE [1], CPU_OPTIMIZER,
+#              ZERO_HPZ_PARTITION_SIZE [1], USE_ACTIVATION_CHECKPOINTING, ACT_CKPT_NUM_LAYERS [1]
+#   batch      MICRO_BATCH [machine, 1], GRAD_ACC_STEPS [machine, 1], GLOBAL_BATCH
+#              [WORLD_SIZE*MB*GAS/(TP*PP*SP)], TRAIN_TOKENS [4673780159710 if no TRAIN_ITERS],
+#              TRAIN_ITERS|TRAIN_ITER [TRAIN_TOKENS/SEQ/GLOBAL_BATCH]
+#   optimizer  OPT|OPTIMIZER|OPTIM [adamw], LR [0.0002], MIN_LR, LR_DECAY_STYLE [cosine],
+#              LR_WARMUP_FRAC|LR_WARMUP_FRACTION [0.05], LR_DECAY_ITERS, WEIGHT_DECAY [0.1],
+#              ADAM_BETA1 [0.9], ADAM_BETA2 [0.95], ADAM_EPS [0.00001], CLIP_GRAD [1.0],
+#              DTYPE [machine; bf16 with an accelerator, fp32 on CPU], OVERRIDE_CKPT_OPT_PARAM
+#   logging    LOG_INTERVAL [1], EVAL_INTERVAL [100], EVAL_ITERS [20], SAVE_INTERVAL [50],
+#              TIMING_LOG_LEVEL [1], NO_TENSORBOARD, FLOPS_PROFILER, COMMS_LOGGER [false]
+#   data       DATA_FILE_LIST [demo list outside a job], TRAIN_SPLIT/VAL_SPLIT/TEST_SPLIT
+#              [990/10/0], TOKENIZER_TYPE [HFTokenizer], TOKENIZER_MODEL [google/gemma-7B, or a
+#              tokenizer.model next to the list], DEMO_DATA_DIR [WORKING_DIR/.cache/demo-data]
+#   paths      WORKING_DIR [PBS_O_WORKDIR, SLURM_SUBMIT_DIR, the repo], CKPT_DIR
+#              [checkpoints/<run name>], LOAD, SAVE [CKPT_DIR], EXEC [pretrain_gpt.py], VENV_DIR
+#   launch     NPROC [accelerators or 1], LAUNCHER [torchrun|mpiexec], HOSTFILE|PBS_NODEFILE,
+#              NGPU_PER_HOST, WORLD_SIZE, CPU_BIND, MPIEXEC, MASTER_PORT, OMP_NUM_THREADS,
+#              BE|CCL|NCCL (backend), DRY_RUN, DEBUG, ALCF_HOSTNAME (host name used for machine
+#              detection and the log directory)
+
+ALCF_REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Aurora / Sunspot: one rank per GPU tile (12 per node), 3 cores each, skipping the cores
+# reserved for the system on each socket.
+ALCF_AURORA_CPU_BIND="list:2-4:10-12:18-20:26-28:34-36:42-44:54-56:62-64:70-72:78-80:86-88:94-96"
+
+_alcf_info() { printf '[train_alcf] %s\n' "$*" >&2; }
+_alcf_warn() { printf '[train_alcf] WARNING: %s\n' "$*" >&2; }
+_alcf_err() { ALCF_ERRORS+=("$*"); }
+
+# ----------------------------------------------------------------------------------------------
+# small checks and conversions
+# ----------------------------------------------------------------------------------------------
+_alcf_is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+_alcf_is_float() { [[ "$1" =~ ^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$ ]]; }
+
+# Integer spellings accepted for counts: 123, 22e9, 4.5e12 (only when the result is whole).
+# Sets _ALCF_INT to the plain decimal integer, or returns 1. (No subshells: DRY_RUN stays fast.)
+_alcf_to_int() {
+    local v="$1"
+    _ALCF_INT=""
+    if [[ "$v" =~ ^[0-9]+$ ]]; then
+        v="${v#"${v%%[!0]*}"}"; _ALCF_INT="${v:-0}"; return 0
+    fi
+    if [[ "$v" =~ ^([0-9]*)\.?([0-9]*)[eE]\+?([0-9]+)$ ]]; then
+        local ip="${BASH_REMATCH[1]}" fp="${BASH_REMATCH[2]}" ex=$((10#${BASH_REMATCH[3]}))
+        [[ -n "$ip$fp" ]] || return 1
+        (( ${#fp} <= ex && ex <= 18 )) || return 1
+        local digits="${ip}${fp}" zeros=$((ex - ${#fp}))
+        while (( zeros-- > 0 )); do digits+="0"; done
+        digits="${digits#"${digits%%[!0]*}"}"
+        (( ${#digits} <= 18 )) || return 1
+        _ALCF_INT="${digits:-0}"; return 0
+    fi
+    return 1
+}
+
+# _alcf_check_posint VAR [hint]: VAR must hold a positive integer; normalizes it in place.
+_alcf_check_posint() {
+    local name="$1" val="${!1:-}"
+    if ! _alcf_to_int "$val" || (( _ALCF_INT <= 0 )); then
+        _alcf_err "${name}='${val}' is not a positive integer; set ${name} to a whole number >= 1${2:+ ($2)}"
+        return 1
+    fi
+    printf -v "$name" '%s' "$_ALCF_INT"
+}
+
+_alcf_check_uint() {
+    local name="$1" val="${!1:-}"
+    if ! _alcf_to_int "$val"; then
+        _alcf_err "${name}='${val}' is not a non-negative integer; set ${name} to a whole number >= 0${2:+ ($2)}"
+        return 1
+    fi
+    printf -v "$name" '%s' "$_ALCF_INT"
+}
+
+_alcf_check_float() {
+    local name="$1" val="${!1:-}"
+    if ! _alcf_is_float "$val"; then
+        _alcf_err "${name}='${val}' is not a number; set ${name} to a decimal number such as ${2:-0.0002}"
+        return 1
+    fi
+}
+
+# The value as a JSON number (JSON forbids "1.", ".5", "+1", leading zeros).
+_alcf_json_number() {
+    if [[ "$1" =~ ^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?$ ]]; then printf '%s' "$1"
+    else awk -v x="$1" 'BEGIN { printf "%.17g", x + 0 }'; fi
+}
+
+# One token for display, appended to _ALCF_Q: as is when it is shell-safe, else single-quoted.
+_alcf_quote() {
+    _ALCF_Q+="${_ALCF_Q:+ }"
+    if [[ "$1" =~ ^[A-Za-z0-9_./:=,+@%^-]+$ ]]; then _ALCF_Q+="$1"
+    else _ALCF_Q+="'${1//\'/\'\\\'\'}'"; fi
+}
+
+# VAR canonical, ALIAS the other spelling: conflicting values are an error; the alias fills in.
+_alcf_alias() {
+    local canon="$1" alias="$2" a="${!1:-}" b="${!2:-}"
+    if [[ -n "$a" && -n "$b" && "$a" != "$b" ]]; then
+        _alcf_err "${canon}=${a} and ${alias}=${b} disagree (two spellings of one setting); set only one of them"
+    elif [[ -z "$a" && -n "$b" ]]; then
+        printf -v "$canon" '%s' "$b"
+    fi
+}
+
+# _alcf_default VAR VALUE: set VAR only if the user left it unset or empty.
+_alcf_default() { [[ -n "${!1:-}" ]] || printf -v "$1" '%s' "$2"; }
+
+# _alcf_force VAR VALUE: a preset value that cannot be overridden (upstream behaviour); say so.
+_alcf_force() {
+    if [[ -n "${!1:-}" && "${!1}" != "$2" ]]; then
+        _alcf_warn "MODEL_ARCH=${MODEL_ARCH} fixes $1=$2 (ignoring $1=${!1})"
+    fi
+    printf -v "$1" '%s' "$2"
+}
+
+# ----------------------------------------------------------------------------------------------
+# machine and job
+# ----------------------------------------------------------------------------------------------
+# Machine name from the host name, as ezpz does. ALCF_HOSTNAME overrides the host name (tests).
+alcf_machine_name() {
+    local h="${1:-${ALCF_HOSTNAME:-$(hostname 2>/dev/null || uname -n)}}"
+    case "$h" in
+        x4*|aurora*) echo aurora ;;
+        x1*|uan*) echo sunspot ;;
+        x3*) if [[ "${PBS_O_HOST:-}" == sirius* ]]; then echo sirius; else echo polaris; fi ;;
+        sophia*) echo sophia ;;
+        nid*|login*) echo perlmutter ;;
+        *) echo generic ;;
+    esac
+}
+
+# Number of accelerators on this node (0 on a CPU-only machine).
+alcf_count_accelerators() {
+    local n=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        n="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" || n=0
+    fi
+    if (( n == 0 )) && command -v xpu-smi >/dev/null 2>&1 && compgen -G '/dev/dri/renderD*' >/dev/null; then
+        case "${MACHINE:-}" in
+            aurora|sunspot) n=12 ;;   # 6 GPUs x 2 tiles, FLAT mode
+            *) n="$(compgen -G '/dev/dri/renderD*' | wc -l)" ;;
+        esac
+    fi
+    echo "$n"
+}
+
+# Cores this process may use (GNU nproc would report OMP_NUM_THREADS instead when it is set).
+alcf_num_cores() {
+    env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1
+}
+
+# Aurora gradient-accumulation default from the node count (upstream table).
+alcf_aurora_grad_acc_steps() {
+    local n="$1"
+    if (( n >= 256 )); then echo 1
+    elif (( n >= 128 )); then echo 2
+    elif (( n >= 33 )); then echo 4
+    elif (( n >= 16 )); then echo 8
+    else echo 16; fi
+}
+
+# Polaris micro-batch default from the node count (upstream table).
+alcf_polaris_micro_batch() {
+    local n="$1"
+    if (( n >= 8 )); then echo 4
+    elif (( n >= 3 )); then echo 2
+    else echo 1; fi
+}
+
+alcf_free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' \
+        2>/dev/null || echo $((29500 + ($$ % 1000)))
+}
+
+# Where PBS/SLURM/workstation runs start from; sets JOB_TYPE, HOSTFILE, NHOSTS, NGPU_PER_HOST,
+# WORLD_SIZE, NPROC_LOCAL (processes on this node).
+_alcf_detect_job() {
+    ACCEL_COUNT="$(alcf_count_accelerators)"
+    if [[ -n "${HOSTFILE:-}" || -n "${PBS_NODEFILE:-}" ]]; then
+        JOB_TYPE=pbs
+        HOSTFILE="${HOSTFILE:-${PBS_NODEFILE}}"
+        if [[ ! -r "$HOSTFILE" ]]; then
+            _alcf_err "HOSTFILE/PBS_NODEFILE='${HOSTFILE}' is not a readable file; point HOSTFILE at the job's node list"
+            NHOSTS=1
+        else
+            NHOSTS="$(grep -c '[^[:space:]]' "$HOSTFILE")" || NHOSTS=0
+            (( NHOSTS > 0 )) || { _alcf_err "HOSTFILE='${HOSTFILE}' lists no hosts; point HOSTFILE at the job's node list"; NHOSTS=1; }
+        fi
+    elif [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        JOB_TYPE=slurm
+        NHOSTS="${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
+    else
+        JOB_TYPE=local
+        NHOSTS=1
+    fi
+    if [[ -z "${NGPU_PER_HOST:-}" ]]; then
+        case "$MACHINE" in
+            aurora|sunspot) NGPU_PER_HOST=12 ;;
+            *) if [[ "$JOB_TYPE" == slurm && -n "${SLURM_GPUS_ON_NODE:-}" ]]; then NGPU_PER_HOST="$SLURM_GPUS_ON_NODE"
+               elif (( ACCEL_COUNT > 0 )); then NGPU_PER_HOST="$ACCEL_COUNT"
+               else NGPU_PER_HOST=1; fi ;;
+        esac
+        _ALCF_NGPU_FROM_ENV=0
+    else
+        _ALCF_NGPU_FROM_ENV=1
+    fi
+    _alcf_check_posint NGPU_PER_HOST || NGPU_PER_HOST=1
+    _alcf_check_posint NHOSTS || NHOSTS=1
+    if [[ "$JOB_TYPE" == local ]]; then
+        # Outside a scheduler: NPROC processes here (default: one per accelerator, else 1).
+        if [[ -z "${NPROC:-}" ]]; then
+            if [[ -n "${WORLD_SIZE:-}" ]]; then NPROC="$WORLD_SIZE"
+            elif (( _ALCF_NGPU_FROM_ENV || ACCEL_COUNT > 0 )); then NPROC="$NGPU_PER_HOST"
+            else NPROC=1; fi
+        fi
+        _alcf_check_posint NPROC "number of local processes" || NPROC=1
+        WORLD_SIZE="$NPROC"
+        NPROC_LOCAL="$NPROC"
+    else
+        [[ -n "${NPROC:-}" ]] && _alcf_warn "NPROC is ignored inside a ${JOB_TYPE} job (WORLD_SIZE = NHOSTS x NGPU_PER_HOST)"
+        _alcf_default WORLD_SIZE "$((NHOSTS * NGPU_PER_HOST))"
+        _alcf_check_posint WORLD_SIZE || WORLD_SIZE=1
+        NPROC_LOCAL="$NGPU_PER_HOST"
+        (( NPROC_LOCAL > WORLD_SIZE )) && NPROC_LOCAL="$WORLD_SIZE"
+    fi
+}
+
+# ----------------------------------------------------------------------------------------------
+# model presets (MODEL_ARCH)
+# ----------------------------------------------------------------------------------------------
+_alcf_apply_preset() {
+    case "$MODEL_ARCH" in
+        2B|AuroraGPT-2B|AuroraGPT_2B|Aurora-GPT-2B|AuroraGPT2B|Aurora_GPT_2B|aurora-gpt-2b|aurora_gpt_2b)
+            MODEL_ARCH=AuroraGPT-2B
+            _alcf_force HEADS 16; _alcf_force NLAYERS 12; _alcf_force HIDDEN 2048
+            _alcf_force NUM_KV_HEAD 4; _alcf_force FFN_HIDDEN_SIZE 11008; _alcf_force SEQ 8192 ;;
+        llama3-3B|llama-3B)
+            _alcf_force HEADS 24; _alcf_default NLAYERS 28; _alcf_force HIDDEN 3072
+            _alcf_force NUM_KV_HEAD 8; _alcf_force FFN_HIDDEN_SIZE 8192; _alcf_force SEQ 8192
+            MODEL_ARCH="llama3-3B-nLayers${NLAYERS}" ;;
+        smollm3-3B|smollm3_3B)
+            _alcf_force HEADS 16; _alcf_default NLAYERS 24; _alcf_force HIDDEN 2048
+            _alcf_force NUM_KV_HEAD 4; _alcf_force FFN_HIDDEN_SIZE 11008; _alcf_force SEQ 8192
+            MODEL_ARCH="smollm3-nLayers${NLAYERS}" ;;
+        phi4-mini|phi4_mini)
+            _alcf_force HEADS 32; _alcf_default NLAYERS 24; _alcf_force HIDDEN 3072
+            _alcf_force NUM_KV_HEAD 8; _alcf_force FFN_HIDDEN_SIZE 8192; _alcf_force SEQ 8192
+            MODEL_ARCH="phi4-mini-nLayers${NLAYERS}" ;;
+        70B)
+            MODEL_ARCH=AuroraGPT-70B
+            _alcf_force HEADS 64; _alcf_force NLAYERS 80; _alcf_force HIDDEN 8192
+            _alcf_force NUM_KV_HEAD 8; _alcf_force FFN_HIDDEN_SIZE 28672; _alcf_force SEQ 8192 ;;
+        33B|llama-3.2-33B|llama-3.2-33b)
+            MODEL_ARCH=AuroraGPT-33B
+            _alcf_force HEADS 78; _alcf_force NLAYERS 78; _alcf_force HIDDEN 8268
+            _alcf_force NUM_KV_HEAD 6; _alcf_force FFN_HIDDEN_SIZE 11076; _alcf_force SEQ 4096
+            _alcf_force TP 6; _alcf_force ZERO_STAGE 2; _alcf_force GRAD_ACC_STEPS 1; _alcf_force MICRO_BATCH 1 ;;
+        # Small presets that train on a CPU (all values overridable).
+        tiny)
+            _alcf_default HEADS 4; _alcf_default NLAYERS 2; _alcf_default HIDDEN 64
+            _alcf_default NUM_KV_HEAD 2; _alcf_default FFN_HIDDEN_SIZE 192; _alcf_default SEQ 64 ;;
+        7M|demo)
+            MODEL_ARCH=7M
+            _alcf_default HEADS 4; _alcf_default NLAYERS 4; _alcf_default HIDDEN 256
+            _alcf_default NUM_KV_HEAD 2; _alcf_default FFN_HIDDEN_SIZE 704; _alcf_default SEQ 256 ;;
+        30M)
+            _alcf_default HEADS 8; _alcf_default NLAYERS 6; _alcf_default HIDDEN 512
+            _alcf_default NUM_KV_HEAD 4; _alcf_default FFN_HIDDEN_SIZE 1408; _alcf_default SEQ 512 ;;
+        *)
+            case "$MODEL_ARCH" in
+                7B|AuroraGPT-7B|aurora-gpt-7b|llama-3.1-7B|llama-3.1-7b|llama-3.2-7B|llama-3.2-7b) ;;
+                *) _alcf_warn "unknown MODEL_ARCH=${MODEL_ARCH}: using the 7B preset (known: tiny 7M 30M 2B 7B 33B 70B llama3-3B smollm3-3B phi4-mini)" ;;
+            esac
+            MODEL_ARCH=AuroraGPT-7B
+            _alcf_default HEADS 32; _alcf_default NLAYERS 32; _alcf_default HIDDEN 4096
+            _alcf_default NUM_KV_HEAD 8; _alcf_default FFN_HIDDEN_SIZE 11008; _alcf_default SEQ 4096 ;;
+    esac
+}
+
+# ----------------------------------------------------------------------------------------------
+# settings: env -> validated variables
+# ----------------------------------------------------------------------------------------------
+alcf_setup_params() {
+    ALCF_ERRORS=()
+    ORIG_PWD="${ORIG_PWD:-$PWD}"
+
+    # Alternative spellings (the documented and the actually-read ones).
+    _alcf_alias SEQ SEQ_LEN
+    _alcf_alias LR_WARMUP_FRAC LR_WARMUP_FRACTION
+    _alcf_alias TRAIN_ITERS TRAIN_ITER
+    _alcf_alias HEADS NHEADS
+    _alcf_alias NLAYERS NUM_LAYERS
+    OPT="${OPT:-${OPTIMIZER:-${OPTIM:-}}}"
+    _ALCF_USER_TOKENIZER_TYPE="${TOKENIZER_TYPE:-}"
+    _ALCF_USER_TOKENIZER_MODEL="${TOKENIZER_MODEL:-}"
+
+    # Where the run lives: the job's submit directory, else the repository.
+    WORKING_DIR="${WORKING_DIR:-${PBS_O_WORKDIR:-${SLURM_SUBMIT_DIR:-${ALCF_REPO_DIR}}}}"
+    if [[ ! -d "$WORKING_DIR" ]]; then
+        _alcf_err "WORKING_DIR='${WORKING_DIR}' is not a directory; set WORKING_DIR (or PBS_O_WORKDIR) to an existing directory"
+        WORKING_DIR="$ALCF_REPO_DIR"
+    fi
+    WORKING_DIR="$(cd "$WORKING_DIR" && pwd)"
+
+    MACHINE="$(alcf_machine_name)"
+    HOSTNAME_SHORT="${ALCF_HOSTNAME:-$(hostname 2>/dev/null || uname -n)}"
+    HOSTNAME_SHORT="${HOSTNAME_SHORT%%.*}"
+    _alcf_detect_job
+
+    # Demo mode: no data list and no scheduler job -> the Shakespeare demo on this machine.
+    DEMO=0
+    if [[ -z "${DATA_FILE_LIST:-}" && "$JOB_TYPE" == local ]]; then
+        DEMO=1
+        DEMO_DATA_DIR="${DEMO_DATA_DIR:-${WORKING_DIR}/.cache/demo-data}"
+        [[ "$DEMO_DATA_DIR" == /* ]] || DEMO_DATA_DIR="${WORKING_DIR}/${DEMO_DATA_DIR}"
+        # ---- demo defaults: applied only to what you did not set; tune them here ---------------
+        _alcf_default MODEL_ARCH 7M
+        [[ -n "${TRAIN_TOKENS:-}" ]] || _alcf_default TRAIN_ITERS 400
+        _alcf_default MICRO_BATCH 8
+        _alcf_default GRAD_ACC_STEPS 1
+        _alcf_default LR 0.001
+        _alcf_default LR_WARMUP_FRAC 0.05
+        _alcf_default MIN_LR 0.0001
+        _alcf_default EVAL_INTERVAL 100
+        _alcf_default EVAL_ITERS 10
+        _alcf_default SAVE_INTERVAL 200
+        _alcf_default LOG_INTERVAL 10
+        _alcf_default ZERO_STAGE 1
+        DEMO_EXTRA_ARGS=(--eval-on-start)
+        # -----------------------------------------------------------------------------------------
+        DATA_FILE_LIST="${DEMO_DATA_DIR}/shakespeare.txt"
+    else
+        DEMO_EXTRA_ARGS=()
+    fi
+
+    # Per-machine defaults (upstream setParams); an unknown machine gets generic ones.
+    FLASH_FLAG=""
+    case "$MACHINE" in
+        aurora|sunspot)
+            _alcf_default BE "${CCL:-ccl}"; _alcf_default DTYPE bf16
+            _alcf_default GRAD_ACC_STEPS "$(alcf_aurora_grad_acc_steps "$NHOSTS")"
+            FLASH_FLAG=--use-flash-attn-builder ;;
+        polaris|sirius)
+            _alcf_default BE "${NCCL:-nccl}"; _alcf_default DTYPE fp16; _alcf_default GRAD_ACC_STEPS 8
+            _alcf_default MICRO_BATCH "$(alcf_polaris_micro_batch "$NHOSTS")"
+            FLASH_FLAG=--use-flash-attn-v2 ;;
+        sophia)
+            _alcf_default BE "${NCCL:-nccl}"; _alcf_default DTYPE bf16; _alcf_default GRAD_ACC_STEPS 8
+            FLASH_FLAG=--use-flash-attn-v2 ;;
+        perlmutter)
+            _alcf_default BE "${NCCL:-nccl}"; _alcf_default DTYPE bf16; _alcf_default TP 2
+            FLASH_FLAG=--use-flash-attn-v2 ;;
+        *)
+            # The Python side picks the backend from the hardware unless one is asked for.
+            _alcf_default BE "${CCL:-${NCCL:-}}"
+            if (( ACCEL_COUNT > 0 )); then _alcf_default DTYPE bf16; else _alcf_default DTYPE fp32; fi ;;
+    esac
+    [[ -n "${NO_FLASH_ATTN:-}" ]] && FLASH_FLAG=""
+
+    _alcf_default MODEL_ARCH 7B
+    _alcf_apply_preset
+
+    # Generic defaults (upstream values).
+    _alcf_default TP 1
+    _alcf_default PP 1
+    _alcf_default SP 1
+    _alcf_default MICRO_BATCH 1
+    _alcf_default GRAD_ACC_STEPS 1
+    _alcf_default OPT adamw
+    _alcf_default LR 0.0002
+    _alcf_default LR_DECAY_STYLE cosine
+    _alcf_default LR_WARMUP_FRAC 0.05
+    _alcf_default WEIGHT_DECAY 0.1
+    _alcf_default ADAM_BETA1 0.9
+    _alcf_default ADAM_BETA2 0.95
+    _alcf_default ADAM_EPS 0.00001
+    _alcf_default CLIP_GRAD 1.0
+    _alcf_default ZERO_STAGE 1
+    _alcf_default TIMING_LOG_LEVEL 1
+    _alcf_default LOG_INTERVAL 1
+    _alcf_default EVAL_INTERVAL 100
+    _alcf_default EVAL_ITERS 20
+    _alcf_default SAVE_INTERVAL 50
+    _alcf_default TRAIN_SPLIT 990
+    _alcf_default VAL_SPLIT 10
+    _alcf_default TEST_SPLIT 0
+    _alcf_default ROPE_THETA 50000
+    _alcf_default ACT_CKPT_NUM_LAYERS 1
+    _alcf_default ZERO_HPZ_PARTITION_SIZE 1
+    _alcf_default COMMS_LOGGER false
+    _alcf_default LAUNCHER torchrun
+    EXEC="${EXEC:-${ALCF_REPO_DIR}/pretrain_gpt.py}"
+
+    # ---- checks (no arithmetic on a value before it is known to be a number) -----------------
+    local v
+    for v in LR WEIGHT_DECAY ADAM_BETA1 ADAM_BETA2 ADAM_EPS CLIP_GRAD; do _alcf_check_float "$v"; done
+    [[ -n "${MIN_LR:-}" ]] && _alcf_check_float MIN_LR 0.00002
+    [[ -n "${INIT_METHOD_STD:-}" ]] && _alcf_check_float INIT_METHOD_STD 0.02
+    if _alcf_check_float LR_WARMUP_FRAC 0.05; then
+        awk -v x="$LR_WARMUP_FRAC" 'BEGIN { exit !(x + 0 >= 0 && x + 0 <= 1) }' \
+            || _alcf_err "LR_WARMUP_FRAC=${LR_WARMUP_FRAC} is not a fraction in [0, 1]; set LR_WARMUP_FRAC (or LR_WARMUP_FRACTION) to e.g. 0.05"
+    fi
+    local ok_ints=1
+    for v in MICRO_BATCH GRAD_ACC_STEPS SEQ TP PP SP HEADS NLAYERS HIDDEN NUM_KV_HEAD FFN_HIDDEN_SIZE; do
+        _alcf_check_posint "$v" || ok_ints=0
+    done
+    for v in EVAL_INTERVAL EVAL_ITERS SAVE_INTERVAL LOG_INTERVAL ACT_CKPT_NUM_LAYERS ZERO_HPZ_PARTITION_SIZE; do
+        _alcf_check_posint "$v"
+    done
+    for v in TRAIN_SPLIT VAL_SPLIT TEST_SPLIT ROPE_THETA TIMING_LOG_LEVEL; do _alcf_check_uint "$v"; done
+    [[ -n "${TRAIN_ITERS:-}" ]] && { _alcf_check_posint TRAIN_ITERS || ok_ints=0; }
+    [[ -n "${TRAIN_TOKENS:-}" ]] && { _alcf_check_posint TRAIN_TOKENS "e.g. TRAIN_TOKENS=22000000000 or 22e9" || ok_ints=0; }
+    [[ -n "${GLOBAL_BATCH:-}" ]] && { _alcf_check_posint GLOBAL_BATCH || ok_ints=0; }
+    [[ -n "${LR_DECAY_ITERS:-}" ]] && _alcf_check_posint LR_DECAY_ITERS
+    if ! [[ "$ZERO_STAGE" =~ ^[0-3]$ ]]; then
+        _alcf_err "ZERO_STAGE='${ZERO_STAGE}' is not a ZeRO stage; set ZERO_STAGE to 0, 1, 2 or 3"
+    fi
+    case "$DTYPE" in
+        bf16|fp16|fp32) ;;
+        *) _alcf_err "DTYPE='${DTYPE}' is not supported; set DTYPE to bf16, fp16 or fp32" ;;
+    esac
+    case "$LAUNCHER" in
+        torchrun|mpiexec) ;;
+        *) _alcf_err "LAUNCHER='${LAUNCHER}' is unknown; set LAUNCHER to torchrun or mpiexec" ;;
+    esac
+    [[ -f "$EXEC" ]] || _alcf_err "EXEC='${EXEC}' does not exist; set EXEC to the training script (default pretrain_gpt.py)"
+
+    # Data list: relative paths are tried from where you ran the script, then WORKING_DIR, repo.
+    if (( ! DEMO )); then
+        if [[ -z "${DATA_FILE_LIST:-}" ]]; then
+            DATA_FILE_LIST="${WORKING_DIR}/ALCF/data-lists/${MACHINE}/dolma.txt"
+            _ALCF_DFL_DEFAULTED=1
+        fi
+        local cand found=""
+        if [[ "$DATA_FILE_LIST" == /* ]]; then
+            [[ -f "$DATA_FILE_LIST" ]] && found="$DATA_FILE_LIST"
+        else
+            for cand in "$ORIG_PWD" "$WORKING_DIR" "$ALCF_REPO_DIR"; do
+                if [[ -f "$cand/$DATA_FILE_LIST" ]]; then found="$cand/$DATA_FILE_LIST"; break; fi
+            done
+        fi
+        if [[ -z "$found" ]]; then
+            if [[ -n "${_ALCF_DFL_DEFAULTED:-}" ]]; then
+                _alcf_err "DATA_FILE_LIST is not set and the default ${DATA_FILE_LIST} does not exist; set DATA_FILE_LIST=path/to/list.txt (lines 'weight prefix corpus', see ALCF/data-lists/README.md)"
+            else
+                _alcf_err "DATA_FILE_LIST='${DATA_FILE_LIST}' does not exist; set DATA_FILE_LIST to an existing data list (lines 'weight prefix corpus', see ALCF/data-lists/README.md)"
+            fi
+        else
+            DATA_FILE_LIST="$(cd "$(dirname "$found")" && pwd)/$(basename "$found")"
+        fi
+    fi
+    DFL_STEM="${DATA_FILE_LIST##*/}"; DFL_STEM="${DFL_STEM%.txt}"
+
+    # Tokenizer: explicit settings, else a tokenizer.model shipped next to the data list.
+    TOKENIZER_SOURCE="default"
+    if [[ -z "${TOKENIZER_MODEL:-}" && "${TOKENIZER_TYPE:-}" != [gG][pP][tT]* ]]; then
+        local side="${DATA_FILE_LIST%/*}/tokenizer.model"
+        if (( DEMO )) || [[ -f "$side" ]]; then
+            TOKENIZER_MODEL="$side"
+            TOKENIZER_TYPE="${TOKENIZER_TYPE:-SentencePieceTokenizer}"
+            TOKENIZER_SOURCE="sidecar"
+        fi
+    fi
+    _alcf_default TOKENIZER_TYPE HFTokenizer
+    _alcf_default TOKENIZER_MODEL google/gemma-7B
+
+    # ---- arithmetic (only on validated integers) ----------------------------------------------
+    if (( ok_ints )); then
+        local mp=$((TP * PP * SP))
+        if (( WORLD_SIZE % mp != 0 )); then
+            _alcf_err "WORLD_SIZE=${WORLD_SIZE} is not divisible by TP*PP*SP=${TP}*${PP}*${SP}=${mp}; change TP/PP/SP or the number of processes (NPROC, NGPU_PER_HOST)"
+            DP=1
+        else
+            DP=$((WORLD_SIZE / mp))
+        fi
+        if (( NUM_KV_HEAD > 0 && HEADS % NUM_KV_HEAD != 0 )); then
+            _alcf_err "NUM_KV_HEAD=${NUM_KV_HEAD} does not divide HEADS=${HEADS}; set NUM_KV_HEAD to a divisor of HEADS"
+        fi
+        if (( HIDDEN % HEADS != 0 )); then
+            _alcf_err "HIDDEN=${HIDDEN} is not divisible by HEADS=${HEADS}; set HIDDEN to a multiple of HEADS"
+        fi
+        local gbs_max=$((WORLD_SIZE * MICRO_BATCH * GRAD_ACC_STEPS / mp))
+        if [[ -n "${GLOBAL_BATCH:-}" ]]; then
+            if (( GLOBAL_BATCH != MICRO_BATCH * GRAD_ACC_STEPS * DP )); then
+                local fix="unset GLOBAL_BATCH"
+                if (( GLOBAL_BATCH % (MICRO_BATCH * DP) == 0 )); then
+                    fix="set GRAD_ACC_STEPS=$((GLOBAL_BATCH / (MICRO_BATCH * DP))) or unset GLOBAL_BATCH"
+                fi
+                _alcf_err "GLOBAL_BATCH=${GLOBAL_BATCH} != MICRO_BATCH*GRAD_ACC_STEPS*DP = ${MICRO_BATCH}*${GRAD_ACC_STEPS}*${DP} = $((MICRO_BATCH * GRAD_ACC_STEPS * DP)); ${fix}"
+            fi
+        else
+            GLOBAL_BATCH="$gbs_max"
+        fi
+        # Tokens -> iterations (integer division at each step, as upstream).
+        if [[ -n "${TRAIN_TOKENS:-}" ]]; then
+            [[ -n "${TRAIN_ITERS:-}" ]] && _alcf_warn "TRAIN_TOKENS=${TRAIN_TOKENS} is set: it decides the iterations (TRAIN_ITERS=${TRAIN_ITERS} ignored)"
+            TRAIN_ITERS=$((TRAIN_TOKENS / SEQ / GLOBAL_BATCH))
+        elif [[ -z "${TRAIN_ITERS:-}" ]]; then
+            TRAIN_TOKENS=4673780159710
+            TRAIN_ITERS=$((TRAIN_TOKENS / SEQ / GLOBAL_BATCH))
+        fi
+        if (( GLOBAL_BATCH > 0 && TRAIN_ITERS <= 0 )); then
+            _alcf_err "TRAIN_TOKENS=${TRAIN_TOKENS} gives TRAIN_ITERS=0 with SEQ=${SEQ} and GLOBAL_BATCH=${GLOBAL_BATCH} (one step is $((SEQ * GLOBAL_BATCH)) tokens); raise TRAIN_TOKENS or set TRAIN_ITERS instead"
+        fi
+    else
+        DP=1
+    fi
+
+    # ---- derived values ------------------------------------------------------------------------
+    if [[ -n "${INIT_METHOD_STD:-}" ]]; then
+        INIT_STD="$INIT_METHOD_STD"
+    elif _alcf_is_uint "${HIDDEN:-x}" && (( HIDDEN > 0 )); then
+        # sqrt(2 / (5 * hidden)), in full double precision (upstream truncated it with bc).
+        INIT_STD="$(awk -v h="$HIDDEN" 'BEGIN { printf "%.10g", sqrt(2 / (5 * h)) }')"
+    fi
+    MAX_POS=$(( ${SEQ:-0} * 16 )) 2>/dev/null || MAX_POS=0
+    alcf_run_name
+    CKPT_DIR="${CKPT_DIR:-checkpoints/${RUN_NAME}}"
+    # Resume from the run's own directory by default (upstream); the demo starts fresh each time
+    # unless LOAD is given, so a second `bash train_alcf.sh` trains again instead of finding step 400.
+    if (( DEMO )); then LOAD="${LOAD:-}"; else LOAD="${LOAD:-${CKPT_DIR}}"; fi
+    SAVE="${SAVE:-${CKPT_DIR}}"
+    DATA_CACHE_PATH="${CKPT_DIR}/.cache/${DFL_STEM}/index-cache"
+    TB_DIR="${CKPT_DIR}/tensorboard"
+    DS_CONFIG="ds-configs/ds_stage${ZERO_STAGE}_mb${MICRO_BATCH}_gb${GLOBAL_BATCH}_pp${PP}_${DTYPE}.json"
+
+    # Threads per process: the cores of this node shared by its processes.
+    if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+        local cores; cores="$(alcf_num_cores)"
+        OMP_NUM_THREADS=$(( cores / NPROC_LOCAL ))
+        (( OMP_NUM_THREADS >= 1 )) || OMP_NUM_THREADS=1
+    fi
+}
+
+# Run / checkpoint name (upstream get_output_prefix, current format).
+alcf_run_name() {
+    local name="${MODEL_ARCH}-ws${WORLD_SIZE}-ds-stage${ZERO_STAGE}-nl${NLAYERS}-hs${HIDDEN}-mb${MICRO_BATCH}"
+    name+="-seq${SEQ}-gb${GLOBAL_BATCH}-sp${SP}-pp${PP}-tp${TP}-${DTYPE}-opt${OPT}-lr${LR}-lwf${LR_WARMUP_FRAC}"
+    local ntok=0
+    _alcf_is_uint "${TRAIN_TOKENS:-x}" && ntok=$((TRAIN_TOKENS / 1000000000))
+    name+="_ntok${ntok}B"
+    [[ -n "$_ALCF_USER_TOKENIZER_TYPE" ]] && name+="_tok${_ALCF_USER_TOKENIZER_TYPE//Tokenizer/}"
+    [[ -n "$_ALCF_USER_TOKENIZER_MODEL" ]] && name+="_tm${_ALCF_USER_TOKENIZER_MODEL//\//_}"
+    [[ -n "${LR_DECAY_ITERS:-}" ]] && name+="_ldi${LR_DECAY_ITERS}"
+    [[ -n "$FLASH_FLAG" ]] && name+="_flash"
+    RUN_NAME="$name"
+}
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed config
+# ----------------------------------------------------------------------------------------------
+alcf_ds_config_json() {
+    local clip; clip="$(_alcf_json_number "$CLIP_GRAD")"
+    local prof=false; [[ "${FLOPS_PROFILER:-0}" =~ ^(1|true|yes)$ ]] && prof=true
+    local comms=false; [[ "${COMMS_LOGGER}" =~ ^(1|true|yes)$ ]] && comms=true
+    printf '{\n'
+    printf '  "train_batch_size": %s,\n' "$GLOBAL_BATCH"
+    printf '  "train_micro_batch_size_per_gpu": %s,\n' "$MICRO_BATCH"
+    printf '  "gradient_clipping": %s,\n' "$clip"
+    printf '  "steps_per_print": 1,\n'
+    printf '  "gradient_accumulation_steps": %s,\n' "$GRAD_ACC_STEPS"
+    printf '  "zero_force_ds_cpu_optimizer": false,\n'
+    printf '  "zero_allow_untested_optimizer": true,\n'
+    printf '  "wall_clock_breakdown": false,\n'
+    printf '  "flops_profiler": {\n'
+    printf '    "enabled": %s,\n    "profile_step": 2,\n    "module_depth": -1,\n' "$prof"
+    printf '    "top_modules": 1,\n    "detailed": true,\n    "output_file": null\n  },\n'
+    case "$DTYPE" in
+        bf16)
+            printf '  "fp16": {\n    "enabled": false,\n    "loss_scale": 0,\n    "loss_scale_window": 1000,\n'
+            printf '    "hysteresis": 2,\n    "min_loss_scale": 1\n  },\n'
+            printf '  "bfloat16": {\n    "enabled": true\n  },\n' ;;
+        fp16)
+            printf '  "communication_data_type": "fp16",\n'
+            printf '  "fp16": {\n    "enabled": true,\n    "loss_scale": 0,\n    "loss_scale_window": 1000,\n'
+            printf '    "hysteresis": 2,\n    "min_loss_scale": 1\n  },\n'
+            printf '  "bfloat16": {\n    "enabled": false,\n    "loss_scale": 1.0\n  },\n' ;;
+        *)
+            printf '  "communication_data_type": "fp32",\n' ;;
+    esac
+    case "$OPT" in
+        ds.onebitlamb)
+            printf '  "optimizer": {\n    "type": "OneBitLamb",\n    "params": {\n'
+            printf '      "lr": 11e-3,\n      "max_coeff": 0.3,\n      "min_coeff": 0.01,\n      "freeze_step": 1000,\n'
+            printf '      "cuda_aware": false,\n      "comm_backend_name": "%s",\n' "${BE:-gloo}"
+            printf '      "coeff_beta": 0.9,\n      "factor_max": 4.0,\n      "factor_min": 0.5,\n      "factor_threshold": 0.1\n'
+            printf '    }\n  },\n' ;;
+        ds.adamw)
+            printf '  "optimizer": {\n    "type": "AdamW",\n    "params": {\n'
+            printf '      "lr": %s,\n      "betas": [%s, %s],\n      "eps": %s,\n      "weight_decay": %s,\n      "torch_adam": true\n' \
+                "$(_alcf_json_number "$LR")" "$(_alcf_json_number "$ADAM_BETA1")" "$(_alcf_json_number "$ADAM_BETA2")" \
+                "$(_alcf_json_number "$ADAM_EPS")" "$(_alcf_json_number "$WEIGHT_DECAY")"
+            printf '    }\n  },\n' ;;
+    esac
+    if [[ "$ZERO_STAGE" == 3 ]]; then
+        printf '  "zero_optimization": {\n    "stage": 3,\n    "zero_hpz_partition_size": %s,\n' "$ZERO_HPZ_PARTITION_SIZE"
+        printf '    "reduce_scatter": false,\n    "stage3_max_live_parameters": 3e9,\n    "stage3_max_reuse_distance": 3e9,\n'
+        printf '    "stage3_param_persistence_threshold": 1e5,\n    "stage3_prefetch_bucket_size": 5e7,\n'
+        printf '    "contiguous_gradients": true,\n    "overlap_comm": true,\n    "reduce_bucket_size": 90000000,\n'
+        printf '    "sub_group_size": 1e9,\n    "offload_optimizer": {\n      "device": "none",\n      "buffer_count": 4,\n'
+        printf '      "pipeline_read": false,\n      "pipeline_write": false,\n      "pin_memory": true\n    }\n  }\n'
+    else
+        if [[ "$ZERO_STAGE" =~ ^[12]$ && -n "${CPU_OPTIMIZER:-}" ]]; then
+            printf '  "zero_optimization": {\n    "stage": %s,\n    "offload_optimizer": {\n      "device": "cpu"\n    }\n  },\n' "$ZERO_STAGE"
+        else
+            printf '  "zero_optimization": {\n    "stage": %s\n  },\n' "$ZERO_STAGE"
+        fi
+        if [[ "$PP" != 1 ]]; then
+            printf '  "data_types": {\n    "grad_accum_dtype": "fp32"\n  },\n'
+            printf '  "comms_logger": {\n    "enabled": true,\n    "verbose": false,\n    "prof_all": true,\n    "debug": false\n  }\n'
+        else
+            printf '  "comms_logger": {\n    "enabled": %s,\n    "verbose": false,\n    "debug": false\n  }\n' "$comms"
+        fi
+    fi
+    printf '}\n'
+}
+
+# ----------------------------------------------------------------------------------------------
+# command
+# ----------------------------------------------------------------------------------------------
+# TRAIN_ARGS: the trainer's flags in upstream order; the user's own arguments are appended last.
+alcf_build_train_args() {
+    TRAIN_ARGS=()
+    [[ -n "${OVERRIDE_CKPT_OPT_PARAM:-}" ]] || TRAIN_ARGS+=(--use-checkpoint-opt_param-scheduler)
+    TRAIN_ARGS+=(--lr "$LR" --lr-decay-style "$LR_DECAY_STYLE" --lr-warmup-fraction "$LR_WARMUP_FRAC")
+    [[ -n "${LR_DECAY_ITERS:-}" ]] && TRAIN_ARGS+=(--lr-decay-iters "$LR_DECAY_ITERS")
+    [[ -n "${MIN_LR:-}" ]] && TRAIN_ARGS+=(--min-lr "$MIN_LR")
+    if [[ -z "${NO_LLAMA:-}" ]]; then
+        TRAIN_ARGS+=(--swiglu --hidden-dropout 0 --attention-dropout 0 --normalization rmsnorm
+            --disable-bias-linear --no-query-key-layer-scaling --use-rotary-position-embeddings
+            --untie-embeddings-and-output-weights
+            --num-key-value-heads "$NUM_KV_HEAD" --ffn-hidden-size "$FFN_HIDDEN_SIZE")
+    fi
+    [[ -n "$FLASH_FLAG" ]] && TRAIN_ARGS+=("$FLASH_FLAG")
+    if [[ "$TOKENIZER_TYPE" == [gG][pP][tT]* ]]; then
+        local parent="${DATA_PARENT:-$(dirname "$DATA_FILE_LIST")}"
+        TRAIN_ARGS+=(--tokenizer-type GPT2BPETokenizer
+            --vocab-file "${VOCAB_FILE:-${parent}/gpt2-vocab.json}"
+            --merge-file "${MERGE_FILE:-${parent}/gpt2-merges.txt}")
+    else
+        TRAIN_ARGS+=(--tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL")
+    fi
+    if [[ -z "${NO_TENSORBOARD:-}" ]]; then
+        TRAIN_ARGS+=(--log-timers-to-tensorboard --log-optimizer-states-to-tensorboard --tensorboard-dir "$TB_DIR")
+    fi
+    TRAIN_ARGS+=(--deepspeed)
+    [[ "$PP" == 1 ]] && TRAIN_ARGS+=(--no-pipeline-parallel)
+    TRAIN_ARGS+=("--deepspeed_config=${DS_CONFIG}" "--zero-stage=${ZERO_STAGE}")
+    if [[ "${USE_ACTIVATION_CHECKPOINTING:-}" =~ ^(1|true|True|TRUE|yes)$ ]]; then
+        TRAIN_ARGS+=(--deepspeed-activation-checkpointing --checkpoint-activations
+            "--checkpoint-num-layers=${ACT_CKPT_NUM_LAYERS}")
+    fi
+    [[ "$DTYPE" != fp32 ]] && TRAIN_ARGS+=("--${DTYPE}")
+    TRAIN_ARGS+=(
+        --accumulate-allreduce-grads-in-fp32
+        --adjust-word-embedding-init
+        "--adam-beta1=${ADAM_BETA1}"
+        "--adam-beta2=${ADAM_BETA2}"
+        "--adam-eps=${ADAM_EPS}"
+        "--clip-grad=${CLIP_GRAD}"
+        "--data-cache-path=${DATA_CACHE_PATH}"
+        "--data-file-list=${DATA_FILE_LIST}")
+    [[ -n "${BE:-}" ]] && TRAIN_ARGS+=("--distributed-backend=${BE}")
+    TRAIN_ARGS+=(
+        "--ds-sequence-parallel-size=${SP}"
+        "--eval-interval=${EVAL_INTERVAL}"
+        "--eval-iters=${EVAL_ITERS}"
+        "--global-batch-size=${GLOBAL_BATCH}"
+        "--hidden-size=${HIDDEN}"
+        "--init-method-std=${INIT_STD}"
+        "--log-interval=${LOG_INTERVAL}"
+        ${LOAD:+"--load=${LOAD}"}
+        "--max-position-embeddings=${MAX_POS}"
+        "--micro-batch-size=${MICRO_BATCH}"
+        --no-bias-gelu-fusion
+        --no-bias-dropout-fusion
+        --no-masked-softmax-fusion
+        --no-gradient-accumulation-fusion
+        "--num-layers=${NLAYERS}"
+        "--num-attention-heads=${HEADS}"
+        "--optimizer=${OPT}"
+        "--pipeline-model-parallel-size=${PP}"
+        "--rotary-position-embeddings-theta=${ROPE_THETA}"
+        "--save=${SAVE}"
+        "--seq-length=${SEQ}"
+        "--split=${TRAIN_SPLIT},${VAL_SPLIT},${TEST_SPLIT}"
+        --shuffle-sample-in-corpus
+        "--save-interval=${SAVE_INTERVAL}"
+        "--train-iters=${TRAIN_ITERS}"
+        "--tensor-model-parallel-size=${TP}"
+        "--timing-log-level=${TIMING_LOG_LEVEL}"
+        "--weight-decay=${WEIGHT_DECAY}"
+        --word-embedding-init-std=0.632455532)
+    TRAIN_ARGS+=("${DEMO_EXTRA_ARGS[@]}")
+}
+
+# The python the run uses: after setup_python_env its PYTHON; before (DRY_RUN) the one it will
+# pick: an active environment's (PYTHON or python3), else ${VENV_DIR:-<repo>/.venv}/bin/python.
+_alcf_expected_python() {
+    if [[ -n "${_ALCF_ENV_READY:-}" ]]; then echo "$PYTHON"
+    elif [[ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]]; then echo "${PYTHON:-$(command -v python3 || echo python3)}"
+    else echo "${VENV_DIR:-${ALCF_REPO_DIR}/.venv}/bin/python"; fi
+}
+
+# LAUNCH_CMD: launcher + python + script. LAUNCH_GROUPS: how many words each printed line holds.
+_alcf_lp() { LAUNCH_CMD+=("$@"); LAUNCH_GROUPS+=("$#"); }
+
+alcf_build_launcher() {
+    local py; py="$(_alcf_expected_python)"
+    LAUNCH_CMD=(); LAUNCH_GROUPS=(); LAUNCH_ENV=("OMP_NUM_THREADS=${OMP_NUM_THREADS}")
+    case "$JOB_TYPE" in
+        pbs)
+            _alcf_lp "${_ALCF_MPIEXEC:-mpiexec}"; _alcf_lp --envall
+            _alcf_lp -n "$WORLD_SIZE"; _alcf_lp -ppn "$NGPU_PER_HOST"; _alcf_lp --hostfile "$HOSTFILE"
+            if [[ -n "${CPU_BIND:-}" ]]; then
+                if [[ "$CPU_BIND" == depth ]]; then _alcf_lp --cpu-bind=depth; _alcf_lp -d "$(_alcf_bind_depth)"
+                else _alcf_lp "--cpu-bind=${CPU_BIND}"; fi
+            elif [[ "$MACHINE" == aurora || "$MACHINE" == sunspot ]]; then
+                _alcf_lp "--cpu-bind=${ALCF_AURORA_CPU_BIND}"
+            else
+                _alcf_lp --cpu-bind=depth; _alcf_lp -d "$(_alcf_bind_depth)"
+            fi
+            _alcf_lp "$py" ;;
+        slurm)
+            _alcf_lp srun; _alcf_lp -u; _alcf_lp -N "$NHOSTS"; _alcf_lp -n "$WORLD_SIZE"
+            _alcf_lp "$py" ;;
+        local)
+            if (( NPROC_LOCAL <= 1 )); then
+                _alcf_lp "$py"
+            elif [[ "$LAUNCHER" == mpiexec ]]; then
+                local mpx; mpx="$(dirname "$py")/mpiexec"
+                if [[ ! -x "$mpx" && -z "${_ALCF_DRY:-}" ]]; then mpx="$(command -v mpiexec || echo mpiexec)"; fi
+                _alcf_lp "$mpx"; _alcf_lp -n "$NPROC_LOCAL"; _alcf_lp "$py"
+                LAUNCH_ENV+=("MASTER_ADDR=127.0.0.1" "MASTER_PORT=${MASTER_PORT}")
+            else
+                _alcf_lp "$py"; _alcf_lp -m torch.distributed.run; _alcf_lp --nproc_per_node "$NPROC_LOCAL"
+                _alcf_lp --master_addr 127.0.0.1; _alcf_lp --master_port "$MASTER_PORT"
+            fi ;;
+    esac
+    _alcf_lp "$EXEC"
+}
+
+# cores per rank for --cpu-bind=depth: (cores / 2) / ranks per node, at least 1
+_alcf_bind_depth() {
+    local c; c="$(alcf_num_cores)"
+    local d=$(( c / 2 / NGPU_PER_HOST ))
+    (( d >= 1 )) || d=1
+    echo "$d"
+}
+
+# Print the command one flag per line (flag and value together), as a pasteable shell command.
+alcf_print_command() {
+    local -a words lines=()
+    local i=0 g k
+    for g in "${LAUNCH_GROUPS[@]}"; do
+        _ALCF_Q=""
+        for (( k = 0; k < g; k++ )); do _alcf_quote "${LAUNCH_CMD[i]}"; i=$((i + 1)); done
+        lines+=("$_ALCF_Q")
+    done
+    words=("${TRAIN_ARGS[@]}" "${USER_ARGS[@]}")
+    i=0
+    while (( i < ${#words[@]} )); do
+        _ALCF_Q=""; _alcf_quote "${words[i]}"
+        if [[ "${words[i]}" == -* && "${words[i]}" != *=* ]] && (( i + 1 < ${#words[@]} )) \
+            && [[ "${words[i+1]}" != --* ]]; then
+            _alcf_quote "${words[i+1]}"; i=$((i + 1))
+        fi
+        lines+=("$_ALCF_Q"); i=$((i + 1))
+    done
+    local n=${#lines[@]}
+    for (( k = 0; k < n; k++ )); do
+        if (( k == 0 )); then printf '%s' "${lines[k]}"; else printf '  %s' "${lines[k]}"; fi
+        if (( k < n - 1 )); then printf ' \\\n'; else printf '\n'; fi
+    done
+}
+
+# ----------------------------------------------------------------------------------------------
+# run
+# ----------------------------------------------------------------------------------------------
+alcf_print_summary() {
+    local row
+    printf '%s\n' "+--------------------------------------------------------------------------------"
+    for row in \
+        "machine|${MACHINE} (host ${HOSTNAME_SHORT}, job ${JOB_TYPE})" \
+        "hosts x procs|${NHOSTS} x ${NPROC_LOCAL} = world size ${WORLD_SIZE}" \
+        "TP / PP / SP / DP|${TP} / ${PP} / ${SP} / ${DP}" \
+        "MB / GAS / GBS|${MICRO_BATCH} / ${GRAD_ACC_STEPS} / ${GLOBAL_BATCH}" \
+        "model|${MODEL_ARCH}: ${NLAYERS} layers, hidden ${HIDDEN}, ${HEADS} heads (${NUM_KV_HEAD} kv), ffn ${FFN_HIDDEN_SIZE}" \
+        "SEQ|${SEQ}" \
+        "TRAIN_ITERS|${TRAIN_ITERS}" \
+        "tokens/step|$((GLOBAL_BATCH * SEQ))" \
+        "optimizer / lr|${OPT} / ${LR} (${LR_DECAY_STYLE}, warmup ${LR_WARMUP_FRAC})" \
+        "dtype / ZeRO|${DTYPE} / ${ZERO_STAGE}" \
+        "data list|${DATA_FILE_LIST}" \
+        "run dir|${CKPT_DIR}" \
+        "log file|${OUTPUT_LOG}"; do
+        printf '| %-18s %s\n' "${row%%|*}" "${row#*|}"
+    done
+    printf '%s\n' "+--------------------------------------------------------------------------------"
+}
+
+alcf_main() {
+    set -o pipefail
+    [[ -n "${DEBUG:-}" ]] && set -x
+    ORIG_PWD="$PWD"
+    USER_ARGS=("$@")
+    # The system mpiexec (e.g. PALS on Aurora), before a venv's bin can shadow it on PATH.
+    _ALCF_MPIEXEC="${MPIEXEC:-$(command -v mpiexec 2>/dev/null || echo mpiexec)}"
+    [[ "${DRY_RUN:-0}" =~ ^(1|true|yes)$ ]] && _ALCF_DRY=1 || _ALCF_DRY=""
+
+    alcf_setup_params
+    if (( ${#ALCF_ERRORS[@]} )); then
+        local e
+        for e in "${ALCF_ERRORS[@]}"; do printf 'ERROR: %s\n' "$e" >&2; done
+        printf '[train_alcf] %d problem(s) found; nothing was started.\n' "${#ALCF_ERRORS[@]}" >&2
+        return 2
+    fi
+    cd "$WORKING_DIR" || return 2
+
+    if [[ "$JOB_TYPE" == local && "$NPROC_LOCAL" -gt 1 ]]; then
+        MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+        MASTER_PORT="${MASTER_PORT:-$(alcf_free_port)}"
+    fi
+    (( DEMO )) && _alcf_info "demo run (Shakespeare, ${MODEL_ARCH} model, ${TRAIN_ITERS} iterations); to train on your own data: DATA_FILE_LIST=path/to/list.txt bash train_alcf.sh (format: ALCF/data-lists/README.md)"
+    [[ "$TOKENIZER_SOURCE" == sidecar ]] && _alcf_info "tokenizer: ${TOKENIZER_MODEL} (shipped next to the data list; set TOKENIZER_MODEL to use another)"
+    alcf_build_train_args
+
+    if [[ -n "$_ALCF_DRY" ]]; then
+        alcf_build_launcher
+        printf '# DRY_RUN=1: nothing was set up, written or started.\n'
+        printf '# machine %s (host %s), job %s, world size %s = %s host(s) x %s process(es)\n' \
+            "$MACHINE" "$HOSTNAME_SHORT" "$JOB_TYPE" "$WORLD_SIZE" "$NHOSTS" "$NPROC_LOCAL"
+        (( DEMO )) && printf '# demo data list: %s (built by tools/build_demo_data.py on a real run)\n' "$DATA_FILE_LIST"
+        printf '# run name: %s\n' "$RUN_NAME"
+        printf '# DeepSpeed config %s:\n' "$DS_CONFIG"
+        alcf_ds_config_json
+        printf '# environment: %s\n' "${LAUNCH_ENV[*]}"
+        printf '# command:\n'
+        alcf_print_command
+        return 0
+    fi
+
+    # ---- the real thing -------------------------------------------------------------------------
+    export OMP_NUM_THREADS PYTHONUNBUFFERED=1
+    [[ -n "${MASTER_PORT:-}" ]] && export MASTER_ADDR MASTER_PORT
+    # shellcheck source=ALCF/env.sh
+    source "${ALCF_REPO_DIR}/ALCF/env.sh" || { printf 'ERROR: could not read ALCF/env.sh\n' >&2; return 1; }
+    setup_python_env || { printf 'ERROR: Python environment set-up failed (see above); fix it, or set VENV_DIR / activate an environment\n' >&2; return 1; }
+    _ALCF_ENV_READY=1
+
+    if (( DEMO )); then
+        _alcf_info "building the demo data in ${DEMO_DATA_DIR} (cached)"
+        "$PYTHON" "${ALCF_REPO_DIR}/tools/build_demo_data.py" --output-dir "$DEMO_DATA_DIR" \
+            || { printf 'ERROR: building the demo data failed (see above)\n' >&2; return 1; }
+        [[ -f "$DATA_FILE_LIST" ]] || { printf 'ERROR: the demo data list %s was not created\n' "$DATA_FILE_LIST" >&2; return 1; }
+    fi
+    alcf_build_launcher
+
+    local stamp; stamp="$(date +%Y%m%d-%H%M%S)"
+    LOG_DIR="logs/${RUN_NAME}/${stamp}_${WORLD_SIZE}_${HOSTNAME_SHORT}"
+    OUTPUT_LOG="${LOG_DIR}/output.log"
+    mkdir -p "$(dirname "$DS_CONFIG")" "$CKPT_DIR" "$LOG_DIR" "$DATA_CACHE_PATH" "$TB_DIR" \
+        || { printf 'ERROR: could not create the run directories under %s\n' "$WORKING_DIR" >&2; return 1; }
+    alcf_ds_config_json > "${DS_CONFIG}.tmp.$$" && mv -f "${DS_CONFIG}.tmp.$$" "$DS_CONFIG"
+    printenv | grep -v '^LS_COLORS=' > "${CKPT_DIR}/.env"
+    printf '%s\n' "${WORKING_DIR}/${OUTPUT_LOG}" >> logs/latest
+
+    {
+        alcf_print_summary
+        printf 'environment: %s\n' "${LAUNCH_ENV[*]}"
+        printf 'command:\n'
+        alcf_print_command
+    } | tee -a "$OUTPUT_LOG"
+
+    local rc
+    "${LAUNCH_CMD[@]}" "${TRAIN_ARGS[@]}" "${USER_ARGS[@]}" 2>&1 | tee -a "$OUTPUT_LOG"
+    rc=${PIPESTATUS[0]}
+
+    {
+        printf '[train_alcf] finished with exit status %s\n' "$rc"
+        printf '[train_alcf]   log file:        %s\n' "${WORKING_DIR}/${OUTPUT_LOG}"
+        printf '[train_alcf]   checkpoints:     %s\n' "$(_alcf_abs "$SAVE")"
+        printf '[train_alcf]   tensorboard:     %s\n' "$(_alcf_abs "$TB_DIR")"
+        printf '[train_alcf]   DeepSpeed config: %s\n' "${WORKING_DIR}/${DS_CONFIG}"
+    } | tee -a "$OUTPUT_LOG"
+    return "$rc"
+}
+
+_alcf_abs() { if [[ "$1" == /* ]]; then echo "$1"; else echo "${WORKING_DIR}/$1"; fi; }
