@@ -19,9 +19,8 @@ from megatron.core import parallel_state
 from megatron.exits import ExitConditions
 from megatron.initialize import initialize_megatron
 from megatron.model import GPTConfig, GPTModel
-from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
+from megatron.optimizer import build_optimizer
 from megatron.optimizer_param_scheduler import build_scheduler, scheduler_increment
-from megatron.timers import Timers
 from megatron.training_log import TrainLogger
 
 log = logging.getLogger(__name__)
@@ -161,31 +160,15 @@ def dp_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def train_step(engine, data_iter, args, eod, device, timers: Timers | None = None,
-               seen: list | None = None) -> torch.Tensor:
-    """One iteration = num_micro_batches forward/backward passes + one optimizer step.
-    The micro-batches are appended to `seen` (for optimizer hooks that replay them)."""
-    timers = timers or Timers()
+def train_step(engine, data_iter, args, eod, device) -> torch.Tensor:
+    """One iteration = num_micro_batches forward/backward passes + one optimizer step."""
     losses = []
     for _ in range(args.num_micro_batches):
-        with timers("batch-generator", level=2):
-            batch = next(data_iter)
-        if seen is not None:
-            seen.append(batch)
-        with timers("forward-backward", level=1):
-            with timers("forward-compute", level=2):
-                loss = forward_loss(engine, batch, args, eod, device)
-            with timers("backward-compute", level=2):
-                engine.backward(loss)
-        with timers("optimizer", level=1):
-            engine.step(lr_kwargs={"increment": scheduler_increment(args)})
+        loss = forward_loss(engine, next(data_iter), args, eod, device)
+        engine.backward(loss)
+        engine.step(lr_kwargs={"increment": scheduler_increment(args)})
         losses.append(loss.detach())
     return dp_mean(torch.stack(losses).mean())
-
-
-def replay_batches(batches: list, args, eod, device) -> list:
-    """(tokens, loss_mask) of the given micro-batches, for OptimizerHooks.after_step."""
-    return [(tokens, mask) for tokens, _labels, mask in (get_batch(b, args, eod, device) for b in batches)]
 
 
 @torch.no_grad()
@@ -217,9 +200,10 @@ def pretrain(args) -> dict:
     train_ds, valid_ds, _test_ds = build_datasets(args)
 
     model = GPTModel(model_config(args))
-    # the optimizer is a client one or DeepSpeed's own (e.g. its ZeRO Muon): megatron/optimizer decides
-    engine, _, _, _ = deepspeed.initialize(model=model, **deepspeed_initialize_kwargs(
-        model, args, build_ds_config(args), lambda optimizer: build_scheduler(optimizer, args)))
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_ds_config(args))
     device = engine.device
     if args.rank == 0:
         n = sum(p.numel() for p in model.parameters())
@@ -237,36 +221,30 @@ def pretrain(args) -> dict:
 
 def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.LoadedState) -> dict:
     iteration, samples, tokens = state.iteration, state.consumed_train_samples, state.consumed_train_tokens
-    logger = TrainLogger.create(args, corpus_names=getattr(train_ds, "corpus_names", None))
-    timers = logger.timers
+    logger = TrainLogger.create(args)
     exits = ExitConditions(args)
     summary = {"start_iteration": iteration, "initial_val_loss": None, "final_val_loss": None, "checkpoint": None}
-    hooks = OptimizerHooks(engine, args)  # schedule-free eval weights, Sophia Hessian, MuonClip
 
     def validate() -> float | None:
         if valid_ds is None or args.eval_iters == 0:
             return None
-        with timers("evaluate", level=0), hooks.eval_weights():
-            loss = evaluate(engine, valid_ds, args, eod, device)
-        logger.validation(iteration, loss, tokens, samples)
+        loss = evaluate(engine, valid_ds, args, eod, device)
+        logger.validation(iteration, loss, tokens)
         return loss
 
     def save() -> None:
         if args.save:
-            with timers("save-checkpoint", level=0), hooks.eval_weights():
-                summary["checkpoint"] = checkpointing.save_checkpoint(engine, args, iteration, samples, tokens)
+            summary["checkpoint"] = checkpointing.save_checkpoint(engine, args, iteration, samples, tokens)
 
     if args.eval_on_start and iteration == 0:
         summary["initial_val_loss"] = validate()
 
-    data_iter = logger.count_corpora(iter(build_loader(train_ds, args, samples)))
+    data_iter = iter(build_loader(train_ds, args, samples))
     engine.train()
     last_saved = iteration
     while iteration < args.train_iters and not (args.train_tokens and tokens >= args.train_tokens):
-        batches: list = []
-        loss = train_step(engine, data_iter, args, eod, device, timers, seen=batches)
+        loss = train_step(engine, data_iter, args, eod, device)
         iteration += 1
-        hooks.after_step(iteration, lambda: replay_batches(batches, args, eod, device))
         samples += args.global_batch_size
         tokens += args.global_batch_size * args.seq_length
         logger.train(iteration, loss, engine, samples, tokens)
@@ -284,6 +262,9 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     summary["final_val_loss"] = validate()
     if iteration != last_saved:
         save()
+    logger.close()
     summary.update(iteration=iteration, consumed_samples=samples, consumed_tokens=tokens)
-    summary["table"] = logger.finish(iteration, tokens, summary["checkpoint"])
+    if args.rank == 0:
+        print(f"> done: iteration {iteration}, {tokens} tokens; checkpoint: {summary['checkpoint']}; "
+              f"tensorboard: {args.tensorboard_dir}; metrics: {args.metrics_file}", flush=True)
     return summary
