@@ -26,9 +26,11 @@ setup(
         "transformers",
         "safetensors",
         "packaging",
+        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        # reference implementations the optimizer tests compare against
+        "test": ["pytest", "lion-pytorch", "schedulefree", "torch-optimizer", "pytorch-optimizer"],
         "mpi": ["mpi4py", "mpich"],
         "wandb": ["wandb"],
         "schedulefree": ["schedulefree"],

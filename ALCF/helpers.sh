@@ -31,11 +31,15 @@
 #              TIMING_LOG_LEVEL [1], NO_TENSORBOARD, FLOPS_PROFILER, COMMS_LOGGER [false]
 #   data       DATA_FILE_LIST [demo list outside a job], TRAIN_SPLIT/VAL_SPLIT/TEST_SPLIT
 #              [990/10/0], TOKENIZER_TYPE [HFTokenizer], TOKENIZER_MODEL [google/gemma-7B, or a
-#              tokenizer.model next to the list], DEMO_DATA_DIR [WORKING_DIR/.cache/demo-data]
+#              tokenizer.model next to the list], DEMO_DATA_DIR [WORKING_DIR/.cache/demo-data],
+#              VOCAB_FILE, MERGE_FILE [DATA_PARENT (the list's directory)/gpt2-vocab.json,
+#              gpt2-merges.txt; GPT2 tokenizers only]
+#   MuP        MUP_BASE_WIDTH [unset: off], DEPTH_BASE [unset: off], DEPTH_ALPHA [1.0]
 #   paths      WORKING_DIR [PBS_O_WORKDIR, SLURM_SUBMIT_DIR, the repo], CKPT_DIR
 #              [checkpoints/<run name>], LOAD, SAVE [CKPT_DIR], EXEC [pretrain_gpt.py], VENV_DIR
 #   launch     NPROC [accelerators or 1], LAUNCHER [torchrun|mpiexec], HOSTFILE|PBS_NODEFILE,
-#              NGPU_PER_HOST, WORLD_SIZE, CPU_BIND, MPIEXEC, MASTER_PORT, OMP_NUM_THREADS,
+#              NGPU_PER_HOST, WORLD_SIZE, CPU_BIND, MPIEXEC, MASTER_ADDR [127.0.0.1], MASTER_PORT
+#              [a free port], OMP_NUM_THREADS,
 #              BE|CCL|NCCL (backend), DRY_RUN, DEBUG, ALCF_HOSTNAME (host name used for machine
 #              detection and the log directory)
 
@@ -675,6 +679,10 @@ alcf_build_train_args() {
             "--checkpoint-num-layers=${ACT_CKPT_NUM_LAYERS}")
     fi
     [[ "$DTYPE" != fp32 ]] && TRAIN_ARGS+=("--${DTYPE}")
+    # MuP / CompleteP (ALCF/notes/mup.md): the width / number of layers the hyper-parameters were tuned at
+    [[ -n "${MUP_BASE_WIDTH:-}" ]] && TRAIN_ARGS+=(--enable-mup "--mup-base-width=${MUP_BASE_WIDTH}")
+    [[ -n "${DEPTH_BASE:-}" ]] && TRAIN_ARGS+=(--enable-depth-scale "--depth-base=${DEPTH_BASE}"
+        "--depth-alpha=${DEPTH_ALPHA:-1.0}")
     TRAIN_ARGS+=(
         --accumulate-allreduce-grads-in-fp32
         --adjust-word-embedding-init
@@ -823,8 +831,27 @@ alcf_print_summary() {
     printf '%s\n' "+--------------------------------------------------------------------------------"
 }
 
+# `bash train_alcf.sh --help`: usage and every environment variable with its default (the
+# "Variables" block at the top of this file, which tests/test_launcher_help.py keeps complete).
+alcf_help() {
+    cat <<'EOF'
+Usage: [VAR=value ...] bash train_alcf.sh [extra pretrain_gpt.py flags...]
+
+  bash train_alcf.sh                               the demo (Shakespeare, small model, CPU-friendly)
+  DATA_FILE_LIST=list.txt OPT=muon bash train_alcf.sh
+  DRY_RUN=1 bash train_alcf.sh                     print the DeepSpeed config and the command only
+
+Extra flags go to the trainer after the launcher's own, so they win (python pretrain_gpt.py --help
+lists them). What a run prints and writes: ALCF/notes/observability.md.
+
+Environment variables [default] (no brackets: unset, the feature is off):
+EOF
+    sed -n '/^# Variables/,/^[^#]/{/^# Variables/d;/^[^#]/d;s/^# \{0,1\}//;p}' "${ALCF_REPO_DIR}/ALCF/helpers.sh"
+}
+
 alcf_main() {
     set -o pipefail
+    case "${1:-}" in -h|--help) alcf_help; return 0 ;; esac
     [[ -n "${DEBUG:-}" ]] && set -x
     ORIG_PWD="$PWD"
     USER_ARGS=("$@")
@@ -911,3 +938,20 @@ alcf_main() {
 }
 
 _alcf_abs() { if [[ "$1" == /* ]]; then echo "$1"; else echo "${WORKING_DIR}/$1"; fi; }
+
+# convert_ckpt_to_universal <ckpt_dir> [extra converter args]: convert the checkpoint named by
+# <ckpt_dir>/latest_checkpointed_iteration.txt into <ckpt_dir>/global_step<N>_universal and point
+# <ckpt_dir>/latest_universal at it (then train with LOAD=<ckpt_dir> ... --universal-checkpoint).
+convert_ckpt_to_universal() {
+    local ckpt_dir="${1:-}"
+    if [[ -z "$ckpt_dir" || ! -f "${ckpt_dir}/latest_checkpointed_iteration.txt" ]]; then
+        printf 'ERROR: usage: convert_ckpt_to_universal <ckpt_dir> (a directory holding latest_checkpointed_iteration.txt)\n' >&2
+        return 2
+    fi
+    shift
+    local gs
+    gs="$(<"${ckpt_dir}/latest_checkpointed_iteration.txt")"
+    printf 'global step: %s\n' "$gs"
+    "${PYTHON:-python3}" "${ALCF_REPO_DIR}/tools/convert_checkpoint/ds_to_universal.py" \
+        --input_folder "${ckpt_dir}/global_step${gs}" --output_folder "${ckpt_dir}/global_step${gs}_universal" "$@"
+}

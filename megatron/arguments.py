@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from typing import Sequence
 
-from megatron.optimizer import optimizer_help, optimizer_names
+from megatron.optimizer import optimizer_help, optimizer_names, optimizer_problems
 from megatron.optimizer_param_scheduler import LR_SCHEDULES, build_schedule_spec
+from megatron.lr_finder import configure_lr_finder
+from megatron.model.mup import mup_problems
+from megatron.core.parallel_config import finalize_parallel_args, parallel_problems
 
 FLASH_ATTN_FLAGS = ("use_flash_attn_v1", "use_flash_attn_v2", "use_flash_attn_triton", "use_flash_attn_builder")
 
@@ -51,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(p)
     _init_args(p)
+    _mup_args(p)
     _training_args(p)
     _optimizer_args(p)
     _lr_args(p)
@@ -115,6 +120,24 @@ def _init_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-initialization", dest="perform_initialization", action="store_false")
 
 
+def _mup_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MuP / CompleteP (megatron/model/mup.py, ALCF/notes/mup.md)")
+    g.add_argument("--enable-mup", action="store_true", help="maximal update parametrization (width transfer)")
+    g.add_argument("--mup-base-width", type=int, default=None,
+                   help="hidden size the hyper-parameters were tuned at (width multiplier = hidden / this)")
+    g.add_argument("--mup-width-multiplier", "--mup-hidden-weights-scale", dest="mup_width_multiplier", type=float,
+                   default=None, help="the width multiplier itself (instead of --mup-base-width)")
+    g.add_argument("--mup-input-alpha", type=float, default=1.0, help="embedding output multiplier")
+    g.add_argument("--mup-output-alpha", type=float, default=1.0, help="logits multiplier (divided by the width mult.)")
+    g.add_argument("--mup-attn-alpha", type=float, default=1.0, help="attention scale = this / head dim")
+    g.add_argument("--enable-depth-scale", action="store_true", help="CompleteP depth parametrization")
+    g.add_argument("--depth-base", type=int, default=None,
+                   help="number of layers the hyper-parameters were tuned at (depth multiplier = layers / this)")
+    g.add_argument("--depth-multiplier", type=float, default=None, help="the depth multiplier itself")
+    g.add_argument("--depth-alpha", type=float, default=1.0,
+                   help="residual branches x (layers / base)^-alpha; 1 = CompleteP, 0.5 = Yang et al.")
+
+
 def _training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -130,10 +153,16 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
     g.add_argument("--exit-signal-handler", action="store_true")
     g.add_argument("--kill-switch-file", type=str, default=None)
-    g.add_argument("--checkpoint-activations", action="store_true")
-    g.add_argument("--checkpoint-num-layers", type=int, default=1)
-    g.add_argument("--deepspeed-activation-checkpointing", action="store_true")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="activation checkpointing: recompute whole layers in the backward (= --recompute-granularity full)")
+    g.add_argument("--checkpoint-num-layers", type=int, default=1, help="layers per checkpointed chunk")
+    g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
+                   help="accepted with --checkpoint-activations (same torch.utils.checkpoint); alone it implies it")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: recompute whole layers; selective: recompute only the attention core")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor) before DeepSpeed wraps it; the first steps are slow "
+                        "while it compiles (needs a C++ compiler on CPU; not with ZeRO-3 or activation recompute)")
 
 
 def _optimizer_args(p: argparse.ArgumentParser) -> None:
@@ -152,6 +181,30 @@ def _optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-optimizer", action="store_true")
     g.add_argument("--cpu_torch_adam", action="store_true")
     g.add_argument("--ds_fused_adam", action="store_true")
+    # per-optimizer flags (ALCF/notes/optimizers.md); `type=bool` upstream flags take true/false here
+    g.add_argument("--sophiag-beta1", type=float, default=0.9)
+    g.add_argument("--sophiag-beta2", type=float, default=0.95)
+    g.add_argument("--sophiag-rho", type=float, default=0.01)
+    g.add_argument("--sophiag-hessian-interval", type=int, default=10,
+                   help="SophiaG: refresh the Hessian estimate every N iterations (extra forward/backward)")
+    g.add_argument("--dshampooadamw-max-preconditioner-dim", type=int, default=8192)
+    g.add_argument("--dshampooadamw-precondition-freq", type=int, default=100)
+    g.add_argument("--dshampooadamw-use-decoupled-weight-decay", type=_str2bool, default=True, metavar="BOOL")
+    g.add_argument("--dshampooadamw-eps", type=float, default=1e-12)
+    g.add_argument("--muon-momentum", type=float, default=0.95)
+    g.add_argument("--muon-nesterov", type=_str2bool, default=True, metavar="BOOL")
+    g.add_argument("--muon-ns-steps", type=int, default=5,
+                   help="Newton-Schulz steps (upstream default 6; 5 here, the value DeepSpeed's ZeRO Muon fixes)")
+    g.add_argument("--muonadamw-beta1", type=float, default=0.9)
+    g.add_argument("--muonadamw-beta2", type=float, default=0.999)
+    g.add_argument("--muonadamw-eps", type=float, default=1e-12)
+    g.add_argument("--muonclip-t", type=float, default=100.0, help="MuonClip: max QK logit per head")
+    g.add_argument("--muonclip-alpha", type=float, default=0.5, help="MuonClip: W_q takes eta^alpha, W_k the rest")
+    g.add_argument("--schedulefree-for-each", action="store_true")
+    g.add_argument("--ademamix-beta3", type=float, default=0.9999)
+    g.add_argument("--ademamix-alpha", type=float, default=5.0)
+    g.add_argument("--ademamix-warmup-iters", type=int, default=None,
+                   help="AdEMAMix alpha/beta3 warmup length in optimizer steps (default: none)")
 
 
 def _lr_args(p: argparse.ArgumentParser) -> None:
@@ -182,7 +235,17 @@ def _lr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-wsd-decay-iters", type=_int_like, default=None)
     g.add_argument("--lr-wsd-decay-samples", type=_int_like, default=None)
     g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "1-sqrt", "minus_sqrt"], default="1-sqrt")
-    g.add_argument("--lr-finder", action="store_true")
+    g.add_argument("--lr-finder", action="store_true",
+                   help="LR range test instead of training: geometric LR sweep, smoothed loss, suggested LR; writes "
+                        "{save}/lr_finder/lr_finder_data.csv/.npz and lr_finder.png, no checkpoint "
+                        "(ALCF/notes/lr_finder.md)")
+    g.add_argument("--lr-finder-min", type=float, default=1e-6, help="first LR of the sweep")
+    g.add_argument("--lr-finder-max", type=float, default=1.0, help="last LR of the sweep")
+    g.add_argument("--lr-finder-fraction", type=float, default=1.0,
+                   help="sweep length as a fraction of --train-iters (upstream used 0.1)")
+    g.add_argument("--lr-finder-stop-factor", type=float, default=4.0,
+                   help="stop when the smoothed loss exceeds this x its best value")
+    g.add_argument("--lr-finder-beta", type=float, default=0.98, help="loss smoothing (EMA) factor")
     g.add_argument("--override-opt_param-scheduler", action="store_true")
     g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true")
     g.add_argument("--warmup", type=int, default=None, help="deprecated; use --lr-warmup-*")
@@ -204,6 +267,9 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
     g.add_argument("--universal-checkpoint", action="store_true")
     g.add_argument("--reset-iteration", action="store_true")
+    g.add_argument("--keep-last-n", type=int, default=None, metavar="N",
+                   help="keep only the newest N global_step<N> checkpoints under --save (never the one 'latest' "
+                        "names); default: keep all")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -233,10 +299,12 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distributed")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="Megatron tensor parallelism (heads, KV heads and FFN size must divide by it)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--ds-sequence-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron sequence parallelism: norms and dropout on sequence shards (TP > 1; off at TP = 1)")
     g.add_argument("--no-pipeline-parallel", action="store_true")
     g.add_argument("--zero-stage", type=_int_like, default=1)
     g.add_argument("--distributed-backend", choices=["nccl", "gloo", "ccl", "xccl", "hccl"], default=None,
@@ -270,11 +338,24 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-save-dir", type=str, default=None)
     g.add_argument("--metrics-file", type=str, default=None,
                    help="append one JSON line per logged iteration/evaluation (default: <save>/metrics.jsonl)")
+    # observability (ALCF/notes/observability.md)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOPS of one device for MFU (default: known accelerator table, else a matmul "
+                        "benchmark measured at start-up)")
+    g.add_argument("--profile", choices=["pt", "pt-full"], default=None,
+                   help="torch profiler over --profile_steps; writes a Chrome trace per profiled rank to --trace-dir")
+    g.add_argument("--profile_steps", "--profile-steps", dest="profile_steps", type=str, default="2,3",
+                   help="first,last iteration to profile (inclusive)")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="ranks that profile")
+    g.add_argument("--trace-dir", type=str, default="./trace/", help="where profiler traces go")
+    g.add_argument("--flops-profiler-step", type=int, default=None,
+                   help="run DeepSpeed's flops profiler at this optimizer step (rank 0); report in <trace-dir>")
 
 
 def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> argparse.Namespace:
     """Parse (argparse keeps the last occurrence of a flag, so later flags win) and validate."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the start-up table shows which flags were given
     validate_args(args, env=os.environ if env is None else env)
     return args
 
@@ -317,11 +398,19 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
          "(unset OVERRIDE_CKPT_OPT_PARAM or drop --override-opt_param-scheduler)")
     need(args.save is None or args.save_interval is None or args.save_interval > 0,
          f"--save-interval must be > 0 (got {args.save_interval})")
+    need(args.keep_last_n is None or args.keep_last_n >= 1, f"--keep-last-n must be >= 1 (got {args.keep_last_n})")
+    need(not (args.no_save_optim and args.zero_stage == 3),
+         "--no-save-optim cannot be used with --zero-stage 3 (ZeRO-3 keeps the weights in the optimizer shards)")
     need(args.data_file_list is not None or args.data_path,
          "no training data: give --data-file-list (DATA_FILE_LIST=...) or --data-path")
     if args.data_file_list is not None:
         need(os.path.isfile(args.data_file_list),
              f"--data-file-list {args.data_file_list}: file not found (check DATA_FILE_LIST)")
+    from megatron.data.gpt_dataset import get_split_bounds  # noqa: PLC0415
+    try:
+        get_split_bounds(args.split, 1)
+    except ValueError as e:
+        errs.append(f"{e} (SPLIT / --split)")
     if args.num_attention_heads and args.hidden_size and args.kv_channels is None:
         need(args.hidden_size % args.num_attention_heads == 0,
              f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads ({args.num_attention_heads})")
@@ -333,6 +422,13 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
         need(args.max_position_embeddings >= args.seq_length,
              f"--max-position-embeddings ({args.max_position_embeddings}) must be >= --seq-length ({args.seq_length})")
     need(0.0 < args.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1] (got {args.rotary_percent})")
+    need(args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops must be > 0 (got {args.peak_tflops})")
+    steps = args.profile_steps.replace(" ", "").split(",")
+    need(len(steps) == 2 and all(x.isdigit() for x in steps) and int(steps[0]) <= int(steps[1]),
+         f"--profile_steps must be 'first,last' iterations, e.g. 2,3 (got {args.profile_steps!r})")
+    need(args.flops_profiler_step is None or args.flops_profiler_step >= 1,
+         f"--flops-profiler-step must be >= 1 (got {args.flops_profiler_step})")
+    errs.extend(compile_problems(args))  # --compile where it cannot work
 
     tp, pp, sp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.ds_sequence_parallel_size
     model_parallel = tp * pp * sp
@@ -345,23 +441,43 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
              f"--global-batch-size ({args.global_batch_size}) must be a multiple of micro-batch-size x data-parallel "
              f"size = {args.micro_batch_size} x {dp}; set GLOBAL_BATCH accordingly or change MICRO_BATCH")
 
+    errs.extend(optimizer_problems(args))  # missing package, unsupported ZeRO stage (megatron/optimizer)
+    errs.extend(mup_problems(args))  # MuP / CompleteP flags (megatron/model/mup.py)
+    errs.extend(parallel_problems(args))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
+
     # Upstream flags whose behaviour is not implemented here yet: refuse rather than ignore.
     unsupported = {
-        "tensor_model_parallel_size": (tp > 1, "tensor parallelism (TP > 1)"),
         "pipeline_model_parallel_size": (pp > 1, "pipeline parallelism (PP > 1)"),
         "ds_sequence_parallel_size": (sp > 1, "Ulysses sequence parallelism (SP > 1)"),
-        "checkpoint_activations": (args.checkpoint_activations or args.deepspeed_activation_checkpointing
-                                   or args.recompute_granularity is not None, "activation checkpointing"),
         "squared_relu": (args.squared_relu, "--squared-relu"),
         "apply_layernorm_1p": (args.apply_layernorm_1p, "--apply-layernorm-1p"),
-        "reset_position_ids": (args.reset_position_ids or args.reset_attention_mask,
-                               "--reset-position-ids/--reset-attention-mask"),
-        "lr_finder": (args.lr_finder, "--lr-finder"),
+        "reset_attention_mask": (args.reset_attention_mask,
+                                 "--reset-attention-mask (document-causal attention; --reset-position-ids works)"),
         "fp16": (args.fp16, "--fp16 (use --bf16 or fp32)"),
     }
     for _, (bad, what) in unsupported.items():
         if bad:
             errs.append(f"{what} is not supported by this version yet; remove the flag")
+    return errs
+
+
+def compile_problems(args: argparse.Namespace) -> list[str]:
+    """--compile is refused where it does not work (yet), one line each naming the fix."""
+    if not getattr(args, "compile", False):
+        return []
+    import shutil  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    errs = []
+    if args.zero_stage == 3:
+        errs.append("--compile is not supported with ZeRO-3 (its parameter-gathering hooks run inside the "
+                    "model's forward); use --zero-stage 1 or 2, or drop --compile")
+    if args.recompute_granularity or args.checkpoint_activations:
+        errs.append("--compile is not supported with activation recompute yet; drop --compile or the recompute flags")
+    accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if not accelerator and not shutil.which(os.environ.get("CXX") or "g++"):
+        errs.append("--compile on CPU needs a C++ compiler for inductor (g++, or set CXX); install one or drop --compile")
     return errs
 
 
@@ -388,18 +504,28 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64) if args.swiglu else 4 * args.hidden_size
     args.use_flash_attn = any(getattr(args, f) for f in FLASH_ATTN_FLAGS)
+    finalize_parallel_args(args)  # sequence parallel off at TP=1; recompute granularity / chunk
     if args.weight_decay_incr_style == "constant":
         args.start_weight_decay = args.end_weight_decay = args.weight_decay
     elif args.start_weight_decay is None or args.end_weight_decay is None:
         raise ArgumentError("--start-weight-decay and --end-weight-decay are required when "
                             f"--weight-decay-incr-style is {args.weight_decay_incr_style}")
     args.params_dtype = "bf16" if args.bf16 else "fp32"
+    if args.lr_finder and (errs := configure_lr_finder(args)):  # outputs to {save}/lr_finder/, no checkpoint
+        raise ArgumentError("\n".join(errs))
     if args.save is not None and args.save_interval is None:
         args.save_interval = args.train_iters  # save at the end only
     if args.metrics_file is None and args.save is not None:
         args.metrics_file = os.path.join(args.save, "metrics.jsonl")
+    if args.tensorboard_dir is None and args.save is not None:
+        args.tensorboard_dir = os.path.join(args.save, "tensorboard")
     try:  # the LR schedule is checked now, not after DeepSpeed has started
         build_schedule_spec(args)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
+    from megatron.checkpointing import load_problems  # noqa: PLC0415  (--load checked before DeepSpeed starts)
+
+    load_errs = load_problems(args)
+    if load_errs:
+        raise ArgumentError("\n".join(load_errs))
     return args

@@ -3,19 +3,35 @@
     <save>/latest                               DeepSpeed: "global_step<N>"
     <save>/latest_checkpointed_iteration.txt    Megatron: "<N>"
     <save>/global_step<N>/mp_rank_00_model_states.pt + *_optim_states.pt (ZeRO shards)
+    <save>/global_step<N>/megatron_args.json    (ours: the model arguments, checked before loading)
+    <save>/global_step<N>_universal/ + latest_universal   (tools/convert_checkpoint/ds_to_universal.py)
 
-The client state holds the arguments, iteration, consumed samples and tokens, RNG states and
-`universal_checkpoint_info`, so `ds_to_universal` needs no `--inject_missing_state`. The LR
-scheduler state is saved by DeepSpeed itself (`lr_scheduler`).
+The client state holds the arguments, iteration, consumed samples and tokens, RNG states, the LR
+scheduler state and `universal_checkpoint_info`, so `ds_to_universal` needs no
+`--inject_missing_state`.
+
+Saves are atomic: DeepSpeed writes `global_step<N>.partial/`, and only after every rank is done
+rank 0 renames it to `global_step<N>/` and then replaces `latest` and
+`latest_checkpointed_iteration.txt` (write to a temporary file + `os.replace`). A crash at any
+moment leaves `latest` pointing at the previous complete checkpoint. `--keep-last-n` prunes older
+`global_step<N>` directories after the commit, never the one `latest` names.
 
 Fixes of upstream: `--no-load-optim`, `--no-load-lr-state` and `--no-load-rng` work under
-DeepSpeed; architecture mismatches are reported all at once, by name.
+DeepSpeed; `--finetune` also resets the optimizer state under `--universal-checkpoint` (DeepSpeed
+restores the moments and the step count from a universal checkpoint even for a module-only load);
+the scheduler's LR is re-applied after a load (a universal load copies the saved param-group LR
+into the optimizer); architecture mismatches are reported all at once, by name, before
+DeepSpeed reads any tensor.
 """
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
 import random
+import re
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +44,16 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+LATEST = "latest"
+LATEST_UNIVERSAL = "latest_universal"
+ARGS_FILE = "megatron_args.json"
+PARTIAL_SUFFIX = ".partial"
+TAG_RE = re.compile(r"^global_step(\d+)$")
+# Model arguments a checkpoint must agree with (vocabulary handled separately: TP changes padding).
 ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",
-               "padded_vocab_size", "swiglu", "normalization", "untie_embeddings_and_output_weights")
+               "kv_channels", "swiglu", "normalization", "untie_embeddings_and_output_weights", "add_bias_linear",
+               "use_rotary_position_embeddings", "add_position_embedding")
+CONVERTER = "tools/convert_checkpoint/ds_to_universal.py"
 
 
 @dataclass
@@ -39,6 +63,16 @@ class LoadedState:
     consumed_valid_samples: int = 0
     consumed_train_tokens: int = 0
     path: str | None = None
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _rank(args) -> int:
+    return int(getattr(args, "rank", 0) or 0)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _rng_state() -> dict:
@@ -56,23 +90,118 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Replace `path` by a file holding `text`; readers see the old or the new file, never a part."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_tag(load_dir: str, universal: bool = False) -> str | None:
+    """The tag named by `latest` (or `latest_universal`), None if the file is missing or empty."""
+    path = os.path.join(load_dir, LATEST_UNIVERSAL if universal else LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def checkpoint_tags(save_dir: str) -> list[tuple[int, str]]:
+    """Complete `global_step<N>` directories (not partial, not universal), oldest first."""
+    if not os.path.isdir(save_dir):
+        return []
+    tags = []
+    for name in os.listdir(save_dir):
+        m = TAG_RE.match(name)
+        if m and os.path.isdir(os.path.join(save_dir, name)):
+            tags.append((int(m.group(1)), name))
+    return sorted(tags)
+
+
 def universal_checkpoint_info(args) -> dict:
-    """What DeepSpeed's ds_to_universal needs to merge parameters (TP = 1 here: nothing to merge)."""
-    return {
+    """What DeepSpeed's ds_to_universal needs to merge parameters across TP ranks (keys of
+    deepspeed.checkpoint.constants; patterns are `re.match`ed against full parameter names, and
+    the converter's strict mode wants every pattern to match some parameter)."""
+    vocab = [r"language_model\.embedding\.word_embeddings\.weight$"]
+    if getattr(args, "untie_embeddings_and_output_weights", False):
+        vocab.append(r"language_model\.output_layer\.weight$")
+    info = {
         "universal_checkpoint_version": 0.4,
         "original_vocab_size": args.vocab_size_orig,
         "padded_vocab_size": args.padded_vocab_size,
-        "vocabulary_parameter_patterns": ["word_embeddings.weight", "output_layer.weight"],
+        "vocabulary_parameter_patterns": vocab,
         "tp_replicated_parameter_patterns": [r".*layernorm\.weight$"],
-        "row_parallel_parameter_patterns": ["self_attention.dense.weight", "mlp.dense_4h_to_h.weight"],
-        "swiglu_column_parallel_parameter_patterns": ["mlp.dense_h_to_4h.weight"],
+        "parameter_with_row_parallelism_patterns": [r".*self_attention\.dense\.weight$",
+                                                    r".*mlp\.dense_4h_to_h\.weight$"],
     }
+    if getattr(args, "swiglu", False):
+        info["parameter_with_2_sub_params_cat_dim_0"] = [r".*mlp\.dense_h_to_4h\.weight$"]
+    return info
+
+
+def _json_safe(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+def model_args_record(args) -> dict:
+    fields = ARCH_FIELDS + ("padded_vocab_size", "vocab_size_orig", "seq_length", "max_position_embeddings",
+                            "layernorm_epsilon", "rope_theta", "rotary_percent", "tokenizer_type",
+                            "tokenizer_model", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
+                            "pipeline_model_parallel_size", "zero_stage", "world_size", "data_parallel_size",
+                            "optimizer", "params_dtype", "init_method_std")
+    return {k: _json_safe(getattr(args, k, None)) for k in fields}
+
+
+# ----------------------------------------------------------------------------- save
+def commit(save_dir: str, partial: str, tag: str, iteration: int) -> None:
+    """Rank 0, after every rank finished writing `partial`: make it `tag` and point `latest` at it."""
+    final, part = os.path.join(save_dir, tag), os.path.join(save_dir, partial)
+    old = None
+    if os.path.exists(final):  # re-saving the same iteration: move the old copy aside first
+        old = f"{final}.old.{os.getpid()}"
+        os.rename(final, old)
+    os.rename(part, final)
+    write_atomic(os.path.join(save_dir, LATEST), tag)
+    write_atomic(os.path.join(save_dir, TRACKER_FILE), str(iteration))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prune(save_dir: str, keep_last_n: int | None) -> list[str]:
+    """Delete stale partial saves and all but the newest `keep_last_n` checkpoints (never the one
+    `latest` names). Returns the deleted directory names."""
+    deleted = []
+    for path in glob.glob(os.path.join(save_dir, "global_step*" + PARTIAL_SUFFIX)):
+        shutil.rmtree(path, ignore_errors=True)
+        deleted.append(os.path.basename(path))
+    if not keep_last_n:
+        return deleted
+    protect = read_tag(save_dir)
+    tags = [name for _, name in checkpoint_tags(save_dir)]
+    for name in tags[:-keep_last_n] if keep_last_n < len(tags) else []:
+        if name != protect:
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+            deleted.append(name)
+    return deleted
 
 
 def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, consumed_train_tokens: int,
                     consumed_valid_samples: int = 0) -> str:
     """Save on every rank (DeepSpeed writes the ZeRO shards); returns the checkpoint directory."""
     tag = f"global_step{iteration}"
+    partial = tag + PARTIAL_SUFFIX
+    if _rank(args) == 0:
+        os.makedirs(args.save, exist_ok=True)
+        shutil.rmtree(os.path.join(args.save, partial), ignore_errors=True)
+    _barrier()
+    scheduler = getattr(engine, "lr_scheduler", None)
     client_state = {
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "checkpoint_version": CHECKPOINT_VERSION,
@@ -81,68 +210,218 @@ def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, c
         "consumed_valid_samples": consumed_valid_samples,
         "tokens": consumed_train_tokens,
         "universal_checkpoint_info": universal_checkpoint_info(args),
+        # a copy DeepSpeed hands back even for module-only loads (CPT cooldown check)
+        "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
     }
     if not args.no_save_rng:
         client_state["rng_state"] = _rng_state()
-    engine.save_checkpoint(args.save, tag=tag, client_state=client_state,
-                           exclude_frozen_parameters=False)
-    if dist.is_initialized():
-        dist.barrier()
-    if args.rank == 0:
-        tmp = os.path.join(args.save, TRACKER_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(args.save, TRACKER_FILE))
+    skip_optim = bool(getattr(args, "no_save_optim", False)) and hasattr(engine, "save_zero_checkpoint")
+    saved_flag = getattr(engine, "save_zero_checkpoint", None)
+    if skip_optim:
+        engine.save_zero_checkpoint = False
+    try:
+        engine.save_checkpoint(args.save, tag=partial, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=False)
+    finally:
+        if skip_optim:
+            engine.save_zero_checkpoint = saved_flag
+    if _rank(args) == 0:
+        record = model_args_record(args)
+        record.update(iteration=iteration, optimizer_states_saved=not skip_optim)
+        with open(os.path.join(args.save, partial, ARGS_FILE), "w") as f:
+            json.dump(record, f, indent=1)
+    _barrier()
+    if _rank(args) == 0:
+        commit(args.save, partial, tag, iteration)
+        deleted = prune(args.save, getattr(args, "keep_last_n", None))
+        if deleted:
+            log.info("--keep-last-n %s: deleted %s", getattr(args, "keep_last_n", None), ", ".join(deleted))
+    _barrier()
     return os.path.join(args.save, tag)
 
 
-def _latest_tag(load_dir: str, universal: bool) -> str | None:
-    name = "latest_universal" if universal else "latest"
-    path = os.path.join(load_dir, name)
+# ----------------------------------------------------------------------------- checks before loading
+def conversion_command(load_dir: str, tag: str | None) -> str:
+    tag = tag or "global_step<N>"
+    return (f"python {CONVERTER} --input_folder {load_dir}/{tag} --output_folder {load_dir}/{tag}_universal"
+            f"  (or: source ALCF/helpers.sh && convert_ckpt_to_universal {load_dir})")
+
+
+def read_saved_args(tag_dir: str) -> dict | None:
+    path = os.path.join(tag_dir, ARGS_FILE)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return f.read().strip() or None
+        return json.load(f)
 
 
-def check_architecture(saved: dict, args) -> None:
-    """Raise with every mismatch between the checkpoint's model arguments and ours."""
-    bad = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(args, k)!r}"
-           for k in ARCH_FIELDS if k in saved and getattr(args, k, None) != saved[k]]
+def architecture_mismatches(saved: dict, args, fields=ARCH_FIELDS) -> list[str]:
+    return [f"{k}: checkpoint {saved[k]!r} vs now {getattr(args, k)!r}"
+            for k in fields if k in saved and saved[k] is not None and hasattr(args, k)
+            and getattr(args, k) != saved[k]]
+
+
+def load_problems(args) -> list[str]:
+    """Problems with `--load` found from the file system alone (run before DeepSpeed starts).
+
+    A missing or empty `--load` directory is fine for a plain resume (the launcher passes
+    LOAD=CKPT_DIR for a fresh run too), unless --finetune, --universal-checkpoint, --load-tag or
+    --exit-on-missing-checkpoint says that a checkpoint is expected."""
+    load = getattr(args, "load", None)
+    if not load:
+        return []
+    wanted = bool(args.finetune or args.universal_checkpoint or args.load_tag or args.exit_on_missing_checkpoint)
+    if not os.path.isdir(load):
+        if os.path.exists(load):
+            return [f"--load {load} is a file; give the checkpoint directory (the one holding 'latest')"]
+        return [f"--load {load}: no such directory (check LOAD / --load)"] if wanted else []
+    errs: list[str] = []
+    plain_tag = read_tag(load)
+    if args.universal_checkpoint:
+        tag = args.load_tag or read_tag(load, universal=True)
+        if tag is None:
+            if plain_tag is not None or checkpoint_tags(load):
+                tag0 = plain_tag or checkpoint_tags(load)[-1][1]
+                errs.append(f"--universal-checkpoint: {load} holds a DeepSpeed checkpoint ({tag0}) that was not "
+                            f"converted (no latest_universal); convert it first: {conversion_command(load, tag0)}")
+            else:
+                errs.append(f"--universal-checkpoint: no checkpoint in {load} (no latest_universal); "
+                            "check LOAD / --load")
+            return errs
+    else:
+        tag = args.load_tag or plain_tag
+        if tag is None:
+            found = checkpoint_tags(load)
+            if found:
+                return [f"--load {load} has checkpoints ({', '.join(n for _, n in found[-3:])}) but no 'latest' "
+                        f"file: pass --load-tag {found[-1][1]} (or write that tag into {load}/latest)"]
+            if read_tag(load, universal=True):
+                return [f"--load {load} holds only a universal checkpoint: add --universal-checkpoint"]
+            return [f"--load {load}: no checkpoint found (no 'latest' file); check LOAD / --load, or drop "
+                    "--exit-on-missing-checkpoint/--finetune/--load-tag to start from scratch"] if wanted else []
+    tag_dir = os.path.join(load, tag)
+    if not os.path.isdir(tag_dir):
+        source = "--load-tag" if args.load_tag else (LATEST_UNIVERSAL if args.universal_checkpoint else LATEST)
+        return [f"checkpoint {tag_dir} does not exist ({source} names {tag!r}); check --load / --load-tag"]
+    saved = read_saved_args(tag_dir)
+    if saved:
+        bad = architecture_mismatches(saved, args)
+        if bad:
+            errs.append(f"checkpoint {tag_dir} was written for another model (use the same MODEL_ARCH / model "
+                        "flags): " + "; ".join(bad))
+    return errs
+
+
+def check_architecture(saved: dict, args, universal: bool = False) -> None:
+    """Raise with every mismatch between the checkpoint's model arguments and ours (incl. vocabulary)."""
+    vocab = ("vocab_size_orig",) if universal else ("padded_vocab_size",)
+    bad = architecture_mismatches(saved, args, ARCH_FIELDS + vocab)
     if bad:
         raise ArgumentError(f"checkpoint in {args.load} does not match the model arguments "
-                         f"(use the same MODEL_ARCH/flags): " + "; ".join(bad))
+                            f"(use the same MODEL_ARCH/flags): " + "; ".join(bad))
 
 
+# ----------------------------------------------------------------------------- CPT helpers
+def cooldown_warning(scheduler_state: dict | None) -> str | None:
+    """A message when the checkpoint was saved inside a constant+cooldown schedule's cooldown (or
+    with LR below its max for the constant style): phase-2 CPT must start from a checkpoint at LR_max."""
+    from megatron.optimizer_param_scheduler import OptimizerParamScheduler, ScheduleSpec  # noqa: F401,PLC0415
+    from megatron.optimizer_param_scheduler import _normalize_state, _SPEC_KEYS, lr_at  # noqa: PLC0415
+
+    if not scheduler_state:
+        return None
+    sd = _normalize_state(scheduler_state)
+    if sd.get("lr_decay_style") != "constant" or sd.get("num_steps") is None:
+        return None
+    try:
+        spec = ScheduleSpec(**{field: sd[key] for key, field in _SPEC_KEYS.items() if key in sd},
+                            unit=sd.get("unit", "samples"))
+    except (TypeError, ValueError):
+        return None
+    lr = lr_at(spec, int(sd["num_steps"]))
+    if spec.constant_plus_cooldown_steps > 0 and lr < spec.max_lr and int(sd["num_steps"]) > spec.warmup_steps:
+        return (f"the loaded checkpoint is already in its cooldown (LR {lr:.3e} < LR_max {spec.max_lr:.3e} at "
+                f"{sd['num_steps']} {spec.unit}): phase-2 CPT needs a checkpoint at LR=LR_max BEFORE cooling down "
+                "(ALCF/notes/cpt.md); load an earlier checkpoint with --load-tag, or rewarm on purpose")
+    return None
+
+
+def reset_optimizer_state(engine) -> None:
+    """Zero every optimizer state tensor in place (and the step counts): the same as a fresh
+    optimizer for Adam/AdamW/SGD, and it keeps DeepSpeed's references to those tensors valid."""
+    opt = getattr(engine, "optimizer", None)
+    base = getattr(opt, "optimizer", opt)
+    if base is None or not hasattr(base, "state"):
+        return
+    for state in base.state.values():
+        for key, value in list(state.items()):
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0
+
+
+# ----------------------------------------------------------------------------- load
 def load_checkpoint(engine, args) -> LoadedState:
     """Load `args.load` into the engine. Returns the iteration and data position to resume from."""
     if not args.load:
         return LoadedState()
-    tag = args.load_tag or _latest_tag(args.load, args.universal_checkpoint)
+    errs = load_problems(args)
+    if errs:
+        raise ArgumentError("\n".join(errs))
+    universal = bool(args.universal_checkpoint)
+    tag = args.load_tag or read_tag(args.load, universal)
     if tag is None:
-        msg = f"no checkpoint found in {args.load}"
-        if args.exit_on_missing_checkpoint or args.finetune:
-            raise FileNotFoundError(msg + " (check LOAD / --load)")
-        log.warning("%s; starting from scratch", msg)
+        if _rank(args) == 0:
+            log.warning("no checkpoint found in %s; starting from scratch", args.load)
         return LoadedState()
+    saved = read_saved_args(os.path.join(args.load, tag))
+    if saved:
+        check_architecture(saved, args, universal=universal)
+        if not saved.get("optimizer_states_saved", True) and not (args.finetune or args.no_load_optim):
+            raise ArgumentError(f"checkpoint {args.load}/{tag} was saved with --no-save-optim: add --no-load-optim "
+                                "(or --finetune) to load it")
 
-    module_only = args.finetune
-    path, client = engine.load_checkpoint(
-        args.load, tag=tag,
-        load_module_only=module_only,
-        load_optimizer_states=not (module_only or args.no_load_optim),
-        load_lr_scheduler_states=not (module_only or args.no_load_lr_state),
-    )
+    module_only = bool(args.finetune)
+    try:
+        path, client = engine.load_checkpoint(
+            args.load, tag=tag,
+            load_module_only=module_only,
+            load_optimizer_states=not (module_only or args.no_load_optim),
+            load_lr_scheduler_states=not (module_only or args.no_load_lr_state),
+        )
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
+            raise ArgumentError(f"checkpoint {args.load}/{tag} does not match the model arguments (use the same "
+                                f"MODEL_ARCH/flags): {' '.join(first[:3])[:600]}") from None
+        raise
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {args.load}")
+        raise ArgumentError(f"DeepSpeed could not load checkpoint {tag} from {args.load}")
     client = client or {}
     saved_args = client.get("args") or {}
-    if not args.finetune and not args.universal_checkpoint:
-        check_architecture(saved_args, args)
+    if not saved and not args.finetune:
+        check_architecture(saved_args, args, universal=universal)
+
+    if module_only and universal:
+        # DeepSpeed restores the optimizer moments and step from the universal atoms even for a
+        # module-only load: reset them, as --finetune promises.
+        reset_optimizer_state(engine)
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None and hasattr(scheduler, "step"):
+        scheduler.step(0)  # write the schedule's LR/WD back (a universal load copies the saved ones)
+
     if args.finetune or args.reset_iteration:
         engine.global_steps = 0
         engine.global_samples = 0
-        log.info("loaded weights from %s (finetune: iteration, optimizer, scheduler and data restart)", path)
+        if args.finetune and _rank(args) == 0:
+            warning = cooldown_warning(client.get("opt_param_scheduler"))
+            if warning and args.lr_warmup_fraction in (None, 0.0) and not args.lr_warmup_iters \
+                    and not args.lr_warmup_samples:
+                log.warning("%s", warning)
+                print(f"WARNING: {warning}", flush=True)
+        log.info("loaded weights from %s (%s: iteration, optimizer, scheduler and data restart)", path,
+                 "--finetune" if args.finetune else "--reset-iteration")
         return LoadedState(path=path)
     if "rng_state" in client and not args.no_load_rng:
         _set_rng_state(client["rng_state"])

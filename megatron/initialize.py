@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -169,4 +169,5 @@ def initialize_megatron(args) -> parallel_state.ParallelState:
     state = parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
                                                      args.pipeline_model_parallel_size)
     set_seeds(args.seed)
+    tensor_parallel.model_parallel_manual_seed(args.seed)  # TP-rank RNG for dropout on split activations
     return state

@@ -16,11 +16,17 @@ import torch.distributed as dist
 from megatron import checkpointing
 from megatron.arguments import ArgumentError
 from megatron.core import parallel_state
+from megatron.data.gpt_dataset import reset_position_ids
 from megatron.exits import ExitConditions
 from megatron.initialize import initialize_megatron
 from megatron.model import GPTConfig, GPTModel
-from megatron.optimizer import build_optimizer
-from megatron.optimizer_param_scheduler import build_scheduler, scheduler_increment
+from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
+from megatron.lr_finder import active_lr_finder, build_lr_scheduler
+from megatron.model.mup import model_fields as mup_model_fields
+from megatron.optimizer_param_scheduler import scheduler_increment
+from megatron.config_table import print_config
+from megatron.profiling import Profiler, flops_profiler_config
+from megatron.timers import Timers
 from megatron.training_log import TrainLogger
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,10 @@ def model_config(args) -> GPTConfig:
         init_method_std=args.init_method_std,
         word_embedding_init_std=args.word_embedding_init_std if args.adjust_word_embedding_init else None,
         init_method_xavier_uniform=args.init_method_xavier_uniform,
+        sequence_parallel=args.sequence_parallel,
+        recompute_granularity=args.recompute_granularity,
+        recompute_num_layers=args.recompute_num_layers,
+        **mup_model_fields(args),  # MuP / CompleteP multipliers (neutral when off)
     )
 
 
@@ -97,12 +107,14 @@ def build_ds_config(args) -> dict:
     cfg["steps_per_print"] = max(int(cfg.get("steps_per_print", 1)), 10**9)  # we print our own line
     if args.universal_checkpoint:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
+    if flops_profiler_config(args):  # --flops-profiler-step
+        cfg["flops_profiler"] = flops_profiler_config(args)
     return cfg
 
 
 def build_datasets(args):
     """Train/valid/test datasets from the data list, with the upstream sample budgets."""
-    from megatron.data.blendable_dataset import build_train_valid_test_datasets  # noqa: PLC0415
+    from megatron.data.blendable_dataset import build_train_valid_test_datasets, check_data_vocab  # noqa: PLC0415
     from megatron.data.data_list import DataSource, parse_data_file_list, validate_sources  # noqa: PLC0415
 
     if args.data_file_list:
@@ -116,9 +128,15 @@ def build_datasets(args):
     budgets = (args.train_iters * gbs,
                (args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs,
                args.eval_iters * gbs)
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if getattr(args, "padded_vocab_size", None):  # each rank samples its share of the files
+        check_data_vocab([s.prefix for s in sources], args.padded_vocab_size, rank, world)
     return build_train_valid_test_datasets(
         sources, args.split, budgets, args.seq_length, args.seed, args.data_cache_path,
-        shuffle_sample_in_corpus=args.shuffle_sample_in_corpus)
+        shuffle_sample_in_corpus=args.shuffle_sample_in_corpus,
+        blend_sample_in_corpus=args.blend_sample_in_corpus,
+        rank=rank, world_size=world, barrier=dist.barrier if distributed else None)
 
 
 def build_loader(dataset, args, consumed_samples: int):
@@ -147,7 +165,8 @@ def get_batch(batch: dict, args, eod: int | None, device):
 
 def forward_loss(engine, batch: dict, args, eod, device) -> torch.Tensor:
     tokens, labels, mask = get_batch(batch, args, eod, device)
-    losses = engine(tokens, labels=labels)
+    position_ids = reset_position_ids(tokens, eod) if args.reset_position_ids and eod is not None else None
+    losses = engine(tokens, position_ids=position_ids, labels=labels)
     return (losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
@@ -160,15 +179,31 @@ def dp_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def train_step(engine, data_iter, args, eod, device) -> torch.Tensor:
-    """One iteration = num_micro_batches forward/backward passes + one optimizer step."""
+def train_step(engine, data_iter, args, eod, device, timers: Timers | None = None,
+               seen: list | None = None) -> torch.Tensor:
+    """One iteration = num_micro_batches forward/backward passes + one optimizer step.
+    The micro-batches are appended to `seen` (for optimizer hooks that replay them)."""
+    timers = timers or Timers()
     losses = []
     for _ in range(args.num_micro_batches):
-        loss = forward_loss(engine, next(data_iter), args, eod, device)
-        engine.backward(loss)
-        engine.step(lr_kwargs={"increment": scheduler_increment(args)})
+        with timers("batch-generator", level=2):
+            batch = next(data_iter)
+        if seen is not None:
+            seen.append(batch)
+        with timers("forward-backward", level=1):
+            with timers("forward-compute", level=2):
+                loss = forward_loss(engine, batch, args, eod, device)
+            with timers("backward-compute", level=2):
+                engine.backward(loss)
+        with timers("optimizer", level=1):
+            engine.step(lr_kwargs={"increment": scheduler_increment(args)})
         losses.append(loss.detach())
     return dp_mean(torch.stack(losses).mean())
+
+
+def replay_batches(batches: list, args, eod, device) -> list:
+    """(tokens, loss_mask) of the given micro-batches, for OptimizerHooks.after_step."""
+    return [(tokens, mask) for tokens, _labels, mask in (get_batch(b, args, eod, device) for b in batches)]
 
 
 @torch.no_grad()
@@ -190,6 +225,24 @@ def evaluate(engine, valid_dataset, args, eod, device) -> float:
     return float(dp_mean(total / max(n, 1)))
 
 
+def setup_model_and_optimizer(args, before_engine=None):
+    """GPTModel -> optimizer and LR scheduler -> `deepspeed.initialize`; returns (model, engine).
+    `before_engine(model)` (optional) sees the freshly initialized model (benchmarks copy its weights)."""
+    import deepspeed  # noqa: PLC0415
+
+    model = GPTModel(model_config(args))
+    if before_engine is not None:
+        before_engine(model)
+    if getattr(args, "compile", False):  # --compile: in place, so parameter and checkpoint names do not change
+        model.compile()
+    # the optimizer is a client one or DeepSpeed's own (e.g. its ZeRO Muon): megatron/optimizer decides
+    # mpu: ZeRO works over the data-parallel group, clipping and checkpoints know the TP ranks
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, mpu=parallel_state.DeepSpeedMPU(), **deepspeed_initialize_kwargs(
+            model, args, build_ds_config(args), lambda optimizer: build_lr_scheduler(optimizer, args)))
+    return model, engine
+
+
 # ----------------------------------------------------------------------------- main entry
 def pretrain(args) -> dict:
     """Train as configured by the validated `args`; returns a summary dict."""
@@ -199,18 +252,10 @@ def pretrain(args) -> dict:
     tokenizer = build_tokenizer_and_vocab(args)
     train_ds, valid_ds, _test_ds = build_datasets(args)
 
-    model = GPTModel(model_config(args))
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(args))
+    model, engine = setup_model_and_optimizer(args)
     device = engine.device
-    if args.rank == 0:
-        n = sum(p.numel() for p in model.parameters())
-        print(f"> model: {n / 1e6:.2f}M parameters, {args.num_layers} layers, hidden {args.hidden_size}, "
-              f"vocab {args.padded_vocab_size} (padded from {args.vocab_size_orig}); world size {args.world_size}, "
-              f"DP {args.data_parallel_size}, GBS {args.global_batch_size} = MB {args.micro_batch_size} x "
-              f"GAS {args.num_micro_batches} x DP; ZeRO {args.zero_stage}; {args.params_dtype}", flush=True)
+    # the resolved configuration, each value's source, and warnings for suspicious settings
+    print_config(args, model.config.num_parameters())  # whole model (a TP rank holds 1/TP of the matrices)
 
     state = checkpointing.load_checkpoint(engine, args)
     summary = train(args, engine, train_ds, valid_ds, tokenizer.eod, device, state)
@@ -221,33 +266,44 @@ def pretrain(args) -> dict:
 
 def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.LoadedState) -> dict:
     iteration, samples, tokens = state.iteration, state.consumed_train_samples, state.consumed_train_tokens
-    logger = TrainLogger.create(args)
+    logger = TrainLogger.create(args, corpus_names=getattr(train_ds, "corpus_names", None))
+    timers = logger.timers
+    profiler = Profiler.create(args)  # --profile pt|pt-full over --profile_steps
     exits = ExitConditions(args)
     summary = {"start_iteration": iteration, "initial_val_loss": None, "final_val_loss": None, "checkpoint": None}
+    hooks = OptimizerHooks(engine, args)  # schedule-free eval weights, Sophia Hessian, MuonClip
+    finder = active_lr_finder(engine)  # --lr-finder: the LR range test is the engine's scheduler
 
     def validate() -> float | None:
         if valid_ds is None or args.eval_iters == 0:
             return None
-        loss = evaluate(engine, valid_ds, args, eod, device)
-        logger.validation(iteration, loss, tokens)
+        with timers("evaluate", level=0), hooks.eval_weights():
+            loss = evaluate(engine, valid_ds, args, eod, device)
+        logger.validation(iteration, loss, tokens, samples)
         return loss
 
     def save() -> None:
         if args.save:
-            summary["checkpoint"] = checkpointing.save_checkpoint(engine, args, iteration, samples, tokens)
+            with timers("save-checkpoint", level=0), hooks.eval_weights():
+                summary["checkpoint"] = checkpointing.save_checkpoint(engine, args, iteration, samples, tokens)
 
     if args.eval_on_start and iteration == 0:
         summary["initial_val_loss"] = validate()
 
-    data_iter = iter(build_loader(train_ds, args, samples))
+    data_iter = logger.count_corpora(iter(build_loader(train_ds, args, samples)))
     engine.train()
     last_saved = iteration
     while iteration < args.train_iters and not (args.train_tokens and tokens >= args.train_tokens):
-        loss = train_step(engine, data_iter, args, eod, device)
+        batches: list = []
+        profiler.step(iteration + 1)
+        loss = train_step(engine, data_iter, args, eod, device, timers, seen=batches)
         iteration += 1
+        hooks.after_step(iteration, lambda: replay_batches(batches, args, eod, device))
         samples += args.global_batch_size
         tokens += args.global_batch_size * args.seq_length
         logger.train(iteration, loss, engine, samples, tokens)
+        if finder and finder.record(iteration, loss):
+            break
         if args.eval_interval and iteration % args.eval_interval == 0 and iteration != args.train_iters:
             validate()
         if args.save and args.save_interval and iteration % args.save_interval == 0:
@@ -259,12 +315,12 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
                 print(f"> exiting at iteration {iteration} ({reason})", flush=True)
             break
 
+    if finder:
+        summary["lr_finder"] = finder.finish()
     summary["final_val_loss"] = validate()
     if iteration != last_saved:
         save()
-    logger.close()
+    profiler.close()
     summary.update(iteration=iteration, consumed_samples=samples, consumed_tokens=tokens)
-    if args.rank == 0:
-        print(f"> done: iteration {iteration}, {tokens} tokens; checkpoint: {summary['checkpoint']}; "
-              f"tensorboard: {args.tensorboard_dir}; metrics: {args.metrics_file}", flush=True)
+    summary["table"] = logger.finish(iteration, tokens, summary["checkpoint"])
     return summary

@@ -1,103 +1,406 @@
-"""Training logs: the per-iteration console line (upstream-spec §11.1 fields), validation lines,
-TensorBoard scalars and a JSONL metrics file. Rank 0 writes; values are already reduced."""
+"""What a run prints and writes: the per-iteration console line, the timers block, validation
+lines, TensorBoard scalars, W&B, `metrics.jsonl` and the end-of-run summary table.
+
+One object, `TrainLogger`, that the loop calls once per iteration (`train`), once per evaluation
+(`validation`) and once at the end (`finish`). Every rank calls it (the timers block, the
+per-corpus counts, the memory maximum and the optimizer-state statistics are collectives);
+rank 0 prints and writes.
+
+Console line (rank 0, every `--log-interval` iterations and at the last one): upstream's fields
+in upstream's order (upstream-spec §11.1) followed by `MFU` and `ETA`:
+
+    iteration / train-iters | consumed_samples | consumed_tokens | elapsed_time_per_iteration_ms |
+    learning_rate | global_batch_size | lm loss | loss_scale | grad_norm | actual_seqlen |
+    number_of_skipped_iterations | number_of_nan_iterations | samples_per_second |
+    tokens_per_gpu_per_second_tgs | TFLOPs | MFU | ETA
+
+* elapsed per iteration = wall time since the previous line, minus evaluation and checkpoint
+  time, divided by the iterations in the interval (so throughput is the training throughput);
+* samples/s = GBS / elapsed; tgs = samples/s · seq / world size;
+* TFLOPs = `megatron.mfu.flops_per_iteration` / elapsed / 1e12 / world size (per device);
+* MFU = TFLOPs / the device's peak (`--peak-tflops`, a table, or a matmul measured at start-up);
+* ETA = iterations left × elapsed per iteration;
+* lm loss = mean over the interval's iterations with a finite loss; NaN/inf iterations are
+  counted in number_of_nan_iterations; skipped = optimizer steps DeepSpeed skipped in the interval.
+"""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import resource
 import time
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
+
+from megatron.mfu import PeakFlops, flops_per_iteration, resolve_peak
+from megatron.timers import Timers
+
+log = logging.getLogger(__name__)
+
+# Timers shown in the block, with their `--timing-log-level`.
+TIMER_LEVELS = {"forward-backward": 1, "optimizer": 1, "batch-generator": 2, "forward-compute": 2,
+                "backward-compute": 2}
+# Level-0 timers whose time is kept out of the training throughput.
+EXCLUDED_TIMERS = ("evaluate", "save-checkpoint")
+
+__all__ = ["TrainLogger", "flops_per_iteration", "format_duration", "memory_stats", "TIMER_LEVELS"]
 
 
-def flops_per_iteration(args) -> float:
-    """Megatron-LM's model FLOPs of one iteration (forward + backward), upstream-spec §11.1."""
-    b, s, L, h = args.global_batch_size, args.seq_length, args.num_layers, args.hidden_size
-    f, V = args.ffn_hidden_size, args.padded_vocab_size
-    gated = 1.5 if args.swiglu else 1.0
-    return 12 * b * s * L * h * h * (1 + (f / h) * gated + args.num_key_value_heads / args.num_attention_heads
-                                     + s / h + V / (2 * L * h))
+def format_duration(seconds: float) -> str:
+    """h:mm:ss (hours unbounded)."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def memory_stats(device_type: str) -> dict[str, float]:
+    """Memory of this process in GB: accelerator allocator counters, or host RSS on a CPU."""
+    gb = 1024 ** 3
+    mod = getattr(torch, device_type, None) if device_type in ("cuda", "xpu") else None
+    if mod is not None and mod.is_available():
+        return {"allocated_gb": mod.memory_allocated() / gb, "max_allocated_gb": mod.max_memory_allocated() / gb,
+                "reserved_gb": mod.memory_reserved() / gb}
+    out = {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gb}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_gb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / gb
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _human_seconds(seconds: float) -> str:
+    """'12.3 s' under a minute, else h:mm:ss."""
+    return f"{seconds:.1f} s" if 0 <= seconds < 60 else format_duration(seconds)
+
+
+def _fmt_tflops(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _model_numel(engine) -> int:
+    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in engine.module.parameters())
+
+
+def _all_reduce(values: list[float], op=None, group=None) -> list[float]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t.tolist()
+
+
+def _data_parallel_group():
+    """Tensor/pipeline-parallel ranks see the same samples: count them once, over data parallelism."""
+    if not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state  # noqa: PLC0415
+
+    return parallel_state.get_data_parallel_group()
+
+
+@dataclass
+class RunTotals:
+    """Accumulated over the run, for the summary."""
+    start_wall: float = field(default_factory=time.perf_counter)
+    train_seconds: float = 0.0
+    iterations: int = 0
+    start_iteration: int | None = None
+    start_tokens: int | None = None
+    last_loss: float | None = None
+    last_val_loss: float | None = None
+    excluded: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class TrainLogger:
-    """Console line (rank 0), TensorBoard scalars and a JSONL metrics file."""
+    """Console line (rank 0), timers, TensorBoard scalars, W&B, metrics.jsonl and the summary."""
     args: object
     writer: object = None
     metrics: object = None
+    wandb_run: object = None
+    timers: Timers = field(default_factory=Timers)
+    peak: PeakFlops | None = None
+    corpus_names: list[str] = field(default_factory=list)
     window: list = field(default_factory=list)
     last_time: float = field(default_factory=time.perf_counter)
+    last_skipped: int = 0
+    corpus_interval: list[float] = field(default_factory=list)
+    corpus_total: list[float] = field(default_factory=list)
+    model_numel: int | None = None
+    totals: RunTotals = field(default_factory=RunTotals)
+    _wandb_pending: dict = field(default_factory=dict)
 
+    # ------------------------------------------------------------------ set-up
     @classmethod
-    def create(cls, args) -> "TrainLogger":
-        writer = metrics = None
+    def create(cls, args, corpus_names: Iterable[str] | None = None) -> "TrainLogger":
+        """Open the sinks (rank 0) and find the device's peak FLOPS (all ranks, once)."""
+        writer = metrics = run = None
         if args.rank == 0:
             if args.tensorboard_dir:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
                 writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=args.tensorboard_queue_size)
+                writer.add_text("args", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())), 0)
             if args.metrics_file:
                 os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
                 metrics = open(args.metrics_file, "a", buffering=1)
-        return cls(args, writer, metrics)
+            from megatron.wandb_utils import init_wandb  # noqa: PLC0415
 
-    def _emit(self, record: dict, scalars: dict, step: int) -> None:
+            run = init_wandb(args)
+        peak = resolve_peak(getattr(args, "peak_tflops", None), getattr(args, "device_type", "cpu"),
+                            args.params_dtype, reduce_mean=lambda x: _all_reduce([x])[0] / max(args.world_size, 1))
+        if args.rank == 0:
+            print(f"> MFU is measured against {peak.tflops:.4g} TFLOPS per device ({peak.source}); "
+                  "set --peak-tflops to use another peak", flush=True)
+        names = list(corpus_names or [])
+        timers = Timers(log_level=args.timing_log_level, log_option=args.timing_log_option)
+        return cls(args, writer, metrics, run, timers, peak, names,
+                   corpus_interval=[0.0] * len(names), corpus_total=[0.0] * len(names))
+
+    def count_corpora(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """Wrap the training data iterator: count the samples each corpus contributes."""
+        for batch in batches:
+            idx = batch.get("dataset_idx") if isinstance(batch, dict) else None
+            if idx is not None and self.corpus_names:
+                for d, n in zip(*torch.as_tensor(idx).long().flatten().unique(return_counts=True)):
+                    self.corpus_interval[int(d)] += float(n)
+            yield batch
+
+    # ------------------------------------------------------------------ sinks
+    def _scalar(self, key: str, value: float | None, step: int, wandb: bool = True) -> None:
+        if value is None or not math.isfinite(value):
+            return
+        if self.writer:
+            self.writer.add_scalar(key, value, step)
+        if self.wandb_run is not None and wandb:
+            self._wandb_pending.setdefault(step, {})[key] = value
+
+    def _flush_wandb(self) -> None:
+        if self.wandb_run is None:
+            return
+        for step in sorted(self._wandb_pending):
+            try:
+                self.wandb_run.log(self._wandb_pending[step], step=step)
+            except Exception as e:  # noqa: BLE001
+                log.warning("W&B log failed: %s", e)
+        self._wandb_pending.clear()
+
+    def _record(self, record: dict) -> None:
         if self.metrics:
             self.metrics.write(json.dumps(record) + "\n")
-        if self.writer:
-            for k, v in scalars.items():
-                if v is not None and math.isfinite(v):
-                    self.writer.add_scalar(k, v, step)
+
+    # ------------------------------------------------------------------ per iteration
+    def _total_iters(self) -> int:
+        a = self.args
+        total = a.train_iters
+        if getattr(a, "train_tokens", None):
+            total = min(total, math.ceil(a.train_tokens / (a.global_batch_size * a.seq_length)))
+        return total
 
     def train(self, iteration: int, loss: torch.Tensor, engine, consumed_samples: int, consumed_tokens: int) -> None:
-        self.window.append(loss)
+        """Called after every iteration (on every rank); reports every `--log-interval` iterations."""
         a = self.args
+        if self.totals.start_iteration is None:
+            self.totals.start_iteration = iteration - 1
+            self.totals.start_tokens = consumed_tokens - a.global_batch_size * a.seq_length
+        self.window.append(loss.detach())
         if iteration % a.log_interval and iteration != a.train_iters:
             return
         losses = torch.stack(self.window).float().tolist()  # one host sync per log interval
+        first_iter = iteration - len(losses) + 1
         self.window.clear()
         now = time.perf_counter()
-        elapsed = (now - self.last_time) / len(losses)
+        excluded = {n: self.timers.elapsed(n) for n in EXCLUDED_TIMERS}
+        for n, t in excluded.items():
+            self.totals.excluded[n] = self.totals.excluded.get(n, 0.0) + t
+        interval = max(now - self.last_time - sum(excluded.values()), 1e-9)
         self.last_time = now
-        lr = engine.lr_scheduler.get_lr()
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        loss_avg = sum(losses) / len(losses)
+        n_iters = len(losses)
+        elapsed = interval / n_iters
+        self.totals.train_seconds += interval
+        self.totals.iterations += n_iters
+
+        finite = [x for x in losses if math.isfinite(x)]
+        n_nan = n_iters - len(finite)
+        loss_avg = sum(finite) / len(finite) if finite else float("nan")
+        self.totals.last_loss = loss_avg
+        skipped_total = int(getattr(engine, "skipped_steps", 0) or 0)
+        n_skipped, self.last_skipped = skipped_total - self.last_skipped, skipped_total
+        lr = float(engine.lr_scheduler.get_lr()) if engine.lr_scheduler is not None else float("nan")
+        gn = engine.get_global_grad_norm()
+        grad_norm = float(gn) if gn is not None else float("nan")
+        loss_scale = float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0) if a.fp16 else 1.0
         samples_s = a.global_batch_size / elapsed
-        tgs = samples_s * a.seq_length / a.world_size
+        tokens_s = samples_s * a.seq_length
+        tgs = tokens_s / a.world_size
         tflops = flops_per_iteration(a) / elapsed / 1e12 / a.world_size
+        mfu = self.peak.mfu(tflops) if self.peak else float("nan")
+        eta = max(self._total_iters() - iteration, 0) * elapsed
+
+        # collectives (every rank, same order)
+        timer_block, timer_ms = "", {}
+        if a.timing_log_level > 0:
+            timer_block, timer_ms = self.timers.log_block(list(TIMER_LEVELS), normalizer=n_iters)
+        corpus = _all_reduce(self.corpus_interval, group=_data_parallel_group()) if self.corpus_names else []
+        self.corpus_total = [t + c for t, c in zip(self.corpus_total, corpus)]
+        self.corpus_interval = [0.0] * len(self.corpus_names)
+        mem = memory_stats(getattr(a, "device_type", "cpu"))
+        mem = dict(zip(mem, _all_reduce(list(mem.values()), op=dist.ReduceOp.MAX if dist.is_initialized() else None)))
+        opt_stats = {}
+        if a.log_optimizer_states_to_tensorboard:
+            from megatron.optimizer_stats import optimizer_state_stats  # noqa: PLC0415
+
+            if self.model_numel is None:
+                self.model_numel = _model_numel(engine)
+            opt_stats = optimizer_state_stats(engine.optimizer, self.model_numel, group=_data_parallel_group())
+
         if a.rank == 0:
             print(f" iteration={iteration:8d}/{a.train_iters:8d} | consumed_samples={consumed_samples:12d} | "
                   f"consumed_tokens={consumed_tokens:14d} | elapsed_time_per_iteration_ms={elapsed * 1e3:.1f} | "
                   f"learning_rate={lr:.6e} | global_batch_size={a.global_batch_size:5d} | lm loss={loss_avg:.6f} | "
-                  f"loss_scale=1.0 | grad_norm={grad_norm:.3f} | actual_seqlen={a.seq_length:5d} | "
-                  f"number_of_skipped_iterations={engine.skipped_steps:3d} | number_of_nan_iterations=  0 | "
+                  f"loss_scale={loss_scale:.1f} | grad_norm={grad_norm:.6f} | actual_seqlen={a.seq_length:5d} | "
+                  f"number_of_skipped_iterations={n_skipped:3d} | number_of_nan_iterations={n_nan:3d} | "
                   f"samples_per_second={samples_s:.3f} | tokens_per_gpu_per_second_tgs={tgs:.3f} | "
-                  f"TFLOPs={tflops:.2f} |", flush=True)
-        self._emit({"iteration": iteration, "lm_loss": loss_avg, "losses": losses, "lr": lr,
-                    "grad_norm": grad_norm, "consumed_samples": consumed_samples,
-                    "consumed_tokens": consumed_tokens, "ms_per_iter": elapsed * 1e3,
-                    "tokens_per_sec": samples_s * a.seq_length},
-                   {"lm-loss-training/lm loss": loss_avg, "learning-rate/learning-rate": lr,
-                    "training/grad-norm": grad_norm, "throughput/tokens_per_sec": samples_s * a.seq_length,
-                    "throughput/tflops": tflops}, iteration)
-        if self.writer:
-            self.writer.add_scalar("lm-loss-training/lm loss vs tokens", loss_avg, consumed_tokens)
+                  f"TFLOPs={_fmt_tflops(tflops)} | MFU={mfu * 100:.2f}% | ETA={format_duration(eta)} |", flush=True)
+            if len(self.corpus_names) > 1:
+                print("   samples per corpus (interval/total): " + ", ".join(
+                    f"{n}={int(c)}/{int(t)}" for n, c, t in zip(self.corpus_names, corpus, self.corpus_total)),
+                    flush=True)
+            if timer_block:
+                print(timer_block, flush=True)
 
-    def validation(self, iteration: int, loss: float, consumed_tokens: int) -> None:
+        # TensorBoard / W&B: the per-iteration loss every --tensorboard-log-interval, the rest per report
+        tb_every = max(int(getattr(a, "tensorboard_log_interval", 1) or 1), 1)
+        gbs_tokens = a.global_batch_size * a.seq_length
+        for k, x in enumerate(losses):
+            it = first_iter + k
+            if it % tb_every == 0 or it == iteration:
+                self._scalar("lm-loss-training/lm loss", x, it)
+                self._scalar("lm-loss-training/lm loss vs samples", x, consumed_samples - (iteration - it) *
+                             a.global_batch_size, wandb=False)
+                self._scalar("lm-loss-training/lm loss vs tokens", x, consumed_tokens - (iteration - it) * gbs_tokens,
+                             wandb=False)
+        if a.log_learning_rate_to_tensorboard:
+            self._scalar("learning-rate/learning-rate", lr, iteration)
+            self._scalar("learning-rate/learning-rate vs tokens", lr, consumed_tokens, wandb=False)
+        if a.log_loss_scale_to_tensorboard:
+            self._scalar("loss/loss_scale", loss_scale, iteration)
+        if a.log_batch_size_to_tensorboard:
+            self._scalar("training/batch-size", a.global_batch_size, iteration)
+        if a.log_world_size_to_tensorboard:
+            self._scalar("training/world-size", a.world_size, iteration)
+        scalars = {
+            "training/grad-norm": grad_norm,
+            "training/consumed_samples": consumed_samples,
+            "training/consumed_tokens": consumed_tokens,
+            "training/skipped_iterations": n_skipped,
+            "training/nan_iterations": n_nan,
+            "throughput/elapsed_ms_per_iteration": elapsed * 1e3,
+            "throughput/samples_per_sec": samples_s,
+            "throughput/tokens_per_sec": tokens_s,
+            "throughput/tokens_per_gpu_per_sec": tgs,
+            "throughput/tflops": tflops,
+            "throughput/mfu": mfu,
+            "throughput/eta_hours": eta / 3600,
+        }
+        scalars.update({f"memory/{k}": v for k, v in mem.items()})
+        scalars.update({f"optimizer/{k}": v for k, v in opt_stats.items()})
+        scalars.update({f"corpus/{n}": t for n, t in zip(self.corpus_names, self.corpus_total)})
+        if a.log_timers_to_tensorboard:
+            scalars.update({f"timers/{k}": v for k, v in timer_ms.items()})
+            scalars.update({f"timers/{k}": v * 1e3 for k, v in excluded.items() if v > 0})
+        for k, v in scalars.items():
+            self._scalar(k, v, iteration)
+        self._flush_wandb()
+        self._record({
+            "iteration": iteration, "lm_loss": loss_avg, "losses": losses, "lr": lr, "grad_norm": grad_norm,
+            "loss_scale": loss_scale, "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
+            "ms_per_iter": elapsed * 1e3, "samples_per_sec": samples_s, "tokens_per_sec": tokens_s,
+            "tokens_per_gpu_per_sec": tgs, "tflops": tflops, "mfu": mfu, "eta_seconds": eta,
+            "skipped_iterations": n_skipped, "nan_iterations": n_nan, "memory": mem, "optimizer": opt_stats,
+            "timers_ms": timer_ms, "excluded_seconds": excluded,
+            "corpus_samples": dict(zip(self.corpus_names, self.corpus_total)),
+            "time": time.time(),
+        })
+
+    # ------------------------------------------------------------------ evaluation
+    def validation(self, iteration: int, loss: float, consumed_tokens: int, consumed_samples: int | None = None) -> None:
         ppl = math.exp(min(20.0, loss))
+        self.totals.last_val_loss = loss
         if self.args.rank == 0:
             line = f" validation loss at iteration {iteration} | lm loss value={loss:.6E} | lm loss PPL={ppl:.6E} | "
             print("-" * len(line) + "\n" + line + "\n" + "-" * len(line), flush=True)
-        self._emit({"iteration": iteration, "val_loss": loss, "val_ppl": ppl, "consumed_tokens": consumed_tokens},
-                   {"lm-loss-validation/lm loss validation": loss, "lm-loss-validation/lm loss validation ppl": ppl},
-                   iteration)
-        if self.writer:
-            self.writer.add_scalar("lm-loss-validation/lm loss validation vs tokens", loss, consumed_tokens)
+        if consumed_samples is None:
+            consumed_samples = consumed_tokens // self.args.seq_length
+        self._scalar("lm-loss-validation/lm loss validation", loss, iteration)
+        self._scalar("lm-loss-validation/lm loss validation ppl", ppl, iteration)
+        self._scalar("lm-loss-validation/lm loss validation vs samples", loss, consumed_samples, wandb=False)
+        self._scalar("lm-loss-validation/lm loss validation vs tokens", loss, consumed_tokens, wandb=False)
+        self._scalar("lm-loss-validation/lm loss validation ppl vs tokens", ppl, consumed_tokens, wandb=False)
+        self._flush_wandb()
+        self._record({"iteration": iteration, "val_loss": loss, "val_ppl": ppl, "consumed_tokens": consumed_tokens,
+                      "time": time.time()})
+
+    # ------------------------------------------------------------------ end of run
+    def summary_rows(self, iteration: int, consumed_tokens: int, checkpoint: str | None) -> list[tuple[str, str]]:
+        a, t = self.args, self.totals
+        for n in EXCLUDED_TIMERS:  # evaluation / checkpoints after the last report
+            t.excluded[n] = t.excluded.get(n, 0.0) + self.timers.elapsed(n)
+        run_tokens = consumed_tokens - (t.start_tokens if t.start_tokens is not None else consumed_tokens)
+        wall = time.perf_counter() - t.start_wall
+        tok_s = run_tokens / t.train_seconds if t.train_seconds > 0 else float("nan")
+        tflops = (flops_per_iteration(a) * t.iterations / t.train_seconds / 1e12 / a.world_size
+                  if t.train_seconds > 0 else float("nan"))
+        mfu = self.peak.mfu(tflops) if self.peak else float("nan")
+        val = t.last_val_loss
+        rows = [
+            ("iterations", f"{iteration} (this run: {t.iterations})"),
+            ("tokens", f"{consumed_tokens:,} (this run: {run_tokens:,})"),
+            ("time", f"{_human_seconds(wall)} wall: {_human_seconds(t.train_seconds)} training, "
+                     f"{_human_seconds(t.excluded.get('evaluate', 0.0))} evaluation, "
+                     f"{_human_seconds(t.excluded.get('save-checkpoint', 0.0))} checkpoints"),
+            ("mean tokens/s", f"{tok_s:,.1f} ({tok_s / a.world_size:,.1f} per device)"),
+            ("mean TFLOPS/device", _fmt_tflops(tflops)),
+            ("MFU", f"{mfu * 100:.2f}% of {self.peak.tflops:.4g} TFLOPS ({self.peak.source})" if self.peak else "n/a"),
+            ("final train loss", f"{t.last_loss:.4f}" if t.last_loss is not None else "n/a"),
+            ("final val loss (PPL)", f"{val:.4f} ({math.exp(min(20.0, val)):.2f})" if val is not None else "n/a"),
+            ("checkpoint", checkpoint or "none (no --save)"),
+            ("tensorboard", a.tensorboard_dir or "off"),
+            ("metrics", a.metrics_file or "off"),
+        ]
+        return rows
+
+    def finish(self, iteration: int, consumed_tokens: int, checkpoint: str | None) -> dict:
+        """Print the summary table (rank 0), record it in metrics.jsonl, close every sink."""
+        rows = self.summary_rows(iteration, consumed_tokens, checkpoint)
+        if self.args.rank == 0:
+            kw, vw = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+            rule = "+" + "-" * (kw + 2) + "+" + "-" * (vw + 2) + "+"
+            title = "| " + "run summary".ljust(kw + vw + 3) + " |"
+            print("\n".join([rule, title, rule, *(f"| {k.ljust(kw)} | {v.ljust(vw)} |" for k, v in rows), rule]),
+                  flush=True)
+        summary = dict(rows)
+        self._record({"summary": summary, "time": time.time()})
+        self.close()
+        return summary
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+            self.writer = None
         if self.metrics:
             self.metrics.close()
+            self.metrics = None
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as e:  # noqa: BLE001
+                log.warning("W&B finish failed: %s", e)
+            self.wandb_run = None

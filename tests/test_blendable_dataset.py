@@ -151,3 +151,77 @@ def test_files_without_split_documents_are_skipped(tmp_path):
 def test_blendable_dataset_checks_sizes():
     with pytest.raises(RuntimeError, match="draws 7 samples from b"):
         BlendableDataset([list(range(10)), list(range(3))], [0.3, 0.7], 10, corpus_names=["a", "b"])
+
+
+def test_blend_sample_in_corpus(sources, tmp_path):
+    kw = dict(split="90,10,0", train_valid_test_num_samples=(100, 0, 0), seq_length=8, seed=7, cache_dir=None)
+    blended, _, _ = build_train_valid_test_datasets(sources, shuffle_sample_in_corpus=False,
+                                                    blend_sample_in_corpus=True, **kw)
+    b = blended.datasets[1]  # corpus b: f1 (26 samples) and f2 (51), interleaved 26:51
+    ref_d, ref_s = reference_blend([26, 51], 77)
+    assert [b.locate(k) for k in range(77)] == list(zip(ref_d.tolist(), ref_s.tolist()))
+    assert b.locate(0) == (1, 0) and b.locate(1) == (0, 0)
+    plain, _, _ = build_train_valid_test_datasets(sources, shuffle_sample_in_corpus=False, **kw)
+    for k in (0, 1, 40, 76):
+        f, s = b.locate(k)
+        np.testing.assert_array_equal(b[k]["text"], plain.datasets[1].datasets[f][s]["text"])
+    assert blended.datasets[0].file_index is None  # a one-file corpus needs no blend
+    shuffled, _, _ = build_train_valid_test_datasets(sources, shuffle_sample_in_corpus=True,
+                                                     blend_sample_in_corpus=True, **kw)
+    perm = np.random.RandomState(7).permutation(77)
+    assert [shuffled.datasets[1].locate(k) for k in range(77)] == [b.locate(int(p)) for p in perm]
+
+
+def test_index_building_is_spread_over_ranks(sources, tmp_path):
+    """Two ranks (threads) with a barrier: every index is built exactly once, by its owner."""
+    import threading
+    cache = str(tmp_path / "cache")
+    barrier = threading.Barrier(2)
+    stats = [dict(), dict()]
+    results = [None, None]
+    order = []
+
+    def run(rank):
+        def wait():
+            order.append((rank, "barrier"))
+            barrier.wait(timeout=60)
+        results[rank] = build_train_valid_test_datasets(
+            sources, "90,10,0", (100, 10, 0), 8, 1234, cache, shuffle_sample_in_corpus=True,
+            rank=rank, world_size=2, barrier=wait, stats=stats[rank])
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # 6 file indices (3 files x 2 splits): 3 built per rank; rank 0 also builds 2 corpus permutations
+    # x 2 splits + 2 blends and loads all 6 file indices; rank 1 then loads everything
+    assert stats[0] == {"built": 3 + 4 + 2, "loaded": 6}
+    assert stats[1] == {"built": 3, "loaded": 6 + 4 + 2}
+    assert sorted(order) == [(0, "barrier")] * 2 + [(1, "barrier")] * 2
+    for split in (0, 1):
+        a, b = results[0][split], results[1][split]
+        np.testing.assert_array_equal(a.dataset_index, b.dataset_index)
+        assert [a[i]["text"].tolist() for i in range(len(a))] == [b[i]["text"].tolist() for i in range(len(b))]
+    single, _, _ = build_train_valid_test_datasets(sources, "90,10,0", (100, 10, 0), 8, 1234, None)
+    assert [single[i]["text"].tolist() for i in range(103)] == [results[1][0][i]["text"].tolist()
+                                                                for i in range(103)]
+
+
+def test_check_data_vocab(tmp_path):
+    from megatron.data.blendable_dataset import check_data_vocab
+    rng = np.random.default_rng(3)
+    p32 = write_file(tmp_path / "wide", 50, 1, rng)  # int32 ids up to 1*100000 + 49*100 + 19
+    expected = int(np.fromfile(p32 + ".bin", dtype="<i4").max())
+    assert 104_900 < expected < 105_000
+    assert check_data_vocab([p32], 200_000) == expected  # small file: the sample covers it all
+    assert check_data_vocab([p32], 200_000, sample_bytes=None) == expected
+    with pytest.raises(ValueError, match=r"wide\.bin: token id 1049\d\d >= the model's vocabulary size 32000"):
+        check_data_vocab([p32], 32000)
+    assert check_data_vocab([p32], 32000, rank=1, world_size=2) == -1  # rank 1 checks no file of 1
+    b = IndexedDatasetBuilder(str(tmp_path / "u16.bin"), dtype=np.uint16)
+    b.add_document([5, 65535])
+    b.finalize(str(tmp_path / "u16.idx"))
+    assert check_data_vocab([str(tmp_path / "u16")], 65536) == -1  # dtype range fits: not read
+    with pytest.raises(ValueError, match="token id 65535"):
+        check_data_vocab([str(tmp_path / "u16")], 50000)

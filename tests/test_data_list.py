@@ -29,13 +29,14 @@ def test_parse_alcf_format(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("1.0 /a c\n0.5 /b\n", r"l\.txt:2: expected 3 fields .* got 2"),
+    ("1.0 /a c\n0.5\n", r"l\.txt:2: expected 3 fields .* got 1"),
     ("1.0 /a c extra\n", r"l\.txt:1: expected 3 fields .* got 4"),
     ("one /a c\n", r"l\.txt:1: weight 'one' is not a number"),
     ("1 /a c\n-0.5 /b c\n", r"l\.txt:2: weight -0.5 is negative"),
     ("nan /a c\n", r"l\.txt:1: weight 'nan' is not finite"),
     ("0 /a c\n0.0 /b c\n", r"l\.txt: all weights are zero"),
-    ("# only a comment\n\n", r"l\.txt: no datasets listed"),
+    ("# only a comment\n\n", r"l\.txt: no datasets listed \(the list is empty\)"),
+    ("", r"l\.txt: no datasets listed"),
 ])
 def test_bad_lists_name_file_and_line(tmp_path, text, message):
     lst = write(tmp_path / "l.txt", text)
@@ -65,3 +66,27 @@ def test_validate_sources_lists_missing_files(tmp_path):
     msg = str(e.value)
     assert msg.startswith("14 dataset file(s) not found") and msg.endswith(" and 4 more")
     assert msg.count(".bin") + msg.count(".idx") == 10
+
+
+def test_two_column_lines_take_the_parent_directory_as_corpus(tmp_path, caplog):
+    # as ALCF's dolma_v1_7_file_list.txt: "<weight> <path>" lines
+    lst = write(tmp_path / "l.txt", "0.5 /data/dolma/books/books-0000_text_document\n"
+                                    "1.5 /data/dolma/c4/c4-0001_text_document.bin\n"
+                                    "1 /data/x/y_text_document wiki\n")
+    with caplog.at_level("WARNING", logger="megatron.data.data_list"):
+        got = parse_data_file_list(lst)
+    assert [(s.weight, s.prefix, s.corpus) for s in got] == [
+        (0.5, "/data/dolma/books/books-0000_text_document", "books"),
+        (1.5, "/data/dolma/c4/c4-0001_text_document", "c4"),
+        (1.0, "/data/x/y_text_document", "wiki")]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "2 line(s) have 2 fields" in warnings[0] and "line 1" in warnings[0]
+
+
+def test_prefix_listed_twice_warns_and_is_kept(tmp_path, caplog):
+    lst = write(tmp_path / "l.txt", "1 /d/a c\n2 /d/b c\n3 /d/a.bin c\n")
+    with caplog.at_level("WARNING", logger="megatron.data.data_list"):
+        got = parse_data_file_list(lst)
+    assert [s.weight for s in got] == [1.0, 2.0, 3.0]
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg == f"{lst}:3: prefix /d/a is already listed at line 1; it is used twice (weights add up)"

@@ -48,7 +48,7 @@ def test_split_bounds(split, n, expected):
     assert get_split_bounds(split, n) == expected
 
 
-@pytest.mark.parametrize("bad", ["a,b,c", "0,0,0", "-1,2,0"])
+@pytest.mark.parametrize("bad", ["a,b,c", "0,0,0", "-1,2,0", "98,1,1,0", "nan,1,0", "", "99;1"])
 def test_split_bounds_errors(bad):
     with pytest.raises(ValueError, match="invalid --split"):
         get_split_bounds(bad, 10)
@@ -217,3 +217,25 @@ def test_concurrent_builders_agree(tmp_path):
     files = os.listdir(tmp_path / "cache")
     assert len(files) == 4 and not [f for f in files if f.endswith(".tmp")]
     assert _build_in_child((str(tmp_path / "p"), str(tmp_path / "cache"))) == results[0]
+
+
+def test_reset_position_ids_after_eod():
+    import torch
+
+    from megatron.data.gpt_dataset import reset_position_ids
+    eod = 9
+    tokens = torch.tensor([[5, 6, 9, 7, 8, 9, 9, 1],
+                           [1, 2, 3, 4, 5, 6, 7, 8],
+                           [9, 1, 2, 3, 9, 4, 5, 6]])
+    expected = [[0, 1, 2, 0, 1, 2, 0, 0],  # the EOD keeps its document's numbering
+                [0, 1, 2, 3, 4, 5, 6, 7],
+                [0, 0, 1, 2, 3, 0, 1, 2]]
+    assert reset_position_ids(tokens, eod).tolist() == expected
+    # upstream's loop (get_ltor_masks_and_position_ids), written out
+    ref = torch.arange(8).repeat(3, 1)
+    for b in range(3):
+        prev = 0
+        for i in (tokens[b] == eod).nonzero().flatten().tolist():
+            ref[b, i + 1:] -= i + 1 - prev
+            prev = i + 1
+    assert ref.tolist() == expected

@@ -50,14 +50,14 @@ def test_single_list_and_rounding(tmp_path):
     (lambda l1, l2: ["0", l1], "global weight 0 for"),
     (lambda l1, l2: ["-1", l1, "1", l2], "global weight -1 for"),
     (lambda l1, l2: ["1", l1 + ".missing"], "data file list not found: .*missing"),
-    (lambda l1, l2: ["1", l2 + ".bad2col"], r"bad2col:2: expected .* got 2 field"),
+    (lambda l1, l2: ["1", l2 + ".bad2col"], r"bad2col:2: expected .* got 1"),
     (lambda l1, l2: ["1", l2 + ".zero"], r"zero:1: weight 0 must be > 0"),
     (lambda l1, l2: ["1", l2 + ".word"], r"word:1: weight 'w' is not a number"),
 ])
 def test_errors_are_one_line(lists, make_args, message):
     l1, l2 = lists
     with open(l2 + ".bad2col", "w") as f:
-        f.write("1 /a c\n0.5 /dolma_v1_7/file\n")
+        f.write("1 /a c\n0.5\n")
     with open(l2 + ".zero", "w") as f:
         f.write("0 /a c\n")
     with open(l2 + ".word", "w") as f:
@@ -71,3 +71,46 @@ def test_errors_are_one_line(lists, make_args, message):
 def test_missing_inputs_is_a_usage_error():
     r = run()
     assert r.returncode == 2 and "--inputs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tiny_weights_keep_precision(tmp_path):
+    lst = tmp_path / "l.txt"
+    lst.write_text("1 /p/a c\n3 /p/b c\n9999996 /p/c c\n")  # 1e-7, 3e-7 would print 0.000000
+    r = run("--inputs", "1", str(lst))
+    assert r.returncode == 0
+    assert r.stdout.splitlines() == ["0.000000100 /p/a c", "0.000000300 /p/b c", "1.000000 /p/c c"]
+
+
+def write_idx(prefix, doc_lengths):
+    from megatron.data.indexed_dataset import IndexedDatasetBuilder
+    b = IndexedDatasetBuilder(str(prefix) + ".bin", dtype="uint16")
+    for n in doc_lengths:
+        b.add_document(list(range(n)))
+    b.finalize(str(prefix) + ".idx")
+    return str(prefix)
+
+
+def test_check_and_summary(tmp_path):
+    (tmp_path / "books").mkdir()
+    a = write_idx(tmp_path / "books" / "a", [10, 20])
+    b = write_idx(tmp_path / "b", [100])
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"1 {a}\n3 {b} web\n")  # 2-column line: corpus "books" from the directory
+    r = run("--inputs", "1", str(lst), "--check", "--summary", "--train-tokens", "1000")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"0.250000 {a} books\n0.750000 {b} web\n"
+    err = r.stderr.splitlines()
+    assert "1 line(s) have 2 fields" in err[0] and err[0].startswith("mix_datasets.py: warning:")
+    table = [line.split() for line in err[1:]]
+    assert table[0] == ["corpus", "files", "weight", "tokens", "epochs"]
+    # books: 30 tokens, 0.25 * 1000 / 30 = 8.333 epochs; web: 100 tokens, 0.75 * 1000 / 100 = 7.5
+    assert table[1] == ["books", "1", "0.250000", "30", "8.333"]
+    assert table[2] == ["web", "1", "0.750000", "100", "7.500"]
+    assert table[3] == ["total", "2", "1.000000"]
+    lst.write_text(f"1 {a} books\n1 {tmp_path}/gone web\n")
+    r = run("--inputs", "1", str(lst), "--check")
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert f"2 dataset file(s) not found: {tmp_path}/gone.bin, {tmp_path}/gone.idx" in r.stderr
+    r = run("--inputs", "1", str(lst), "--summary")  # no --check: a missing file shows '-' tokens
+    assert r.returncode == 0 and r.stderr.splitlines()[2].split() == ["web", "1", "0.500000", "-"]

@@ -7,6 +7,11 @@
 
 writes ``data/corpus_text_document.bin/.idx`` (one sequence per document; uint16 tokens when
 the vocabulary has fewer than 65,500 ids, else int32). Documents with no token are skipped.
+
+Plain text instead of JSON lines: ``--input-type text-file`` (every input file is one document;
+``--input`` may list files and directories, read recursively in sorted order) or
+``--input-type text-blocks`` (documents separated by blank lines); the output key is ``text``.
+Progress lines (every ``--log-interval`` documents, stderr) show documents/s and MB/s.
 """
 from __future__ import annotations
 
@@ -40,30 +45,34 @@ class Encoder:
         self.tokenizer = build_tokenizer(a.tokenizer_type, a.tokenizer_model, vocab_size=a.vocab_size,
                                          vocab_file=a.vocab_file, merge_file=a.merge_file)
 
-    def encode_chunk(self, chunk: tuple[int, list[str]]) -> tuple[list[dict[str, np.ndarray]], int]:
+    def encode_chunk(self, chunk: tuple[str, list[tuple[str, str]]]) -> tuple[list[dict[str, np.ndarray]], int]:
+        """Token arrays per key for every document of a chunk ``(input type, [(where, payload)])``."""
         if self.tokenizer is None:
             self.initialize()
-        first_lineno, lines = chunk
+        kind, items = chunk
         docs = []
-        for n, line in enumerate(lines, start=first_lineno):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                texts = {key: record[key] for key in self.args.json_keys}
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.args.input}:{n}: cannot read keys {self.args.json_keys}: {e}") from None
+        for where, payload in items:
+            if kind == "jsonl":
+                if not payload.strip():
+                    continue
+                try:
+                    record = json.loads(payload)
+                    texts = {key: record[key] for key in self.args.json_keys}
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{where}: cannot read keys {self.args.json_keys}: {e}") from None
+            else:
+                texts = {"text": payload}
             out = {}
             for key, text in texts.items():
                 try:
                     ids = self.tokenizer.tokenize(str(text))
                 except ValueError as e:
-                    raise ValueError(f"{self.args.input}:{n}: cannot tokenize {key!r}: {e}") from None
+                    raise ValueError(f"{where}: cannot tokenize {key!r}: {e}") from None
                 if ids and self.args.append_eod:
                     ids = list(ids) + [self.tokenizer.eod]
                 out[key] = np.asarray(ids, dtype=np.int64)
             docs.append(out)
-        return docs, sum(len(line) for line in lines)
+        return docs, sum(len(payload.encode("utf-8")) for _, payload in items)
 
 
 _ENCODER: Encoder | None = None  # per worker process, set by the pool initializer
@@ -79,21 +88,62 @@ def _encode_in_worker(chunk: tuple[int, list[str]]):
     return _ENCODER.encode_chunk(chunk)
 
 
-def _chunks(path: str) -> Iterator[tuple[int, list[str]]]:
-    with open(path, encoding="utf-8") as f:
-        lines, first = [], 1
-        for n, line in enumerate(f, start=1):
-            lines.append(line)
-            if len(lines) == CHUNK_LINES:
-                yield first, lines
-                lines, first = [], n + 1
-        if lines:
-            yield first, lines
+def input_files(paths: list[str]) -> list[str]:
+    """Files of ``paths``, directories expanded recursively in sorted order."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for dirpath, dirnames, names in os.walk(path):
+                dirnames.sort()
+                files += [os.path.join(dirpath, n) for n in sorted(names) if not n.startswith(".")]
+        else:
+            files.append(path)
+    return files
+
+
+def _documents(paths: list[str], kind: str) -> Iterator[tuple[str, str]]:
+    """(where, payload): JSON lines, whole files, or blank-line separated blocks."""
+    for path in input_files(paths):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if kind == "jsonl":
+                for n, line in enumerate(f, start=1):
+                    yield f"{path}:{n}", line
+            elif kind == "text-file":
+                text = f.read()
+                if text.strip():
+                    yield path, text
+            else:  # text-blocks
+                block, first = [], 1
+                for n, line in enumerate(f, start=1):
+                    if line.strip():
+                        if not block:
+                            first = n
+                        block.append(line)
+                    elif block:
+                        yield f"{path}:{first}", "".join(block)
+                        block = []
+                if block:
+                    yield f"{path}:{first}", "".join(block)
+
+
+def _chunks(paths: list[str], kind: str) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    items = []
+    for item in _documents(paths, kind):
+        items.append(item)
+        if len(items) == CHUNK_LINES:
+            yield kind, items
+            items = []
+    if items:
+        yield kind, items
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="JSON-lines file, one document per line")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSON-lines file(s), one document per line (or text files/directories, see --input-type)")
+    p.add_argument("--input-type", choices=["jsonl", "text-file", "text-blocks"], default="jsonl",
+                   help="jsonl (default); text-file: one document per file; text-blocks: documents "
+                        "separated by blank lines")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize (default: text)")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx")
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
@@ -105,8 +155,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines")
     args = p.parse_args(argv)
-    if not os.path.isfile(args.input):
-        p.error(f"input file not found: {args.input}")
+    for path in args.input:
+        if not os.path.exists(path):
+            p.error(f"input not found: {path}")
+    if args.input_type != "jsonl":
+        args.json_keys = ["text"]
     if args.workers < 1:
         p.error("--workers must be >= 1")
     return args
@@ -133,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     pool = None
     if args.workers > 1:
         pool = multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=(args,))
-        results = pool.imap(_encode_in_worker, _chunks(args.input))
+        results = pool.imap(_encode_in_worker, _chunks(args.input, args.input_type))
     else:
-        results = map(encoder.encode_chunk, _chunks(args.input))
+        results = map(encoder.encode_chunk, _chunks(args.input, args.input_type))
     try:
         for docs, chunk_bytes in results:
             n_bytes += chunk_bytes
@@ -150,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                 n_docs += 1
                 if n_docs % args.log_interval == 0:
                     elapsed = time.time() - start
-                    print(f"processed {n_docs} documents ({n_bytes / 2**20 / elapsed:.1f} MB/s)", file=sys.stderr)
+                    print(f"processed {n_docs} documents ({n_docs / elapsed:.0f} docs/s, "
+                          f"{n_bytes / 1e6 / elapsed:.2f} MB/s)", file=sys.stderr, flush=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         for key, builder in builders.items():
@@ -168,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.time() - start
     for key, prefix in prefixes.items():
         print(f"{prefix}.bin/.idx: {n_kept[key]} documents, {n_tokens[key]} tokens, dtype {dtype}")
-    print(f"{n_docs} documents ({skipped} empty texts skipped) in {elapsed:.1f} s")
+    print(f"{n_docs} documents ({skipped} empty texts skipped), {n_bytes / 1e6:.1f} MB in {elapsed:.1f} s "
+          f"({n_docs / max(elapsed, 1e-9):.0f} docs/s, {n_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s)")
     return 0
 
 

@@ -83,6 +83,73 @@ def get_data_parallel_world_size() -> int:
     return get_state().dp
 
 
+def get_data_parallel_group_ranks() -> list[int]:
+    state = get_state()
+    return rank_groups(state.world_size, state.tp, state.pp)["dp"][state.pp_rank * state.tp + state.tp_rank]
+
+
+# Tensor parallelism. These work before initialization too (one rank, no group), so the model
+# can be built and tested without a process group.
+def get_tensor_model_parallel_world_size() -> int:
+    return _STATE.tp if _STATE is not None else 1
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return _STATE.tp_rank if _STATE is not None else 0
+
+
+def get_tensor_model_parallel_group():
+    return _STATE.tp_group if _STATE is not None else None
+
+
+def get_tensor_model_parallel_src_rank() -> int:
+    """Global rank of TP rank 0 of this rank's TP group."""
+    return _STATE.rank - _STATE.tp_rank if _STATE is not None else 0
+
+
+def get_pipeline_model_parallel_world_size() -> int:
+    return _STATE.pp if _STATE is not None else 1
+
+
+def get_pipeline_model_parallel_rank() -> int:
+    return _STATE.pp_rank if _STATE is not None else 0
+
+
+class DeepSpeedMPU:
+    """The `mpu` object `deepspeed.initialize(mpu=...)` queries: with it, ZeRO partitions and
+    reduces over the data-parallel group only, gradient clipping sums the norms of TP-split
+    parameters over the model-parallel group (replicated ones counted once), and checkpoints
+    are written per TP rank (`mp_rank_XX`). Model parallel = tensor parallel here (PP = 1)."""
+
+    get_data_parallel_group = staticmethod(get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(get_data_parallel_world_size)
+    get_data_parallel_group_ranks = staticmethod(get_data_parallel_group_ranks)
+    get_model_parallel_group = staticmethod(get_tensor_model_parallel_group)
+    get_model_parallel_rank = staticmethod(get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_src_rank = staticmethod(get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_rank = staticmethod(get_pipeline_model_parallel_rank)
+
+
+# The TP-aware RNG tracker (megatron.core.tensor_parallel.random) keeps its states here.
+_RNG_TRACKER = None
+
+
+def get_rng_tracker_slot():
+    return _RNG_TRACKER
+
+
+def set_rng_tracker_slot(tracker) -> None:
+    global _RNG_TRACKER
+    _RNG_TRACKER = tracker
+
+
 def destroy_model_parallel() -> None:
-    global _STATE
+    global _STATE, _RNG_TRACKER
     _STATE = None
+    _RNG_TRACKER = None

@@ -3,16 +3,23 @@
 Compatible with the ALCF lists (``ALCF/data-lists/*/*.txt``): fields are whitespace
 separated, blank lines are skipped, a trailing ``.bin`` on the prefix is stripped, weights
 need not sum to 1 (consumers normalize) and relative prefixes are relative to the current
-directory. Extension over upstream: lines whose first non-blank character is ``#`` are
-comments (upstream rejects them as a wrong field count).
+directory. Extensions over upstream: lines whose first non-blank character is ``#`` are
+comments (upstream rejects them as a wrong field count), and 2-column lines
+``<weight> <path-prefix>`` (as in ALCF's ``dolma_v1_7_file_list.txt``, which upstream ships but
+cannot read) are accepted with the corpus taken from the prefix's parent directory name, with
+a warning. A prefix listed twice is used twice (its weights add up), with a warning.
 
 Every problem is a `DataListError` (a ValueError) with one line naming the file and line.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
+
+
+log = logging.getLogger(__name__)
 
 
 class DataListError(ValueError):
@@ -56,22 +63,58 @@ def parse_weight(text: str, path: str, lineno: int) -> float:
     return w
 
 
+def corpus_from_prefix(prefix: str) -> str:
+    """Corpus name of a 2-column line: the name of the prefix's parent directory."""
+    return os.path.basename(os.path.dirname(os.path.normpath(prefix))) or "default"
+
+
+def parse_fields(fields: list[str], path: str, lineno: int, min_weight_exclusive: bool = False,
+                 allow_extra: bool = False) -> tuple[float, str, str | None]:
+    """(weight, prefix with any ``.bin`` stripped, corpus or None for a 2-column line) of one line."""
+    n = len(fields)
+    if n < 2 or (n > 3 and not allow_extra):
+        raise DataListError(f"{path}:{lineno}: expected 3 fields '<weight> <path-prefix> <corpus>', "
+                            f"got {n}: {' '.join(fields)!r}")
+    w = parse_weight(fields[0], path, lineno)
+    if w < 0 or (min_weight_exclusive and w == 0):
+        raise DataListError(f"{path}:{lineno}: weight {fields[0]} "
+                            f"{'must be > 0' if min_weight_exclusive else 'is negative'}")
+    prefix = fields[1][:-4] if fields[1].endswith(".bin") else fields[1]
+    return w, prefix, (fields[2] if n >= 3 else None)
+
+
+def warn_list_oddities(path: str, rows: list[tuple[int, str, bool]]) -> None:
+    """Warn (once per list) about 2-column lines and about prefixes listed more than once.
+
+    ``rows``: (line number, prefix, corpus was derived) per data line.
+    """
+    derived = [lineno for lineno, _, d in rows if d]
+    if derived:
+        log.warning("%s: %d line(s) have 2 fields '<weight> <path-prefix>' (first: line %d); "
+                    "corpus taken from each prefix's parent directory", path, len(derived), derived[0])
+    seen: dict[str, int] = {}
+    for lineno, prefix, _ in rows:
+        if prefix in seen:
+            log.warning("%s:%d: prefix %s is already listed at line %d; it is used twice (weights add up)",
+                        path, lineno, prefix, seen[prefix])
+        else:
+            seen[prefix] = lineno
+
+
 def parse_data_file_list(path: str) -> list[DataSource]:
     """The datasets of a list file, in file order (weights as written, not normalized)."""
-    sources = []
+    sources, rows = [], []
     for lineno, fields in read_list_lines(path):
-        if len(fields) != 3:
-            raise DataListError(f"{path}:{lineno}: expected 3 fields '<weight> <path-prefix> <corpus>', "
-                                f"got {len(fields)}: {' '.join(fields)!r}")
-        w = parse_weight(fields[0], path, lineno)
-        if w < 0:
-            raise DataListError(f"{path}:{lineno}: weight {fields[0]} is negative")
-        prefix = fields[1][:-4] if fields[1].endswith(".bin") else fields[1]
-        sources.append(DataSource(w, os.path.abspath(prefix), fields[2], list_file=path, lineno=lineno))
+        w, prefix, corpus = parse_fields(fields, path, lineno)
+        prefix = os.path.abspath(prefix)
+        rows.append((lineno, prefix, corpus is None))
+        sources.append(DataSource(w, prefix, corpus if corpus is not None else corpus_from_prefix(prefix),
+                                  list_file=path, lineno=lineno))
     if not sources:
-        raise DataListError(f"{path}: no datasets listed")
+        raise DataListError(f"{path}: no datasets listed (the list is empty)")
     if sum(s.weight for s in sources) <= 0:
         raise DataListError(f"{path}: all weights are zero")
+    warn_list_oddities(path, rows)
     return sources
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -45,9 +46,12 @@ def get_split_bounds(split_str: str, n_docs: int) -> list[int]:
     try:
         splits = [float(s) for s in (split_str.split(sep) if sep else [split_str])]
     except ValueError:
-        raise ValueError(f"invalid --split {split_str!r}: expected numbers like '990,10,0'") from None
+        raise ValueError(f"invalid --split {split_str!r}: expected up to 3 numbers like '990,10,0' "
+                         "(train,valid,test weights)") from None
+    if len(splits) > 3:
+        raise ValueError(f"invalid --split {split_str!r}: at most 3 numbers (train,valid,test), got {len(splits)}")
     splits = (splits + [0.0, 0.0])[:3]
-    if any(s < 0 for s in splits) or sum(splits) <= 0:
+    if any(not math.isfinite(s) or s < 0 for s in splits) or sum(splits) <= 0:
         raise ValueError(f"invalid --split {split_str!r}: weights must be >= 0 with a positive sum")
     total = sum(splits)
     bounds = [0]
@@ -122,21 +126,31 @@ def _atomic_save(path: str, arr: np.ndarray) -> None:
 
 
 def cached_index_arrays(cache_dir: str | None, description: str, names: tuple[str, ...],
-                        build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+                        build: Callable[[], dict[str, np.ndarray]],
+                        stats: dict | None = None) -> dict[str, np.ndarray]:
     """Arrays ``names`` from ``<cache_dir>/<md5>_<name>.npy`` (mmap), else ``build()`` and save.
 
     Each file is written to a temporary name in the same directory and renamed, so a reader
-    never sees a partial file; concurrent builders write identical content.
+    never sees a partial file; concurrent builders write identical content. ``stats`` (optional)
+    counts the index sets ``built`` and ``loaded``.
     """
+    def count(what: str) -> None:
+        if stats is not None:
+            stats[what] = stats.get(what, 0) + 1
+
     if cache_dir is None:
+        count("built")
         return build()
     key = hashlib.md5(description.encode("utf-8")).hexdigest()
     paths = {n: os.path.join(cache_dir, f"{key}_{n}.npy") for n in names}
     if all(os.path.isfile(p) for p in paths.values()):
         try:
-            return {n: np.load(p, mmap_mode="r", allow_pickle=False) for n, p in paths.items()}
+            arrays = {n: np.load(p, mmap_mode="r", allow_pickle=False) for n, p in paths.items()}
+            count("loaded")
+            return arrays
         except (OSError, ValueError) as e:  # unreadable cache entry: rebuild it
             log.warning("rebuilding unreadable index cache %s: %s", key, e)
+    count("built")
     arrays = build()
     os.makedirs(cache_dir, exist_ok=True)
     for n, p in paths.items():
@@ -153,7 +167,8 @@ class GPTDataset(torch.utils.data.Dataset):
     """Samples of ``seq_length + 1`` tokens over ``documents`` of one indexed dataset."""
 
     def __init__(self, name: str, indexed_dataset: IndexedDataset, documents: np.ndarray,
-                 num_samples: int, seq_length: int, seed: int, cache_dir: str | None) -> None:
+                 num_samples: int, seq_length: int, seed: int, cache_dir: str | None,
+                 stats: dict | None = None) -> None:
         documents = np.asarray(documents, dtype=np.int64)
         if len(documents) == 0:
             raise ValueError(f"{name} dataset of {indexed_dataset.path_prefix}: no documents")
@@ -177,7 +192,7 @@ class GPTDataset(torch.utils.data.Dataset):
                        f"tokens {self.tokens_per_epoch}\nnum_samples {self.num_samples}\n"
                        f"num_epochs {self.num_epochs}\nseq_length {self.seq_length}\nseed {self.seed}\n")
         arrays = cached_index_arrays(cache_dir, description, ("doc_idx", "sample_idx", "shuffle_idx"),
-                                     lambda: self._build(documents))
+                                     lambda: self._build(documents), stats)
         self.doc_idx, self.sample_idx, self.shuffle_idx = (
             arrays["doc_idx"], arrays["sample_idx"], arrays["shuffle_idx"])
 
@@ -215,3 +230,16 @@ class GPTDataset(torch.utils.data.Dataset):
             parts += [get(self.doc_idx[k]) for k in range(int(doc_f) + 1, int(doc_l))]
             parts.append(get(self.doc_idx[doc_l], length=int(off_l) + 1))
         return {"text": np.concatenate(parts).astype(np.int64)}
+
+
+def reset_position_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Position ids that restart at 0 after every end-of-document token (``--reset-position-ids``).
+
+    Same as upstream's ``get_ltor_masks_and_position_ids``: the EOD token keeps its document's
+    numbering and the token after it is position 0. ``tokens``: [b, s]; returns int64 [b, s].
+    """
+    b, s = tokens.shape
+    arange = torch.arange(s, device=tokens.device).expand(b, s)
+    starts = torch.zeros_like(tokens, dtype=torch.long)
+    starts[:, 1:] = torch.where(tokens[:, :-1] == eod, arange[:, 1:], 0)
+    return arange - torch.cummax(starts, dim=1).values

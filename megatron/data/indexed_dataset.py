@@ -17,11 +17,14 @@ load here unchanged. For GPT data every document is one sequence (`sizes` = docu
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -84,8 +87,13 @@ class IndexedDataset:
         self._pointers = np.frombuffer(self._idx, dtype="<i8", count=n_seq, offset=off + 4 * n_seq)
         self._doc_idx = np.frombuffer(self._idx, dtype="<i8", count=n_doc, offset=off + 12 * n_seq)
         self._bin = _map(bin_path)
-        if n_seq and len(self._bin) < int(self._pointers[-1]) + int(self._sizes[-1]) * self._dtype.itemsize:
-            raise ValueError(f"{bin_path}: truncated ({len(self._bin)} bytes) for the index {idx_path}")
+        need = int(self._pointers[-1]) + int(self._sizes[-1]) * self._dtype.itemsize if n_seq else 0
+        if len(self._bin) < need:
+            raise ValueError(f"{bin_path}: truncated ({len(self._bin)} bytes, its index {idx_path} needs {need}); "
+                             "re-run the preprocessing of this file")
+        if len(self._bin) > need:
+            log.warning("%s: %d bytes, more than the %d its index %s describes (index from another file?)",
+                        bin_path, len(self._bin), need, idx_path)
 
     # pickling (DataLoader workers with spawn): reopen the maps from the prefix
     def __getstate__(self) -> dict:
@@ -124,6 +132,21 @@ class IndexedDataset:
             return np.empty(0, dtype=self._dtype)
         start = int(self._pointers[i]) + offset * self._dtype.itemsize
         return np.frombuffer(self._bin, dtype=self._dtype, count=length, offset=start)
+
+    def max_token_id(self, sample_bytes: int | None = 1 << 16, windows: int = 8) -> int:
+        """Largest token id in `.bin` (-1 if empty): exact when ``sample_bytes`` is None, else
+        the maximum over ``windows`` evenly spaced windows of ``sample_bytes`` in total (cheap
+        enough to run on every file at start-up; catches data tokenized with a larger vocabulary
+        in practice, since such ids are everywhere)."""
+        n_items = len(self._bin) // self._dtype.itemsize
+        if n_items == 0:
+            return -1
+        tokens = np.frombuffer(self._bin, dtype=self._dtype, count=n_items)
+        per = max(1, (sample_bytes or 0) // self._dtype.itemsize // max(windows, 1))
+        if sample_bytes is None or per * windows >= n_items:
+            return int(tokens.max())
+        starts = np.linspace(0, n_items - per, windows).astype(np.int64)
+        return int(max(tokens[s:s + per].max() for s in starts))
 
     @property
     def sizes(self) -> np.ndarray:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core import tensor_parallel as tp
+
 _RESIDUAL_PROJECTIONS = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), or None with learned positions
 
@@ -43,6 +45,17 @@ class GPTConfig:
     word_embedding_init_std: float | None = None  # None -> init_method_std
     init_method_xavier_uniform: bool = False
     apply_residual_scaled_init: bool = True  # output projections: std / sqrt(2L)
+    # MuP / CompleteP (megatron/model/mup.py fills these; the defaults are the standard model).
+    embedding_multiplier: float = 1.0  # embedding output x this
+    output_multiplier: float = 1.0  # final hidden state (so the logits) x this
+    attention_scale: float | None = None  # softmax scale; None -> 1/sqrt(kv_channels)
+    residual_multiplier: float = 1.0  # every residual branch x this
+    init_width_multiplier: float = 1.0  # hidden matrices: init std / sqrt(this)
+    residual_init_layers: float | None = None  # L of the output projections' std / sqrt(2L); None -> num_layers
+    # Parallelism and memory (the TP size comes from megatron.core.parallel_state).
+    sequence_parallel: bool = False  # Megatron SP: norms/dropout on sequence shards (TP > 1)
+    recompute_granularity: str | None = None  # None | "full" (whole layers) | "selective" (attention core)
+    recompute_num_layers: int = 1  # "full": layers per checkpointed chunk
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -80,6 +93,9 @@ class GPTConfig:
             check(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
         check(self.init_method_std >= 0 and (self.word_embedding_init_std or 0.0) >= 0,
               "init stds must be non-negative")
+        check(self.recompute_granularity in (None, "full", "selective") and self.recompute_num_layers > 0,
+              f"recompute_granularity must be None, 'full' or 'selective' (got {self.recompute_granularity!r}) "
+              f"and recompute_num_layers > 0 (got {self.recompute_num_layers})")
 
     @property
     def rotary_dim(self) -> int:
@@ -162,25 +178,43 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    """Tensor parallel: QKV is column-parallel (the group-major fused layout cut in contiguous
+    pieces gives each rank whole KV groups with their query heads), `dense` row-parallel."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
-        self.d, self.group = config.kv_channels, self.n_heads // self.n_kv
+        n_heads, n_kv, world = config.num_attention_heads, config.num_key_value_heads, tp.world_size()
+        if n_kv % world:
+            raise ValueError(f"num_key_value_heads ({n_kv}) must be divisible by the tensor-parallel size ({world})")
+        self.n_heads, self.n_kv = n_heads // world, n_kv // world  # this rank's heads
+        self.d, self.group = config.kv_channels, n_heads // n_kv
         self.dropout, h, bias = config.attention_dropout, config.hidden_size, config.add_bias_linear
-        self.query_key_value = nn.Linear(h, (self.n_heads + 2 * self.n_kv) * self.d, bias=bias)
-        self.dense = nn.Linear(self.n_heads * self.d, h, bias=bias)
+        self.selective_recompute = config.recompute_granularity == "selective"
+        self.scale = config.attention_scale  # None -> 1/sqrt(d); MuP: alpha/d
+        self.query_key_value = tp.ColumnParallelLinear(h, (n_heads + 2 * n_kv) * self.d, bias=bias,
+                                                       sequence_parallel=config.sequence_parallel)
+        self.dense = tp.RowParallelLinear(n_heads * self.d, h, bias=bias, sequence_parallel=config.sequence_parallel)
+
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dropout = self.dropout if self.training else 0.0
+        with tp.model_parallel_rng(dropout > 0):  # heads differ across TP ranks: so do their masks
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                                  enable_gqa=self.group > 1, scale=self.scale)
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        b, s, _ = x.shape
         g = self.group
-        qkv = self.query_key_value(x).view(b, s, self.n_kv, g + 2, self.d)
+        qkv = self.query_key_value(x)  # [b, s, ...]: the whole sequence under sequence parallelism
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.n_kv, g + 2, self.d)
         q = qkv[:, :, :, :g].reshape(b, s, self.n_heads, self.d)  # head i uses kv group i // g
         k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=g > 1)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.selective_recompute and torch.is_grad_enabled():
+            out = tp.checkpoint(self.core_attention, q, k, v)
+        else:
+            out = self.core_attention(q, k, v)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.n_heads * self.d))
 
 
@@ -189,9 +223,11 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu, h, f = config.swiglu, config.hidden_size, config.ffn_hidden_size
         bias = config.add_bias_linear
-        # SwiGLU: one fused [gate; up] projection
-        self.dense_h_to_4h = nn.Linear(h, 2 * f if self.swiglu else f, bias=bias)
-        self.dense_4h_to_h = nn.Linear(f, h, bias=bias)
+        # SwiGLU: one fused [gate; up] projection; under TP each rank holds [gate_r; up_r] (stride 2)
+        sp = config.sequence_parallel
+        self.dense_h_to_4h = tp.ColumnParallelLinear(h, 2 * f if self.swiglu else f, bias=bias,
+                                                     sequence_parallel=sp, stride=2 if self.swiglu else 1)
+        self.dense_4h_to_h = tp.RowParallelLinear(f, h, bias=bias, sequence_parallel=sp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dense_h_to_4h(x)
@@ -209,10 +245,19 @@ class TransformerLayer(nn.Module):
         self.post_attention_layernorm = _norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.sequence_parallel = config.sequence_parallel
+        self.residual_multiplier = config.residual_multiplier
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # Replicated activations keep the default generator (same mask on every TP rank);
+        # sequence shards draw per-rank masks.
+        with tp.model_parallel_rng(self.sequence_parallel and self.training and self.dropout.p > 0):
+            return self.dropout(x)
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x), rope))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        r = self.residual_multiplier  # CompleteP: (L / L_base)^-alpha; 1 otherwise
+        x = torch.add(x, self._dropout(self.self_attention(self.input_layernorm(x), rope)), alpha=r)
+        return torch.add(x, self._dropout(self.mlp(self.post_attention_layernorm(x))), alpha=r)
 
 
 class Encoder(nn.Module):
@@ -220,10 +265,20 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         self.final_layernorm = _norm(config)
+        self.recompute_chunk = config.recompute_num_layers if config.recompute_granularity == "full" else 0
+
+    def _run(self, start: int, end: int, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        for layer in self.layers[start:end]:
+            x = layer(x, rope)
+        return x
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, rope)
+        n = len(self.layers)
+        if self.recompute_chunk and torch.is_grad_enabled():  # full recompute, chunks of layers
+            for start in range(0, n, self.recompute_chunk):
+                x = tp.checkpoint(self._run, start, min(start + self.recompute_chunk, n), x, rope)
+        else:
+            x = self._run(0, n, x, rope)
         return self.final_layernorm(x)
 
 
@@ -231,10 +286,12 @@ class Embedding(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         h = config.hidden_size
-        self.word_embeddings = nn.Embedding(config.vocab_size, h)
+        self.word_embeddings = tp.VocabParallelEmbedding(config.vocab_size, h)
         if not config.use_rotary_position_embeddings:
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.sequence_parallel = config.sequence_parallel and tp.world_size() > 1
+        self.multiplier = config.embedding_multiplier
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         x = self.word_embeddings(tokens)
@@ -242,7 +299,12 @@ class Embedding(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(tokens.shape[1], device=tokens.device)
             x = x + self.position_embeddings(position_ids)
-        return self.embedding_dropout(x)
+        if self.multiplier != 1.0:  # MuP input alpha
+            x = x * self.multiplier
+        if self.sequence_parallel:  # the layers run on this rank's sequence shard
+            x = tp.scatter_to_sequence_parallel_region(x)
+        with tp.model_parallel_rng(self.sequence_parallel and self.training and self.embedding_dropout.p > 0):
+            return self.embedding_dropout(x)
 
 
 class LanguageModel(nn.Module):
@@ -252,14 +314,22 @@ class LanguageModel(nn.Module):
         use_rope = config.use_rotary_position_embeddings
         self.rotary_pos_emb = RotaryEmbedding(config) if use_rope else None
         self.encoder = Encoder(config)
+        self.sequence_parallel = config.sequence_parallel
+        self.output_multiplier = config.output_multiplier
         if config.untie_embeddings_and_output_weights:
-            self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.output_layer = tp.ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False,
+                                                        sequence_parallel=config.sequence_parallel)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Logits of this rank's vocabulary slice [b, s, V/TP] (all of them with TP = 1)."""
         rope = self.rotary_pos_emb(tokens.shape[1], position_ids) if self.rotary_pos_emb else None
         x = self.encoder(self.embedding(tokens, position_ids), rope)
+        if self.output_multiplier != 1.0:  # MuP: alpha_out / m_N on the logits (applied before the head)
+            x = x * self.output_multiplier
         head = getattr(self, "output_layer", None)
-        return head(x) if head is not None else F.linear(x, self.embedding.word_embeddings.weight)
+        if head is not None:
+            return head(x)
+        return tp.parallel_lm_logits(x, self.embedding.word_embeddings.weight, self.sequence_parallel)
 
 
 class GPTModel(nn.Module):
@@ -271,6 +341,8 @@ class GPTModel(nn.Module):
         self.config = config
         self.language_model = LanguageModel(config)
         self.init_weights()
+        if config.sequence_parallel:  # norms and row-parallel biases see a sequence shard
+            tp.register_sequence_parallel_grad_hooks(self, skip=("position_embeddings.weight",))
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -278,20 +350,22 @@ class GPTModel(nn.Module):
         if seq_len > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        logits = self.language_model(tokens, position_ids)
+        logits = self.language_model(tokens, position_ids)  # this TP rank's vocabulary slice
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-        return loss.view_as(labels)
+            return tp.gather_from_tensor_model_parallel_region(logits)
+        return tp.vocab_parallel_cross_entropy(logits, labels)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """(Re-)initialize every parameter as upstream does (spec §7). With `seed`, a private
         generator on the parameters' device is used (global RNG untouched; same seed and device
-        give the same weights); without, the global RNG."""
+        give the same weights); without, the global RNG. Tensor-parallel shards are cut from
+        the full-size draw, so the weights do not depend on the TP size."""
         cfg = self.config
         std = cfg.init_method_std
-        scaled_std = std / math.sqrt(2 * cfg.num_layers) if cfg.apply_residual_scaled_init else std
+        hidden_std = std / math.sqrt(cfg.init_width_multiplier)  # MuP: sigma / sqrt(m_N) for hidden matrices
+        depth = cfg.residual_init_layers or cfg.num_layers
+        scaled_std = hidden_std / math.sqrt(2 * depth) if cfg.apply_residual_scaled_init else hidden_std
         gen = None
         if seed is not None:
             gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
@@ -302,20 +376,23 @@ class GPTModel(nn.Module):
                 p.fill_(1.0)
             elif name.endswith("word_embeddings.weight"):
                 wstd = std if cfg.word_embedding_init_std is None else cfg.word_embedding_init_std
-                nn.init.normal_(p, 0.0, wstd, generator=gen)
+                tp.init_partitioned(p, nn.init.normal_, 0.0, wstd, generator=gen)
             elif name.endswith("position_embeddings.weight"):
                 nn.init.normal_(p, 0.0, std, generator=gen)
             elif cfg.init_method_xavier_uniform:
-                nn.init.xavier_uniform_(p, generator=gen)
+                tp.init_partitioned(p, nn.init.xavier_uniform_, generator=gen)
             elif name.endswith(_RESIDUAL_PROJECTIONS):
-                nn.init.normal_(p, 0.0, scaled_std, generator=gen)
+                tp.init_partitioned(p, nn.init.normal_, 0.0, scaled_std, generator=gen)
+            elif name.endswith("output_layer.weight"):
+                tp.init_partitioned(p, nn.init.normal_, 0.0, std, generator=gen)
             else:
-                nn.init.normal_(p, 0.0, std, generator=gen)
+                tp.init_partitioned(p, nn.init.normal_, 0.0, hidden_std, generator=gen)
         if self.language_model.rotary_pos_emb is not None:
             self.language_model.rotary_pos_emb.reset_tables()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of distinct parameters (tied weights counted once); `exclude_embeddings` drops
+        """Number of distinct parameters on this rank (tied weights counted once; a TP rank holds
+        only its shards: `config.num_parameters()` is the whole model); `exclude_embeddings` drops
         word/position embeddings and the untied output layer."""
         emb = ("word_embeddings.weight", "position_embeddings.weight", "output_layer.weight")
         return sum(p.numel() for n, p in self.named_parameters()

@@ -1,24 +1,58 @@
 """Optimizer registry: one name -> one builder, registered next to its implementation.
 
-Adding an optimizer is one decorated function (plus its test):
+Adding an optimizer is one decorated function in the module of its family (plus its test in
+``tests/test_optimizer_<family>.py`` and a row in ``ALCF/notes/optimizers.md``):
 
     @register_optimizer("myopt", help="one line shown in --help")
-    def _build_myopt(param_groups, args):
-        return MyOpt(param_groups, lr=args.lr, ...)
+    def _build_myopt(groups, args):
+        return MyOpt(groups, lr=args.lr, ...)
 
-`--optimizer` choices and its --help text are generated from this registry, so they never
-go out of date. Builders receive parameter groups from `get_param_groups` (no weight decay
-for 1-D parameters and biases; per-group `lr_mult`/`wd_mult` that the LR scheduler applies
-every step) and the parsed arguments.
+A builder receives parameter groups (from `get_param_groups`, or the entry's own `groups`
+function) and the parsed arguments, and returns either a `torch.optim.Optimizer` (handed to
+`deepspeed.initialize(optimizer=...)`) or a `DeepSpeedOptimizer` (an ``"optimizer"`` block that
+DeepSpeed builds itself, e.g. its ZeRO-aware Muon). An entry's `check(args)` lists start-up
+problems (a missing package, a ZeRO stage it cannot run under); `megatron.arguments` reports them
+before anything expensive starts, so a bad name never turns into a TypeError mid-run.
+
+`--optimizer` choices and its --help text are generated from this registry.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable
+import contextlib
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-Builder = Callable[[list[dict], object], torch.optim.Optimizer]
+log = logging.getLogger(__name__)
+
+NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
+
+
+@dataclass
+class DeepSpeedOptimizer:
+    """Builder result meaning "let DeepSpeed build its own optimizer from this config block".
+
+    `config` becomes the DS config's ``"optimizer"`` entry; `param_groups` are passed as
+    ``model_parameters``; `ds_config` entries override the rest of the DS config (e.g.
+    ``{"gradient_clipping": 0.0}``); `param_attrs` maps parameter -> attributes to set on it
+    before ``deepspeed.initialize`` (e.g. ``use_muon``); `group_keys` are per-group keys
+    (``lr_mult``, ``wd_mult``...) that DeepSpeed drops when regrouping and that are put back,
+    by group name, on the optimizer it built.
+    """
+    config: dict
+    param_groups: list[dict]
+    ds_config: dict = field(default_factory=dict)
+    param_attrs: dict = field(default_factory=dict)
+    group_keys: dict[str, dict] = field(default_factory=dict)
+
+
+Built = "torch.optim.Optimizer | DeepSpeedOptimizer"
+Builder = Callable[[list[dict], Any], Any]
+Check = Callable[[Any], list[str]]
+GroupFn = Callable[[NamedParams, Any], list[dict]]
 
 
 @dataclass(frozen=True)
@@ -26,45 +60,117 @@ class OptimizerEntry:
     name: str
     build: Builder
     help: str
+    check: Check | None = None
+    groups: GroupFn | None = None
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {}
 
 
-def register_optimizer(name: str, *, help: str = "") -> Callable[[Builder], Builder]:
-    """Decorator registering `builder(param_groups, args) -> torch.optim.Optimizer` under `name`."""
+def register_optimizer(name: str, *, help: str = "", check: Check | None = None,
+                       groups: GroupFn | None = None) -> Callable[[Builder], Builder]:
+    """Decorator registering `builder(param_groups, args)` under `name`.
+
+    `check(args) -> [problem lines]` runs in `validate_args`; `groups(named_params, args)` replaces
+    the default `get_param_groups` for this entry.
+    """
 
     def deco(builder: Builder) -> Builder:
         if name in OPTIMIZERS:
             raise ValueError(f"optimizer {name!r} is registered twice")
-        OPTIMIZERS[name] = OptimizerEntry(name, builder, help)
+        OPTIMIZERS[name] = OptimizerEntry(name, builder, help, check, groups)
         return builder
 
     return deco
 
 
+def _load_families() -> None:
+    """Import every family module (each registers its names). Cheap: heavy imports are lazy."""
+    from megatron.optimizer import (  # noqa: F401, PLC0415, I001 - this order is the --help order
+        basic, fallbacks, lamb, schedulefree, sophia, adopt, muon, lion, ademamix,
+    )
+
+
 def optimizer_names() -> list[str]:
+    _load_families()
     return list(OPTIMIZERS)
 
 
 def optimizer_help() -> str:
+    _load_families()
     return "; ".join(f"{e.name}: {e.help}" if e.help else e.name for e in OPTIMIZERS.values())
 
 
-def get_param_groups(
-    named_params: Iterable[tuple[str, torch.nn.Parameter]],
-    lr_mult: float = 1.0,
-) -> list[dict]:
+def get_entry(name: str) -> OptimizerEntry:
+    _load_families()
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}") from None
+
+
+def optimizer_problems(args) -> list[str]:
+    """Start-up problems of `args.optimizer` on this machine (one line each, naming the fix)."""
+    try:
+        entry = get_entry(args.optimizer)
+    except ValueError as e:
+        return [str(e)]
+    return list(entry.check(args)) if entry.check else []
+
+
+# ----------------------------------------------------------------------------- helpers for entries
+def have_module(name: str) -> bool:
+    """True if `name` is importable (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def needs_module(module: str, install: str, what: str) -> Check:
+    """A `check` that refuses when `module` is not importable, naming the pip line to run."""
+
+    def check(args) -> list[str]:
+        if have_module(module):
+            return []
+        return [f"--optimizer {args.optimizer} needs {what} (python module {module!r}, not installed): "
+                f"{install}"]
+
+    return check
+
+
+def arg(args, name: str, default):
+    """`args.name`, or `default` when the attribute is missing or None (tests build partial args)."""
+    v = getattr(args, name, None)
+    return default if v is None else v
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+# ----------------------------------------------------------------------------- parameter groups
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Megatron's rule: 1-D tensors (norm weights) and biases get no weight decay."""
+    return p.ndim < 2 or name.endswith(".bias")
+
+
+def get_param_groups(named_params: NamedParams, lr_mult: float = 1.0) -> list[dict]:
     """Split parameters into a weight-decay group and a no-weight-decay group.
 
-    1-D tensors (norm weights) and biases get no weight decay, as in Megatron. Each group
-    carries `wd_mult` (0 or 1) and `lr_mult`, which the scheduler multiplies in every step.
+    Each group carries `name`, `wd_mult` (0 or 1) and `lr_mult`, which the scheduler multiplies
+    into ``lr`` / ``weight_decay`` every step.
     """
     decay, no_decay = [], []
     for name, p in named_params:
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
     groups = []
     if decay:
         groups.append({"params": decay, "wd_mult": 1.0, "lr_mult": lr_mult, "name": "decay"})
@@ -73,43 +179,96 @@ def get_param_groups(
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
-    """Build the optimizer named by `args.optimizer` for `model`'s parameters."""
-    try:
-        entry = OPTIMIZERS[args.optimizer]
-    except KeyError:
-        raise ValueError(
-            f"unknown optimizer {args.optimizer!r}; valid names: {', '.join(OPTIMIZERS)}"
-        ) from None
-    groups = get_param_groups(model.named_parameters())
+def build_optimizer(model: torch.nn.Module, args):
+    """Build what `args.optimizer` names for `model`: a torch optimizer or a `DeepSpeedOptimizer`."""
+    entry = get_entry(args.optimizer)
+    named = list(model.named_parameters())
+    groups = entry.groups(named, args) if entry.groups else get_param_groups(named)
+    from megatron.model.mup import parametrize_param_groups  # noqa: PLC0415
+
+    groups = parametrize_param_groups(groups, named, args)  # MuP/CompleteP lr/wd/eps multipliers (no-op when off)
     for g in groups:  # the scheduler sets the real values before the first step
-        g["lr"] = args.lr
-        g["weight_decay"] = args.weight_decay * g["wd_mult"]
+        g["lr"] = args.lr * g.get("lr_mult", 1.0)
+        g["weight_decay"] = args.weight_decay * g.get("wd_mult", 1.0)
     return entry.build(groups, args)
 
 
-# --------------------------------------------------------------------------- built-in entries
-# torch.optim implementations; `foreach` keeps the step vectorised on every device.
+def deepspeed_initialize_kwargs(model: torch.nn.Module, args, ds_config: dict,
+                                scheduler_factory: Callable[[Any], Any]) -> dict:
+    """Keyword arguments for ``deepspeed.initialize(model=model, **kwargs)``: the optimizer
+    (a client optimizer, or DeepSpeed's own configured by an ``"optimizer"`` block), the DS
+    config, and the LR scheduler (built by `scheduler_factory(optimizer)` on the optimizer
+    DeepSpeed ends up stepping, so per-group multipliers are honoured either way)."""
+    built = build_optimizer(model, args)
+    if not isinstance(built, DeepSpeedOptimizer):
+        return {"optimizer": built, "config": ds_config, "lr_scheduler": scheduler_factory(built)}
+    cfg = {**ds_config, **built.ds_config, "optimizer": built.config}
+    for p, attrs in built.param_attrs.items():
+        for k, v in attrs.items():
+            setattr(p, k, v)
+
+    def make_scheduler(optimizer):
+        for g in optimizer.param_groups:  # DeepSpeed names its groups "<our name>-<half>-params"
+            for prefix, keys in built.group_keys.items():
+                if str(g.get("name", "")).startswith(prefix + "-"):
+                    g.update(keys)
+        return scheduler_factory(optimizer)
+
+    return {"model_parameters": built.param_groups, "config": cfg, "lr_scheduler": make_scheduler}
 
 
-@register_optimizer("adamw", help="torch.optim.AdamW, decoupled weight decay (default)")
-def _build_adamw(groups: list[dict], args) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-        weight_decay=args.weight_decay, foreach=True,
-    )
+# ----------------------------------------------------------------------------- loop hooks
+def client_optimizer(engine) -> torch.optim.Optimizer:
+    """The optimizer whose `step` DeepSpeed calls (under ZeRO, the one inside its wrapper)."""
+    return getattr(engine, "basic_optimizer", None) or engine.optimizer
 
 
-@register_optimizer("adam", help="torch.optim.Adam, L2 weight decay added to the gradient")
-def _build_adam(groups: list[dict], args) -> torch.optim.Optimizer:
-    return torch.optim.Adam(
-        groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-        weight_decay=args.weight_decay, foreach=True,
-    )
+@dataclass
+class OptimizerHooks:
+    """What some optimizers need from the loop, one call per hook:
 
+    * ``with hooks.eval_weights():`` around evaluation and checkpoint saves: schedule-free
+      optimizers switch to their averaged weights (``optimizer.eval()``) and back.
+    * ``hooks.after_step(iteration, replay)`` after each iteration: SophiaG refreshes its
+      Hessian estimate every k steps from an extra forward/backward with sampled labels
+      (`replay` yields the iteration's micro-batches as (tokens, loss_mask)); MuonClip rescales
+      W_q / W_k of heads whose max QK logit exceeded ``--muonclip-t``.
+    """
+    engine: Any
+    args: Any
 
-@register_optimizer("sgd", help="torch.optim.SGD with --sgd-momentum")
-def _build_sgd(groups: list[dict], args) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        groups, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay, foreach=True
-    )
+    def __post_init__(self) -> None:
+        # A checkpoint is saved with the averaged (eval) weights: a schedule-free optimizer loaded
+        # from one starts in eval mode and must go back to its training point before stepping.
+        opt = self.optimizer
+        groups = getattr(opt, "param_groups", [])
+        if callable(getattr(opt, "train", None)) and groups and groups[0].get("train_mode") is False:
+            opt.train()
+
+    @property
+    def optimizer(self):
+        return client_optimizer(self.engine)
+
+    @contextlib.contextmanager
+    def eval_weights(self) -> Iterator[None]:
+        opt = self.optimizer
+        switch = callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
+        if switch:
+            opt.eval()
+        try:
+            yield
+        finally:
+            if switch:
+                opt.train()
+
+    def after_step(self, iteration: int, replay: Callable[[], Iterable]) -> dict:
+        """Returns metrics to log (may be empty)."""
+        opt = self.optimizer
+        out: dict = {}
+        fn = getattr(opt, "after_step", None)
+        if callable(fn):
+            out.update(fn(iteration, self.engine.module, replay) or {})
+        if out and int(getattr(self.args, "rank", 0) or 0) == 0:
+            log.info("iteration %d optimizer: %s", iteration,
+                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
+        return out

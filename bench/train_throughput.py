@@ -1,0 +1,258 @@
+"""Training throughput: our trainer vs a plain PyTorch loop around transformers' Llama.
+
+    python bench/train_throughput.py                 # ~25M-parameter model, seq 512, fp32 and bf16
+    python bench/train_throughput.py --compile       # ours with --compile (torch.compile)
+    python bench/train_throughput.py --small         # tiny model (CI): seconds
+
+"ours" is the `pretrain_gpt.py` code path, in this process as rank 0 of 1: the arguments parsed
+and validated by `megatron.arguments`, the data pipeline (.bin/.idx corpus, blended dataset,
+sampler, DataLoader), `GPTModel`, the optimizer registry and LR scheduler under
+`deepspeed.initialize` with `build_ds_config`, and `megatron.training.train_step` per iteration.
+
+"hf" is what a user would write instead: `transformers.LlamaForCausalLM` (sdpa attention) with
+the same architecture and the same initial weights, `torch.optim.AdamW` with its defaults,
+gradient clipping at the same norm, the same batches from a DataLoader over the same dataset,
+and `torch.autocast(bfloat16)` for bf16.
+
+Both are timed alternately, step by step (see bench/common.py), and compared by the median of
+the per-round ratios. MFU = model FLOPs per iteration (Megatron's formula,
+`megatron.mfu.flops_per_iteration`) / step time / the matmul peak measured between rounds.
+Final line: `ratio <ours/hf tokens/s, fp32> <bf16>` (the smaller first is what CI checks).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import (Interleaved, machine_line, matmul_peak_tflops, median, print_table,  # noqa: E402
+                          single_rank_env, write_corpus)
+
+# ≈25M parameters: 6 layers x 3.2M + 2 x 6144 x 512 embeddings (untied).
+DEFAULT_MODEL = dict(layers=6, hidden=512, heads=8, kv_heads=8, ffn=1408, vocab=6144, seq=512, mbs=2)
+SMALL_MODEL = dict(layers=2, hidden=128, heads=4, kv_heads=4, ffn=384, vocab=1024, seq=128, mbs=4)
+
+
+def trainer_flags(m: dict, data_list: str, iters: int, dtype: str, zero: int, extra: list[str]) -> list[str]:
+    flags = [
+        "--num-layers", str(m["layers"]), "--hidden-size", str(m["hidden"]),
+        "--num-attention-heads", str(m["heads"]), "--num-key-value-heads", str(m["kv_heads"]),
+        "--ffn-hidden-size", str(m["ffn"]), "--seq-length", str(m["seq"]),
+        "--max-position-embeddings", str(m["seq"]), "--swiglu", "--normalization", "rmsnorm",
+        "--disable-bias-linear", "--use-rotary-position-embeddings", "--untie-embeddings-and-output-weights",
+        "--hidden-dropout", "0", "--attention-dropout", "0",
+        # NullTokenizer: eod = vocab-1; vocab is a multiple of 128, so no padding
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(m["vocab"]),
+        "--micro-batch-size", str(m["mbs"]), "--global-batch-size", str(m["mbs"]),
+        "--train-iters", str(iters), "--lr", "3e-4", "--min-lr", "3e-5", "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", "0", "--weight-decay", "0.01", "--clip-grad", "1.0",
+        "--adam-beta1", "0.9", "--adam-beta2", "0.999", "--adam-eps", "1e-8",
+        "--data-file-list", data_list, "--split", "100,0,0", "--eval-iters", "0", "--eval-interval", "1000000",
+        "--log-interval", "1000000", "--zero-stage", str(zero), "--num-workers", "0",
+    ]
+    if dtype == "bf16":
+        flags.append("--bf16")
+    return flags + extra
+
+
+@dataclass
+class Ours:
+    """Our trainer, one iteration per call."""
+    args: argparse.Namespace
+    engine: object
+    data_iter: object
+    timers: object
+    eod: int
+    device: object
+    hf_state: dict
+    losses: list = field(default_factory=list)
+
+    @classmethod
+    def build(cls, flags: list[str]) -> "Ours":
+        import deepspeed  # noqa: F401  (after single_rank_env)
+        import torch
+
+        from megatron.arguments import parse_args
+        from megatron.core import parallel_state
+        from megatron.initialize import initialize_megatron
+        from megatron.model.hf_convert import to_hf_state_dict
+        from megatron.timers import Timers
+        from megatron import training
+
+        args = parse_args(flags)
+        initialize_megatron(args)
+        tokenizer = training.build_tokenizer_and_vocab(args)
+        train_ds, _, _ = training.build_datasets(args)
+        hf_state: dict = {}
+
+        def before_engine(model):  # the initial weights, for the HF model (DeepSpeed may cast them)
+            hf_state.update({k: v.detach().clone().float() for k, v in
+                             to_hf_state_dict(model, model.config).items()})
+
+        model, engine = training.setup_model_and_optimizer(args, before_engine=before_engine)
+        del model
+        loader = training.build_loader(train_ds, args, consumed_samples=0)
+        timers = Timers(log_level=2)  # batch-generator timer: the data wait (no sync cost on CPU)
+        torch.manual_seed(0)
+        return cls(args, engine, iter(loader), timers, tokenizer.eod, engine.device, hf_state)
+
+    def step(self) -> None:
+        from megatron.training import train_step
+
+        self.losses.append(train_step(self.engine, self.data_iter, self.args, self.eod, self.device, self.timers))
+
+
+@dataclass
+class HFLoop:
+    """A plain PyTorch loop around transformers.LlamaForCausalLM, one iteration per call."""
+    model: object
+    optimizer: object
+    data_iter: object
+    bf16: bool
+    clip: float
+    losses: list = field(default_factory=list)
+
+    @classmethod
+    def build(cls, ours: Ours) -> "HFLoop":
+        import torch
+        from transformers import LlamaForCausalLM
+
+        from megatron.model.hf_convert import hf_config
+        from megatron.training import build_datasets, build_loader, model_config
+
+        a = ours.args
+        model = LlamaForCausalLM(hf_config(model_config(a), attn_implementation="sdpa"))
+        model.load_state_dict(ours.hf_state, strict=False)  # rotary inv_freq is a non-persistent buffer
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps,
+                                weight_decay=a.weight_decay)
+        train_ds, _, _ = build_datasets(a)
+        loader = build_loader(train_ds, a, consumed_samples=0)
+        return cls(model, opt, iter(loader), a.bf16, a.clip_grad)
+
+    def step(self) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        text = torch.as_tensor(next(self.data_iter)["text"]).long()
+        x, y = text[:, :-1], text[:, 1:]
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with ctx:
+            logits = self.model(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.detach())
+
+
+def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str,
+            peak_every: int = 2) -> dict:
+    """Interleaved ours vs hf for one dtype; returns the measured numbers."""
+    from megatron.mfu import flops_per_iteration
+
+    iters = warmup + rounds + 2
+    n_tokens = (iters + 1) * m["mbs"] * (m["seq"] + 1) * 2
+    data_list = write_corpus(os.path.join(workdir, f"data-{dtype}"), n_tokens, m["vocab"])
+    ours = Ours.build(trainer_flags(m, data_list, iters, dtype, zero, extra))
+    hf = HFLoop.build(ours)
+    peaks: list[float] = []
+    count = [0]
+
+    def between() -> None:  # the peak, measured under the same load as the steps
+        count[0] += 1
+        if count[0] % peak_every == 1 or peak_every == 1:
+            peaks.append(matmul_peak_tflops(dtype, seconds=0.2))
+
+    bench = Interleaved({"ours": ours.step, "hf": hf.step})
+    bench.run(rounds, warmup=warmup, between=between)
+    ours.timers.elapsed("batch-generator")  # reset: count only the timed rounds' data wait below
+    a = ours.args
+    tokens = a.global_batch_size * a.seq_length
+    flops = flops_per_iteration(a)
+    peak = median(peaks)
+    t_ours, t_hf = bench.median("ours"), bench.median("hf")
+    # data wait: one extra timed iteration set, measured by the batch-generator timer
+    data_wait, step_total = 0.0, 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        ours.step()
+        step_total += time.perf_counter() - t0
+    data_wait = ours.timers.elapsed("batch-generator")
+    first_loss = (float(ours.losses[0]), float(hf.losses[0]))
+    return {
+        "dtype": dtype, "tokens_per_iter": tokens, "flops_per_iter": flops, "peak_tflops": peak,
+        "ours_s": t_ours, "hf_s": t_hf, "ours_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf,
+        "ours_mfu": flops / t_ours / 1e12 / peak, "hf_mfu": flops / t_hf / 1e12 / peak,
+        "ratio": bench.ratio("ours", "hf"), "data_wait_frac": data_wait / max(step_total, 1e-9),
+        "first_loss": first_loss, "rounds": rounds,
+        "samples": {k: [round(x, 4) for x in v] for k, v in bench.samples.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="tiny model (2 layers, hidden 128, seq 128)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--rounds", type=int, default=8, help="timed iterations of each side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each side first")
+    p.add_argument("--zero-stage", type=int, default=1, help="our trainer's ZeRO stage (the launcher's default: 1)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default 512; 128 with --small)")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="ours with --compile")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--extra", default="", help="extra trainer flags for ours, space separated")
+    opts = p.parse_args(argv)
+
+    single_rank_env()
+    import torch
+
+    m = dict(SMALL_MODEL if opts.small else DEFAULT_MODEL)
+    if opts.seq:
+        m["seq"] = opts.seq
+    if opts.micro_batch:
+        m["mbs"] = opts.micro_batch
+    extra = opts.extra.split() + (["--compile"] if opts.compile else [])
+    print(f"# train_throughput: {machine_line()}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for dtype in opts.dtypes.split(","):
+            results.append(compare(m, dtype, rounds=opts.rounds, warmup=opts.warmup, zero=opts.zero_stage,
+                                   extra=extra, workdir=workdir))
+            torch.manual_seed(0)
+    n_params = None
+    try:
+        from megatron.model import GPTConfig
+
+        n_params = GPTConfig(vocab_size=m["vocab"], hidden_size=m["hidden"], num_layers=m["layers"],
+                             num_attention_heads=m["heads"], num_key_value_heads=m["kv_heads"],
+                             ffn_hidden_size=m["ffn"], max_position_embeddings=m["seq"]).num_parameters()
+    except Exception:  # noqa: BLE001
+        pass
+    rows = []
+    for r in results:
+        rows.append([r["dtype"], f"{r['hf_tok_s']:.0f}", f"{r['ours_tok_s']:.0f}", f"{r['ratio']:.3f}",
+                     f"{r['hf_mfu'] * 100:.1f}%", f"{r['ours_mfu'] * 100:.1f}%", f"{r['peak_tflops'] * 1e3:.0f}",
+                     f"{r['data_wait_frac'] * 100:.2f}%", f"{r['first_loss'][0]:.4f}/{r['first_loss'][1]:.4f}"])
+    title = (f"train_throughput: {(n_params or 0) / 1e6:.1f}M params, {m['layers']} layers, hidden {m['hidden']}, "
+             f"seq {m['seq']}, micro batch {m['mbs']}, ZeRO {opts.zero_stage}{', --compile' if opts.compile else ''}; "
+             f"medians of {opts.rounds} interleaved iterations")
+    print_table(title, ["dtype", "hf tok/s", "ours tok/s", "ours/hf", "hf MFU", "ours MFU", "peak GFLOP/s",
+                        "ours data wait", "loss@1 ours/hf"], rows)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(results, f, indent=1)
+    print("ratio " + " ".join(f"{r['dtype']}={r['ratio']:.3f}" for r in results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

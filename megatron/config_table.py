@@ -1,0 +1,188 @@
+"""The resolved configuration, printed once at start-up as a table, with where each value came from.
+
+Sources: `flag` (on the command line), `env NAME` (the launcher turned the environment variable
+NAME, which the user set, into the flag: the launcher does not export its own defaults, so a
+variable present in the trainer's environment with the same value was set by the user),
+`default` (nothing set it) or `derived` (computed from other values). Warnings follow the
+table for settings that are legal but probably not what the user meant.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+
+# dest -> the launcher's environment variables that set it (upstream-spec §2.4/§2.5; aliases included)
+ENV_FOR_DEST: dict[str, tuple[str, ...]] = {
+    "lr": ("LR",), "min_lr": ("MIN_LR",), "lr_decay_style": ("LR_DECAY_STYLE",),
+    "lr_warmup_fraction": ("LR_WARMUP_FRAC", "LR_WARMUP_FRACTION"), "lr_decay_iters": ("LR_DECAY_ITERS",),
+    "optimizer": ("OPT", "OPTIMIZER", "OPTIM"), "weight_decay": ("WEIGHT_DECAY",), "adam_beta1": ("ADAM_BETA1",),
+    "adam_beta2": ("ADAM_BETA2",), "adam_eps": ("ADAM_EPS",), "clip_grad": ("CLIP_GRAD",),
+    "seq_length": ("SEQ", "SEQ_LEN"), "num_attention_heads": ("HEADS", "NHEADS"),
+    "num_layers": ("NLAYERS", "NUM_LAYERS"), "hidden_size": ("HIDDEN",), "num_key_value_heads": ("NUM_KV_HEAD",),
+    "ffn_hidden_size": ("FFN_HIDDEN_SIZE",), "rope_theta": ("ROPE_THETA",), "init_method_std": ("INIT_METHOD_STD",),
+    "tensor_model_parallel_size": ("TP",), "pipeline_model_parallel_size": ("PP",),
+    "ds_sequence_parallel_size": ("SP",), "zero_stage": ("ZERO_STAGE",), "micro_batch_size": ("MICRO_BATCH",),
+    "global_batch_size": ("GLOBAL_BATCH",), "train_iters": ("TRAIN_ITERS", "TRAIN_ITER", "TRAIN_TOKENS"),
+    "log_interval": ("LOG_INTERVAL",), "eval_interval": ("EVAL_INTERVAL",), "eval_iters": ("EVAL_ITERS",),
+    "save_interval": ("SAVE_INTERVAL",), "timing_log_level": ("TIMING_LOG_LEVEL",),
+    "data_file_list": ("DATA_FILE_LIST",), "tokenizer_type": ("TOKENIZER_TYPE",),
+    "tokenizer_model": ("TOKENIZER_MODEL",), "load": ("LOAD",), "save": ("SAVE", "CKPT_DIR"),
+}
+DERIVED = {"data_parallel_size", "num_micro_batches", "padded_vocab_size", "world_size"}
+TINY_TOKENS_PER_STEP = 8192
+
+
+def flag_dests(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:
+    """The argparse destinations that `argv` sets."""
+    out = set()
+    for tok in argv:
+        if tok.startswith("-"):
+            action = parser._option_string_actions.get(tok.split("=", 1)[0])  # noqa: SLF001
+            if action is not None:
+                out.add(action.dest)
+    return out
+
+
+def _same(env_value: str, value) -> bool:
+    if isinstance(value, bool) or value is None:
+        return False
+    if isinstance(value, (int, float)):
+        try:
+            return math.isclose(float(env_value), float(value), rel_tol=1e-9)
+        except ValueError:
+            return False
+    return str(env_value) == str(value) or os.path.abspath(env_value) == os.path.abspath(str(value))
+
+
+def source_of(dest: str, value, flags: set[str], env) -> str:
+    if dest in DERIVED:
+        return "derived"
+    for name in ENV_FOR_DEST.get(dest, ()):
+        v = env.get(name)
+        if v and (name == "TRAIN_TOKENS" or _same(v, value)):
+            return f"env {name}"
+    if dest in flags:
+        return "flag"
+    return "default"
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    value: str
+    source: str
+
+
+def config_rows(args, num_params: int | None, parser: argparse.ArgumentParser | None = None,
+                env=os.environ) -> list[Row]:
+    """The table's rows. `args.argv` (kept by parse_args) tells which flags were given."""
+    if parser is None:
+        from megatron.arguments import build_parser  # noqa: PLC0415
+
+        parser = build_parser()
+    flags = flag_dests(list(getattr(args, "argv", []) or []), parser)
+    rows: list[Row] = []
+
+    def add(section: str, name: str, dest: str | None, text=None) -> None:
+        value = getattr(args, dest, None) if dest else None
+        rows.append(Row(section, name, str(value if text is None else text),
+                        source_of(dest, value, flags, env) if dest else "derived"))
+
+    tokens_per_step = args.global_batch_size * args.seq_length
+    if num_params is not None:
+        add("model", "parameters", None, f"{num_params / 1e6:,.2f}M")
+    add("model", "layers", "num_layers")
+    add("model", "hidden size", "hidden_size")
+    add("model", "attention heads", "num_attention_heads")
+    add("model", "key-value heads", "num_key_value_heads")
+    add("model", "ffn hidden size", "ffn_hidden_size")
+    add("model", "sequence length", "seq_length")
+    add("model", "vocabulary (padded)", "padded_vocab_size",
+        f"{getattr(args, 'padded_vocab_size', '?')} (tokenizer {getattr(args, 'vocab_size_orig', '?')})")
+    add("model", "dtype", "bf16", args.params_dtype)
+    add("parallel", "world size", "world_size")
+    add("parallel", "TP / PP / SP", "tensor_model_parallel_size",
+        f"{args.tensor_model_parallel_size} / {args.pipeline_model_parallel_size} / {args.ds_sequence_parallel_size}")
+    add("parallel", "data parallel", "data_parallel_size")
+    add("parallel", "ZeRO stage", "zero_stage")
+    add("batch", "micro batch", "micro_batch_size")
+    add("batch", "gradient accumulation", "num_micro_batches")
+    add("batch", "global batch", "global_batch_size",
+        f"{args.global_batch_size} = {args.micro_batch_size} x {args.num_micro_batches} x {args.data_parallel_size}")
+    add("batch", "tokens per step", None, f"{tokens_per_step:,}")
+    add("schedule", "train iterations", "train_iters")
+    add("schedule", "train tokens", None, f"{args.train_iters * tokens_per_step:,}")
+    add("schedule", "optimizer", "optimizer")
+    add("schedule", "learning rate", "lr")
+    add("schedule", "min learning rate", "min_lr")
+    add("schedule", "LR schedule", "lr_decay_style")
+    if args.lr_warmup_fraction is not None:
+        add("schedule", "warmup fraction", "lr_warmup_fraction")
+    else:
+        add("schedule", "warmup iterations", "lr_warmup_iters")
+    add("schedule", "weight decay", "weight_decay")
+    add("schedule", "gradient clipping", "clip_grad")
+    add("data", "data list", "data_file_list" if args.data_file_list else "data_path")
+    add("data", "split", "split")
+    add("data", "tokenizer", "tokenizer_type")
+    add("output", "save", "save")
+    add("output", "load", "load")
+    add("output", "log interval", "log_interval")
+    add("output", "eval interval / iters", "eval_interval", f"{args.eval_interval} / {args.eval_iters}")
+    add("output", "tensorboard", "tensorboard_dir")
+    add("output", "metrics", "metrics_file")
+    return rows
+
+
+def warmup_iterations(args) -> float:
+    """Warmup length in iterations (the fraction applies to the decay span, as in the scheduler)."""
+    if args.lr_warmup_fraction is not None:
+        return args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters)
+    if args.lr_warmup_samples:
+        return args.lr_warmup_samples / args.global_batch_size
+    if getattr(args, "lr_warmup_tokens", None):
+        return args.lr_warmup_tokens / (args.global_batch_size * args.seq_length)
+    return float(args.lr_warmup_iters or 0)
+
+
+def config_warnings(args) -> list[str]:
+    """Legal settings that are probably mistakes, one line each naming the fix."""
+    out = []
+    w = warmup_iterations(args)
+    if w >= args.train_iters:
+        out.append(f"the LR warmup ({w:g} iterations) is not shorter than the run ({args.train_iters} iterations): "
+                   "the LR never reaches --lr; shorten the warmup (LR_WARMUP_FRAC / --lr-warmup-iters)")
+    tokens = args.global_batch_size * args.seq_length
+    if tokens < TINY_TOKENS_PER_STEP:
+        out.append(f"{tokens:,} tokens per optimizer step (GBS {args.global_batch_size} x seq {args.seq_length}) is "
+                   "tiny for pretraining (usually 0.5M-4M): fine for a smoke test; raise GLOBAL_BATCH otherwise")
+    if args.log_interval > args.train_iters:
+        out.append(f"--log-interval ({args.log_interval}) > --train-iters ({args.train_iters}): only the last "
+                   "iteration is logged; lower LOG_INTERVAL")
+    if args.lr_decay_iters and args.lr_decay_iters < args.train_iters:
+        out.append(f"--lr-decay-iters ({args.lr_decay_iters}) < --train-iters ({args.train_iters}): the last "
+                   f"{args.train_iters - args.lr_decay_iters} iterations run at the final LR")
+    if args.eval_iters and args.eval_interval and args.eval_interval > args.train_iters:
+        out.append(f"--eval-interval ({args.eval_interval}) > --train-iters ({args.train_iters}): validation runs "
+                   "only at the end")
+    return out
+
+
+def format_table(rows: list[Row]) -> str:
+    w1 = max(len(f"{r.section}: {r.name}") for r in rows)
+    w2 = max(len(r.value) for r in rows)
+    lines = [f"{'setting'.ljust(w1)}  {'value'.ljust(w2)}  source", "-" * (w1 + w2 + 10)]
+    lines += [f"{(r.section + ': ' + r.name).ljust(w1)}  {r.value.ljust(w2)}  {r.source}" for r in rows]
+    return "\n".join(lines)
+
+
+def print_config(args, num_params: int | None = None) -> None:
+    """Rank 0: the table and the warnings (stdout, once)."""
+    if getattr(args, "rank", 0) != 0:
+        return
+    print("> configuration:\n" + format_table(config_rows(args, num_params)), flush=True)
+    for w in config_warnings(args):
+        print(f"WARNING: {w}", flush=True)

@@ -1,0 +1,250 @@
+"""MuP (width) and CompleteP (depth) parametrizations: model multipliers and per-group optimizer scaling.
+
+With width multiplier ``m_N = hidden / --mup-base-width`` and depth multiplier
+``m_L = num_layers / --depth-base`` (each 1 when its feature is off) and ``a = --depth-alpha``:
+
+model (``GPTConfig`` fields, see ``model_fields``)
+    * embedding output x ``--mup-input-alpha``;
+    * final hidden state (= logits) x ``--mup-output-alpha / m_N``;
+    * attention scores x ``--mup-attn-alpha / d_head`` instead of ``1 / sqrt(d_head)``;
+    * hidden matrices (QKV, attention out, MLP in/out) initialized with std ``sigma / sqrt(m_N)``;
+      the output projections keep Megatron's extra ``1 / sqrt(2 L)``, with ``L = --depth-base``
+      under depth scaling so the init does not change with depth;
+    * every residual branch (attention, MLP) x ``m_L ** -a``.
+
+optimizer (per parameter group, see ``multipliers``; the scheduler applies ``lr_mult`` and
+``wd_mult`` every step, ``eps`` is set once)
+
+    ==============  ======================  ==========  ======================
+    role            lr_mult                 wd_mult     Adam eps multiplier
+    ==============  ======================  ==========  ======================
+    embedding       1                       1           1 / m_N
+    output layer    1                       1           1 / m_N
+    hidden matrix   m_L^(a-1) / m_N         m_N         m_L^-a / m_N
+    layer vectors   m_L^(a-1)               (no WD)     m_L^-a / m_N
+    final norm      1                       (no WD)     1 / m_N
+    ==============  ======================  ==========  ======================
+
+Hidden matrices that Muon updates (groups with ``use_muon``) get ``m_L^(a-1) / m_N^k`` instead,
+with ``k = MUON_WIDTH_EXPONENT`` of the optimizer: Muon's orthogonalized update has a fixed
+spectral norm, so only the RMS-matching rescale ``0.2 sqrt(max(A, B))`` needs ``1/sqrt(m_N)``.
+
+``ALCF/notes/mup.md`` explains the recipe. The formulas follow Yang et al. (muP, Tensor
+Programs V) and Dey et al. (CompleteP, arXiv 2505.01618).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+__all__ = [
+    "Parametrization",
+    "Multipliers",
+    "ROLES",
+    "param_role",
+    "mup_problems",
+    "model_fields",
+    "parametrize_param_groups",
+    "MUON_WIDTH_EXPONENT",
+]
+
+ROLES = ("embedding", "output", "hidden", "layer_vector", "final_vector")
+
+# Width exponent k of the hidden-matrix LR (lr x m_N^-k) for optimizers whose update of a 2-D
+# weight is orthogonalized: "muon" rescales to Adam's RMS (0.2 sqrt(max(A, B))), so its spectral
+# norm grows like sqrt(width); "muonclip" uses Keller's sqrt(max(1, A/B)), already width-free.
+MUON_WIDTH_EXPONENT = {"muon": 0.5, "muonclip": 0.0}
+_DEFAULT_MUON_WIDTH_EXPONENT = 0.5
+
+
+@dataclass(frozen=True)
+class Multipliers:
+    lr: float = 1.0
+    wd: float = 1.0
+    eps: float = 1.0
+
+
+@dataclass(frozen=True)
+class Parametrization:
+    """Width (MuP) and depth (CompleteP) settings; all multipliers are 1 when both are off."""
+
+    mup: bool = False
+    width_mult: float = 1.0  # m_N = hidden / base width
+    input_alpha: float = 1.0
+    output_alpha: float = 1.0
+    attn_alpha: float = 1.0
+    depth: bool = False
+    depth_mult: float = 1.0  # m_L = layers / base layers
+    depth_alpha: float = 1.0
+    depth_base: float | None = None  # base number of layers (for the output-projection init)
+
+    def __post_init__(self) -> None:
+        for name in ("width_mult", "depth_mult"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"Parametrization: {name} must be a positive number, got {v}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mup or self.depth
+
+    @property
+    def m_n(self) -> float:
+        return self.width_mult if self.mup else 1.0
+
+    @property
+    def m_l(self) -> float:
+        return self.depth_mult if self.depth else 1.0
+
+    @property
+    def residual_multiplier(self) -> float:
+        return self.m_l ** -self.depth_alpha if self.depth else 1.0
+
+    @property
+    def output_multiplier(self) -> float:
+        return self.output_alpha / self.m_n if self.mup else 1.0
+
+    @property
+    def input_multiplier(self) -> float:
+        return self.input_alpha if self.mup else 1.0
+
+    def attention_scale(self, kv_channels: int) -> float | None:
+        """Softmax scale; None keeps the standard 1/sqrt(d_head)."""
+        return self.attn_alpha / kv_channels if self.mup else None
+
+    def multipliers(self, role: str, muon: bool = False, optimizer: str = "") -> Multipliers:
+        """LR, WD and Adam-eps multipliers of a parameter of `role` (see the module table)."""
+        if role not in ROLES:
+            raise ValueError(f"unknown parameter role {role!r}; one of {ROLES}")
+        m_n, m_l, a = self.m_n, self.m_l, self.depth_alpha
+        depth_lr = m_l ** (a - 1.0) if self.depth else 1.0
+        depth_eps = m_l ** -a if self.depth else 1.0
+        if role == "hidden":
+            if muon:
+                k = MUON_WIDTH_EXPONENT.get(optimizer, _DEFAULT_MUON_WIDTH_EXPONENT)
+                return Multipliers(lr=depth_lr * m_n ** -k, wd=m_n ** k, eps=1.0)
+            return Multipliers(lr=depth_lr / m_n, wd=m_n, eps=depth_eps / m_n)
+        if role == "layer_vector":
+            return Multipliers(lr=depth_lr, wd=1.0, eps=depth_eps / m_n)
+        return Multipliers(lr=1.0, wd=1.0, eps=1.0 / m_n)  # embedding, output, final_vector
+
+    def model_fields(self, num_layers: int, kv_channels: int) -> dict:
+        """GPTConfig keyword arguments carrying this parametrization (neutral values when off)."""
+        return {
+            "embedding_multiplier": self.input_multiplier,
+            "output_multiplier": self.output_multiplier,
+            "attention_scale": self.attention_scale(kv_channels),
+            "residual_multiplier": self.residual_multiplier,
+            "init_width_multiplier": self.m_n,
+            "residual_init_layers": (self.depth_base if self.depth and self.depth_base else None),
+        }
+
+    @classmethod
+    def from_args(cls, args: Any) -> "Parametrization":
+        """From validated arguments (`mup_problems` returned nothing)."""
+        mup = bool(getattr(args, "enable_mup", False))
+        depth = bool(getattr(args, "enable_depth_scale", False))
+        width_mult, depth_mult, depth_base = 1.0, 1.0, None
+        if mup:
+            base = getattr(args, "mup_base_width", None)
+            width_mult = args.hidden_size / base if base else float(args.mup_width_multiplier)
+        if depth:
+            depth_base = getattr(args, "depth_base", None)
+            depth_mult = args.num_layers / depth_base if depth_base else float(args.depth_multiplier)
+            if not depth_base:
+                depth_base = args.num_layers / depth_mult
+        return cls(mup=mup, width_mult=width_mult, input_alpha=getattr(args, "mup_input_alpha", 1.0),
+                   output_alpha=getattr(args, "mup_output_alpha", 1.0), attn_alpha=getattr(args, "mup_attn_alpha", 1.0),
+                   depth=depth, depth_mult=depth_mult, depth_alpha=getattr(args, "depth_alpha", 1.0),
+                   depth_base=depth_base)
+
+
+def param_role(name: str, ndim: int) -> str:
+    """Role of a parameter of GPTModel from its (upstream) name."""
+    if name.endswith(("word_embeddings.weight", "position_embeddings.weight")):
+        return "embedding"
+    if name.endswith("output_layer.weight"):
+        return "output"
+    if ".layers." in name:
+        return "hidden" if ndim >= 2 and not name.endswith(".bias") else "layer_vector"
+    return "final_vector"
+
+
+def mup_problems(args: Any) -> list[str]:
+    """Configuration problems of the MuP / CompleteP flags, one line each naming the fix."""
+    errs: list[str] = []
+    base, mult = getattr(args, "mup_base_width", None), getattr(args, "mup_width_multiplier", None)
+    if getattr(args, "enable_mup", False):
+        if base is None and mult is None:
+            errs.append("--enable-mup needs --mup-base-width (the hidden size the hyper-parameters were tuned at; "
+                        "MUP_BASE_WIDTH in the launcher) or --mup-width-multiplier")
+        elif base is not None and mult is not None:
+            errs.append("give either --mup-base-width or --mup-width-multiplier, not both")
+        elif base is not None and not base > 0:
+            errs.append(f"--mup-base-width must be > 0 (got {base})")
+        elif mult is not None and not (mult > 0 and math.isfinite(mult)):
+            errs.append(f"--mup-width-multiplier must be > 0 (got {mult})")
+        for name in ("mup_input_alpha", "mup_output_alpha", "mup_attn_alpha"):
+            v = getattr(args, name, 1.0)
+            if not (v > 0 and math.isfinite(v)):
+                errs.append(f"--{name.replace('_', '-')} must be > 0 (got {v})")
+        if args.init_method_xavier_uniform:
+            errs.append("--enable-mup sets the init std of each layer; drop --init-method-xavier-uniform")
+    elif base is not None or mult is not None:
+        errs.append("--mup-base-width/--mup-width-multiplier have no effect without --enable-mup: add --enable-mup")
+    dbase, dmult = getattr(args, "depth_base", None), getattr(args, "depth_multiplier", None)
+    if getattr(args, "enable_depth_scale", False):
+        if dbase is None and dmult is None:
+            errs.append("--enable-depth-scale needs --depth-base (the number of layers the hyper-parameters were "
+                        "tuned at; DEPTH_BASE in the launcher) or --depth-multiplier")
+        elif dbase is not None and dmult is not None:
+            errs.append("give either --depth-base or --depth-multiplier, not both")
+        elif dbase is not None and not dbase > 0:
+            errs.append(f"--depth-base must be > 0 (got {dbase})")
+        elif dmult is not None and not (dmult > 0 and math.isfinite(dmult)):
+            errs.append(f"--depth-multiplier must be > 0 (got {dmult})")
+        alpha = getattr(args, "depth_alpha", 1.0)
+        if not 0.0 <= alpha <= 1.0:
+            errs.append(f"--depth-alpha must be in [0, 1] (got {alpha}); CompleteP uses 1, Yang et al. 0.5")
+    elif dbase is not None or dmult is not None:
+        errs.append("--depth-base/--depth-multiplier have no effect without --enable-depth-scale: "
+                    "add --enable-depth-scale")
+    return errs
+
+
+def model_fields(args: Any) -> dict:
+    """GPTConfig keyword arguments for the parametrization selected by `args`."""
+    kv = args.kv_channels or args.hidden_size // args.num_attention_heads
+    return Parametrization.from_args(args).model_fields(args.num_layers, kv)
+
+
+def parametrize_param_groups(groups: list[dict], named_params: Iterable[tuple[str, Any]], args: Any) -> list[dict]:
+    """Split each optimizer group by parameter role and multiply in the MuP/CompleteP factors.
+
+    A group keeps its keys (``use_muon``, its own ``lr_mult``/``wd_mult``...); the role's LR and WD
+    multipliers are multiplied into ``lr_mult``/``wd_mult``, its name gets ``.<role>`` appended,
+    ``mup_role`` records the role, and ``eps`` is set to ``--adam-eps`` x the eps multiplier (an
+    optimizer without eps ignores the key). Returns `groups` unchanged when both features are off.
+    """
+    par = Parametrization.from_args(args)
+    if not par.enabled:
+        return groups
+    names = {id(p): n for n, p in named_params}
+    base_eps = float(getattr(args, "adam_eps", 1e-8))
+    optimizer = str(getattr(args, "optimizer", ""))
+    out: list[dict] = []
+    for g in groups:
+        by_role: dict[str, list] = {}
+        for p in g["params"]:
+            by_role.setdefault(param_role(names[id(p)], p.ndim), []).append(p)
+        for role in ROLES:
+            if role not in by_role:
+                continue
+            m = par.multipliers(role, muon=bool(g.get("use_muon", False)), optimizer=optimizer)
+            ng = {**g, "params": by_role[role], "name": f"{g.get('name', 'group')}.{role}", "mup_role": role,
+                  "lr_mult": g.get("lr_mult", 1.0) * m.lr, "wd_mult": g.get("wd_mult", 1.0) * m.wd}
+            if not g.get("use_muon", False):
+                ng["eps"] = g.get("eps", base_eps) * m.eps
+            out.append(ng)
+    return out

@@ -1,0 +1,119 @@
+"""Names that need hardware or packages this machine may not have.
+
+Either they fall back to a mathematically equivalent optimizer with ONE warning (apex.adam ->
+adamw, since apex's FusedAdam defaults to AdamW mode; apex.sgd -> sgd), or `check` refuses them
+at start-up with the package to install (never a TypeError mid-run, as upstream).
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron.optimizer import (
+    DeepSpeedOptimizer, arg, have_module, needs_module, register_optimizer, warn_once,
+)
+from megatron.optimizer.basic import adam_kwargs, build_adamw, build_sgd
+
+
+def _apex_cuda() -> bool:
+    return torch.cuda.is_available() and have_module("apex")
+
+
+@register_optimizer("apex.adam", help="apex FusedAdam (CUDA); else torch AdamW (same math)")
+def build_apex_adam(groups: list[dict], args):
+    if _apex_cuda():
+        from apex.optimizers import FusedAdam  # noqa: PLC0415
+        return FusedAdam(groups, **adam_kwargs(args))
+    warn_once("apex.adam", "--optimizer apex.adam: apex/CUDA not available; running torch.optim.AdamW (same math)")
+    return build_adamw(groups, args)
+
+
+@register_optimizer("apex.sgd", help="apex FusedSGD (CUDA); else torch SGD (same math)")
+def build_apex_sgd(groups: list[dict], args):
+    if _apex_cuda():
+        from apex.optimizers import FusedSGD  # noqa: PLC0415
+        return FusedSGD(groups, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay)
+    warn_once("apex.sgd", "--optimizer apex.sgd: apex/CUDA not available; running torch.optim.SGD (same math)")
+    return build_sgd(groups, args)
+
+
+@register_optimizer("adam8bit", check=needs_module("bitsandbytes", "pip install bitsandbytes", "bitsandbytes"),
+                    help="bitsandbytes Adam8bit (8-bit optimizer states)")
+def build_adam8bit(groups: list[dict], args):
+    import bitsandbytes as bnb  # noqa: PLC0415
+    return bnb.optim.Adam8bit(groups, **adam_kwargs(args))
+
+
+def _galore_check(args) -> list[str]:
+    errs = needs_module("galore_torch", "pip install galore-torch", "GaLore")(args)
+    if args.optimizer == "galoreadamw8bitperlayer":
+        errs.append("--optimizer galoreadamw8bitperlayer steps each layer inside backward hooks, which DeepSpeed's "
+                    "engine does not support: use --optimizer galoreadamw8bit")
+    if int(arg(args, "zero_stage", 0)) >= 1 or arg(args, "bf16", False):
+        errs.append(f"--optimizer {args.optimizer} projects 2-D gradients, which needs the optimizer to hold the "
+                    "model's weights: use --zero-stage 0 without --bf16")
+    return errs
+
+
+def _galore_groups(groups: list[dict]) -> list[dict]:
+    """GaLore's README settings: rank 128, projection refreshed every 200 steps, scale 0.25, on 2-D weights."""
+    out = []
+    for g in groups:
+        mats = [p for p in g["params"] if p.ndim == 2]
+        rest = [p for p in g["params"] if p.ndim != 2]
+        if mats:
+            out.append({**g, "params": mats, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"})
+        if rest:
+            out.append({**g, "params": rest})
+    return out
+
+
+@register_optimizer("galoreadamw", check=_galore_check, help="GaLore AdamW (galore-torch)")
+def build_galore(groups: list[dict], args):
+    from galore_torch import GaLoreAdamW  # noqa: PLC0415
+    return GaLoreAdamW(_galore_groups(groups), **adam_kwargs(args))
+
+
+@register_optimizer("galoreadamw8bit", check=_galore_check, help="GaLore AdamW 8-bit (galore-torch + bitsandbytes)")
+def build_galore8(groups: list[dict], args):
+    from galore_torch import GaLoreAdamW8bit  # noqa: PLC0415
+    return GaLoreAdamW8bit(_galore_groups(groups), **adam_kwargs(args))
+
+
+@register_optimizer("galoreadamw8bitperlayer", check=_galore_check, help="refused: per-layer GaLore needs "
+                    "backward-hook stepping, not possible under DeepSpeed")
+def build_galore8_per_layer(groups: list[dict], args):
+    raise RuntimeError("galoreadamw8bitperlayer is refused by validate_args")
+
+
+def _shampoo_check(args) -> list[str]:
+    return needs_module("distributed_shampoo", "pip install git+https://github.com/facebookresearch/optimizers.git",
+                        "Distributed Shampoo (facebookresearch/optimizers)")(args)
+
+
+@register_optimizer("dshampooadamw", check=_shampoo_check,
+                    help="Distributed Shampoo with Adam grafting (facebookresearch/optimizers)")
+def build_dshampoo(groups: list[dict], args):
+    from distributed_shampoo import AdamGraftingConfig, DistributedShampoo  # noqa: PLC0415
+    warn_once("dshampoo", "dshampooadamw: Distributed Shampoo's state_dict() is not implemented upstream, so "
+              "checkpoint saves with optimizer state may fail (use --no-save-optim)")
+    return DistributedShampoo(
+        groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), epsilon=arg(args, "dshampooadamw_eps", 1e-12),
+        weight_decay=args.weight_decay,
+        max_preconditioner_dim=arg(args, "dshampooadamw_max_preconditioner_dim", 8192),
+        precondition_frequency=arg(args, "dshampooadamw_precondition_freq", 100),
+        use_decoupled_weight_decay=arg(args, "dshampooadamw_use_decoupled_weight_decay", True),
+        grafting_config=AdamGraftingConfig(beta2=args.adam_beta2, epsilon=args.adam_eps))
+
+
+def _onebit_check(args) -> list[str]:
+    if torch.cuda.is_available():
+        return []
+    return ["--optimizer ds.onebitlamb needs CUDA GPUs (DeepSpeed's OnebitLamb compresses its communication with "
+            "NCCL/cupy); on this machine use --optimizer lamb (or ipex.fusedlamb)"]
+
+
+@register_optimizer("ds.onebitlamb", check=_onebit_check, help="DeepSpeed OnebitLamb (CUDA only)")
+def build_onebitlamb(groups: list[dict], args):
+    return DeepSpeedOptimizer(config={"type": "OneBitLamb", "params": {
+        "lr": args.lr, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_eps,
+        "weight_decay": args.weight_decay}}, param_groups=groups)

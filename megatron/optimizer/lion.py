@@ -1,0 +1,45 @@
+"""Lion (EvoLved Sign Momentum, Chen et al. 2023): sign of an interpolated momentum.
+
+betas are ``--adam-beta1`` / ``--adam-beta2`` (as in Megatron-LM; Lion's paper uses 0.9, 0.99);
+Lion wants an LR 3-10x smaller and a weight decay 3-10x larger than AdamW.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from megatron.optimizer import register_optimizer
+
+
+class Lion(torch.optim.Optimizer):
+    """p <- p(1 - lr*wd) - lr*sign(b1*m + (1-b1)*g);  m <- b2*m + (1-b2)*g."""
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            b1, b2 = g["betas"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+                p.add_(m.lerp(p.grad, 1 - b1).sign_(), alpha=-g["lr"])
+                m.lerp_(p.grad, 1 - b2)
+        return loss
+
+
+@register_optimizer("lion", help="Lion (sign momentum); betas from --adam-beta1/2, decoupled weight decay")
+def build_lion(groups: list[dict], args) -> torch.optim.Optimizer:
+    return Lion(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)

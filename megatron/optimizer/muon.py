@@ -1,0 +1,321 @@
+"""Muon (MomentUm Orthogonalized by Newton-Schulz) and MuonClip.
+
+Which parameters take Muon: 2-D hidden matrices (attention QKV/dense, MLP); embeddings, the LM
+head, norms and biases take the auxiliary AdamW (``--muonadamw-beta1/2``, ``--muonadamw-eps``).
+
+Where it runs:
+
+* ZeRO 0 in fp32: our `Muon` below, a client optimizer that sees the real 2-D weights. It is
+  numerically ``torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`` on the Muon half (EMA momentum,
+  Nesterov, quintic Newton-Schulz in bf16, update scaled by 0.2*sqrt(max(A, B)), decoupled weight
+  decay with the base LR) and ``torch.optim.AdamW`` on the other half.
+* ZeRO 1/2 (and ZeRO 0 with bf16, where DeepSpeed also flattens parameters): DeepSpeed's own
+  ZeRO-aware Muon, selected by an ``"optimizer": {"type": "Muon"}`` block with parameters tagged
+  ``use_muon``. DeepSpeed scales the update by sqrt(max(1, A/B)); the Moonlight RMS-matching scale
+  is restored per parameter group through ``lr_mult`` (and ``wd_mult`` divided by the same
+  factor, so weight decay still uses the base LR). DeepSpeed fixes Nesterov on and 5
+  Newton-Schulz steps there; other values are refused at start-up.
+* ZeRO 3: refused (DeepSpeed's stage-3 Muon shares one momentum for all groups and is untested
+  on CPU here).
+
+Upstream (ALCF) Muon under ZeRO saw flat 1-D partitions and silently ran AdamW; its step raised
+NameError on the first 2-D weight; it read weight decay from a key the scheduler never writes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron.optimizer import (
+    DeepSpeedOptimizer, arg, get_param_groups, no_weight_decay, register_optimizer, warn_once,
+)
+
+log = logging.getLogger(__name__)
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+DEEPSPEED_NS_STEPS = 5
+# Name fragments of 2-D parameters that are not hidden matrices (vocab-sized): AdamW takes them.
+MUON_EXCLUDE = ("word_embeddings", "position_embeddings", "output_layer", "embed", "lm_head")
+
+
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    """Muon for 2-D hidden matrices; embeddings, LM head, norms and biases go to AdamW."""
+    return p.ndim == 2 and not any(x in name for x in MUON_EXCLUDE)
+
+
+def rms_scale(shape: Iterable[int]) -> float:
+    """Moonlight's RMS-matching factor 0.2*sqrt(max(A, B)) (torch's "match_rms_adamw")."""
+    a, b = list(shape)[:2]
+    return 0.2 * math.sqrt(max(a, b))
+
+
+def keller_scale(shape: Iterable[int]) -> float:
+    """Keller Jordan's factor sqrt(max(1, A/B)) (torch's "original", DeepSpeed's)."""
+    a, b = list(shape)[:2]
+    return math.sqrt(max(1.0, a / b))
+
+
+def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7,
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
+    """Quintic Newton-Schulz orthogonalization in bf16, the same operations as torch.optim.Muon."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    if g.size(0) > g.size(1):
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if g.size(0) > g.size(1):
+        x = x.T
+    return x
+
+
+def uses_deepspeed_muon(args) -> bool:
+    """DeepSpeed hands a client optimizer flat partitions under ZeRO >= 1 and under bf16."""
+    return int(arg(args, "zero_stage", 0)) >= 1 or bool(arg(args, "bf16", False))
+
+
+# ----------------------------------------------------------------------------- our Muon
+class Muon(torch.optim.Optimizer):
+    """Muon on groups with ``use_muon=True`` (2-D weights), AdamW on the others.
+
+    `adjust_lr`: "match_rms_adamw" (0.2*sqrt(max(A,B)), default, as upstream) or "original"
+    (sqrt(max(1, A/B)), Keller). `qk_clip_t`: if set, `after_step` applies MuonClip's QK-clip.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = DEEPSPEED_NS_STEPS, eps: float = 1e-7,
+                 adjust_lr: str = "match_rms_adamw", adamw_betas: tuple[float, float] = (0.9, 0.999),
+                 adamw_eps: float = 1e-12, qk_clip_t: float | None = None, qk_clip_alpha: float = 0.5) -> None:
+        if adjust_lr not in ("match_rms_adamw", "original"):
+            raise ValueError(f"adjust_lr must be 'match_rms_adamw' or 'original', got {adjust_lr!r}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        eps=eps, adjust_lr=adjust_lr, betas=tuple(adamw_betas), adamw_eps=adamw_eps, use_muon=True)
+        super().__init__(params, defaults)
+        for g in self.param_groups:
+            if g["use_muon"]:
+                bad = [tuple(p.shape) for p in g["params"] if p.ndim != 2]
+                if bad:
+                    raise ValueError(f"Muon groups take 2-D weights only, got shapes {bad}; DeepSpeed flattens "
+                                     "parameters under ZeRO >= 1 or bf16: use DeepSpeed's Muon there")
+        self.qk_clip_t = qk_clip_t
+        self.qk_clip_alpha = qk_clip_alpha
+        self.qk_clip = QKClip(qk_clip_t, qk_clip_alpha) if qk_clip_t else None
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            (self._muon_group if g["use_muon"] else self._adamw_group)(g)
+        return loss
+
+    def _muon_group(self, g: dict) -> None:
+        lr, wd, mu = g["lr"], g["weight_decay"], g["momentum"]
+        scale = rms_scale if g["adjust_lr"] == "match_rms_adamw" else keller_scale
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - mu)
+            update = p.grad.lerp(buf, mu) if g["nesterov"] else buf
+            update = newton_schulz(update, g["ns_steps"], g["eps"])
+            p.mul_(1 - lr * wd)
+            p.add_(update, alpha=-lr * scale(p.shape))
+
+    def _adamw_group(self, g: dict) -> None:
+        lr, wd, (b1, b2), eps = g["lr"], g["weight_decay"], g["betas"], g["adamw_eps"]
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = float(state["step"])
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            p.mul_(1 - lr * wd)
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+
+    def after_step(self, iteration: int, module: torch.nn.Module, replay: Callable[[], Iterable]) -> dict:
+        if self.qk_clip is None:
+            return {}
+        return self.qk_clip(module, replay)
+
+
+# ----------------------------------------------------------------------------- MuonClip's QK-clip
+def _attention_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if hasattr(m, "query_key_value") and hasattr(m, "n_kv")]
+
+
+@torch.no_grad()
+def max_logits(attn: torch.nn.Module, x: torch.Tensor, rope) -> torch.Tensor:
+    """Per-head max of the causal attention logits q.k/sqrt(d) of `attn` (our fused QKV layout:
+    per KV group, its g query heads then k then v) on input `x` [b, s, h] -> [n_heads]."""
+    from megatron.model.gpt import apply_rotary  # noqa: PLC0415
+
+    b, s, _ = x.shape
+    g, d = attn.group, attn.d
+    qkv = attn.query_key_value(x).view(b, s, attn.n_kv, g + 2, d)
+    q = qkv[:, :, :, :g].reshape(b, s, attn.n_heads, d)
+    k = qkv[:, :, :, g]
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    k = k.repeat_interleave(g, dim=2)  # head i uses kv group i // g
+    scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) / math.sqrt(d)
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3))
+
+
+class QKClip:
+    """MuonClip's QK-clip on the fused QKV weight: for each head whose max logit exceeds `t`
+    (max over the last micro-batch, all-reduced over ranks), scale its logits by eta = t/max:
+    its query rows by eta^alpha and its KV group's key rows by eta^(1-alpha) (with grouped
+    query attention the key of a group takes the smallest eta of its heads and each query head
+    makes up the rest, so every head's logits scale by exactly its own eta)."""
+
+    def __init__(self, t: float, alpha: float) -> None:
+        self.t, self.alpha = float(t), float(alpha)
+        self.inputs: dict[torch.nn.Module, tuple] = {}
+        self.handles: list = []
+        self.fired = 0  # number of (step, head) clips so far
+
+    def _record(self, attn, inputs) -> None:
+        if attn.training:
+            x, rope = inputs
+            self.inputs[attn] = (x.detach(), rope)
+
+    def attach(self, module: torch.nn.Module) -> None:
+        for attn in _attention_modules(module):
+            self.handles.append(attn.register_forward_pre_hook(lambda m, inp: self._record(m, inp)))
+
+    @torch.no_grad()
+    def __call__(self, module: torch.nn.Module, replay: Callable[[], Iterable]) -> dict:
+        if not self.handles:
+            self.attach(module)
+            was_training = module.training
+            module.train()
+            for tokens, _mask in replay():  # record this step's attention inputs once
+                module(tokens)
+            module.train(was_training)
+        clipped, worst = 0, 0.0
+        for attn in _attention_modules(module):
+            if attn not in self.inputs:
+                continue
+            x, rope = self.inputs[attn]
+            m = max_logits(attn, x, rope)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            worst = max(worst, float(m.max()))
+            eta = torch.where(m > self.t, self.t / m, torch.ones_like(m)).clamp(max=1.0)
+            if bool((eta < 1).any()):
+                clipped += int((eta < 1).sum())
+                self._scale(attn, eta)
+        self.fired += clipped
+        return {"muonclip_heads_clipped": clipped, "muonclip_max_logit": worst, "muonclip_fired_total": self.fired}
+
+    def _scale(self, attn, eta: torch.Tensor) -> None:
+        g, d, n_kv = attn.group, attn.d, attn.n_kv
+        eta = eta.view(n_kv, g)
+        eta_k = eta.min(dim=1).values ** (1 - self.alpha)  # [n_kv]
+        eta_q = eta / eta_k[:, None]  # per head: eta_q * eta_k = eta
+        rows = torch.ones(n_kv, g + 2, dtype=attn.query_key_value.weight.dtype, device=eta.device)
+        rows[:, :g] = eta_q
+        rows[:, g] = eta_k
+        rows = rows.repeat_interleave(d, dim=1).view(-1)  # [(n_kv*(g+2))*d]
+        attn.query_key_value.weight.mul_(rows[:, None].to(attn.query_key_value.weight.device))
+        if attn.query_key_value.bias is not None:
+            attn.query_key_value.bias.mul_(rows.to(attn.query_key_value.bias.device))
+
+
+# ----------------------------------------------------------------------------- registry entries
+def muon_groups(named, args) -> list[dict]:
+    """Muon half (one group per update scale when DeepSpeed runs it) + AdamW half (decay / no decay)."""
+    named = [(n, p) for n, p in named if p.requires_grad]
+    muon = [(n, p) for n, p in named if is_muon_param(n, p)]
+    other = [(n, p) for n, p in named if not is_muon_param(n, p)]
+    groups: list[dict] = []
+    if uses_deepspeed_muon(args):
+        by_factor: dict[float, list] = defaultdict(list)
+        for _n, p in muon:
+            by_factor[round(rms_scale(p.shape) / keller_scale(p.shape), 12)].append(p)
+        for i, (f, ps) in enumerate(sorted(by_factor.items())):
+            groups.append({"params": ps, "name": f"muon{i}", "use_muon": True, "lr_mult": f, "wd_mult": 1.0 / f})
+    elif muon:
+        groups.append({"params": [p for _, p in muon], "name": "muon", "use_muon": True,
+                       "lr_mult": 1.0, "wd_mult": 1.0})
+    for g in get_param_groups(other):
+        g["name"] = "adamw_" + g["name"]
+        g["use_muon"] = False
+        groups.append(g)
+    return groups
+
+
+def _muon_kwargs(args) -> dict:
+    return dict(lr=args.lr, weight_decay=args.weight_decay, momentum=arg(args, "muon_momentum", 0.95),
+                nesterov=arg(args, "muon_nesterov", True), ns_steps=arg(args, "muon_ns_steps", DEEPSPEED_NS_STEPS),
+                adamw_betas=(arg(args, "muonadamw_beta1", 0.9), arg(args, "muonadamw_beta2", 0.999)),
+                adamw_eps=arg(args, "muonadamw_eps", 1e-12))
+
+
+def check_muon(args) -> list[str]:
+    errs = []
+    if int(arg(args, "zero_stage", 0)) == 3:
+        errs.append(f"--optimizer {args.optimizer} does not run under ZeRO-3 here (DeepSpeed's stage-3 Muon is "
+                    "untested on this stack); use --zero-stage 1 or 2 (DeepSpeed's ZeRO-aware Muon) or 0")
+    if uses_deepspeed_muon(args) and args.optimizer == "muon":
+        if arg(args, "muon_ns_steps", DEEPSPEED_NS_STEPS) != DEEPSPEED_NS_STEPS:
+            errs.append(f"--muon-ns-steps {args.muon_ns_steps}: DeepSpeed's ZeRO Muon always runs "
+                        f"{DEEPSPEED_NS_STEPS} Newton-Schulz steps; drop the flag or use --zero-stage 0 without --bf16")
+        if not arg(args, "muon_nesterov", True):
+            errs.append("--muon-nesterov false: DeepSpeed's ZeRO Muon always uses Nesterov momentum; "
+                        "drop the flag or use --zero-stage 0 without --bf16")
+    if args.optimizer == "muonclip" and uses_deepspeed_muon(args):
+        errs.append("--optimizer muonclip rescales the QKV weights in place, which needs the optimizer to hold the "
+                    "model's weights: use --zero-stage 0 without --bf16 (or --optimizer muon under ZeRO)")
+    return errs
+
+
+@register_optimizer("muon", check=check_muon, groups=muon_groups,
+                    help="Muon on 2-D hidden matrices (0.2*sqrt(max(A,B)) scale), AdamW on the rest; "
+                         "DeepSpeed's ZeRO-aware Muon under ZeRO 1/2 or bf16")
+def build_muon(groups: list[dict], args):
+    if not uses_deepspeed_muon(args):
+        return Muon(groups, **_muon_kwargs(args))
+    clip = float(arg(args, "clip_grad", 0.0))
+    if clip > 0:
+        warn_once("muon-clip", f"--clip-grad {clip} is not applied with DeepSpeed's ZeRO Muon: DeepSpeed would clip "
+                  "the orthogonalized update, not the gradient (Muon's update has a fixed scale anyway)")
+    k = _muon_kwargs(args)
+    params = {"lr": args.lr, "momentum": k["momentum"], "weight_decay": args.weight_decay,
+              "betas": list(k["adamw_betas"]), "eps": k["adamw_eps"], "ns_method": "standard", "torch_adam": True}
+    attrs = {p: {"use_muon": bool(g["use_muon"])} for g in groups for p in g["params"]}
+    keys = {g["name"]: {"lr_mult": g["lr_mult"], "wd_mult": g["wd_mult"]} for g in groups}
+    ds_groups = [{k2: v for k2, v in g.items() if k2 not in ("lr_mult", "wd_mult", "use_muon")} for g in groups]
+    return DeepSpeedOptimizer(config={"type": "Muon", "params": params}, param_groups=ds_groups,
+                              ds_config={"gradient_clipping": 0.0}, param_attrs=attrs, group_keys=keys)
+
+
+@register_optimizer("muonclip", check=check_muon, groups=muon_groups,
+                    help="Muon with QK-clip: heads whose max attention logit exceeds --muonclip-t get W_q, W_k "
+                         "rescaled (ZeRO 0, fp32)")
+def build_muonclip(groups: list[dict], args):
+    return Muon(groups, **_muon_kwargs(args), adjust_lr="original",
+                qk_clip_t=arg(args, "muonclip_t", 100.0), qk_clip_alpha=arg(args, "muonclip_alpha", 0.5))

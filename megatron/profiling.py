@@ -1,0 +1,83 @@
+"""Profilers hanging off the loop: `--profile pt|pt-full` (torch profiler, Chrome trace) and
+DeepSpeed's flops profiler at `--flops-profiler-step` (configured through the DeepSpeed config).
+
+    profiler = Profiler.create(args)      # no-op unless --profile and this rank is in --profile-ranks
+    for iteration in ...:
+        profiler.step(iteration)          # before the iteration runs
+        train_step(...)
+    profiler.close()
+
+The torch profiler records iterations first..last of `--profile_steps` (inclusive) and writes
+`<trace-dir>/trace-rank<r>-iters<first>-<last>.json` (open it in chrome://tracing or Perfetto).
+`pt` records CPU and accelerator activity; `pt-full` adds shapes, memory and Python stacks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def profile_range(spec: str) -> tuple[int, int]:
+    first, last = (int(x) for x in spec.replace(" ", "").split(","))
+    return first, last
+
+
+@dataclass
+class Profiler:
+    mode: str | None = None
+    first: int = 0
+    last: int = -1
+    trace_dir: str = "./trace/"
+    rank: int = 0
+    prof: object = None
+    path: str | None = None
+
+    @classmethod
+    def create(cls, args) -> "Profiler":
+        mode = getattr(args, "profile", None)
+        if mode is None or args.rank not in args.profile_ranks:
+            return cls()
+        first, last = profile_range(args.profile_steps)
+        return cls(mode, first, last, args.trace_dir, args.rank)
+
+    def step(self, iteration: int) -> None:
+        """Call with the number of the iteration about to run (1-based)."""
+        if self.mode is None:
+            return
+        if iteration == self.first and self.prof is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            for name in ("CUDA", "XPU"):
+                dev = getattr(torch, name.lower(), None)
+                if dev is not None and dev.is_available() and hasattr(torch.profiler.ProfilerActivity, name):
+                    activities.append(getattr(torch.profiler.ProfilerActivity, name))
+            full = self.mode == "pt-full"
+            self.prof = torch.profiler.profile(activities=activities, record_shapes=full, profile_memory=full,
+                                               with_stack=full)
+            self.prof.__enter__()
+        elif iteration == self.last + 1 and self.prof is not None:
+            self.close()
+
+    def close(self) -> None:
+        if self.prof is None:
+            return
+        self.prof.__exit__(None, None, None)
+        os.makedirs(self.trace_dir, exist_ok=True)
+        self.path = os.path.join(self.trace_dir, f"trace-rank{self.rank}-iters{self.first}-{self.last}.json")
+        self.prof.export_chrome_trace(self.path)
+        self.prof = None
+        print(f"> torch profiler ({self.mode}): iterations {self.first}-{self.last} -> {self.path}", flush=True)
+
+
+def flops_profiler_config(args) -> dict | None:
+    """The DeepSpeed `flops_profiler` config section for `--flops-profiler-step` (None when not asked)."""
+    step = getattr(args, "flops_profiler_step", None)
+    if step is None:
+        return None
+    # DeepSpeed profiles when its count of finished steps equals profile_step: iteration N = N - 1 finished
+    return {"enabled": True, "profile_step": int(step) - 1, "module_depth": -1, "top_modules": 3, "detailed": True,
+            "output_file": os.path.join(args.trace_dir, f"flops-profile-step{step}.txt")}

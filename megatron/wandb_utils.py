@@ -1,0 +1,57 @@
+"""Weights & Biases, optional: used when `wandb` is importable and `WANDB_MODE` is not `disabled`.
+
+Project: `--wandb-project`, else `WB_PROJECT`, else `WANDB_PROJECT`, else "AuroraGPT" (upstream's
+order). Run name: `--wandb-exp-name` (else W&B's own). Files: `--wandb-save-dir`, else the run's
+`--save` directory, else the working directory. Without an API key and without an explicit
+`WANDB_MODE`, W&B is not used (no login prompt, no files); `WANDB_MODE=offline` records the
+run locally (upload it later with `wandb sync <dir>`). Only rank 0 creates a run; every failure
+is a warning, never fatal.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def wandb_project(args, env=os.environ) -> str:
+    return getattr(args, "wandb_project", None) or env.get("WB_PROJECT") or env.get("WANDB_PROJECT") or "AuroraGPT"
+
+
+def init_wandb(args, env=os.environ):
+    """A wandb run on rank 0 (or None: other ranks, not installed, WANDB_MODE=disabled, or failure)."""
+    if getattr(args, "rank", 0) != 0 or env.get("WANDB_MODE", "").lower() == "disabled":
+        return None
+    try:
+        import wandb  # noqa: PLC0415
+    except ImportError:
+        return None
+    mode = env.get("WANDB_MODE") or None
+    if mode is None and not env.get("WANDB_API_KEY"):
+        try:
+            has_key = bool(wandb.Api().api_key)
+        except Exception:  # noqa: BLE001
+            has_key = False
+        if not has_key:
+            log.info("W&B: wandb is installed but not logged in and WANDB_MODE is unset: not used "
+                     "(wandb login, or WANDB_MODE=offline to record locally)")
+            return None
+    save_dir = getattr(args, "wandb_save_dir", None) or getattr(args, "save", None) or os.getcwd()
+    os.makedirs(save_dir, exist_ok=True)
+    try:
+        run = wandb.init(project=wandb_project(args, env), name=getattr(args, "wandb_exp_name", None),
+                         dir=save_dir, mode=mode, config={"args": _jsonable_args(args)})
+    except Exception as e:  # noqa: BLE001  (W&B must never stop a training run)
+        log.warning("W&B disabled: wandb.init failed: %s", e)
+        return None
+    log.info("W&B: project %s, run %s, mode %s, dir %s", wandb_project(args, env), run.name,
+             mode or "online", save_dir)
+    return run
+
+
+def _jsonable_args(args) -> dict:
+    out = {}
+    for k, v in sorted(vars(args).items()):
+        out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)
+    return out

@@ -1,0 +1,307 @@
+"""Checkpoints through the real trainer on CPU: exact resume at ZeRO 1/2/3 x fp32/bf16 x 1/2 ranks,
+atomic saves (SIGKILL while saving never leaves an unloadable `latest`), SIGTERM -> checkpoint and
+exit 0, --keep-last-n, the --no-load-* flags, and one clear error per bad --load."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from distributed import TINY_MODEL, env_for, launch_command, make_dataset, read_metrics, run_trainer
+from megatron import checkpointing as ck
+
+N = 3  # stop at N, resume to 2N
+
+
+@pytest.fixture(scope="module")
+def data_list(tmp_path_factory) -> str:
+    return make_dataset(str(tmp_path_factory.mktemp("toy-data")))
+
+
+def trainer_args(data_list: str, out: str, *, iters: int = 2 * N, zero: int = 1, bf16: bool = False,
+                 mb: int = 4, gbs: int = 8, extra: tuple = ()) -> list[str]:
+    return TINY_MODEL + [
+        "--data-file-list", data_list, "--split", "98,2,0", "--data-cache-path", os.path.join(out, "cache"),
+        "--micro-batch-size", str(mb), "--global-batch-size", str(gbs), "--train-iters", str(iters),
+        "--lr", "0.003", "--min-lr", "0.0003", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
+        "--weight-decay", "0.1", "--clip-grad", "1.0", "--adam-beta2", "0.95",
+        "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "0", "--num-workers", "0",
+        "--zero-stage", str(zero), "--deepspeed", "--seed", "1234",
+        "--metrics-file", os.path.join(out, "metrics.jsonl"), *(["--bf16"] if bf16 else []), *extra,
+    ]
+
+
+def metrics(out: str) -> dict[int, dict]:
+    """iteration -> the whole metrics record (loss and LR)."""
+    recs = {}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "lm_loss" in r:
+                recs[r["iteration"]] = r
+    return recs
+
+
+def assert_same_run(got: dict, want: dict, iters, tol: float = 1e-6) -> None:
+    assert sorted(got) == list(iters), sorted(got)
+    for i in iters:
+        assert abs(got[i]["lm_loss"] - want[i]["lm_loss"]) <= tol, (i, got[i]["lm_loss"], want[i]["lm_loss"])
+        assert got[i]["lr"] == pytest.approx(want[i]["lr"], rel=1e-12, abs=0), (i, got[i]["lr"], want[i]["lr"])
+        assert got[i]["consumed_samples"] == want[i]["consumed_samples"]
+
+
+# ----------------------------------------------------------------------------- exact resume matrix
+# Every stage, every dtype and both world sizes appear at least once (ZeRO-1/fp32/1 rank is in
+# tests/test_training.py); 2 ranks x micro 4 and 1 rank x micro 4 x 2 accumulation both see 8 samples.
+MATRIX = [(1, False, 2), (2, True, 1), (3, True, 2), (3, False, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero,bf16,nproc", MATRIX, ids=[f"zero{z}-{'bf16' if b else 'fp32'}-{n}rank"
+                                                          for z, b, n in MATRIX])
+def test_exact_resume(data_list, tmp_path, zero, bf16, nproc):
+    """Run 2N iterations saving at N; resume a copy of the N checkpoint to 2N: same losses, LR, data."""
+    ref, res = str(tmp_path / "ref"), str(tmp_path / "res")
+    save = os.path.join(ref, "ckpt")
+    run_trainer(trainer_args(data_list, ref, zero=zero, bf16=bf16, 
+                             extra=("--save", save, "--save-interval", str(N))), nproc=nproc, launcher="torchrun")
+    want = metrics(ref)
+    assert sorted(want) == list(range(1, 2 * N + 1))
+    # resume from the N checkpoint: a copy where `latest` still names it
+    ckpt = os.path.join(res, "ckpt")
+    os.makedirs(ckpt)
+    shutil.copytree(os.path.join(save, f"global_step{N}"), os.path.join(ckpt, f"global_step{N}"))
+    ck.write_atomic(os.path.join(ckpt, "latest"), f"global_step{N}")
+    run_trainer(trainer_args(data_list, res, zero=zero, bf16=bf16, extra=("--load", ckpt, "--save", ckpt)),
+                nproc=nproc, launcher="torchrun")
+    got = metrics(res)
+    assert_same_run(got, want, range(N + 1, 2 * N + 1))
+    assert ck.read_tag(ckpt) == f"global_step{2 * N}"
+    with open(os.path.join(ckpt, ck.TRACKER_FILE)) as f:
+        assert f.read().strip() == str(2 * N)
+    saved = ck.read_saved_args(os.path.join(ckpt, f"global_step{2 * N}"))
+    assert saved["zero_stage"] == zero and saved["world_size"] == nproc and saved["iteration"] == 2 * N
+    assert not [p for p in os.listdir(ckpt) if p.endswith(ck.PARTIAL_SUFFIX)]
+
+
+# ----------------------------------------------------------------------------- the --no-load-* flags
+@pytest.fixture(scope="module")
+def ref_run(data_list, tmp_path_factory):
+    """1 rank, ZeRO-1 fp32, 2N iterations, checkpoint at N and 2N (keep-last-n 1 -> only the last)."""
+    out = str(tmp_path_factory.mktemp("ref1"))
+    save = os.path.join(out, "ckpt")
+    run_trainer(trainer_args(data_list, out, extra=("--save", save, "--save-interval", "1", "--keep-last-n", "2")))
+    return out, save, metrics(out)
+
+
+def test_keep_last_n_keeps_newest_and_latest(ref_run):
+    _, save, want = ref_run
+    assert [n for _, n in ck.checkpoint_tags(save)] == [f"global_step{2 * N - 1}", f"global_step{2 * N}"]
+    assert ck.read_tag(save) == f"global_step{2 * N}"
+    assert sorted(want) == list(range(1, 2 * N + 1))
+
+
+def _copy_tag(save: str, dst: str, tag: str) -> str:
+    os.makedirs(dst, exist_ok=True)
+    shutil.copytree(os.path.join(save, tag), os.path.join(dst, tag))
+    ck.write_atomic(os.path.join(dst, "latest"), tag)
+    return dst
+
+
+@pytest.mark.slow
+def test_no_load_flags_and_finetune(ref_run, data_list, tmp_path):
+    """--no-load-optim / --no-load-lr-state / --finetune each change exactly what they promise."""
+    _, save, want = ref_run
+    tag = f"global_step{2 * N - 1}"
+    ckpt = _copy_tag(save, str(tmp_path / "ckpt"), tag)
+    start = 2 * N - 1
+    cases = {
+        "full": (),
+        "no-optim": ("--no-load-optim",),
+        "no-lr": ("--no-load-lr-state", "--no-load-rng"),
+        "finetune": ("--finetune",),
+    }
+    got = {}
+    for name, flags in cases.items():
+        out = str(tmp_path / name)
+        run_trainer(trainer_args(data_list, out, iters=2 * N, extra=("--load", ckpt, *flags)))
+        got[name] = metrics(out)
+    # full resume: the step after `start` equals the uninterrupted run
+    assert_same_run(got["full"], want, [2 * N])
+    # the loss of the first step depends on weights only: same for every variant that resumes there
+    assert got["no-optim"][2 * N]["lm_loss"] == pytest.approx(want[2 * N]["lm_loss"], abs=1e-6)
+    assert got["no-lr"][2 * N]["lm_loss"] == pytest.approx(want[2 * N]["lm_loss"], abs=1e-6)
+    # ... but the optimizer step differs (fresh moments) -> the logged step count and LR tell
+    assert got["no-optim"][2 * N]["lr"] == pytest.approx(want[2 * N]["lr"], rel=1e-12)
+    # --no-load-lr-state: the scheduler restarts from 0 samples (warmup of 2 iterations: LR/2 after 1 step)
+    assert got["no-lr"][2 * N]["lr"] == pytest.approx(0.003 * 1 / 2, rel=1e-9)
+    # --finetune: iteration 1 again, data from sample 0, LR schedule from 0
+    ft = got["finetune"]
+    assert sorted(ft) == list(range(1, 2 * N + 1))
+    assert ft[1]["consumed_samples"] == 8 and ft[1]["lr"] == pytest.approx(0.003 / 2, rel=1e-9)
+    assert ft[1]["lm_loss"] < want[1]["lm_loss"] - 0.05  # trained weights were loaded
+
+
+# ----------------------------------------------------------------------------- bad --load
+@pytest.mark.slow
+def test_bad_load_messages(ref_run, data_list, tmp_path):
+    """Each bad --load: exit 2, one ERROR line naming the fix, before DeepSpeed starts."""
+    _, save, _ = ref_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_latest = tmp_path / "no-latest"
+    shutil.copytree(os.path.join(save, f"global_step{2 * N}"), no_latest / f"global_step{2 * N}")
+    other_arch_extra = ["--num-layers", "3", "--hidden-size", "32"]
+    base = trainer_args(data_list, str(tmp_path / "out"))
+    cases = [
+        (["--load", str(tmp_path / "nothing"), "--finetune"], "no such directory"),
+        (["--load", str(tmp_path / "nothing"), "--exit-on-missing-checkpoint"], "no such directory"),
+        (["--load", str(empty), "--exit-on-missing-checkpoint"], "no checkpoint found"),
+        (["--load", str(no_latest)], f"--load-tag global_step{2 * N}"),
+        (["--load", save, "--load-tag", "global_step99"], "global_step99"),
+        (["--load", save, *other_arch_extra], "num_layers: checkpoint 2 vs now 3"),
+        (["--load", save, "--universal-checkpoint", "--finetune"],
+         f"--input_folder {save}/global_step{2 * N} --output_folder {save}/global_step{2 * N}_universal"),
+        (["--load", save, "--keep-last-n", "0"], "--keep-last-n must be >= 1"),
+    ]
+    for extra, message in cases:
+        proc = run_trainer(base + extra, check=False)
+        assert proc.returncode == 2, (extra, proc.stderr[-3000:])
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR:")]
+        assert errors and any(message in ln for ln in errors), (extra, errors, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and "deepspeed" not in proc.stdout.lower()
+    # a plain resume from an empty directory is a fresh start (the launcher's LOAD=CKPT_DIR default)
+    assert ck.load_problems(SimpleNamespace(load=str(empty), finetune=False, universal_checkpoint=False,
+                                            load_tag=None, exit_on_missing_checkpoint=False)) == []
+
+
+# ----------------------------------------------------------------------------- atomic commit / prune (unit)
+def test_commit_and_prune_unit(tmp_path):
+    save = str(tmp_path)
+    for it in (1, 2, 3):
+        part = os.path.join(save, f"global_step{it}{ck.PARTIAL_SUFFIX}")
+        os.makedirs(part)
+        open(os.path.join(part, "x.pt"), "w").close()
+        ck.commit(save, os.path.basename(part), f"global_step{it}", it)
+    # a crashed save leaves only a partial dir: latest untouched, and the next prune removes it
+    os.makedirs(os.path.join(save, f"global_step4{ck.PARTIAL_SUFFIX}"))
+    assert ck.read_tag(save) == "global_step3"
+    # latest points at an older one (e.g. --load-tag rollback): pruning must keep it
+    ck.write_atomic(os.path.join(save, "latest"), "global_step1")
+    deleted = ck.prune(save, keep_last_n=1)
+    assert sorted(deleted) == ["global_step2", f"global_step4{ck.PARTIAL_SUFFIX}"]
+    assert [n for _, n in ck.checkpoint_tags(save)] == ["global_step1", "global_step3"]
+    # re-saving an existing iteration replaces it atomically
+    os.makedirs(os.path.join(save, "global_step3.partial"))
+    open(os.path.join(save, "global_step3.partial", "new.pt"), "w").close()
+    ck.commit(save, "global_step3.partial", "global_step3", 3)
+    assert os.listdir(os.path.join(save, "global_step3")) == ["new.pt"]
+    assert not [p for p in os.listdir(save) if ".old." in p or ".tmp." in p]
+    with open(os.path.join(save, ck.TRACKER_FILE)) as f:
+        assert f.read() == "3"
+
+
+def test_cooldown_warning_unit():
+    """Constant LR with a cooldown over the last 20 of 100 samples: warn only inside the cooldown."""
+    from megatron.optimizer_param_scheduler import OptimizerParamScheduler, ScheduleSpec
+
+    spec = ScheduleSpec(max_lr=1e-3, min_lr=0.0, warmup_steps=0, decay_steps=100, end_steps=100,
+                        decay_style="constant", constant_plus_cooldown_steps=20)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = OptimizerParamScheduler(opt, spec, 0.0, 0.0, 100)
+    sched.step(80)
+    assert ck.cooldown_warning(sched.state_dict()) is None  # at LR_max, cooldown not started
+    sched.step(5)
+    msg = ck.cooldown_warning(sched.state_dict())
+    assert msg and "already in its cooldown" in msg and "LR_max" in msg
+    nocool = OptimizerParamScheduler(opt, ScheduleSpec(1e-3, 0.0, 0, 100, 100, "cosine"), 0.0, 0.0, 100)
+    nocool.step(90)
+    assert ck.cooldown_warning(nocool.state_dict()) is None  # not a constant schedule: not phase 1
+
+
+# ----------------------------------------------------------------------------- signals
+def _wait_for_iteration(path: str, it: int, proc, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.exists(path):
+            with open(path) as f:
+                if any(json.loads(ln).get("iteration", 0) >= it for ln in f if ln.strip()):
+                    return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(ref_run, data_list, tmp_path):
+    """--exit-signal-handler: SIGTERM -> checkpoint of the current iteration, exit 0; resuming it
+    reproduces the uninterrupted run."""
+    _, _, want = ref_run
+    out = str(tmp_path / "a")
+    ckpt = os.path.join(out, "ckpt")
+    args = trainer_args(data_list, out, iters=200, extra=("--save", ckpt, "--exit-signal-handler"))
+    proc = subprocess.Popen(launch_command(1, "python") + args, env=env_for(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_iteration(os.path.join(out, "metrics.jsonl"), 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "(signal)" in stdout
+    stopped = max(metrics(out))
+    assert 1 <= stopped < 200 and ck.read_tag(ckpt) == f"global_step{stopped}"
+    with open(os.path.join(ckpt, ck.TRACKER_FILE)) as f:
+        assert f.read().strip() == str(stopped)
+    # the checkpoint resumes: one more iteration, at the right data position
+    run_trainer(trainer_args(data_list, out, iters=200, extra=("--load", ckpt, "--save", ckpt,
+                                                               "--exit-interval", str(stopped + 1))))
+    got = metrics(out)
+    assert max(got) == stopped + 1 and got[stopped + 1]["consumed_samples"] == (stopped + 1) * 8
+    assert ck.read_tag(ckpt) == f"global_step{stopped + 1}"
+
+
+@pytest.mark.slow
+def test_sigkill_during_saves_never_breaks_latest(data_list, tmp_path):
+    """Save every iteration; SIGKILL at random moments. `latest` always names a complete
+    checkpoint (every file loads, iteration matches), and training resumes from it."""
+    out = str(tmp_path / "k")
+    ckpt = os.path.join(out, "ckpt")
+    rng = random.Random(0)
+    last = 0
+    for _attempt in range(3):
+        if os.path.exists(os.path.join(out, "metrics.jsonl")):
+            os.remove(os.path.join(out, "metrics.jsonl"))
+        args = trainer_args(data_list, out, iters=40, extra=("--save", ckpt, "--save-interval", "1",
+                                                              "--load", ckpt, "--keep-last-n", "2"))
+        proc = subprocess.Popen(launch_command(1, "python") + args, env=env_for(1), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        _wait_for_iteration(os.path.join(out, "metrics.jsonl"), 1, proc)
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.communicate()
+        tag = ck.read_tag(ckpt)
+        if tag is None:
+            continue
+        tag_dir = os.path.join(ckpt, tag)
+        files = sorted(os.listdir(tag_dir))
+        assert "mp_rank_00_model_states.pt" in files and ck.ARGS_FILE in files, files
+        assert any(f.endswith("optim_states.pt") for f in files), files
+        for f in files:
+            if f.endswith(".pt"):
+                torch.load(os.path.join(tag_dir, f), map_location="cpu", weights_only=False)
+        it = int(tag[len("global_step"):])
+        assert ck.read_saved_args(tag_dir)["iteration"] == it
+        assert it >= last
+        last = it
+    assert last >= 1
+    # and the trainer resumes from whatever `latest` names
+    run_trainer(trainer_args(data_list, out, iters=last + 1, extra=("--load", ckpt, "--save", ckpt,
+                                                                        "--override-opt_param-scheduler")))
+    assert ck.read_tag(ckpt) == f"global_step{last + 1}"

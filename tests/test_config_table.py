@@ -1,0 +1,58 @@
+"""megatron/config_table.py: the start-up table's values and sources, and the warnings."""
+from __future__ import annotations
+
+import pytest
+
+from distributed import TINY_MODEL
+from megatron.arguments import build_parser, parse_args
+from megatron.config_table import config_rows, config_warnings, format_table, source_of
+
+
+def args_for(extra: list[str], env: dict | None = None):
+    a = parse_args(TINY_MODEL + ["--data-path", "x", "--lr", "0.003"] + extra, env=env or {})
+    a.padded_vocab_size, a.vocab_size_orig = 512, 500
+    return a
+
+
+def rows_by_name(a, env) -> dict:
+    return {r.name: r for r in config_rows(a, 139_584, build_parser(), env=env)}
+
+
+def test_values_and_sources():
+    a = args_for(["--train-iters", "100", "--global-batch-size", "4", "--lr-warmup-iters", "10"])
+    env = {"LR": "0.003", "HEADS": "4", "OPT": "lion", "TRAIN_TOKENS": "12800"}
+    rows = rows_by_name(a, env)
+    assert rows["learning rate"].source == "env LR"  # the user set LR and the value is LR's
+    assert rows["attention heads"].source == "env HEADS"
+    assert rows["optimizer"].source == "default" and rows["optimizer"].value == "adamw"  # OPT=lion did not reach it
+    assert rows["train iterations"].source == "env TRAIN_TOKENS"
+    assert rows["layers"].source == "flag" and rows["layers"].value == "2"
+    assert rows["weight decay"].source == "default" and rows["weight decay"].value == "0.01"
+    assert rows["gradient accumulation"].source == "derived" and rows["gradient accumulation"].value == "4"
+    assert rows["tokens per step"].value == "128" and rows["train tokens"].value == "12,800"
+    assert rows["parameters"].value == "0.14M"
+    table = format_table(list(rows.values()))
+    assert "schedule: learning rate" in table and table.splitlines()[0].split() == ["setting", "value", "source"]
+
+
+def test_env_with_another_value_is_not_the_source():
+    assert source_of("lr", 0.001, {"lr"}, {"LR": "0.003"}) == "flag"
+    assert source_of("lr", 0.003, set(), {"LR": "3e-3"}) == "env LR"
+    assert source_of("seq_length", 32, set(), {"SEQ_LEN": "32"}) == "env SEQ_LEN"
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--train-iters", "10", "--lr-warmup-iters", "10"], "warmup (10 iterations) is not shorter than the run"),
+    (["--train-iters", "10", "--lr-warmup-fraction", "1.0"], "warmup (10 iterations)"),
+    (["--train-iters", "10"], "tokens per optimizer step"),
+    (["--train-iters", "10", "--log-interval", "50"], "--log-interval (50) > --train-iters (10)"),
+    (["--train-iters", "10", "--lr-decay-iters", "5"], "the last 5 iterations run at the final LR"),
+])
+def test_warnings(extra, fragment):
+    assert any(fragment in w for w in config_warnings(args_for(extra)))
+
+
+def test_no_warnings_for_a_sensible_run():
+    a = args_for(["--train-iters", "1000", "--global-batch-size", "512", "--lr-warmup-fraction", "0.05",
+                  "--log-interval", "10", "--eval-interval", "100"])
+    assert config_warnings(a) == []

@@ -1,0 +1,46 @@
+"""megatron/timers.py: level gating, accumulation, the Megatron-style block."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from megatron.timers import Timers
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_levels_accumulate_and_block(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("megatron.timers.time.perf_counter", clock)
+    timers = Timers(log_level=1, sync=lambda: None)
+    for _ in range(2):
+        with timers("forward-backward", level=1):
+            clock.t += 0.25
+        with timers("batch-generator", level=2):  # above the level: not timed
+            clock.t += 5.0
+        with timers("save-checkpoint", level=0):
+            clock.t += 1.0
+    assert timers.elapsed("save-checkpoint") == pytest.approx(2.0)
+    assert timers.elapsed("save-checkpoint") == 0.0  # reset by the read
+    block, ms = timers.log_block(["forward-backward", "batch-generator"], normalizer=2)
+    assert ms == {"forward-backward": pytest.approx(250.0)}
+    assert re.search(r"^    forward-backward \.+: \(250\.00, 250\.00\)$", block, re.M)
+    assert "batch-generator" not in block
+    assert timers.log_block(["forward-backward"])[1] == {}  # reset after logging
+
+
+def test_misuse_is_reported():
+    timers = Timers(log_level=1, sync=lambda: None)
+    t = timers.timers.setdefault("x", __import__("megatron.timers", fromlist=["Timer"]).Timer("x", lambda: None))
+    with pytest.raises(RuntimeError, match="stopped before"):
+        t.stop()
+    t.start()
+    with pytest.raises(RuntimeError, match="started twice"):
+        t.start()

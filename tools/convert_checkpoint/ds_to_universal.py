@@ -1,0 +1,287 @@
+#!/usr/bin/env python
+"""Convert a DeepSpeed ZeRO checkpoint (global_step<N>/) into a universal checkpoint that loads
+at any data-parallel size and across ZeRO stages 1 <-> 2 (`--universal-checkpoint`).
+
+Same command line as DeepSpeed's converter (and upstream's ALCF/ds_to_universal.py):
+
+    python tools/convert_checkpoint/ds_to_universal.py \\
+        --input_folder  CKPT/global_step<N> --output_folder CKPT/global_step<N>_universal
+
+It runs `deepspeed.checkpoint.ds_to_universal.main` with three changes:
+
+1. **Large-DP padding fix** (DeepSpeed PR 7426 / upstream ALCF note): ZeRO shards are read with
+   `strip_tensor_paddings=False`. The fragment offsets already exclude the padding, so nothing is
+   lost; stripping first fails with `narrow(): length must be non-negative` whenever a group's
+   padding is larger than one rank's partition (DP=768 for the AuroraGPT-7B checkpoint; at
+   DP=2 with a 1-element parameter group).
+2. **Every optimizer state, not only Adam's**: DeepSpeed's extractor reads `exp_avg`, `exp_avg_sq`
+   (and `step`) by name and fails with KeyError for any other optimizer. Here every per-element
+   state tensor of the flat ZeRO group is extracted and merged under its own name (SGD/Muon
+   `momentum_buffer`, Lion `exp_avg`, Adafactor-style factors are not per-element and are refused
+   with a message). DeepSpeed's universal loader already restores any `<state>.pt` it finds.
+   Scalar states other than `step` cannot be represented by DeepSpeed's loader: refused by name.
+3. **Vocabulary padding kept by default**: DeepSpeed strips the padded rows of the embedding and
+   output layer and refills them with zeros at load, which changes the logits of a resumed run.
+   With TP = 1 (all this project supports) the padding does not depend on the target layout, so
+   the rows are kept and a converted checkpoint continues exactly. `--strip_vocab_padding`
+   restores DeepSpeed's behaviour (needed only to load at a TP whose padded vocabulary is smaller).
+
+`latest_universal` is written atomically in the parent of --output_folder (as DeepSpeed does).
+Usable as a module: `convert(input_folder, output_folder, ...)`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import sys
+from types import SimpleNamespace
+
+log = logging.getLogger("ds_to_universal")
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+class ConversionError(RuntimeError):
+    """The checkpoint cannot be converted; the message says why and what to do."""
+
+
+def _flat_states(group_state: dict, needed: int, where: str) -> tuple[dict, dict]:
+    """Split one flat ZeRO group's optimizer state into per-element tensors and scalars (step).
+
+    `needed` is the end of the last parameter fragment in this rank's partition: a per-element
+    state is a 1-D tensor at least that long (it may carry alignment padding beyond it)."""
+    import torch  # noqa: PLC0415
+
+    flat, scalars = {}, {}
+    for name, value in group_state.items():
+        if torch.is_tensor(value) and value.dim() == 1 and value.numel() >= needed:
+            flat[name] = value
+        elif name == "step" and (not torch.is_tensor(value) or value.numel() == 1):
+            scalars[name] = value
+        elif torch.is_tensor(value) and value.numel() > 1:
+            raise ConversionError(f"{where}: optimizer state {name!r} has shape {tuple(value.shape)}, not one value "
+                                  f"per parameter element ({needed}); it cannot be split into universal atoms")
+        else:
+            raise ConversionError(f"{where}: scalar optimizer state {name!r} is not supported by DeepSpeed's "
+                                  "universal loader (only 'step' is); load with --no-load-optim instead")
+    return flat, scalars
+
+
+def _patched_extract_zero_shards(ds, dir, ds_checkpoint, indices_3D):  # noqa: A002
+    """ds.extract_zero_shards with strip_tensor_paddings=False and every state name."""
+    pp_index, tp_index, dp_index = indices_3D
+    sd = ds_checkpoint.get_zero_checkpoint_state(pp_index=pp_index, tp_index=tp_index, dp_index=dp_index,
+                                                 strip_tensor_paddings=False)
+    optim_sd = sd[ds.OPTIMIZER_STATE_DICT]
+    param_slice_mappings = optim_sd[ds.PARAM_SLICE_MAPPINGS]
+    uc_info = ds_checkpoint.get_checkpoint_info(ds.UNIVERSAL_CHECKPOINT_INFO)
+    pipeline_replicated = uc_info.get(ds.PIPELINE_REPLICATED_PARAMETER_PATTERNS, [])
+    state_groups = optim_sd[ds.BASE_OPTIMIZER_STATE]["state"]
+    fp32_groups = optim_sd[ds.SINGLE_PARTITION_OF_FP32_GROUPS]
+    for gid in range(len(fp32_groups)):
+        fp32 = fp32_groups[gid]
+        needed = max((f.start + f.numel for f in param_slice_mappings[gid].values()), default=0)
+        flat, scalars = _flat_states(state_groups.get(gid, {}), needed,
+                                     f"dp rank {dp_index}, parameter group {gid}")
+        states = {"fp32": fp32, **flat, **scalars}
+        for name, frag in param_slice_mappings[gid].items():
+            if pp_index > 0 and any(re.match(p, name) for p in pipeline_replicated):
+                continue
+            for key, value in states.items():
+                ds.dump_param_fragment(dir, tp_index, dp_index, key, value, name, frag.start, frag.numel)
+
+
+def _patched_extract_zero_shards_stage3(ds, optim_files_grid, param_shapes_grid, dp_degree, temp_dir, indices,
+                                        exclude_param_names=None):
+    """ds.extract_zero_shards_stage3 with every state name."""
+    import torch  # noqa: PLC0415
+
+    tp_index, dp_index = indices
+    exclude_param_names = exclude_param_names or set()
+    state_dict = torch.load(optim_files_grid[tp_index][dp_index], map_location="cpu", weights_only=False)
+    optim_sd = state_dict[ds.OPTIMIZER_STATE_DICT]
+    partition_groups = optim_sd.get("ds_zero_partition_groups") or []
+    param_shapes = param_shapes_grid[tp_index]
+    for idx, sub_group_shape in enumerate(param_shapes):
+        fp32 = optim_sd["fp32_flat_groups"][idx]
+        flat, scalars = _flat_states(optim_sd["optimizer_state_dict"]["state"].get(idx, {}), 0,
+                                     f"dp rank {dp_index}, sub-group {idx}")
+        states = {"fp32": fp32, **flat, **scalars}
+        meta = partition_groups[idx] if idx < len(partition_groups) else {}
+        count, prank = meta.get("partition_count", dp_degree), meta.get("partition_rank", dp_index)
+        offset = 0
+        for name, shape in sub_group_shape.items():
+            numel = ds._shape_numel(shape)
+            part_numel, _ = ds._zero_partitioned_param_info(numel, count)
+            free = max(0, min(part_numel, numel - prank * part_numel))
+            if name not in exclude_param_names:
+                for key, value in states.items():
+                    ds.dump_param_fragment(temp_dir, tp_index, dp_index, key, value, name, offset, free)
+            offset += part_numel
+
+
+def _state_names(slice_dir: str, name: str) -> list[str]:
+    names = set()
+    base = os.path.join(slice_dir, name)
+    for tp in os.listdir(base) if os.path.isdir(base) else []:
+        for f in os.listdir(os.path.join(base, tp)):
+            names.add(f.rsplit(".", 1)[0])
+    return sorted(names)
+
+
+def _merge_extra_states(ds, uc_info, dir, slice_dir, tp_degree, name_and_shapes, keep_vocab_padding):  # noqa: A002
+    """Merge states DeepSpeed's merge does not know (TP = 1: concatenate DP fragments, reshape like
+    the parameter, copy fp32.pt's metadata)."""
+    import torch  # noqa: PLC0415
+
+    name, per_tp_shapes = name_and_shapes
+    extra = [s for s in _state_names(slice_dir, name) if s not in ("fp32", "step") + ADAM_STATES]
+    if not extra:
+        return
+    if tp_degree != 1:
+        raise ConversionError(f"{name}: optimizer states {extra} can only be converted from TP=1 checkpoints")
+    ref = torch.load(os.path.join(dir, name, "fp32.pt"), weights_only=False)
+    for state in extra:
+        slices = ds._merge_zero_shards(os.path.join(slice_dir, name), state, 1, per_tp_shapes)
+        param = slices[0]  # already in the parameter's shape (per_tp_shapes)
+        if ref.get(ds.VOCAB_TENSOR):
+            param = param[: uc_info["original_vocab_size"]]
+        param = param.reshape(ref[ds.PARAM].shape)
+        out = {k: v for k, v in ref.items() if k != ds.PARAM}
+        out[ds.PARAM] = param
+        ds._save_checkpoint(os.path.join(dir, name, f"{state}.pt"), out)
+
+
+def _patched_merge_tp_slices(ds, original, keep_vocab_padding, uc_info, dir, slice_dir, tp_degree,  # noqa: A002
+                             name_and_shapes):
+    name = name_and_shapes[0]
+    states = _state_names(slice_dir, name)
+    missing = [s for s in ADAM_STATES if s not in states]
+    if keep_vocab_padding and uc_info.get("padded_vocab_size"):
+        uc_info = {**uc_info, "original_vocab_size": uc_info["padded_vocab_size"]}
+    if missing and "fp32" in states:
+        # DeepSpeed's merge insists on Adam's two moments: give it empty stand-ins, then drop them.
+        _merge_without_adam(ds, original, uc_info, dir, slice_dir, tp_degree, name_and_shapes, missing)
+        unmatched = set()
+    else:
+        unmatched = original(uc_info, dir, slice_dir, tp_degree, name_and_shapes)
+    _merge_extra_states(ds, uc_info, dir, slice_dir, tp_degree, name_and_shapes, keep_vocab_padding)
+    return unmatched
+
+
+def _merge_without_adam(ds, original, uc_info, dir, slice_dir, tp_degree, name_and_shapes, missing):  # noqa: A002
+    name = name_and_shapes[0]
+    base = os.path.join(slice_dir, name)
+    made = []
+    for tp in os.listdir(base):
+        for f in os.listdir(os.path.join(base, tp)):
+            if f.startswith("fp32."):
+                for state in missing:
+                    dst = os.path.join(base, tp, state + f[len("fp32"):])
+                    shutil.copyfile(os.path.join(base, tp, f), dst)
+                    made.append(dst)
+    original(uc_info, dir, slice_dir, tp_degree, name_and_shapes)
+    for state in missing:
+        path = os.path.join(dir, name, f"{state}.pt")
+        if os.path.exists(path):
+            os.remove(path)
+    for path in made:
+        os.remove(path)
+
+
+def _patched_merge_zero3_slices(ds, dp_degree, dir, slice_dir, name):  # noqa: A002
+    for state in _state_names(slice_dir, name):
+        if state == "step":  # as DeepSpeed: the step lives in zero/optimizer_state.pt
+            continue
+        slices = ds._merge_zero_shards(os.path.join(slice_dir, name), state, 1)
+        ds._save_checkpoint(os.path.join(dir, name, f"{state}.pt"), slices[0])
+
+
+def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = False, num_extract_workers: int = 1,
+            num_merge_workers: int = 1, strict: bool = True, inject_missing_state: bool = False,
+            strip_vocab_padding: bool = False) -> str:
+    """Convert `input_folder` (a global_step<N> directory) into `output_folder`; returns the tag
+    written to `latest_universal` next to the output folder."""
+    import deepspeed.checkpoint.ds_to_universal as ds  # noqa: PLC0415
+
+    if not os.path.isdir(input_folder):
+        raise ConversionError(f"--input_folder {input_folder}: no such directory")
+    if not [f for f in os.listdir(input_folder) if f.endswith("optim_states.pt")]:
+        raise ConversionError(f"{input_folder} has no ZeRO optimizer shards (*optim_states.pt): it was saved with "
+                              "ZeRO stage 0 or --no-save-optim and cannot be converted; load it with --finetune "
+                              "at the same world size instead")
+    output_folder = os.path.normpath(output_folder)
+    if os.path.exists(output_folder):
+        shutil.rmtree(output_folder)
+    keep = not strip_vocab_padding
+    originals = {k: getattr(ds, k) for k in ("extract_zero_shards", "extract_zero_shards_stage3", "merge_tp_slices",
+                                              "merge_zero3_slices")}
+    merge_tp = originals["merge_tp_slices"]
+    patches = {
+        "extract_zero_shards": lambda *a: _patched_extract_zero_shards(ds, *a),
+        "extract_zero_shards_stage3": lambda *a, **k: _patched_extract_zero_shards_stage3(ds, *a, **k),
+        "merge_tp_slices": lambda *a: _patched_merge_tp_slices(ds, merge_tp, keep, *a),
+        "merge_zero3_slices": lambda *a: _patched_merge_zero3_slices(ds, *a),
+    }
+    if num_extract_workers > 1 or num_merge_workers > 1:
+        log.info("worker processes would not see the patched functions: converting in this process")
+    args = SimpleNamespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
+                           num_merge_workers=1, keep_temp_folder=keep_temp_folder, strict=strict,
+                           inject_missing_state=inject_missing_state)
+    for k, v in patches.items():
+        setattr(ds, k, v)
+    try:
+        ds.main(args)
+    finally:
+        for k, v in originals.items():
+            setattr(ds, k, v)
+    parent, tag = os.path.split(output_folder)
+    # our model-argument record travels with the checkpoint (checked before loading)
+    src_args = os.path.join(input_folder, "megatron_args.json")
+    if os.path.isfile(src_args):
+        shutil.copyfile(src_args, os.path.join(output_folder, "megatron_args.json"))
+    tmp = os.path.join(parent, f"latest_universal.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(tag)
+    os.replace(tmp, os.path.join(parent, "latest_universal"))
+    return tag
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input_folder", "--input-folder", required=True, help="CKPT/global_step<N>")
+    p.add_argument("--output_folder", "--output-folder", required=True, help="CKPT/global_step<N>_universal")
+    p.add_argument("--num_extract_workers", type=int, default=1, help="accepted; conversion runs in one process")
+    p.add_argument("--num_merge_workers", type=int, default=1, help="accepted; conversion runs in one process")
+    p.add_argument("--keep_temp_folder", action="store_true")
+    p.add_argument("--no_strict", dest="strict", action="store_false")
+    p.add_argument("--inject_missing_state", action="store_true",
+                   help="for checkpoints written without universal_checkpoint_info (not needed for ours)")
+    p.add_argument("--strip_vocab_padding", action="store_true",
+                   help="drop the padded vocabulary rows as DeepSpeed does (they are re-filled with zeros at load)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        tag = convert(args.input_folder, args.output_folder, keep_temp_folder=args.keep_temp_folder,
+                      num_extract_workers=args.num_extract_workers, num_merge_workers=args.num_merge_workers,
+                      strict=args.strict, inject_missing_state=args.inject_missing_state,
+                      strip_vocab_padding=args.strip_vocab_padding)
+    except ConversionError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
+    parent = os.path.dirname(os.path.normpath(args.output_folder))
+    print(f"universal checkpoint written: {args.output_folder}; {parent}/latest_universal = {tag}\n"
+          f"load it with: --load {parent} --universal-checkpoint", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""A separate venv with megatron-core, for cross-checks (tests, benchmarks).
+
+megatron-core installs a namespace package ``megatron`` that clashes with ours, so it lives in
+its own venv (default ``<repo>/.venv-mcore``, git-ignored), created on first use with
+``pip install torch==<our torch> megatron-core==0.16.1`` (~35 s) and reused afterwards.
+
+    python tools/mcore_venv.py          # create (if needed) and print the venv's python
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MCORE_VERSION = "0.16.1"
+TORCH_VERSION = "2.13.0"
+_PROBE = "import megatron.core.datasets.helpers_cpp, megatron.core.datasets.indexed_dataset"
+
+
+def venv_python(venv: str | None = None) -> str:
+    venv = venv or os.environ.get("MCORE_VENV") or os.path.join(ROOT, ".venv-mcore")
+    return os.path.join(venv, "bin", "python")
+
+
+def _works(python: str) -> bool:
+    if not os.path.isfile(python):
+        return False
+    if _has_helpers(python):  # cheap check (importing megatron.core takes seconds)
+        return True
+    return subprocess.run([python, "-c", _PROBE], capture_output=True, cwd="/").returncode == 0
+
+
+def _has_helpers(python: str) -> bool:
+    venv = os.path.dirname(os.path.dirname(python))
+    for dirpath, _, files in os.walk(os.path.join(venv, "lib")):
+        if dirpath.endswith(os.path.join("megatron", "core", "datasets")):
+            return any(f.startswith("helpers_cpp") for f in files) and "indexed_dataset.py" in files
+    return False
+
+
+def ensure_mcore_venv(venv: str | None = None, timeout: float = 600) -> str:
+    """Path of a python with megatron-core importable; creates the venv if needed.
+
+    Raises RuntimeError (with pip's last lines) if it cannot be created (e.g. no index access).
+    """
+    python = venv_python(venv)
+    if _works(python):
+        return python
+    venv_dir = os.path.dirname(os.path.dirname(python))
+    steps = [[sys.executable, "-m", "venv", venv_dir],
+             [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+              f"torch=={TORCH_VERSION}", f"megatron-core=={MCORE_VERSION}"]]
+    for cmd in steps:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 0:
+            tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"cannot create the megatron-core venv {venv_dir}: {' '.join(cmd[:4])} ... failed: {tail}")
+    if not _works(python):
+        raise RuntimeError(f"megatron-core does not import in {venv_dir}")
+    return python
+
+
+if __name__ == "__main__":
+    print(ensure_mcore_venv())
