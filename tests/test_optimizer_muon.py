@@ -6,7 +6,6 @@ Run as a script under torchrun, this file is the 2-rank worker of the ZeRO test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -19,9 +18,25 @@ sys.path.insert(0, ROOT)
 
 from megatron.model import GPTConfig, GPTModel  # noqa: E402
 from megatron.optimizer import build_optimizer, deepspeed_initialize_kwargs  # noqa: E402
-from megatron.optimizer.muon import Muon, QKClip, is_muon_param, max_logits, newton_schulz  # noqa: E402
+from megatron.optimizer.muon import (  # noqa: E402
+    Muon,
+    QKClip,
+    is_muon_param,
+    max_logits,
+    newton_schulz,
+    rms_scale,
+)
 
 LR, WD, STEPS = 2e-3, 0.0, 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and much faster than two on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_args(**kw) -> argparse.Namespace:
@@ -70,10 +85,11 @@ class MultScheduler:
         pass
 
 
-def single_process_run(steps: int) -> tuple[GPTModel, list[dict]]:
+def single_process_run(steps: int, ns_dtype: torch.dtype = torch.bfloat16) -> tuple[GPTModel, list[dict]]:
     """Our Muon (the ZeRO-0 path) on the full batch; returns the model and per-step snapshots."""
     model = tiny_model()
     opt = build_optimizer(model, make_args())
+    opt.ns_dtype = ns_dtype
     MultScheduler(opt)
     snaps = []
     for tokens in batches(steps):
@@ -134,20 +150,24 @@ def test_aux_adamw_matches_torch_adamw():
     assert (p - q).abs().max().item() <= 1e-6
 
 
-def test_deepspeed_path_uses_ds_config_block_with_rms_scale():
+def test_deepspeed_path_builds_deepspeeds_muon_on_our_groups_with_rms_scale():
     model = tiny_model()
     built = build_optimizer(model, make_args(zero_stage=1))
-    assert built.config["type"] == "Muon" and built.config["params"]["torch_adam"] is True
+    assert type(built.optimizer).__name__ == "MuonWithAuxAdam"
+    assert isinstance(built.optimizer.aux_optimizer, torch.optim.AdamW)
     assert built.ds_config == {"gradient_clipping": 0.0}
     qkv = model.language_model.encoder.layers[0].self_attention.query_key_value.weight  # [64, 32]
     assert built.param_attrs[qkv] == {"use_muon": True}
-    emb = model.language_model.embedding.word_embeddings.weight
-    assert built.param_attrs[emb] == {"use_muon": False}
+    for p in (model.language_model.embedding.word_embeddings.weight, model.language_model.output_layer.weight):
+        assert built.param_attrs[p] == {"use_muon": False}
     # DeepSpeed scales by sqrt(max(1, A/B)) = sqrt(2); lr_mult makes it 0.2*sqrt(64); wd uses the base lr
-    name = next(g["name"] for g in built.param_groups if any(p is qkv for p in g["params"]))
-    mult = built.group_keys[name]
-    assert mult["lr_mult"] == pytest.approx(0.2 * 8 / 2 ** 0.5)
-    assert mult["lr_mult"] * mult["wd_mult"] == pytest.approx(1.0)
+    group = next(g for g in built.optimizer.param_groups if any(p is qkv for p in g["params"]))
+    assert group["use_muon"] and group["ns_method"] == "standard" and group["momentum"] == 0.95
+    assert group["lr_mult"] == pytest.approx(0.2 * 8 / 2 ** 0.5)
+    assert group["lr_mult"] * group["wd_mult"] == pytest.approx(1.0)
+    adam = [g for g in built.optimizer.param_groups if not g["use_muon"]]
+    assert {g["name"] for g in adam} == {"adamw_decay", "adamw_no_decay"}
+    assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 for g in adam)
 
 
 def test_zero3_and_flags_refused():
@@ -191,33 +211,47 @@ def test_muonclip_fires_and_bounds_max_logit():
 
 
 # ----------------------------------------------------------------------------- ZeRO 1/2 on 2 ranks
-def zero_worker(stage: int, out: str) -> None:
-    """2-rank worker: DeepSpeed's ZeRO-`stage` Muon through our registry; rank 0 writes results."""
+# Two runs per stage. "bf16": what users get (DeepSpeed's Newton-Schulz in bf16, torch.compile'd).
+# "fp32": DeepSpeed's Newton-Schulz switched to fp32 and compared with our single-process Muon
+# with fp32 Newton-Schulz. bf16 rounding alone makes two correct implementations differ by ~1e-2
+# relative per orthogonalized entry (more on nearly rank-deficient gradients), so only the fp32
+# pair can be held to 1e-4 over 10 steps: it measures what ZeRO adds (partitioning, gathering,
+# momentum, the per-group scale, the Muon/AdamW split), which is what this test is about.
+def zero_worker(out: str) -> None:
+    """2-rank worker: DeepSpeed's ZeRO-1 and ZeRO-2 Muon through our registry (one launch, four
+    engines: the start-up dominates); rank 0 writes the results."""
     import deepspeed  # noqa: PLC0415
+    from deepspeed.runtime.zero.muon import original_muon  # noqa: PLC0415
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    model = tiny_model()
-    ds_config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                 "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
-                 "zero_allow_untested_optimizer": True}
-    kwargs = deepspeed_initialize_kwargs(model, make_args(zero_stage=stage), ds_config, MultScheduler)
-    engine, *_ = deepspeed.initialize(model=model, **kwargs)
-    names = [n for n, p in model.named_parameters()]
-    snaps = []
-    for tokens in batches(STEPS):
-        mine = tokens[2 * rank: 2 * rank + 2]
-        loss = loss_of(engine, mine)
-        engine.backward(loss)
-        engine.step()
-        snaps.append({n: p.detach().clone() for n, p in zip(names, model.parameters())})
+    results: dict = {}
+    for precision, stage in (("bf16", 1), ("bf16", 2), ("fp32", 1), ("fp32", 2)):
+        if precision == "fp32":
+            original_muon.ns_compute_dtype = lambda ns_method="gram": torch.float32
+        model = tiny_model()
+        ds_config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                     "gradient_clipping": 1.0, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+        kwargs = deepspeed_initialize_kwargs(model, make_args(zero_stage=stage), ds_config, MultScheduler)
+        engine, *_ = deepspeed.initialize(model=model, **kwargs)
+        names = [n for n, p in model.named_parameters()]
+        snaps = []
+        for tokens in batches(STEPS):
+            mine = tokens[2 * rank: 2 * rank + 2]
+            loss = loss_of(engine, mine)
+            engine.backward(loss)
+            engine.step()
+            snaps.append({n: p.detach().clone() for n, p in zip(names, model.parameters())})
+        results[stage, precision] = {"snaps": snaps, "optimizer": type(engine.optimizer).__name__,
+                              "basic": type(engine.basic_optimizer).__name__,
+                              "groups": [(g["name"], bool(g["use_muon"]), g["lr"])
+                                         for g in engine.basic_optimizer.param_groups]}
     if rank == 0:
-        torch.save({"snaps": snaps, "optimizer": type(engine.optimizer).__name__,
-                    "basic": type(engine.basic_optimizer).__name__}, out)
+        torch.save(results, out)
 
 
-def _run_zero(stage: int, tmp_path) -> dict:
-    out = str(tmp_path / f"zero{stage}.pt")
+def _run_zero(tmp_path) -> dict:
+    out = str(tmp_path / "zero.pt")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   os.path.join(sys.prefix, "torch_extensions"))}
@@ -226,37 +260,72 @@ def _run_zero(stage: int, tmp_path) -> dict:
     from tests.distributed import free_port  # noqa: PLC0415
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), os.path.abspath(__file__), "--zero-worker", str(stage), out]
+           "--master_port", str(free_port()), os.path.abspath(__file__), "--zero-worker", out]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out)
 
 
+def _well_conditioned(grad: torch.Tensor, floor: float = 0.01) -> bool:
+    """"Full rank" in the numerical sense: smallest/largest singular value of the gradient >= floor.
+    (Five Newton-Schulz steps lift a direction to ~1 only if its singular value is not negligible;
+    at initialization the attention gradients here have ratios below 1e-3.)"""
+    s = torch.linalg.svdvals(grad)
+    return bool(s.min() / s.max() >= floor)
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory) -> dict:
+    return _run_zero(tmp_path_factory.mktemp("zero-muon"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
-def test_zero_muon_orthogonalizes_and_matches_single_process(stage, tmp_path):
-    res = _run_zero(stage, tmp_path)
-    assert res["optimizer"] == "DeepSpeedZeroOptimizer" and res["basic"] == "MuonWithAuxAdam"
-    ref_model, ref_snaps = single_process_run(STEPS)
+def test_zero_muon_orthogonalizes_and_matches_single_process(stage, zero_runs):
+    res = {precision: zero_runs[stage, precision] for precision in ("bf16", "fp32")}
     model = tiny_model()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    muon_names = {n for n, p in model.named_parameters() if is_muon_param(n, p)}
+    for precision in ("bf16", "fp32"):
+        r = res[precision]
+        assert r["optimizer"] == "DeepSpeedZeroOptimizer" and r["basic"] == "MuonWithAuxAdam"
+        # our split reached DeepSpeed: the LM head and embeddings stay on AdamW (DeepSpeed's own name
+        # rule would have put output_layer on Muon)
+        assert [(name, use) for name, use, _ in r["groups"]] == [
+            ("muon0", True), ("muon1", True), ("adamw_decay", False), ("adamw_no_decay", False)]
+    # The first update of every hidden matrix with a well-conditioned gradient is orthogonalized:
+    # update = lr * 0.2*sqrt(max(A,B)) * O (wd = 0), and O's singular values lie in [0.5, 1.2]. The
+    # quintic Newton-Schulz does not converge to exactly 1: relative to their mean they spread over
+    # ~[0.77, 1.33] here, for torch.optim.Muon's arithmetic as much as for DeepSpeed's.
+    ref_fp32, snaps32 = single_process_run(STEPS, ns_dtype=torch.float32)
     checked = 0
-    for n, p in model.named_parameters():
-        if not is_muon_param(n, p):
+    for n in sorted(muon_names):
+        if not _well_conditioned(snaps32[0][n][1]):
             continue
-        grad = ref_snaps[0][n][1]
-        if torch.linalg.matrix_rank(grad) < min(grad.shape):
-            continue
-        update = init[n] - res["snaps"][0][n]  # wd = 0: the first step is -lr_eff * O
-        s = torch.linalg.svdvals(update)
-        ratio = s / s.mean()
-        assert ratio.min() >= 0.5 and ratio.max() <= 1.2, (n, ratio)
+        for precision in ("bf16", "fp32"):
+            update = init[n] - res[precision]["snaps"][0][n]
+            s = torch.linalg.svdvals(update) / (LR * rms_scale(shapes[n]))
+            assert s.min() >= 0.5 and s.max() <= 1.2, (precision, n, s)
+            assert s.max() / s.min() <= 1.8, (precision, n, s)
         checked += 1
-    assert checked >= 4
-    final = dict(ref_model.named_parameters())
-    for n, p in res["snaps"][-1].items():
-        assert (p - final[n].detach()).abs().max().item() <= 1e-4, n
-
+    assert checked == 4, checked  # the four MLP matrices
+    # the filter skips what cannot be orthogonal (a nearly rank-deficient gradient), nothing else
+    assert not _well_conditioned(snaps32[0]["language_model.encoder.layers.0.self_attention.dense.weight"][1])
+    # fp32 Newton-Schulz on both sides: 10 steps of ZeRO Muon = 10 steps of single-process Muon
+    # (measured: <= 4e-7 on every parameter; the issue asks for 1e-4)
+    final = dict(ref_fp32.named_parameters())
+    worst = max((p - final[n].detach()).abs().max().item() for n, p in res["fp32"]["snaps"][-1].items())
+    assert worst <= 1e-5, worst
+    # bf16 (the real run): the same trajectory up to bf16 rounding (measured: <= 15% of the distance
+    # moved on the nearly rank-deficient attention output, ~1.5% elsewhere; the AdamW half only feels
+    # it through the changed activations)
+    ref_bf16, _ = single_process_run(STEPS)
+    final = dict(ref_bf16.named_parameters())
+    for n, p in res["bf16"]["snaps"][-1].items():
+        diff = (p - final[n].detach()).abs().max().item()
+        moved = (init[n] - final[n].detach()).abs().max().item()
+        assert diff <= (0.25 if n in muon_names else 0.02) * moved, (n, diff, moved)
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--zero-worker":
-    zero_worker(int(sys.argv[2]), sys.argv[3])
+    zero_worker(sys.argv[2])

@@ -9,8 +9,8 @@ Adding an optimizer is one decorated function in the module of its family (plus 
 
 A builder receives parameter groups (from `get_param_groups`, or the entry's own `groups`
 function) and the parsed arguments, and returns either a `torch.optim.Optimizer` (handed to
-`deepspeed.initialize(optimizer=...)`) or a `DeepSpeedOptimizer` (an ``"optimizer"`` block that
-DeepSpeed builds itself, e.g. its ZeRO-aware Muon). An entry's `check(args)` lists start-up
+`deepspeed.initialize(optimizer=...)`) or a `DeepSpeedOptimizer` (one of DeepSpeed's own
+optimizers plus the DS config entries and parameter attributes it needs, e.g. its ZeRO-aware Muon). An entry's `check(args)` lists start-up
 problems (a missing package, a ZeRO stage it cannot run under); `megatron.arguments` reports them
 before anything expensive starts, so a bad name never turns into a TypeError mid-run.
 
@@ -33,20 +33,27 @@ NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 
 @dataclass
 class DeepSpeedOptimizer:
-    """Builder result meaning "let DeepSpeed build its own optimizer from this config block".
+    """Builder result for an optimizer that needs DeepSpeed's cooperation, in one of two forms:
 
-    `config` becomes the DS config's ``"optimizer"`` entry; `param_groups` are passed as
-    ``model_parameters``; `ds_config` entries override the rest of the DS config (e.g.
-    ``{"gradient_clipping": 0.0}``); `param_attrs` maps parameter -> attributes to set on it
-    before ``deepspeed.initialize`` (e.g. ``use_muon``); `group_keys` are per-group keys
-    (``lr_mult``, ``wd_mult``...) that DeepSpeed drops when regrouping and that are put back,
-    by group name, on the optimizer it built.
+    * `optimizer`: one of DeepSpeed's own classes built here (e.g. its ZeRO-aware
+      ``MuonWithAuxAdam``, which ZeRO 1/2 recognizes and orthogonalizes for), handed to
+      ``deepspeed.initialize(optimizer=...)``;
+    * `config` + `param_groups`: an ``"optimizer"`` block DeepSpeed builds from (for optimizers
+      that need the engine, e.g. OneBitLamb), with `param_groups` as ``model_parameters``.
+
+    `ds_config` entries override the rest of the DS config (e.g. ``{"gradient_clipping": 0.0}``);
+    `param_attrs` maps parameter -> attributes set on it before ``deepspeed.initialize`` (e.g.
+    ``use_muon``, which ZeRO reads to choose the Muon path).
+
+    Muon uses the first form: with an ``{"type": "Muon"}`` block, ``deepspeed.initialize``
+    re-tags every parameter by its own name rule (2-D and no "embed"/"lm_head" in the name ->
+    Muon), which would put our ``output_layer`` on Muon.
     """
-    config: dict
-    param_groups: list[dict]
+    optimizer: torch.optim.Optimizer | None = None
+    config: dict | None = None
+    param_groups: list[dict] | None = None
     ds_config: dict = field(default_factory=dict)
     param_attrs: dict = field(default_factory=dict)
-    group_keys: dict[str, dict] = field(default_factory=dict)
 
 
 Built = "torch.optim.Optimizer | DeepSpeedOptimizer"
@@ -84,21 +91,31 @@ def register_optimizer(name: str, *, help: str = "", check: Check | None = None,
     return deco
 
 
+# The family modules, in --help order (whatever order they happen to be imported in).
+FAMILIES = ("basic", "fallbacks", "lamb", "schedulefree", "sophia", "adopt", "muon", "lion", "ademamix")
+
+
 def _load_families() -> None:
     """Import every family module (each registers its names). Cheap: heavy imports are lazy."""
-    from megatron.optimizer import (  # noqa: F401, PLC0415, I001 - this order is the --help order
-        basic, fallbacks, lamb, schedulefree, sophia, adopt, muon, lion, ademamix,
-    )
+    for family in FAMILIES:
+        importlib.import_module(f"{__name__}.{family}")
+
+
+def _entries() -> list[OptimizerEntry]:
+    """Every entry, by family (FAMILIES order), then in registration order within the family."""
+    _load_families()
+    rank = {f"{__name__}.{family}": i for i, family in enumerate(FAMILIES)}
+    order = list(OPTIMIZERS)
+    return sorted(OPTIMIZERS.values(),
+                  key=lambda e: (rank.get(getattr(e.build, "__module__", ""), len(rank)), order.index(e.name)))
 
 
 def optimizer_names() -> list[str]:
-    _load_families()
-    return list(OPTIMIZERS)
+    return [e.name for e in _entries()]
 
 
 def optimizer_help() -> str:
-    _load_families()
-    return "; ".join(f"{e.name}: {e.help}" if e.help else e.name for e in OPTIMIZERS.values())
+    return "; ".join(f"{e.name}: {e.help}" if e.help else e.name for e in _entries())
 
 
 def get_entry(name: str) -> OptimizerEntry:
@@ -106,7 +123,7 @@ def get_entry(name: str) -> OptimizerEntry:
     try:
         return OPTIMIZERS[name]
     except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}") from None
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(optimizer_names())}") from None
 
 
 def optimizer_problems(args) -> list[str]:
@@ -195,26 +212,21 @@ def build_optimizer(model: torch.nn.Module, args):
 
 def deepspeed_initialize_kwargs(model: torch.nn.Module, args, ds_config: dict,
                                 scheduler_factory: Callable[[Any], Any]) -> dict:
-    """Keyword arguments for ``deepspeed.initialize(model=model, **kwargs)``: the optimizer
-    (a client optimizer, or DeepSpeed's own configured by an ``"optimizer"`` block), the DS
-    config, and the LR scheduler (built by `scheduler_factory(optimizer)` on the optimizer
-    DeepSpeed ends up stepping, so per-group multipliers are honoured either way)."""
+    """Keyword arguments for ``deepspeed.initialize(model=model, **kwargs)``: the optimizer, the
+    DS config (with the entries a `DeepSpeedOptimizer` asks for) and the LR scheduler (built by
+    `scheduler_factory(optimizer)`, so per-group multipliers are honoured)."""
     built = build_optimizer(model, args)
     if not isinstance(built, DeepSpeedOptimizer):
         return {"optimizer": built, "config": ds_config, "lr_scheduler": scheduler_factory(built)}
-    cfg = {**ds_config, **built.ds_config, "optimizer": built.config}
     for p, attrs in built.param_attrs.items():
         for k, v in attrs.items():
             setattr(p, k, v)
-
-    def make_scheduler(optimizer):
-        for g in optimizer.param_groups:  # DeepSpeed names its groups "<our name>-<half>-params"
-            for prefix, keys in built.group_keys.items():
-                if str(g.get("name", "")).startswith(prefix + "-"):
-                    g.update(keys)
-        return scheduler_factory(optimizer)
-
-    return {"model_parameters": built.param_groups, "config": cfg, "lr_scheduler": make_scheduler}
+    cfg = {**ds_config, **built.ds_config}
+    if built.optimizer is not None:
+        return {"optimizer": built.optimizer, "config": cfg, "lr_scheduler": scheduler_factory(built.optimizer)}
+    # DeepSpeed builds it: the scheduler is built on what it built (a callable lr_scheduler)
+    return {"model_parameters": built.param_groups, "config": {**cfg, "optimizer": built.config},
+            "lr_scheduler": scheduler_factory}
 
 
 # ----------------------------------------------------------------------------- loop hooks

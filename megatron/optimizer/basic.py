@@ -11,14 +11,20 @@ def adam_kwargs(args) -> dict:
             "weight_decay": args.weight_decay}
 
 
+# torch's fused Adam/AdamW kernel: one pass over memory per step instead of foreach's ~10. On a
+# 25M-element fp32 tensor on 2 CPU cores a step takes 0.05 s instead of 0.38 s (bench/README.md).
+# CPU, CUDA and XPU have it; the result equals foreach's up to float rounding.
+FUSED = {"fused": True}
+
+
 @register_optimizer("adamw", help="torch.optim.AdamW, decoupled weight decay (default)")
 def build_adamw(groups: list[dict], args) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, **adam_kwargs(args), foreach=True)
+    return torch.optim.AdamW(groups, **adam_kwargs(args), **FUSED)
 
 
 @register_optimizer("adam", help="torch.optim.Adam, L2 weight decay added to the gradient")
 def build_adam(groups: list[dict], args) -> torch.optim.Optimizer:
-    return torch.optim.Adam(groups, **adam_kwargs(args), foreach=True)
+    return torch.optim.Adam(groups, **adam_kwargs(args), **FUSED)
 
 
 @register_optimizer("sgd", help="torch.optim.SGD with --sgd-momentum")

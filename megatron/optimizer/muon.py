@@ -10,11 +10,13 @@ Where it runs:
   Nesterov, quintic Newton-Schulz in bf16, update scaled by 0.2*sqrt(max(A, B)), decoupled weight
   decay with the base LR) and ``torch.optim.AdamW`` on the other half.
 * ZeRO 1/2 (and ZeRO 0 with bf16, where DeepSpeed also flattens parameters): DeepSpeed's own
-  ZeRO-aware Muon, selected by an ``"optimizer": {"type": "Muon"}`` block with parameters tagged
-  ``use_muon``. DeepSpeed scales the update by sqrt(max(1, A/B)); the Moonlight RMS-matching scale
-  is restored per parameter group through ``lr_mult`` (and ``wd_mult`` divided by the same
-  factor, so weight decay still uses the base LR). DeepSpeed fixes Nesterov on and 5
-  Newton-Schulz steps there; other values are refused at start-up.
+  ZeRO-aware ``MuonWithAuxAdam``, built here on our groups with parameters tagged ``use_muon``
+  (not through an ``"optimizer": {"type": "Muon"}`` block: ``deepspeed.initialize`` would then
+  re-tag parameters by name and send our ``output_layer`` to Muon). DeepSpeed scales the
+  update by sqrt(max(1, A/B)); the Moonlight RMS-matching scale is restored per parameter group
+  through ``lr_mult`` (and ``wd_mult`` divided by the same factor, so weight decay still uses
+  the base LR). DeepSpeed fixes Nesterov on and 5 Newton-Schulz steps there; other values are
+  refused at start-up.
 * ZeRO 3: refused (DeepSpeed's stage-3 Muon shares one momentum for all groups and is untested
   on CPU here).
 
@@ -62,10 +64,12 @@ def keller_scale(shape: Iterable[int]) -> float:
 
 
 def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7,
-                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
-    """Quintic Newton-Schulz orthogonalization in bf16, the same operations as torch.optim.Muon."""
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Quintic Newton-Schulz orthogonalization in `dtype` (bf16: the same operations as
+    torch.optim.Muon; fp32 gives results reproducible across implementations, see the tests)."""
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(dtype)
     if g.size(0) > g.size(1):
         x = x.T
     x.div_(x.norm().clamp(min=eps))
@@ -88,12 +92,14 @@ class Muon(torch.optim.Optimizer):
 
     `adjust_lr`: "match_rms_adamw" (0.2*sqrt(max(A,B)), default, as upstream) or "original"
     (sqrt(max(1, A/B)), Keller). `qk_clip_t`: if set, `after_step` applies MuonClip's QK-clip.
+    `ns_dtype`: the Newton-Schulz precision (bf16 as torch and DeepSpeed; fp32 for exact comparisons).
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = DEEPSPEED_NS_STEPS, eps: float = 1e-7,
                  adjust_lr: str = "match_rms_adamw", adamw_betas: tuple[float, float] = (0.9, 0.999),
-                 adamw_eps: float = 1e-12, qk_clip_t: float | None = None, qk_clip_alpha: float = 0.5) -> None:
+                 adamw_eps: float = 1e-12, qk_clip_t: float | None = None, qk_clip_alpha: float = 0.5,
+                 ns_dtype: torch.dtype = torch.bfloat16) -> None:
         if adjust_lr not in ("match_rms_adamw", "original"):
             raise ValueError(f"adjust_lr must be 'match_rms_adamw' or 'original', got {adjust_lr!r}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
@@ -105,6 +111,7 @@ class Muon(torch.optim.Optimizer):
                 if bad:
                     raise ValueError(f"Muon groups take 2-D weights only, got shapes {bad}; DeepSpeed flattens "
                                      "parameters under ZeRO >= 1 or bf16: use DeepSpeed's Muon there")
+        self.ns_dtype = ns_dtype
         self.qk_clip_t = qk_clip_t
         self.qk_clip_alpha = qk_clip_alpha
         self.qk_clip = QKClip(qk_clip_t, qk_clip_alpha) if qk_clip_t else None
@@ -131,7 +138,7 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
             update = p.grad.lerp(buf, mu) if g["nesterov"] else buf
-            update = newton_schulz(update, g["ns_steps"], g["eps"])
+            update = newton_schulz(update, g["ns_steps"], g["eps"], dtype=self.ns_dtype)
             p.mul_(1 - lr * wd)
             p.add_(update, alpha=-lr * scale(p.shape))
 
@@ -303,14 +310,23 @@ def build_muon(groups: list[dict], args):
     if clip > 0:
         warn_once("muon-clip", f"--clip-grad {clip} is not applied with DeepSpeed's ZeRO Muon: DeepSpeed would clip "
                   "the orthogonalized update, not the gradient (Muon's update has a fixed scale anyway)")
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # noqa: PLC0415 (compiles kernels)
+
     k = _muon_kwargs(args)
-    params = {"lr": args.lr, "momentum": k["momentum"], "weight_decay": args.weight_decay,
-              "betas": list(k["adamw_betas"]), "eps": k["adamw_eps"], "ns_method": "standard", "torch_adam": True}
+    ds_groups = []
+    for g in groups:
+        g = dict(g)
+        if g["use_muon"]:  # DeepSpeed fixes Nesterov and 5 Newton-Schulz steps (checked at start-up)
+            g.update(momentum=k["momentum"], ns_method="standard")
+        else:
+            g["betas"] = tuple(k["adamw_betas"])
+            g.setdefault("eps", k["adamw_eps"])  # a MuP/CompleteP group carries its own eps
+        ds_groups.append(g)
+    # torch's AdamW for the auxiliary half (as DeepSpeed's "torch_adam": true), elementwise on ZeRO's partitions
+    opt = MuonWithAuxAdam(ds_groups, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={"foreach": False},
+                          adam_w_mode=True)
     attrs = {p: {"use_muon": bool(g["use_muon"])} for g in groups for p in g["params"]}
-    keys = {g["name"]: {"lr_mult": g["lr_mult"], "wd_mult": g["wd_mult"]} for g in groups}
-    ds_groups = [{k2: v for k2, v in g.items() if k2 not in ("lr_mult", "wd_mult", "use_muon")} for g in groups]
-    return DeepSpeedOptimizer(config={"type": "Muon", "params": params}, param_groups=ds_groups,
-                              ds_config={"gradient_clipping": 0.0}, param_attrs=attrs, group_keys=keys)
+    return DeepSpeedOptimizer(optimizer=opt, ds_config={"gradient_clipping": 0.0}, param_attrs=attrs)
 
 
 @register_optimizer("muonclip", check=check_muon, groups=muon_groups,
