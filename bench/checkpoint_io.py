@@ -6,9 +6,11 @@ The engine is built in this process as the trainer builds it (≈25M-parameter b
 optimizer step taken so the optimizer state exists). "ours" is
 `megatron.checkpointing.save_checkpoint` / `load_checkpoint` (model states, ZeRO optimizer
 states, client state, args record, atomic tag commit). "raw" is `torch.save` of the same tensors
-(the module's state dict and the optimizer's state dict) to one file, and `torch.load` of it.
+(the module's state dict and the optimizer's state dict) to one file, and `torch.load` of it
+restored into the module and the optimizer with `load_state_dict` (what resuming needs).
 GB/s = bytes on disk / seconds. Save and load alternate with the raw baseline `--rounds` times
-(page cache warm for both); ratio = ours GB/s / raw GB/s per round, median over rounds.
+(page cache warm for both, each round saves a new iteration / file, old ones are deleted
+between rounds, untimed); ratio = ours GB/s / raw GB/s per round, median over rounds.
 Final line: `ratio save=<x> load=<y>`.
 """
 from __future__ import annotations
@@ -58,26 +60,34 @@ def main(argv: list[str] | None = None) -> dict:
         times: dict[str, list[float]] = {}
         sizes: dict[str, int] = {}
 
-        def timed(name: str, fn) -> None:
-            t0 = time.perf_counter()
-            fn()
-            times.setdefault(name, []).append(time.perf_counter() - t0)
+        def ours_save(r: int) -> None:  # a new iteration each round, as in training
+            checkpointing.save_checkpoint(engine, args, r + 1, args.global_batch_size,
+                                          args.global_batch_size * args.seq_length)
 
-        def ours_save() -> None:
-            checkpointing.save_checkpoint(engine, args, 1, args.global_batch_size, args.global_batch_size * args.seq_length)
+        def raw_save(r: int) -> None:
+            torch.save({"model": engine.module.state_dict(), "optimizer": opt.state_dict()}, f"{raw}.{r}")
 
-        def raw_save() -> None:
-            torch.save({"model": engine.module.state_dict(), "optimizer": opt.state_dict()}, raw)
+        def raw_load(r: int) -> None:  # what resuming from the raw file takes: read, then restore into the objects
+            state = torch.load(f"{raw}.{r}", weights_only=False)
+            engine.module.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+
+        def ours_load(r: int) -> None:
+            checkpointing.load_checkpoint(engine, args)
 
         for r in range(opts.rounds):
-            pairs = [("ours save", ours_save), ("raw save", raw_save)]
-            for name, fn in (pairs if r % 2 == 0 else pairs[::-1]):
-                timed(name, fn)
-            sizes["ours"], sizes["raw"] = dir_bytes(args.save), dir_bytes(raw)
-            pairs = [("ours load", lambda: checkpointing.load_checkpoint(engine, args)),
-                     ("raw load", lambda: torch.load(raw, weights_only=False))]
-            for name, fn in (pairs if r % 2 == 0 else pairs[::-1]):
-                timed(name, fn)
+            for pairs in ([("ours save", ours_save), ("raw save", raw_save)],
+                          [("ours load", ours_load), ("raw load", raw_load)]):
+                for name, fn in (pairs if r % 2 == 0 else pairs[::-1]):
+                    t0 = time.perf_counter()
+                    fn(r)
+                    times.setdefault(name, []).append(time.perf_counter() - t0)
+            sizes["ours"] = dir_bytes(os.path.join(args.save, f"global_step{r + 1}"))
+            sizes["raw"] = dir_bytes(f"{raw}.{r}")
+            # the previous round's files go outside the timed region (deleting 0.4 GB is not saving)
+            shutil.rmtree(os.path.join(args.save, f"global_step{r}"), ignore_errors=True)
+            if os.path.exists(f"{raw}.{r - 1}"):
+                os.remove(f"{raw}.{r - 1}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     gbps = {n: [(sizes["ours" if n.startswith("ours") else "raw"] / t / 1e9) for t in ts] for n, ts in times.items()}

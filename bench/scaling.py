@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = rates["1x2 zero1"]
     eff = {z: median([t / b for t, b in zip(rates[f"2x1 zero{z}"], base)]) for z in stages}
     rows = [["1 rank x 2 threads", "1", f"{median(base):.0f}", "1.000"]]
-    rows += [[f"2 ranks x 1 thread", str(z), f"{median(rates[f'2x1 zero{z}']):.0f}", f"{eff[z]:.3f}"] for z in stages]
+    rows += [["2 ranks x 1 thread", str(z), f"{median(rates[f'2x1 zero{z}']):.0f}", f"{eff[z]:.3f}"] for z in stages]
     print_table(f"scaling: global batch {opts.global_batch} x seq {SEQ}, {opts.dtype}, {opts.iters} iterations, "
                 f"medians of {opts.rounds} alternating rounds", ["config", "ZeRO", "tokens/s", "efficiency"], rows)
     print("efficiency " + " ".join(f"zero{z}={eff[z]:.3f}" for z in stages), flush=True)

@@ -73,7 +73,7 @@ def _probe(argv: list[str]) -> None:
     real_step = training.train_step
 
     def first_step(*a, **k):
-        out = real_step(*a, **k)
+        real_step(*a, **k)
         mark("step 1")
         starts = dict(marks)
         prev = t_launch
@@ -144,9 +144,30 @@ def override(argv: list[str], flag: str, value: str | None) -> list[str]:
     return out + ([flag, value] if value is not None else [])
 
 
+def demo_data_wait(args: list[str], env: dict, work: str, iters: int) -> float:
+    """Share of the demo's iteration time spent waiting for data (its batch-generator timer, in the
+    second half of a short run, so the loader's start-up is not counted)."""
+    import json  # noqa: PLC0415
+
+    metrics = os.path.join(work, "data-wait.jsonl")
+    for flag, value in (("--train-iters", str(iters)), ("--timing-log-level", "2"), ("--eval-iters", "0"),
+                        ("--log-interval", str(max(iters // 2, 1))), ("--metrics-file", metrics)):
+        args = override(args, flag, value)
+    args = override(args, "--eval-on-start", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *args], env=env, cwd=work,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"demo run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    with open(metrics) as f:
+        last = [r for r in map(json.loads, f) if "timers_ms" in r][-1]
+    return last["timers_ms"].get("batch-generator", 0.0) / last["ms_per_iter"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--data-wait-iters", type=int, default=20,
+                   help="then run the demo this many iterations and report its data wait (0: skip)")
     p.add_argument("--probe", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.probe is not None:
@@ -190,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows += [[n, f"{median(phases.get(n, [0.0])):.2f}"] for n in PHASES]
     total = median([t + median(launcher) for t in phases["total"]])
     rows.append(["total: launch -> first step", f"{total:.2f}"])
+    wait = demo_data_wait(args, env, work, opts.data_wait_iters) if opts.data_wait_iters else None
+    if wait is not None:
+        rows.append([f"(demo data wait, iterations {opts.data_wait_iters // 2 + 1}-{opts.data_wait_iters})",
+                     f"{wait * 100:.2f}% of step"])
     print_table(f"startup: demo config, warm cache, medians of {opts.rounds} runs", ["phase", "seconds"], rows)
     print(f"first_step_seconds {total:.2f}", flush=True)
     import shutil  # noqa: PLC0415

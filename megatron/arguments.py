@@ -312,6 +312,12 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
     g.add_argument("--DDP-impl", default="local", choices=["local", "torch"])
+    g.add_argument("--overlap-grad-reduce", action="store_true", default=None,
+                   help="ZeRO: overlap the gradient reduction with the backward (DeepSpeed overlap_comm; "
+                        "default: the DeepSpeed config's value)")
+    g.add_argument("--ddp-bucket-size", type=_int_like, default=None,
+                   help="ZeRO: elements per gradient-reduction and parameter all-gather bucket (DeepSpeed "
+                        "reduce_bucket_size / allgather_bucket_size; default: the DeepSpeed config's value)")
     # DeepSpeed's own config arguments (deepspeed.add_config_arguments), declared here so --help is fast.
     g.add_argument("--deepspeed", action="store_true")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", type=str, default=None)
@@ -428,6 +434,8 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
          f"--profile_steps must be 'first,last' iterations, e.g. 2,3 (got {args.profile_steps!r})")
     need(args.flops_profiler_step is None or args.flops_profiler_step >= 1,
          f"--flops-profiler-step must be >= 1 (got {args.flops_profiler_step})")
+    need(args.ddp_bucket_size is None or args.ddp_bucket_size > 0,
+         f"--ddp-bucket-size must be > 0 elements (got {args.ddp_bucket_size})")
     errs.extend(compile_problems(args))  # --compile where it cannot work
 
     tp, pp, sp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.ds_sequence_parallel_size

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.arguments import ArgumentError
+from megatron.core.tensor_parallel import get_rng_tracker
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def _rng_state() -> dict:
     state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    state["tp_tracker"] = get_rng_tracker().get_states()  # per-TP-rank dropout stream (one file per TP rank)
     return state
 
 
@@ -88,6 +90,8 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tp_tracker"):
+        get_rng_tracker().set_states(state["tp_tracker"])
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -325,8 +329,7 @@ def check_architecture(saved: dict, args, universal: bool = False) -> None:
 def cooldown_warning(scheduler_state: dict | None) -> str | None:
     """A message when the checkpoint was saved inside a constant+cooldown schedule's cooldown (or
     with LR below its max for the constant style): phase-2 CPT must start from a checkpoint at LR_max."""
-    from megatron.optimizer_param_scheduler import OptimizerParamScheduler, ScheduleSpec  # noqa: F401,PLC0415
-    from megatron.optimizer_param_scheduler import _normalize_state, _SPEC_KEYS, lr_at  # noqa: PLC0415
+    from megatron.optimizer_param_scheduler import _SPEC_KEYS, ScheduleSpec, _normalize_state, lr_at  # noqa: PLC0415
 
     if not scheduler_state:
         return None

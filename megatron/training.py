@@ -98,6 +98,10 @@ def build_ds_config(args) -> dict:
         cfg[k] = v
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage"] = args.zero_stage
+    if getattr(args, "overlap_grad_reduce", None):
+        zero["overlap_comm"] = True
+    if getattr(args, "ddp_bucket_size", None):
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = int(args.ddp_bucket_size)
     cfg["bf16"] = {**cfg.get("bf16", cfg.get("bfloat16", {})), "enabled": bool(args.bf16)}
     cfg.pop("bfloat16", None)
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": False}
@@ -228,7 +232,7 @@ def evaluate(engine, valid_dataset, args, eod, device) -> float:
 def setup_model_and_optimizer(args, before_engine=None):
     """GPTModel -> optimizer and LR scheduler -> `deepspeed.initialize`; returns (model, engine).
     `before_engine(model)` (optional) sees the freshly initialized model (benchmarks copy its weights)."""
-    import deepspeed  # noqa: PLC0415
+    import deepspeed  # noqa: PLC0415  (after initialize_megatron: it picks DeepSpeed's accelerator)
 
     model = GPTModel(model_config(args))
     if before_engine is not None:
@@ -246,9 +250,7 @@ def setup_model_and_optimizer(args, before_engine=None):
 # ----------------------------------------------------------------------------- main entry
 def pretrain(args) -> dict:
     """Train as configured by the validated `args`; returns a summary dict."""
-    initialize_megatron(args)
-    import deepspeed  # noqa: PLC0415  (after initialize: it picks DeepSpeed's accelerator)
-
+    initialize_megatron(args)  # before DeepSpeed is imported: it picks DeepSpeed's accelerator
     tokenizer = build_tokenizer_and_vocab(args)
     train_ds, valid_ds, _test_ds = build_datasets(args)
 

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from distributed import TINY_MODEL, env_for, launch_command, make_dataset, run_trainer
 
-from distributed import TINY_MODEL, env_for, launch_command, make_dataset, read_metrics, run_trainer
 from megatron import checkpointing as ck
 
 N = 3  # stop at N, resume to 2N
@@ -122,7 +122,6 @@ def test_no_load_flags_and_finetune(ref_run, data_list, tmp_path):
     _, save, want = ref_run
     tag = f"global_step{2 * N - 1}"
     ckpt = _copy_tag(save, str(tmp_path / "ckpt"), tag)
-    start = 2 * N - 1
     cases = {
         "full": (),
         "no-optim": ("--no-load-optim",),
@@ -241,10 +240,9 @@ def _wait_for_iteration(path: str, it: int, proc, timeout: float = 120) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(ref_run, data_list, tmp_path):
+def test_sigterm_saves_and_exits_cleanly(data_list, tmp_path):
     """--exit-signal-handler: SIGTERM -> checkpoint of the current iteration, exit 0; resuming it
     reproduces the uninterrupted run."""
-    _, _, want = ref_run
     out = str(tmp_path / "a")
     ckpt = os.path.join(out, "ckpt")
     args = trainer_args(data_list, out, iters=200, extra=("--save", ckpt, "--exit-signal-handler"))

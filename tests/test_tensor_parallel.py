@@ -31,8 +31,8 @@ CONFIGS = {  # name -> GPTConfig overrides
     "gqa-sp": {"sequence_parallel": True},
     "gpt2-sp-bias": {"swiglu": False, "normalization": "layernorm", "use_rotary_position_embeddings": False,
                      "add_bias_linear": True, "sequence_parallel": True, "num_key_value_heads": 4},
-    "kv2-group2-xavier": {"num_attention_heads": 4, "num_key_value_heads": 2, "init_method_xavier_uniform": True,
-                          "rope_theta": 500000.0},
+    "tied-sp-xavier": {"untie_embeddings_and_output_weights": False, "sequence_parallel": True,
+                       "init_method_xavier_uniform": True, "rope_theta": 500000.0},
 }
 
 
@@ -255,7 +255,7 @@ def _trainer_args(data_list: str, out: str, *extra: str) -> list[str]:
         "--data-file-list", data_list, "--split", "98,2,0", "--data-cache-path", os.path.join(out, "cache"),
         "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", str(ITERS),
         "--lr", "0.003", "--min-lr", "0.0003", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
-        "--weight-decay", "0.1", "--clip-grad", "1.0", "--adam-beta2", "0.95",
+        "--weight-decay", "0.1", "--clip-grad", "0.3", "--adam-beta2", "0.95",  # clipping active (norms ~0.8)
         "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "2", "--num-workers", "0",
         "--zero-stage", "1", "--deepspeed", "--seed", "1234",
         "--metrics-file", os.path.join(out, "metrics.jsonl"), *extra,
@@ -277,7 +277,13 @@ def tp1_losses(data_list, tmp_path_factory) -> dict:
     run_trainer(_trainer_args(data_list, out))
     losses, _ = read_metrics(os.path.join(out, "metrics.jsonl"))
     assert sorted(losses) == list(range(1, ITERS + 1))
-    return losses
+    return _Losses(losses, os.path.join(out, "metrics.jsonl"))
+
+
+class _Losses(dict):
+    def __init__(self, losses: dict, path: str) -> None:
+        super().__init__(losses)
+        self.path = path
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +299,13 @@ def tp2_run(data_list, tmp_path_factory):
     return out, losses, proc.stdout
 
 
+def _grad_norms(path: str) -> dict[int, float]:
+    import json
+
+    with open(path) as f:
+        return {r["iteration"]: r["grad_norm"] for r in map(json.loads, f) if "grad_norm" in r}
+
+
 def _assert_same(got: dict, want: dict, tol: float = 1e-5) -> None:
     assert sorted(got) == sorted(want)
     diffs = {i: abs(got[i] - want[i]) for i in want}
@@ -303,6 +316,10 @@ def _assert_same(got: dict, want: dict, tol: float = 1e-5) -> None:
 def test_trainer_tp2_matches_tp1(tp1_losses, tp2_run):
     out, losses, stdout = tp2_run
     _assert_same(losses, tp1_losses)
+    # DeepSpeed's gradient norm (clipping at 0.3 is active) counts split and replicated parameters once
+    norms1, norms2 = _grad_norms(tp1_losses.path), _grad_norms(os.path.join(out, "metrics.jsonl"))
+    assert min(norms1.values()) > 0.3
+    _assert_same(norms2, norms1)
     assert "TP / PP / SP" in stdout and "2 / 1 / 1" in stdout  # the start-up table shows TP 2
     step = os.path.join(out, "ckpt", f"global_step{ITERS}")
     for tp_rank in range(2):  # one model file and one ZeRO shard per TP rank
@@ -368,3 +385,20 @@ def test_tp_configuration_errors():
     assert ok.data_parallel_size == 2 and ok.sequence_parallel
     one = parse_args(good, env={"WORLD_SIZE": "1"})
     assert not one.sequence_parallel  # off at TP = 1, as upstream
+
+
+def test_checkpoint_rng_state_includes_tracker():
+    """The checkpoint's RNG state holds the TP tracker's streams, so dropout on split activations
+    continues exactly after a resume."""
+    from megatron.checkpointing import _rng_state, _set_rng_state
+
+    tp.model_parallel_manual_seed(11)
+    try:
+        state = _rng_state()
+        with tp.get_rng_tracker().fork():
+            first = torch.rand(5)
+        _set_rng_state(state)
+        with tp.get_rng_tracker().fork():
+            assert torch.equal(torch.rand(5), first)
+    finally:
+        ps.destroy_model_parallel()
