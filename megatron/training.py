@@ -268,7 +268,7 @@ def pretrain(args) -> dict:
 
 def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.LoadedState) -> dict:
     iteration, samples, tokens = state.iteration, state.consumed_train_samples, state.consumed_train_tokens
-    logger = TrainLogger.create(args, corpus_names=getattr(train_ds, "corpus_names", None))
+    logger = TrainLogger.create(args, corpus_names=getattr(train_ds, "corpus_names", None), resumed=iteration > 0)
     timers = logger.timers
     profiler = Profiler.create(args)  # --profile pt|pt-full over --profile_steps
     exits = ExitConditions(args)

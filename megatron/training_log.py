@@ -139,8 +139,9 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ set-up
     @classmethod
-    def create(cls, args, corpus_names: Iterable[str] | None = None) -> "TrainLogger":
-        """Open the sinks (rank 0) and find the device's peak FLOPS (all ranks, once)."""
+    def create(cls, args, corpus_names: Iterable[str] | None = None, resumed: bool = False) -> "TrainLogger":
+        """Open the sinks (rank 0) and find the device's peak FLOPS (all ranks, once).
+        `resumed`: append to an existing metrics.jsonl; a run that starts from iteration 0 replaces it."""
         writer = metrics = run = None
         if args.rank == 0:
             if args.tensorboard_dir:
@@ -150,7 +151,7 @@ class TrainLogger:
                 writer.add_text("args", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())), 0)
             if args.metrics_file:
                 os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
-                metrics = open(args.metrics_file, "a", buffering=1)
+                metrics = open(args.metrics_file, "a" if resumed else "w", buffering=1)
             from megatron.wandb_utils import init_wandb  # noqa: PLC0415
 
             run = init_wandb(args)

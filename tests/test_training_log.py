@@ -306,3 +306,21 @@ def test_wandb_installed_but_not_logged_in_is_not_used(monkeypatch, tmp_path):
                                  save=None)
     assert init_wandb(args, env={}) is None
     assert os.listdir(tmp_path) == []
+
+
+def test_metrics_file_replaced_by_a_fresh_run_and_appended_on_resume(tmp_path):
+    """A run from iteration 0 starts a new metrics.jsonl (re-running the demo must not mix two runs);
+    a resumed run appends to it."""
+    import argparse
+
+    from megatron.training_log import TrainLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 30, "lm_loss": 1.0}\n')
+    args = argparse.Namespace(rank=0, world_size=1, tensorboard_dir=None, metrics_file=str(path), peak_tflops=1.0,
+                              device_type="cpu", params_dtype="fp32", timing_log_level=0, timing_log_option="minmax",
+                              wandb_project=None)
+    TrainLogger.create(args, resumed=True).metrics.close()
+    assert path.read_text().count("\n") == 1
+    TrainLogger.create(args, resumed=False).metrics.close()
+    assert path.read_text() == ""
