@@ -21,12 +21,21 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"ERROR: {line}", file=sys.stderr)
         return 2
+    if args.check_args:  # --check-args: also read the tokenizer and data files, then stop (megatron/preflight.py)
+        from megatron.preflight import preflight_problems
+
+        problems = preflight_problems(args)
+        for line in problems:
+            print(f"ERROR: {line}", file=sys.stderr)
+        print("check-args: OK" if not problems else f"check-args: {len(problems)} problem(s)", file=sys.stderr)
+        return 2 if problems else 0
     rank = int(os.environ.get("RANK") or os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO") if rank == 0 else logging.ERROR,
         format="[%(asctime)s][%(levelname).1s][%(name)s] %(message)s",
     )
     from megatron.data.data_list import DataListError
+    from megatron.numerics import NumericalFaultError
     from megatron.training import pretrain
 
     try:
@@ -36,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 or os.environ.get("MEGATRON_LOG_ALL_RANKS"):
             print(f"ERROR: {e}", file=sys.stderr)
         return 2
+    except NumericalFaultError as e:  # --max-skipped-iterations reached (a checkpoint was saved first)
+        if rank == 0 or os.environ.get("MEGATRON_LOG_ALL_RANKS"):
+            print(f"ERROR: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

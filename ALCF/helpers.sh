@@ -41,7 +41,8 @@
 #              NGPU_PER_HOST, WORLD_SIZE, CPU_BIND, MPIEXEC, MASTER_ADDR [127.0.0.1], MASTER_PORT
 #              [a free port], OMP_NUM_THREADS,
 #              BE|CCL|NCCL (backend), DRY_RUN, DEBUG, ALCF_HOSTNAME (host name used for machine
-#              detection and the log directory)
+#              detection and the log directory), CHECK_ARGS [1: run pretrain_gpt.py --check-args
+#              (flags, tokenizer, data files) before anything is written; 0: skip]
 
 ALCF_REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -906,6 +907,13 @@ alcf_main() {
         [[ -f "$DATA_FILE_LIST" ]] || { printf 'ERROR: the demo data list %s was not created\n' "$DATA_FILE_LIST" >&2; return 1; }
     fi
     alcf_build_launcher
+
+    # The trainer's own checks (flags, tokenizer, data files, --load/--save) before anything is written
+    # (pretrain_gpt.py --check-args; CHECK_ARGS=0 skips them; a custom EXEC is not asked).
+    if [[ "${CHECK_ARGS:-1}" != 0 && "$EXEC" -ef "${ALCF_REPO_DIR}/pretrain_gpt.py" ]]; then
+        WORLD_SIZE="$WORLD_SIZE" "$PYTHON" "$EXEC" "${TRAIN_ARGS[@]}" "${USER_ARGS[@]}" --check-args \
+            || { printf '[train_alcf] the trainer refused the configuration (see ERROR lines above); nothing was started.\n' >&2; return 2; }
+    fi
 
     local stamp; stamp="$(date +%Y%m%d-%H%M%S)"
     LOG_DIR="logs/${RUN_NAME}/${stamp}_${WORLD_SIZE}_${HOSTNAME_SHORT}"

@@ -153,6 +153,15 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
     g.add_argument("--exit-signal-handler", action="store_true")
     g.add_argument("--kill-switch-file", type=str, default=None)
+    # numerical faults (megatron/numerics.py)
+    g.add_argument("--max-skipped-iterations", type=int, default=None,
+                   help="abort after this many iterations in a row were skipped for a NaN/Inf loss or grad norm, "
+                        "saving a checkpoint of the last good state first (default: never abort)")
+    g.add_argument("--loss-spike-factor", type=float, default=5.0,
+                   help="log a warning when a loss exceeds this factor x its recent running mean (0: off)")
+    g.add_argument("--check-args", action="store_true",
+                   help="validate the flags, the tokenizer and the data files (headers, token ids vs vocabulary), "
+                        "print OK or one ERROR line per problem, and exit (0 or 2) without starting anything")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="activation checkpointing: recompute whole layers in the backward (= --recompute-granularity full)")
     g.add_argument("--checkpoint-num-layers", type=int, default=1, help="layers per checkpointed chunk")
@@ -434,6 +443,12 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
          f"--profile_steps must be 'first,last' iterations, e.g. 2,3 (got {args.profile_steps!r})")
     need(args.flops_profiler_step is None or args.flops_profiler_step >= 1,
          f"--flops-profiler-step must be >= 1 (got {args.flops_profiler_step})")
+    need(args.max_skipped_iterations is None or args.max_skipped_iterations >= 1,
+         f"--max-skipped-iterations must be >= 1 (got {args.max_skipped_iterations})")
+    need(args.loss_spike_factor >= 0 and math.isfinite(args.loss_spike_factor),
+         f"--loss-spike-factor must be a finite number >= 0 (got {args.loss_spike_factor})")
+    if args.save:
+        errs.extend(save_dir_problems(args.save))
     need(args.ddp_bucket_size is None or args.ddp_bucket_size > 0,
          f"--ddp-bucket-size must be > 0 elements (got {args.ddp_bucket_size})")
     errs.extend(compile_problems(args))  # --compile where it cannot work
@@ -467,6 +482,21 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
         if bad:
             errs.append(f"{what} is not supported by this version yet; remove the flag")
     return errs
+
+
+def save_dir_problems(save: str) -> list[str]:
+    """--save must be (or be creatable in) a writable directory: refused now, not at the first save."""
+    path = os.path.abspath(save)
+    probe = path
+    while not os.path.exists(probe):  # the nearest existing ancestor is where the directory gets created
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return [f"--save {save}: {probe} is a file, not a directory; point SAVE / CKPT_DIR / --save elsewhere"]
+    read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(probe, os.W_OK | os.X_OK):
+        return [f"--save {save}: {probe} is not writable{' (read-only file system)' if read_only else ''}; "
+                "fix its permissions or point SAVE / CKPT_DIR / --save to a writable directory"]
+    return []
 
 
 def compile_problems(args: argparse.Namespace) -> list[str]:

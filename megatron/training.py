@@ -23,6 +23,7 @@ from megatron.model import GPTConfig, GPTModel
 from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
 from megatron.lr_finder import active_lr_finder, build_lr_scheduler
 from megatron.model.mup import model_fields as mup_model_fields
+from megatron.numerics import NumericalFaultError, NumericsGuard
 from megatron.optimizer_param_scheduler import scheduler_increment
 from megatron.config_table import print_config
 from megatron.profiling import Profiler, flops_profiler_config
@@ -119,7 +120,7 @@ def build_ds_config(args) -> dict:
 def build_datasets(args):
     """Train/valid/test datasets from the data list, with the upstream sample budgets."""
     from megatron.data.blendable_dataset import build_train_valid_test_datasets, check_data_vocab  # noqa: PLC0415
-    from megatron.data.data_list import DataSource, parse_data_file_list, validate_sources  # noqa: PLC0415
+    from megatron.data.data_list import DataListError, DataSource, parse_data_file_list, validate_sources  # noqa: PLC0415
 
     if args.data_file_list:
         sources = parse_data_file_list(args.data_file_list)
@@ -135,7 +136,10 @@ def build_datasets(args):
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if getattr(args, "padded_vocab_size", None):  # each rank samples its share of the files
-        check_data_vocab([s.prefix for s in sources], args.padded_vocab_size, rank, world)
+        try:  # also opens every .idx/.bin: a bad header or a token id >= vocab is one ERROR line
+            check_data_vocab([s.prefix for s in sources], args.padded_vocab_size, rank, world)
+        except ValueError as e:
+            raise DataListError(str(e)) from None
     return build_train_valid_test_datasets(
         sources, args.split, budgets, args.seq_length, args.seed, args.data_cache_path,
         shuffle_sample_in_corpus=args.shuffle_sample_in_corpus,
@@ -184,9 +188,10 @@ def dp_mean(values: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(engine, data_iter, args, eod, device, timers: Timers | None = None,
-               seen: list | None = None) -> torch.Tensor:
+               seen: list | None = None, guard: NumericsGuard | None = None, iteration: int = 0) -> torch.Tensor:
     """One iteration = num_micro_batches forward/backward passes + one optimizer step.
-    The micro-batches are appended to `seen` (for optimizer hooks that replay them)."""
+    The micro-batches are appended to `seen` (for optimizer hooks that replay them).
+    `guard` skips the optimizer step of an iteration with a non-finite loss or gradient."""
     timers = timers or Timers()
     losses = []
     for _ in range(args.num_micro_batches):
@@ -197,10 +202,16 @@ def train_step(engine, data_iter, args, eod, device, timers: Timers | None = Non
         with timers("forward-backward", level=1):
             with timers("forward-compute", level=2):
                 loss = forward_loss(engine, batch, args, eod, device)
+                if guard is not None:
+                    loss = guard.inject(iteration, loss)  # test-only fault injection (MEGATRON_TEST_FAULTS)
             with timers("backward-compute", level=2):
                 engine.backward(loss)
         with timers("optimizer", level=1):
-            engine.step(lr_kwargs={"increment": scheduler_increment(args)})
+            step = lambda: engine.step(lr_kwargs={"increment": scheduler_increment(args)})  # noqa: E731
+            if guard is not None:  # skips the update of an iteration with a non-finite loss or gradient
+                guard.step(engine, loss, step)
+            else:
+                step()
         losses.append(loss.detach())
     return dp_mean(torch.stack(losses).mean())
 
@@ -272,6 +283,7 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     timers = logger.timers
     profiler = Profiler.create(args)  # --profile pt|pt-full over --profile_steps
     exits = ExitConditions(args)
+    guard = NumericsGuard.create(args)  # NaN/Inf loss or grads -> step skipped; --max-skipped-iterations; spikes
     summary = {"start_iteration": iteration, "initial_val_loss": None, "final_val_loss": None, "checkpoint": None}
     hooks = OptimizerHooks(engine, args)  # schedule-free eval weights, Sophia Hessian, MuonClip
     finder = active_lr_finder(engine)  # --lr-finder: the LR range test is the engine's scheduler
@@ -292,18 +304,28 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     if args.eval_on_start and iteration == 0:
         summary["initial_val_loss"] = validate()
 
-    data_iter = logger.count_corpora(iter(build_loader(train_ds, args, samples)))
+    data_iter = guard.wrap_data(logger.count_corpora(iter(build_loader(train_ds, args, samples))),
+                                iteration, args.num_micro_batches)
     engine.train()
     last_saved = iteration
     while iteration < args.train_iters and not (args.train_tokens and tokens >= args.train_tokens):
         batches: list = []
         profiler.step(iteration + 1)
-        loss = train_step(engine, data_iter, args, eod, device, timers, seen=batches)
+        loss = train_step(engine, data_iter, args, eod, device, timers, seen=batches, guard=guard,
+                          iteration=iteration + 1)
         iteration += 1
         hooks.after_step(iteration, lambda: replay_batches(batches, args, eod, device))
         samples += args.global_batch_size
         tokens += args.global_batch_size * args.seq_length
         logger.train(iteration, loss, engine, samples, tokens)
+        if guard.end_iteration(iteration, float(loss), args.rank):  # --max-skipped-iterations in a row
+            save()  # the weights are those of the last good step
+            raise NumericalFaultError(
+                f"{guard.skipped_in_a_row} iterations in a row (up to {iteration}) had a non-finite loss or "
+                f"gradient; checkpoint of the last good state saved to {args.save} (lower --lr, check the data, "
+                "or raise --max-skipped-iterations)" if args.save else
+                f"{guard.skipped_in_a_row} iterations in a row (up to {iteration}) had a non-finite loss or "
+                "gradient (no --save: nothing saved); lower --lr or check the data")
         if finder and finder.record(iteration, loss):
             break
         if args.eval_interval and iteration % args.eval_interval == 0 and iteration != args.train_iters:

@@ -1,0 +1,159 @@
+"""Numerical faults in the training loop: NaN/Inf loss or gradients skip the optimizer step.
+
+With fp32/bf16 DeepSpeed has no loss scaler, so nothing would stop a NaN from reaching the
+weights. `NumericsGuard.step` wraps `engine.step()` at the gradient-accumulation boundary: when
+any micro-batch loss of the iteration (on any rank) or any local gradient is non-finite, the
+optimizer update and the LR-scheduler step are suppressed (DeepSpeed still clears the gradients
+and advances its micro-step bookkeeping), and the iteration is counted as skipped
+(``engine.skipped_steps``, the log line's ``number_of_skipped_iterations``; the NaN loss itself is
+counted in ``number_of_nan_iterations``). Steps DeepSpeed's ZeRO optimizer skips on its own (its
+grad-overflow check) count as skipped too. As upstream Megatron, a skipped iteration consumes its
+batch and does not advance the LR schedule.
+
+``--max-skipped-iterations K``: after K skipped iterations in a row `end_iteration` returns True;
+the loop saves a checkpoint (the weights are those of the last good step) and raises
+`NumericalFaultError`. ``--loss-spike-factor F``: a loss above F x its running mean is logged.
+
+Test hook (used only by tests): ``MEGATRON_TEST_FAULTS="nan@3,inf@5,spike@7,drop@4"`` multiplies
+the loss of every micro-batch of that iteration by NaN / Inf / 100, or (``drop``) discards that
+iteration's batches before it starts, so iteration k trains on batch k+1 (a run "whose batch k
+was dropped").
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+FAULTS_ENV = "MEGATRON_TEST_FAULTS"
+_FACTORS = {"nan": float("nan"), "inf": float("inf"), "spike": 100.0}
+
+
+class NumericalFaultError(RuntimeError):
+    """Too many iterations in a row had a non-finite loss or gradient."""
+
+
+def parse_faults(spec: str) -> dict[int, str]:
+    """{iteration: kind} from ``"nan@3,inf@5"`` (kinds: nan, inf, spike, drop)."""
+    out: dict[int, str] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        kind, _, it = item.partition("@")
+        if kind not in (*_FACTORS, "drop") or not it.isdigit():
+            raise ValueError(f"{FAULTS_ENV}: bad entry {item!r} (expected kind@iteration, kind in nan|inf|spike|drop)")
+        out[int(it)] = kind
+    return out
+
+
+def _innermost_optimizer(optimizer):
+    """The optimizer whose step() changes the weights (DeepSpeed wrappers keep it in `.optimizer`)."""
+    seen = set()
+    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def local_grads_finite(module: torch.nn.Module) -> bool:
+    """False if a gradient still held by a parameter (ZeRO-0, or before ZeRO's reduction) is non-finite."""
+    flags = [torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+@dataclass
+class NumericsGuard:
+    max_skipped: int | None = None
+    spike_factor: float = 5.0
+    faults: dict[int, str] = field(default_factory=dict)
+    skipped_in_a_row: int = 0
+    skipped_total: int = 0
+    mean: float | None = None  # running mean of finite losses (for spike detection)
+    finite_seen: int = 0
+    _iteration_losses: list = field(default_factory=list)
+    _last_skipped: bool = False
+
+    @classmethod
+    def create(cls, args) -> "NumericsGuard":
+        return cls(max_skipped=getattr(args, "max_skipped_iterations", None),
+                   spike_factor=float(getattr(args, "loss_spike_factor", 5.0) or 0.0),
+                   faults=parse_faults(os.environ.get(FAULTS_ENV, "")))
+
+    # ------------------------------------------------------------------ test hooks
+    def wrap_data(self, data_iter: Iterator, start_iteration: int, micro_batches: int) -> Iterator:
+        """The data iterator, minus the batches of the iterations marked ``drop``."""
+        if "drop" not in self.faults.values():
+            return data_iter
+
+        def gen():
+            n = 0
+            while True:
+                if n % micro_batches == 0 and self.faults.get(start_iteration + n // micro_batches + 1) == "drop":
+                    for _ in range(micro_batches):
+                        next(data_iter)
+                yield next(data_iter)
+                n += 1
+        return gen()
+
+    def inject(self, iteration: int, loss: torch.Tensor) -> torch.Tensor:
+        kind = self.faults.get(iteration)
+        return loss * _FACTORS[kind] if kind in _FACTORS else loss
+
+    # ------------------------------------------------------------------ the step
+    def step(self, engine, loss: torch.Tensor, step_fn: Callable[[], None]) -> None:
+        """Called instead of `engine.step()` after each micro-batch's backward."""
+        self._iteration_losses.append(loss.detach())
+        if not engine.is_gradient_accumulation_boundary():
+            step_fn()
+            return
+        finite = bool(torch.isfinite(torch.stack(self._iteration_losses)).all()) and local_grads_finite(engine.module)
+        self._iteration_losses = []
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank skips, or none does
+            flag = torch.tensor([0 if finite else 1], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            finite = not flag.item()
+        before = int(getattr(engine, "skipped_steps", 0))
+        if finite:
+            step_fn()
+            self._last_skipped = int(getattr(engine, "skipped_steps", 0)) > before  # DeepSpeed's own overflow skip
+            return
+        inner, sched = _innermost_optimizer(engine.optimizer), engine.lr_scheduler
+        patched = [(obj, obj.__dict__.get("step")) for obj in (inner, sched) if obj is not None]
+        for obj, _ in patched:  # an instance attribute shadows the method for this one call
+            obj.step = lambda *a, **k: None
+        try:
+            step_fn()  # DeepSpeed clears the gradients and advances its counters; no update, no LR step
+        finally:
+            for obj, previous in patched:
+                if previous is None:
+                    del obj.step
+                else:
+                    obj.step = previous
+        if int(getattr(engine, "skipped_steps", 0)) == before:
+            engine.skipped_steps = before + 1
+        self._last_skipped = True
+
+    def end_iteration(self, iteration: int, loss: float, rank: int = 0) -> bool:
+        """Count skips and watch for spikes; True when --max-skipped-iterations is reached."""
+        if self._last_skipped:
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+            if rank == 0:
+                log.warning("iteration %d skipped: non-finite loss or gradient (loss=%s; %d in a row, %d in total)",
+                            iteration, loss, self.skipped_in_a_row, self.skipped_total)
+        else:
+            self.skipped_in_a_row = 0
+            if math.isfinite(loss):
+                if (self.spike_factor and self.mean is not None and self.finite_seen >= 5
+                        and loss > self.spike_factor * self.mean and rank == 0):
+                    log.warning("loss spike at iteration %d: %.4f > %.1f x running mean %.4f",
+                                iteration, loss, self.spike_factor, self.mean)
+                self.finite_seen += 1
+                self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss
+        self._last_skipped = False
+        return bool(self.max_skipped and self.skipped_in_a_row >= self.max_skipped)
