@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--workdir", default=None, help="keep files here (default: a temporary directory)")
     args = p.parse_args(argv)
-    from mcore_venv import ensure_mcore_venv
+    from mcore_venv import ensure_mcore_venv, isolated_env
 
     mcore_python = ensure_mcore_venv()
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_data_index_")
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         script = os.path.join(workdir, "mcore_side.py")
         with open(script, "w") as f:
             f.write(MCORE_SIDE)
-        res = subprocess.run([mcore_python, script, spec_path], capture_output=True, text=True, cwd=workdir)
+        res = subprocess.run([mcore_python, script, spec_path], capture_output=True, text=True, cwd=workdir,
+                             env=isolated_env())
         if res.returncode != 0:
             print(res.stderr[-3000:], file=sys.stderr)
             return 1

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from megatron.data.indexed_dataset import (
-    DTYPE_CODES, IndexedDataset, IndexedDatasetBuilder, MMapIndexedDataset, best_dtype)
+    DTYPE_CODES,
+    IndexedDataset,
+    IndexedDatasetBuilder,
+    MMapIndexedDataset,
+    best_dtype,
+)
+from tools.mcore_venv import ensure_mcore_venv, isolated_env
 
 
 def write(prefix, docs, dtype):
@@ -156,10 +162,6 @@ json.dump(out, open(work + "/out.json", "w"))
 
 @pytest.fixture(scope="module")
 def mcore_python():
-    import sys as _sys
-    import os as _os
-    _sys.path.insert(0, _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "tools"))
-    from mcore_venv import ensure_mcore_venv
     try:
         return ensure_mcore_venv()
     except RuntimeError as e:  # no package index: cannot cross-check here
@@ -202,7 +204,7 @@ def test_cross_check_with_megatron_core(tmp_path, mcore_python):
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "mcore_check.py").write_text(MCORE_SCRIPT)
     res = subprocess.run([mcore_python, str(tmp_path / "mcore_check.py"), str(tmp_path)],
-                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=isolated_env())
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads((tmp_path / "out.json").read_text())
     flat = [seq for doc in docs for seq in doc]

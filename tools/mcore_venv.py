@@ -24,12 +24,18 @@ def venv_python(venv: str | None = None) -> str:
     return os.path.join(venv, "bin", "python")
 
 
+def isolated_env() -> dict:
+    """The environment for the megatron-core venv's processes: without PYTHONPATH (our repo on it
+    would shadow megatron-core's namespace package `megatron`) and without our venv's variables."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+
+
 def _works(python: str) -> bool:
     if not os.path.isfile(python):
         return False
     if _has_helpers(python):  # cheap check (importing megatron.core takes seconds)
         return True
-    return subprocess.run([python, "-c", _PROBE], capture_output=True, cwd="/").returncode == 0
+    return subprocess.run([python, "-c", _PROBE], capture_output=True, cwd="/", env=isolated_env()).returncode == 0
 
 
 def _has_helpers(python: str) -> bool:
@@ -53,7 +59,7 @@ def ensure_mcore_venv(venv: str | None = None, timeout: float = 600) -> str:
              [python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
               f"torch=={TORCH_VERSION}", f"megatron-core=={MCORE_VERSION}"]]
     for cmd in steps:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=isolated_env())
         if res.returncode != 0:
             tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-3:])
             raise RuntimeError(f"cannot create the megatron-core venv {venv_dir}: {' '.join(cmd[:4])} ... failed: {tail}")
