@@ -9,11 +9,11 @@ Weight decay is decoupled (AdamW-style).
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
 from megatron.optimizer import arg, register_optimizer
+from megatron.optimizer.base import ElementwiseOptimizer
 
 
 def alpha_at(step: int, alpha: float, warmup: int | None) -> float:
@@ -28,42 +28,27 @@ def beta3_at(step: int, beta1: float, beta3: float, warmup: int | None) -> float
     return min(math.exp(l1 * l3 / ((1 - f) * l3 + f * l1)), beta3)
 
 
-class AdEMAMix(torch.optim.Optimizer):
+class AdEMAMix(ElementwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  alpha: float = 5.0, warmup: int | None = None, eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), alpha=alpha, warmup=warmup, eps=eps,
                                       weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            b1, b2, b3 = g["betas"]
-            lr = g["lr"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    for k in ("exp_avg", "exp_avg_sq", "exp_avg_slow"):
-                        state[k] = torch.zeros_like(p)
-                state["step"] += 1
-                t = int(state["step"])
-                a_t, b3_t = alpha_at(t, g["alpha"], g["warmup"]), beta3_at(t, b1, b3, g["warmup"])
-                m1, nu, m2 = state["exp_avg"], state["exp_avg_sq"], state["exp_avg_slow"]
-                p.mul_(1 - lr * g["weight_decay"])
-                m1.lerp_(p.grad, 1 - b1)
-                nu.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                m2.lerp_(p.grad, 1 - b3_t)
-                denom = (nu.sqrt() / math.sqrt(1 - b2 ** t)).add_(g["eps"])
-                update = (m1 / (1 - b1 ** t)).add_(m2, alpha=a_t)
-                p.addcdiv_(update, denom, value=-lr)
-        return loss
+    buffers = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
+
+    def update(self, p, grad, state, g, t) -> None:
+        b1, b2, b3 = g["betas"]
+        lr = g["lr"]
+        a_t, b3_t = alpha_at(t, g["alpha"], g["warmup"]), beta3_at(t, b1, b3, g["warmup"])
+        m1, nu, m2 = state["exp_avg"], state["exp_avg_sq"], state["exp_avg_slow"]
+        p.mul_(1 - lr * g["weight_decay"])
+        m1.lerp_(grad, 1 - b1)
+        nu.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        m2.lerp_(grad, 1 - b3_t)
+        denom = (nu.sqrt() / math.sqrt(1 - b2 ** t)).add_(g["eps"])
+        update = (m1 / (1 - b1 ** t)).add_(m2, alpha=a_t)
+        p.addcdiv_(update, denom, value=-lr)
 
 
 @register_optimizer("ademamix", help="AdEMAMix (Adam + slow EMA); --ademamix-beta3/-alpha/-warmup-iters")

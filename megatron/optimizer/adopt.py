@@ -7,55 +7,38 @@ upstream calls it (``decouple=False``). betas / eps from ``--adam-beta1/2``, ``-
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from megatron.optimizer import register_optimizer
+from megatron.optimizer.base import ElementwiseOptimizer
 
 
-class ADOPT(torch.optim.Optimizer):
+class ADOPT(ElementwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6,
                  weight_decay: float = 0.0, decouple: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       decouple=decouple))
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            b1, b2 = g["betas"]
-            lr, wd = g["lr"], g["weight_decay"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = int(state["step"])
-                grad = p.grad
-                if wd:
-                    if g["decouple"]:
-                        p.mul_(1 - lr * wd)
-                    else:
-                        grad = grad.add(p, alpha=wd)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                if t == 1:
-                    v.addcmul_(grad, grad)
-                    continue
-                normed = grad / v.sqrt().clamp(min=g["eps"])
-                clip = t ** 0.25
-                normed.clamp_(-clip, clip)
-                m.lerp_(normed, 1 - b1)
-                p.add_(m, alpha=-lr)
-                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        return loss
+    buffers = ("exp_avg", "exp_avg_sq")
+
+    def update(self, p, grad, state, g, t) -> None:
+        b1, b2 = g["betas"]
+        lr, wd = g["lr"], g["weight_decay"]
+        if wd:
+            if g["decouple"]:
+                p.mul_(1 - lr * wd)
+            else:
+                grad = grad.add(p, alpha=wd)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if t == 1:
+            v.addcmul_(grad, grad)
+            return
+        normed = grad / v.sqrt().clamp(min=g["eps"])
+        clip = t ** 0.25
+        normed.clamp_(-clip, clip)
+        m.lerp_(normed, 1 - b1)
+        p.add_(m, alpha=-lr)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
 
 
 @register_optimizer("adopt", help="ADOPT (clip step^0.25, L2 weight decay); betas/eps from --adam-*")

@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 
 from megatron.optimizer import (
-    DeepSpeedOptimizer, arg, have_module, needs_module, register_optimizer, warn_once,
+    DeepSpeedOptimizer,
+    arg,
+    have_module,
+    needs_module,
+    register_optimizer,
+    warn_once,
 )
 from megatron.optimizer.basic import adam_kwargs, build_adamw, build_sgd
 

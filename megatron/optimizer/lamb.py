@@ -10,14 +10,13 @@ variant our parity test pins).
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from megatron.optimizer import have_module, register_optimizer, warn_once
+from megatron.optimizer.base import ElementwiseOptimizer
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(ElementwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, bias_correction: bool = True, weight_norm_clamp: float | None = None,
                  ratio_clamp: tuple[float, float] | None = None) -> None:
@@ -25,42 +24,27 @@ class LAMB(torch.optim.Optimizer):
                                       bias_correction=bias_correction, weight_norm_clamp=weight_norm_clamp,
                                       ratio_clamp=ratio_clamp))
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            b1, b2 = g["betas"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = int(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                if g["bias_correction"]:
-                    update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt().add_(g["eps"]))
-                else:
-                    update = m / v.sqrt().add(g["eps"])
-                if g["weight_decay"]:
-                    update.add_(p, alpha=g["weight_decay"])
-                w_norm = p.norm()
-                if g["weight_norm_clamp"] is not None:
-                    w_norm = w_norm.clamp(0, g["weight_norm_clamp"])
-                u_norm = update.norm()
-                ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                if g["ratio_clamp"] is not None:
-                    ratio = ratio.clamp(*g["ratio_clamp"])
-                p.sub_(update * (g["lr"] * ratio))
-        return loss
+    buffers = ("exp_avg", "exp_avg_sq")
+
+    def update(self, p, grad, state, g, t) -> None:
+        b1, b2 = g["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        if g["bias_correction"]:
+            update = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt().add_(g["eps"]))
+        else:
+            update = m / v.sqrt().add(g["eps"])
+        if g["weight_decay"]:
+            update.add_(p, alpha=g["weight_decay"])
+        w_norm = p.norm()
+        if g["weight_norm_clamp"] is not None:
+            w_norm = w_norm.clamp(0, g["weight_norm_clamp"])
+        u_norm = update.norm()
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        if g["ratio_clamp"] is not None:
+            ratio = ratio.clamp(*g["ratio_clamp"])
+        p.sub_(update * (g["lr"] * ratio))
 
 
 def _lamb(groups, args, **kw) -> LAMB:

@@ -5,39 +5,28 @@ Lion wants an LR 3-10x smaller and a weight decay 3-10x larger than AdamW.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from megatron.optimizer import register_optimizer
+from megatron.optimizer.base import ElementwiseOptimizer
 
 
-class Lion(torch.optim.Optimizer):
+class Lion(ElementwiseOptimizer):
     """p <- p(1 - lr*wd) - lr*sign(b1*m + (1-b1)*g);  m <- b2*m + (1-b2)*g."""
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            b1, b2 = g["betas"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                p.mul_(1 - g["lr"] * g["weight_decay"])
-                p.add_(m.lerp(p.grad, 1 - b1).sign_(), alpha=-g["lr"])
-                m.lerp_(p.grad, 1 - b2)
-        return loss
+    buffers = ("exp_avg",)
+    counts_steps = False
+
+    def update(self, p, grad, state, g, t) -> None:
+        b1, b2 = g["betas"]
+        m = state["exp_avg"]
+        p.mul_(1 - g["lr"] * g["weight_decay"])
+        p.add_(m.lerp(grad, 1 - b1).sign_(), alpha=-g["lr"])
+        m.lerp_(grad, 1 - b2)
 
 
 @register_optimizer("lion", help="Lion (sign momentum); betas from --adam-beta1/2, decoupled weight decay")

@@ -32,10 +32,13 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatron.optimizer import (
-    DeepSpeedOptimizer, arg, get_param_groups, no_weight_decay, register_optimizer, warn_once,
+    DeepSpeedOptimizer,
+    arg,
+    get_param_groups,
+    register_optimizer,
+    warn_once,
 )
 
 log = logging.getLogger(__name__)
