@@ -271,11 +271,12 @@ def test_read_only_save_refused_unit(tmp_path, monkeypatch):
 ], ids=["token-id-ge-vocab"])
 def test_trainer_without_check_refuses_bad_data(data, tmp_path, extra, message):
     argv = base_args(data, tmp_path) + [x.replace("{data}", str(data)) for x in extra]
-    t0 = time.monotonic()
-    proc = run_trainer(argv, check=False, timeout=60)
+    # Without --check-args the trainer meets the bad data after its process group is up, so no time bound
+    # here: on a fresh venv that first start also JIT-builds DeepSpeed's shm op once (~30 s). The launcher
+    # runs --check-args first (tests below), which is what keeps user errors fast.
+    proc = run_trainer(argv, check=False, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert time.monotonic() - t0 < 30  # a fresh interpreter + process group on a loaded 2-core machine
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
