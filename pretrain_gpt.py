@@ -40,15 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pretrain(args)
-    except (ArgumentError, DataListError, FileNotFoundError) as e:
-        # Configuration problems found while building data/model/checkpoints: one line, no traceback.
+    except (ArgumentError, DataListError, FileNotFoundError, NumericalFaultError) as e:
+        # One line, no traceback: a configuration problem found while building data/model/checkpoints
+        # (exit 2), or --max-skipped-iterations reached after saving the last good state (exit 3).
         if rank == 0 or os.environ.get("MEGATRON_LOG_ALL_RANKS"):
             print(f"ERROR: {e}", file=sys.stderr)
-        return 2
-    except NumericalFaultError as e:  # --max-skipped-iterations reached (a checkpoint was saved first)
-        if rank == 0 or os.environ.get("MEGATRON_LOG_ALL_RANKS"):
-            print(f"ERROR: {e}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(e, NumericalFaultError) else 2
     return 0
 
 
