@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         # reference implementations the optimizer tests compare against
-        "test": ["pytest", "lion-pytorch", "schedulefree", "torch-optimizer", "pytorch-optimizer"],
+        # (+ wandb, so its offline-mode test runs; it is never activated unless WANDB_MODE or a login says so)
+        "test": ["pytest", "lion-pytorch", "schedulefree", "torch-optimizer", "pytorch-optimizer", "wandb"],
         "mpi": ["mpi4py", "mpich"],
         "wandb": ["wandb"],
         "schedulefree": ["schedulefree"],
