@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 
 def read_metrics(path: str) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -76,6 +77,7 @@ def plot_run(metrics_file: str, output_dir: str | None = None, x_tokens: bool = 
 
     xlabel = "consumed tokens (billions)" if x_tokens else "iteration"
     title = os.path.basename(os.path.dirname(os.path.abspath(metrics_file))) or metrics_file
+    title = textwrap.fill(title, 80)  # run names are long: wrap instead of running off the figure
     paths = []
 
     its, losses = per_iteration_losses(train)
