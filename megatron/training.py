@@ -274,6 +274,9 @@ def pretrain(args) -> dict:
     summary = train(args, engine, train_ds, valid_ds, tokenizer.eod, device, state)
     if dist.is_initialized():
         dist.barrier()
+        # tear the communicators down before the interpreter exits: left to process exit, gloo's
+        # threads were occasionally destroyed while running ("terminate called without an active exception")
+        dist.destroy_process_group()
     return summary
 
 

@@ -276,7 +276,8 @@ def test_sigkill_during_saves_never_breaks_latest(data_list, tmp_path):
     for _attempt in range(3):
         if os.path.exists(os.path.join(out, "metrics.jsonl")):
             os.remove(os.path.join(out, "metrics.jsonl"))
-        args = trainer_args(data_list, out, iters=40, extra=("--save", ckpt, "--save-interval", "1",
+        # a run far longer than the test waits: it is always killed mid-run, never finishes first
+        args = trainer_args(data_list, out, iters=5000, extra=("--save", ckpt, "--save-interval", "1",
                                                               "--load", ckpt, "--keep-last-n", "2"))
         proc = subprocess.Popen(launch_command(1, "python") + args, env=env_for(1), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
