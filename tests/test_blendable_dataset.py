@@ -9,6 +9,7 @@ from megatron.data.blendable_dataset import (
     BlendableDataset, build_blending_indices, build_train_valid_test_datasets, file_budgets)
 from megatron.data.data_list import DataSource
 from megatron.data.indexed_dataset import IndexedDatasetBuilder
+from megatron.data.helpers import blend_indices
 
 
 def reference_blend(weights, size):
@@ -28,13 +29,21 @@ def reference_blend(weights, size):
 
 
 @pytest.mark.parametrize("weights", [[1.0], [0.5, 0.5], [0.7, 0.2, 0.1], [1, 3, 3, 1, 0.25], [0.05, 0.95],
-                                     list(np.random.default_rng(5).random(9))])
+                                     list(np.random.default_rng(5).random(9)),
+                                     list(np.random.default_rng(6).dirichlet(np.full(40, 0.5)))])  # > 32: wide scan
 def test_greedy_blend_matches_reference_and_weights(weights):
     n = 3000
-    di, si = build_blending_indices(weights, n)
+    di, si, drawn = build_blending_indices(weights, n)
     ref_d, ref_s = reference_blend(weights, n)
     np.testing.assert_array_equal(di, ref_d)
     np.testing.assert_array_equal(si, ref_s)
+    np.testing.assert_array_equal(drawn, np.bincount(ref_d, minlength=len(weights)))
+    if len(weights) > 1:  # the pure-Python fallback (no C compiler) gives the same blend
+        w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        py_d, py_s, py_drawn = blend_indices(w, n, use_compiled=False)
+        np.testing.assert_array_equal(py_d, ref_d)
+        np.testing.assert_array_equal(py_s, ref_s)
+        np.testing.assert_array_equal(py_drawn, drawn)
     w = np.asarray(weights) / np.sum(weights)
     counts = np.cumsum(np.eye(len(w), dtype=np.int64)[di], axis=0)  # counts[N-1, d] over the first N
     expected = np.arange(1, n + 1)[:, None] * w[None, :]
@@ -42,19 +51,19 @@ def test_greedy_blend_matches_reference_and_weights(weights):
     assert (counts - expected).max() <= 1.0  # never more than one sample ahead
     if len(w) <= 2:
         assert (expected - counts).max() < 1.0  # two datasets: never one sample behind either
-    assert di.dtype == np.uint8 and si.dtype == np.int64
+    assert di.dtype == np.uint8 and si.dtype == np.int32
 
 
 def test_greedy_blend_ties_and_speed():
-    di, _ = build_blending_indices([1, 1, 1], 6)
+    di, _, _ = build_blending_indices([1, 1, 1], 6)
     assert di.tolist() == [0, 1, 2, 0, 1, 2]  # ties go to the lowest index
     # step 0 uses max(i, 1), so the largest weight goes first; at i = 4 errors tie at 0 -> dataset 0
-    di, _ = build_blending_indices([1, 3], 8)
+    di, _, _ = build_blending_indices([1, 3], 8)
     assert di.tolist() == [1, 0, 1, 1, 0, 1, 1, 1]
     start = time.time()
-    di, si = build_blending_indices([0.6, 0.3, 0.1], 1_000_000)
+    di, si, drawn = build_blending_indices([0.6, 0.3, 0.1], 1_000_000)
     elapsed = time.time() - start
-    assert np.bincount(di).tolist() == [600000, 300000, 100000]
+    assert np.bincount(di).tolist() == drawn.tolist() == [600000, 300000, 100000]
     assert si[-1] == np.bincount(di)[di[-1]] - 1
     assert elapsed < 5.0, f"1e6-sample blend took {elapsed:.1f} s"
 
@@ -149,7 +158,7 @@ def test_files_without_split_documents_are_skipped(tmp_path):
 
 
 def test_blendable_dataset_checks_sizes():
-    with pytest.raises(RuntimeError, match="draws 7 samples from b"):
+    with pytest.raises(RuntimeError, match="draws 7 samples from corpus b, which has 3"):
         BlendableDataset([list(range(10)), list(range(3))], [0.3, 0.7], 10, corpus_names=["a", "b"])
 
 

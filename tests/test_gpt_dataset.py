@@ -63,7 +63,8 @@ def test_num_epochs_rule():
     assert num_epochs_needed(100, 10, 9) == 1 and num_epochs_needed(100, 10, 10) == 2
 
 
-def test_sample_idx_matches_cpp_loop():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_sample_idx_matches_cpp_loop(compiled):
     rng = np.random.default_rng(3)
     sizes = rng.integers(0, 40, size=60).astype(np.int32)
     sizes[[0, 5, 6]] = 0  # empty documents, including the first one
@@ -72,7 +73,7 @@ def test_sample_idx_matches_cpp_loop():
         for epochs in (1, 3):
             doc_idx = build_doc_idx(documents, epochs, np.random.RandomState(seq), False)
             tokens = int(sizes.sum())
-            got = build_sample_idx(sizes, doc_idx, seq, epochs, tokens)
+            got = build_sample_idx(sizes, doc_idx, seq, epochs, tokens, use_compiled=compiled)
             want = reference_sample_idx(sizes, doc_idx, seq, epochs, tokens)
             np.testing.assert_array_equal(got, want)
             assert got.shape == ((epochs * tokens - 1) // seq + 1, 2)
@@ -154,6 +155,10 @@ def test_determinism_and_cache_reuse(tmp_path):
     files = sorted(os.listdir(cache))
     assert len(files) == 4 and sum(f.endswith(".npy") for f in files) == 3 and files[0].endswith(".dsc")
     assert not any(f.endswith(".tmp") for f in files)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in files:  # a shared data cache: permissions follow the umask (mkstemp would make them 0600)
+        assert os.stat(cache / f).st_mode & 0o777 == 0o666 & ~umask, f
     key = files[0][:-4]
     assert files[1:] == [f"{key}_doc_idx.npy", f"{key}_sample_idx.npy", f"{key}_shuffle_idx.npy"]
     mtimes = {f: os.stat(cache / f).st_mtime_ns for f in files}

@@ -222,8 +222,8 @@ def test_cross_check_with_megatron_core(tmp_path, mcore_python):
         theirs = IndexedDataset(str(tmp_path / f"theirs_{name}"))
         assert theirs.dtype == np.dtype(dtype) and [theirs[i].tolist() for i in range(n_seq)] == want
         assert theirs.doc_idx.tolist() == doc_starts
-    # the index helpers: our numpy sample_idx and compiled blend against its C++ helpers
-    ours_sample_idx = build_sample_idx(sizes, doc_idx, 7, 3, tokens)
-    assert ours_sample_idx.tolist() == out["sample_idx"]
-    di, si = build_blending_indices(weights, 5000)
+    # the index helpers: our compiled and numpy sample_idx and compiled blend against its C++ helpers
+    for compiled in (True, False):
+        assert build_sample_idx(sizes, doc_idx, 7, 3, tokens, use_compiled=compiled).tolist() == out["sample_idx"]
+    di, si, _ = build_blending_indices(weights, 5000)
     assert di.tolist() == out["blend"][0] and si.tolist() == out["blend"][1]

@@ -45,22 +45,38 @@ from megatron.data.indexed_dataset import IndexedDataset
 log = logging.getLogger(__name__)
 
 
-def build_blending_indices(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(dataset index, sample index within that dataset) for each of ``size`` output samples.
+def build_blending_indices(weights, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dataset index, sample index within that dataset, samples drawn per dataset) for each of
+    ``size`` output samples.
 
     Megatron's greedy max-error blend, bit-identical to its C++ helper (see
     `megatron.data.helpers`, compiled on first use; exact Python fallback without a compiler).
+    The dataset index is uint8 for up to 256 datasets (else int32), the sample index int32 below
+    2^31 samples (else int64).
     """
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"blend weights must be non-negative with a positive sum, got {weights!r}")
     w = w / w.sum()
-    n = len(w)
-    index_dtype = np.uint8 if n <= 256 else np.int32
-    if n == 1:
-        return np.zeros(size, dtype=index_dtype), np.arange(size, dtype=np.int64)
-    di, si = blend_indices(w, int(size))
-    return (di.astype(index_dtype) if index_dtype != np.int32 else di), si
+    if len(w) == 1:
+        return (np.zeros(size, dtype=np.uint8), np.arange(size, dtype=np.int32 if size < 2**31 else np.int64),
+                np.array([size], dtype=np.int64))
+    return blend_indices(w, int(size))
+
+
+def _check_draws(counts: np.ndarray, datasets: list, what) -> None:
+    """The blend must not draw more samples from a dataset than it has (counts: per dataset)."""
+    for d, ds in enumerate(datasets):
+        if counts[d] > len(ds):
+            raise RuntimeError(f"the blend draws {counts[d]} samples from {what(d)}, which has {len(ds)}")
+
+
+def permutation(size: int, seed: int) -> np.ndarray:
+    """``np.random.RandomState(seed).permutation(size)`` (same values), int32 when it fits: half
+    the memory and cache bytes of the int64 result for the same random draws."""
+    perm = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
+    np.random.RandomState(seed).shuffle(perm)
+    return perm
 
 
 def _md5(text: str) -> str:
@@ -87,22 +103,19 @@ class CorpusDataset(torch.utils.data.Dataset):
             desc = f"CorpusBlend\nname {name}\nsize {size}\n{description}"
 
             def build() -> dict[str, np.ndarray]:
-                di, si = build_blending_indices(np.asarray(num_samples, dtype=np.float64), size)
-                return {"file_index": di, "file_sample_index": si}
+                di, si, counts = build_blending_indices(np.asarray(num_samples, dtype=np.float64), size)
+                return {"file_index": di, "file_sample_index": si, "file_counts": counts}
 
-            arrays = cached_index_arrays(cache_dir, desc, ("file_index", "file_sample_index"), build, stats)
+            arrays = cached_index_arrays(cache_dir, desc, ("file_index", "file_sample_index", "file_counts"),
+                                         build, stats)
             self.file_index, self.file_sample_index = arrays["file_index"], arrays["file_sample_index"]
-            counts = np.bincount(self.file_index, minlength=len(datasets))
-            for f, ds in enumerate(datasets):
-                if counts[f] > len(ds):
-                    raise RuntimeError(f"corpus {name}: blend draws {counts[f]} samples from a file "
-                                       f"dataset of {len(ds)}")
+            _check_draws(arrays["file_counts"], datasets, lambda f: f"corpus {name}: file {f}")
         self.perm = None
         if shuffle:
             desc = f"CorpusDataset\nname {name}\nseed {seed}\nsize {size}\nblend {blend}\n{description}"
             self.perm = cached_index_arrays(
                 cache_dir, desc, ("corpus_perm",),
-                lambda: {"corpus_perm": np.random.RandomState(seed).permutation(size)}, stats)["corpus_perm"]
+                lambda: {"corpus_perm": permutation(size, seed)}, stats)["corpus_perm"]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -135,16 +148,13 @@ class BlendableDataset(torch.utils.data.Dataset):
                 f"corpora {self.corpus_names}\n{description}")
 
         def build() -> dict[str, np.ndarray]:
-            di, si = build_blending_indices(self.weights, self.size)
-            return {"dataset_index": di, "dataset_sample_index": si}
+            di, si, counts = build_blending_indices(self.weights, self.size)
+            return {"dataset_index": di, "dataset_sample_index": si, "dataset_counts": counts}
 
-        arrays = cached_index_arrays(cache_dir, desc, ("dataset_index", "dataset_sample_index"), build, stats)
+        arrays = cached_index_arrays(cache_dir, desc, ("dataset_index", "dataset_sample_index", "dataset_counts"),
+                                     build, stats)
         self.dataset_index, self.dataset_sample_index = arrays["dataset_index"], arrays["dataset_sample_index"]
-        counts = np.bincount(self.dataset_index, minlength=len(datasets))
-        for d, ds in enumerate(datasets):
-            if counts[d] > len(ds):
-                raise RuntimeError(f"blend draws {counts[d]} samples from {self.corpus_names[d]}, "
-                                   f"which has {len(ds)}")
+        _check_draws(arrays["dataset_counts"], datasets, lambda d: f"corpus {self.corpus_names[d]}")
         self.corpus_sizes = [len(ds) for ds in datasets]
 
     def __len__(self) -> int:

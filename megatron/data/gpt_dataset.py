@@ -1,7 +1,7 @@
 """Megatron's GPTDataset: fixed-length samples cut from a shuffled stream of documents.
 
 Index semantics follow Megatron(-DeepSpeed)'s ``gpt_dataset.py`` and its C++
-``build_sample_idx``, here in numpy:
+``build_sample_idx`` (here a compiled loop, `megatron.data.helpers`, with a numpy fallback):
 
 * ``doc_idx``: the split's document ids repeated for ``num_epochs`` epochs and shuffled with
   ``np.random.RandomState(seed)``; when the last epoch would supply fewer than 80% of an
@@ -23,12 +23,13 @@ import hashlib
 import logging
 import math
 import os
-import tempfile
+import threading
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from megatron.data.helpers import sample_idx_compiled
 from megatron.data.indexed_dataset import IndexedDataset
 
 log = logging.getLogger(__name__)
@@ -82,21 +83,27 @@ def build_doc_idx(documents: np.ndarray, num_epochs: int, rng: np.random.RandomS
 
 
 def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
-                     tokens_per_epoch: int) -> np.ndarray:
+                     tokens_per_epoch: int, use_compiled: bool = True) -> np.ndarray:
     """(num_samples+1, 2) array of (position in doc_idx, offset) where sample j starts.
 
     Equivalent to Megatron's C++ ``build_sample_idx``: the start of sample j is global token
-    ``j*seq_length`` of the concatenation of ``doc_idx``'s documents.
+    ``j*seq_length`` of the concatenation of ``doc_idx``'s documents. int32 when it fits.
     """
     num_samples = (num_epochs * tokens_per_epoch - 1) // seq_length
-    doc_sizes = np.asarray(sizes)[doc_idx].astype(np.int64)
+    sizes = np.asarray(sizes)
+    fits32 = len(doc_idx) < 2**31 and (len(sizes) == 0 or int(sizes.max()) < 2**31)  # offsets < a size
+    dtype = np.int32 if fits32 else np.int64
+    if use_compiled and fits32 and len(doc_idx) > 0:
+        out = sample_idx_compiled(sizes, doc_idx, seq_length, num_samples, dtype)
+        if out is not None:
+            return out
+    doc_sizes = sizes[doc_idx].astype(np.int64)
     ends = np.cumsum(doc_sizes)
     starts = ends - doc_sizes
     positions = np.arange(num_samples + 1, dtype=np.int64) * seq_length
     doc_pos = np.searchsorted(ends, positions, side="right")
     offsets = positions - starts[doc_pos]
-    fits32 = len(doc_idx) < 2**31 and (len(doc_sizes) == 0 or doc_sizes.max() < 2**31)
-    sample_idx = np.stack([doc_pos, offsets], axis=1).astype(np.int32 if fits32 else np.int64)
+    sample_idx = np.stack([doc_pos, offsets], axis=1).astype(dtype)
     sample_idx[0] = 0  # as the C++ loop: sample 0 starts at (0, 0) even if that document is empty
     return sample_idx
 
@@ -113,11 +120,15 @@ def build_shuffle_idx(num_samples: int, total_size: int, rng: np.random.RandomSt
     return np.concatenate((first, last))
 
 
-def _atomic_save(path: str, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path), suffix=".tmp")
+def _atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
+    """Write ``path`` through a temporary file in the same directory and rename it into place, so
+    readers never see a partial file. The temporary name is unique to this process and thread (no
+    mkstemp: its files are private to the owner, and a shared data cache must follow the umask)."""
+    tmp = os.path.join(os.path.dirname(path),
+                       f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
+        with open(tmp, mode.replace("w", "x")) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -154,12 +165,8 @@ def cached_index_arrays(cache_dir: str | None, description: str, names: tuple[st
     arrays = build()
     os.makedirs(cache_dir, exist_ok=True)
     for n, p in paths.items():
-        _atomic_save(p, arrays[n])
-    dsc = os.path.join(cache_dir, f"{key}.dsc")
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.dsc", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(description)
-    os.replace(tmp, dsc)
+        _atomic_write(p, lambda f, a=arrays[n]: np.save(f, a))
+    _atomic_write(os.path.join(cache_dir, f"{key}.dsc"), lambda f: f.write(description), mode="w")
     return arrays
 
 

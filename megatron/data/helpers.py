@@ -32,14 +32,14 @@ _C_SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 
-/* One step: the first index of the maximum of w[d] * x - taken[d]. One pass computes the errors
-   and their maximum (vectorizable), a second finds the first index reaching it; each error is
-   the same multiply-then-subtract as Megatron's scalar loop, so the choice is identical. */
+/* One blend step for many datasets: the first index of the maximum of w[d] * x - taken[d]. One
+   pass computes the errors and their maximum (vectorizable), a second finds the first index
+   reaching it; each error is the same multiply-then-subtract as Megatron's scalar loop. */
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-static int32_t pick(const double *restrict w, const double *restrict taken, double *restrict err,
-                    int32_t n, double x) {
+static int32_t pick_wide(const double *restrict w, const double *restrict taken, double *restrict err,
+                         int32_t n, double x) {
     double m = -1.0e300;
     for (int32_t d = 0; d < n; d++) {
         double e = w[d] * x - taken[d];
@@ -51,20 +51,58 @@ static int32_t pick(const double *restrict w, const double *restrict taken, doub
     return best;
 }
 
-/* Returns 0 on success, -1 on allocation failure. dataset_index is int32. */
-int blend(const double *w, int32_t n, int64_t size, int32_t *dataset_index, int64_t *dataset_sample_index) {
-    double *taken = calloc((size_t)n, sizeof(double));  /* exact integers below 2^53 */
-    double *err = malloc(sizeof(double) * (size_t)n);
-    if (!taken || !err) { free(taken); free(err); return -1; }
-    for (int64_t i = 0; i < size; i++) {
-        int32_t best = pick(w, taken, err, n, i > 1 ? (double)i : 1.0);
-        dataset_index[i] = best;
-        dataset_sample_index[i] = (int64_t)taken[best];
-        taken[best] += 1.0;
+/* Few datasets: Megatron's own scalar scan (branches predict well; no call, no second pass). */
+static inline int32_t pick_narrow(const double *restrict w, const double *restrict taken, int32_t n, double x) {
+    int32_t best = 0;
+    double best_err = w[0] * x - taken[0];
+    for (int32_t d = 1; d < n; d++) {
+        double e = w[d] * x - taken[d];
+        if (e > best_err) { best_err = e; best = d; }
     }
-    free(taken); free(err);
-    return 0;
+    return best;
 }
+
+/* The greedy blend. dataset_index has the type T, dataset_sample_index the type S; counts (n)
+   receives the samples taken from each dataset. Returns 0 on success, -1 on allocation failure. */
+#define BLEND(NAME, T, S)                                                                           \
+int NAME(const double *w, int32_t n, int64_t size, T *dataset_index, S *dataset_sample_index,       \
+         int64_t *counts) {                                                                         \
+    double *taken = calloc((size_t)n, sizeof(double));  /* exact integers below 2^53 */             \
+    double *err = malloc(sizeof(double) * (size_t)n);                                               \
+    if (!taken || !err) { free(taken); free(err); return -1; }                                      \
+    for (int64_t i = 0; i < size; i++) {                                                            \
+        double x = i > 1 ? (double)i : 1.0;                                                         \
+        int32_t best = n <= 32 ? pick_narrow(w, taken, n, x) : pick_wide(w, taken, err, n, x);      \
+        dataset_index[i] = (T)best;                                                                 \
+        dataset_sample_index[i] = (S)taken[best];                                                   \
+        taken[best] += 1.0;                                                                         \
+    }                                                                                               \
+    for (int32_t d = 0; d < n; d++) counts[d] = (int64_t)taken[d];                                  \
+    free(taken); free(err);                                                                         \
+    return 0;                                                                                       \
+}
+BLEND(blend_u8_i32, uint8_t, int32_t)
+BLEND(blend_u8_i64, uint8_t, int64_t)
+BLEND(blend_i32_i32, int32_t, int32_t)
+BLEND(blend_i32_i64, int32_t, int64_t)
+
+/* Sample starts: sample j starts at global token j * seq_length of the concatenation of doc_idx's
+   documents; out[2j] is the position in doc_idx, out[2j+1] the offset in that document. Sample 0
+   starts at (0, 0) even when that document is empty (as Megatron's loop). */
+#define SAMPLE_IDX(NAME, T)                                                                         \
+void NAME(const int32_t *sizes, const int32_t *doc_idx, int64_t n_docs, int64_t seq_length,         \
+          int64_t num_samples, T *out) {                                                            \
+    int64_t ptr = 0, start = 0, end = n_docs > 0 ? sizes[doc_idx[0]] : 0;                           \
+    for (int64_t j = 0; j <= num_samples; j++) {                                                    \
+        int64_t pos = j * seq_length;                                                               \
+        while (end <= pos && ptr + 1 < n_docs) { start = end; ptr++; end += sizes[doc_idx[ptr]]; }  \
+        out[2 * j] = (T)ptr;                                                                        \
+        out[2 * j + 1] = (T)(pos - start);                                                          \
+    }                                                                                               \
+    out[0] = 0; out[1] = 0;                                                                         \
+}
+SAMPLE_IDX(sample_idx_i32, int32_t)
+SAMPLE_IDX(sample_idx_i64, int64_t)
 """
 
 # no fused multiply-add (bit-identical to the C++ helper); finite-math/no-signed-zeros only let the
@@ -100,8 +138,13 @@ def _compile() -> ctypes.CDLL | None:
                 return None
             os.replace(tmp_lib, lib_path)  # atomic: concurrent ranks may race, content is identical
     lib = ctypes.CDLL(lib_path)
-    lib.blend.restype = ctypes.c_int
-    lib.blend.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+    for name in ("blend_u8_i32", "blend_u8_i64", "blend_i32_i32", "blend_i32_i64"):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = [ptr, i32, i64, ptr, ptr, ptr]
+    for name in ("sample_idx_i32", "sample_idx_i64"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = [ptr, ptr, i64, i64, i64, ptr]
     return lib
 
 
@@ -140,21 +183,42 @@ def blend_python(w: list[float], size: int) -> np.ndarray:
     return np.frombuffer(picks, dtype=np.int32).copy()
 
 
-def blend_indices(weights: np.ndarray, size: int, use_compiled: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(int32 dataset index, int64 sample index) of the greedy blend of normalized ``weights``."""
+def blend_indices(weights: np.ndarray, size: int, use_compiled: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dataset index, sample index, int64 per-dataset counts) of the greedy blend of normalized
+    ``weights``. The dataset index is uint8 for up to 256 datasets (else int32) and the sample
+    index int32 below 2^31 samples (else int64): the smallest types, as these arrays are large."""
     w = np.ascontiguousarray(weights, dtype=np.float64)
     n = len(w)
+    di_type, si_type = (np.uint8 if n <= 256 else np.int32), (np.int32 if size < 2**31 else np.int64)
     lib = compiled_helper() if use_compiled else None
     if lib is None:
         di = blend_python(w.tolist(), size)
-        si = np.empty(size, dtype=np.int64)
+        si = np.empty(size, dtype=si_type)
+        counts = np.zeros(n, dtype=np.int64)
         for d in range(n):
             where = np.flatnonzero(di == d)
-            si[where] = np.arange(len(where), dtype=np.int64)
-        return di, si
-    di = np.empty(size, dtype=np.int32)
-    si = np.empty(size, dtype=np.int64)
-    rc = lib.blend(w.ctypes.data, n, size, di.ctypes.data, si.ctypes.data)
-    if rc != 0:
+            si[where] = np.arange(len(where), dtype=si_type)
+            counts[d] = len(where)
+        return di.astype(di_type), si, counts
+    di, si = np.empty(size, dtype=di_type), np.empty(size, dtype=si_type)
+    counts = np.zeros(n, dtype=np.int64)
+    fn = getattr(lib, f"blend_{'u8' if di_type == np.uint8 else 'i32'}_{'i32' if si_type == np.int32 else 'i64'}")
+    if fn(w.ctypes.data, n, size, di.ctypes.data, si.ctypes.data, counts.ctypes.data) != 0:
         raise MemoryError("blend helper: out of memory")
-    return di, si
+    return di, si, counts
+
+
+def sample_idx_compiled(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_samples: int,
+                        dtype) -> np.ndarray | None:
+    """(num_samples+1, 2) sample starts computed by the compiled helper (None without a compiler);
+    ``sizes`` and ``doc_idx`` are int32 arrays, ``dtype`` int32 or int64."""
+    lib = compiled_helper()
+    if lib is None:
+        return None
+    sizes = np.ascontiguousarray(sizes, dtype=np.int32)
+    doc_idx = np.ascontiguousarray(doc_idx, dtype=np.int32)
+    out = np.empty((num_samples + 1, 2), dtype=dtype)
+    fn = lib.sample_idx_i32 if out.dtype == np.int32 else lib.sample_idx_i64
+    fn(sizes.ctypes.data, doc_idx.ctypes.data, len(doc_idx), seq_length, num_samples, out.ctypes.data)
+    return out
