@@ -153,25 +153,23 @@ def test_determinism_and_cache_reuse(tmp_path):
     cache = tmp_path / "cache"
     first = GPTDataset("train", indexed, docs, 50, 16, 1234, str(cache))
     files = sorted(os.listdir(cache))
-    assert len(files) == 4 and sum(f.endswith(".npy") for f in files) == 3 and files[0].endswith(".dsc")
-    assert not any(f.endswith(".tmp") for f in files)
+    assert len(files) == 1 and files[0].endswith(".idxc")  # one entry: doc_idx, sample_idx, shuffle_idx
     umask = os.umask(0)
     os.umask(umask)
-    for f in files:  # a shared data cache: permissions follow the umask (mkstemp would make them 0600)
-        assert os.stat(cache / f).st_mode & 0o777 == 0o666 & ~umask, f
-    key = files[0][:-4]
-    assert files[1:] == [f"{key}_doc_idx.npy", f"{key}_sample_idx.npy", f"{key}_shuffle_idx.npy"]
+    # a shared data cache: permissions follow the umask (mkstemp would make them 0600)
+    assert os.stat(cache / files[0]).st_mode & 0o777 == 0o666 & ~umask
     mtimes = {f: os.stat(cache / f).st_mtime_ns for f in files}
     second = GPTDataset("train", indexed, docs, 50, 16, 1234, str(cache))
-    assert isinstance(second.sample_idx, np.memmap)  # loaded with mmap_mode="r"
+    assert not second.sample_idx.flags.writeable and not second.sample_idx.flags.owndata  # a view of the map
     assert {f: os.stat(cache / f).st_mtime_ns for f in os.listdir(cache)} == mtimes
     for name in ("doc_idx", "sample_idx", "shuffle_idx"):
         np.testing.assert_array_equal(getattr(first, name), getattr(a, name))
         np.testing.assert_array_equal(getattr(second, name), getattr(a, name))
+        assert getattr(second, name).dtype == getattr(a, name).dtype
     assert [second[i]["text"].tolist() for i in range(5)] == [a[i]["text"].tolist() for i in range(5)]
     # another split / sample count gets its own entry
     GPTDataset("valid", indexed, np.arange(35, 40), 10, 16, 1234, str(cache))
-    assert len(os.listdir(cache)) == 8
+    assert len(os.listdir(cache)) == 2
 
 
 def test_errors(tmp_path):
@@ -185,23 +183,62 @@ def test_errors(tmp_path):
 
 
 def test_interrupted_cache_write_leaves_no_file(tmp_path, monkeypatch):
-    import megatron.data.gpt_dataset as gd
+    import megatron.data.index_cache as ic
 
     indexed = make_dataset(tmp_path / "i", [7] * 20)
     cache = tmp_path / "cache"
-    real_save = np.save
+    real_tofile = np.ndarray.tofile
 
-    def failing_save(f, arr):
-        f.write(b"\x93NUMPY partial")
-        raise KeyboardInterrupt
+    class Interrupt(KeyboardInterrupt):
+        pass
 
-    monkeypatch.setattr(gd.np, "save", failing_save)
-    with pytest.raises(KeyboardInterrupt):
+    def failing_write(path, description, arrays):
+        def write(f):
+            f.write(ic.MAGIC + b"partial")
+            raise Interrupt
+        ic._atomic_write(path, write)
+
+    monkeypatch.setattr(ic, "write_entry", failing_write)
+    with pytest.raises(Interrupt):
         GPTDataset("train", indexed, np.arange(20), 30, 8, 5, str(cache))
-    assert os.listdir(cache) == []  # neither a partial .npy nor a temporary file
-    monkeypatch.setattr(gd.np, "save", real_save)
+    assert os.listdir(cache) == []  # neither a partial entry nor a temporary file
+    monkeypatch.undo()
+    assert np.ndarray.tofile is real_tofile
     ds = GPTDataset("train", indexed, np.arange(20), 30, 8, 5, str(cache))
-    assert len(os.listdir(cache)) == 4 and len(ds) == (20 * 7 * 2 - 1) // 8
+    assert len(os.listdir(cache)) == 1 and len(ds) == (20 * 7 * 2 - 1) // 8
+
+
+def test_cache_entry_round_trip_and_damage(tmp_path):
+    from megatron.data.index_cache import cached_index_arrays, read_entry, write_entry
+
+    arrays = {"a": np.arange(10, dtype=np.int32), "b": np.arange(12, dtype=np.int64).reshape(6, 2),
+              "empty": np.zeros(0, dtype=np.uint8), "c": np.array([3], dtype=np.uint8)}
+    path = str(tmp_path / "x.idxc")
+    write_entry(path, "desc\nwith lines", arrays)
+    desc, got = read_entry(path)
+    assert desc == "desc\nwith lines" and list(got) == list(arrays)
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and np.array_equal(got[k], v)
+        assert got[k].ctypes.data % 8 == 0 or got[k].size == 0  # aligned views
+    with open(path, "r+b") as f:  # truncate the last array: the entry is refused, then rebuilt
+        f.truncate(os.path.getsize(path) - 70)
+    with pytest.raises(ValueError, match="truncated"):
+        read_entry(path)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"v": np.arange(5)}
+
+    stats: dict = {}
+    for _ in range(2):
+        out = cached_index_arrays(str(tmp_path / "c"), "d", ("v",), build, stats)
+        assert out["v"].tolist() == [0, 1, 2, 3, 4]
+    assert stats == {"built": 1, "loaded": 1} and len(calls) == 1
+    entry = next(p for p in (tmp_path / "c").iterdir())
+    entry.write_bytes(b"garbage")
+    cached_index_arrays(str(tmp_path / "c"), "d", ("v",), build, stats)
+    assert stats == {"built": 2, "loaded": 1}
 
 
 def _build_in_child(args):
@@ -220,7 +257,7 @@ def test_concurrent_builders_agree(tmp_path):
         results = pool.map(_build_in_child, [(str(tmp_path / "p"), str(tmp_path / "cache"))] * 4)
     assert all(r == results[0] for r in results)
     files = os.listdir(tmp_path / "cache")
-    assert len(files) == 4 and not [f for f in files if f.endswith(".tmp")]
+    assert len(files) == 1 and not [f for f in files if f.endswith(".tmp")]
     assert _build_in_child((str(tmp_path / "p"), str(tmp_path / "cache"))) == results[0]
 
 

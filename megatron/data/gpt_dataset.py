@@ -12,7 +12,8 @@ Index semantics follow Megatron(-DeepSpeed)'s ``gpt_dataset.py`` and its C++
 * ``shuffle_idx``: a permutation of the samples (first epochs and last epoch separately when
   the last epoch is separate).
 
-Index arrays are cached as ``.npy`` under ``cache_dir``, keyed by the md5 of a description
+Index arrays are cached under ``cache_dir`` (`megatron.data.index_cache`: one file per index,
+memory-mapped on load), keyed by the md5 of a description
 that includes a hash of the document ids and their sizes (so an edited dataset never reuses a
 stale index). Writes are atomic and loads are memory-mapped, so several ranks may build the
 same index concurrently.
@@ -22,14 +23,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
-import threading
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from megatron.data.helpers import sample_idx_compiled
+from megatron.data.index_cache import cached_index_arrays
 from megatron.data.indexed_dataset import IndexedDataset
 
 log = logging.getLogger(__name__)
@@ -118,56 +117,6 @@ def build_shuffle_idx(num_samples: int, total_size: int, rng: np.random.RandomSt
     last = np.arange(num_samples, total_size, dtype=dtype)
     rng.shuffle(last)
     return np.concatenate((first, last))
-
-
-def _atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:
-    """Write ``path`` through a temporary file in the same directory and rename it into place, so
-    readers never see a partial file. The temporary name is unique to this process and thread (no
-    mkstemp: its files are private to the owner, and a shared data cache must follow the umask)."""
-    tmp = os.path.join(os.path.dirname(path),
-                       f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, mode.replace("w", "x")) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def cached_index_arrays(cache_dir: str | None, description: str, names: tuple[str, ...],
-                        build: Callable[[], dict[str, np.ndarray]],
-                        stats: dict | None = None) -> dict[str, np.ndarray]:
-    """Arrays ``names`` from ``<cache_dir>/<md5>_<name>.npy`` (mmap), else ``build()`` and save.
-
-    Each file is written to a temporary name in the same directory and renamed, so a reader
-    never sees a partial file; concurrent builders write identical content. ``stats`` (optional)
-    counts the index sets ``built`` and ``loaded``.
-    """
-    def count(what: str) -> None:
-        if stats is not None:
-            stats[what] = stats.get(what, 0) + 1
-
-    if cache_dir is None:
-        count("built")
-        return build()
-    key = hashlib.md5(description.encode("utf-8")).hexdigest()
-    paths = {n: os.path.join(cache_dir, f"{key}_{n}.npy") for n in names}
-    if all(os.path.isfile(p) for p in paths.values()):
-        try:
-            arrays = {n: np.load(p, mmap_mode="r", allow_pickle=False) for n, p in paths.items()}
-            count("loaded")
-            return arrays
-        except (OSError, ValueError) as e:  # unreadable cache entry: rebuild it
-            log.warning("rebuilding unreadable index cache %s: %s", key, e)
-    count("built")
-    arrays = build()
-    os.makedirs(cache_dir, exist_ok=True)
-    for n, p in paths.items():
-        _atomic_write(p, lambda f, a=arrays[n]: np.save(f, a))
-    _atomic_write(os.path.join(cache_dir, f"{key}.dsc"), lambda f: f.write(description), mode="w")
-    return arrays
 
 
 class GPTDataset(torch.utils.data.Dataset):
