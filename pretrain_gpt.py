@@ -7,6 +7,7 @@ configuration prints one `ERROR:` line per problem and exits with status 2.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -34,18 +35,37 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("LOG_LEVEL", "INFO") if rank == 0 else logging.ERROR,
         format="[%(asctime)s][%(levelname).1s][%(name)s] %(message)s",
     )
+    from megatron import dist_faults
+    from megatron.checkpoint_io import CheckpointSaveError
     from megatron.data.data_list import DataListError
     from megatron.numerics import NumericalFaultError
     from megatron.training import pretrain
 
     try:
         pretrain(args)
-    except (ArgumentError, DataListError, FileNotFoundError, NumericalFaultError) as e:
+    except (ArgumentError, DataListError, FileNotFoundError, NumericalFaultError, CheckpointSaveError) as e:
         # One line, no traceback: a configuration problem found while building data/model/checkpoints
-        # (exit 2), or --max-skipped-iterations reached after saving the last good state (exit 3).
+        # (exit 2), --max-skipped-iterations reached after saving the last good state (exit 3), or a
+        # checkpoint that could not be written, e.g. disk full (exit 4; 'latest' still names the previous one).
         if rank == 0 or os.environ.get("MEGATRON_LOG_ALL_RANKS"):
             print(f"ERROR: {e}", file=sys.stderr)
-        return 3 if isinstance(e, NumericalFaultError) else 2
+        return 3 if isinstance(e, NumericalFaultError) else 4 if isinstance(e, CheckpointSaveError) else 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # disk full outside a checkpoint save (metrics/log files): the checkpoint on disk is intact
+        what = f"writing {e.filename}" if e.filename else "a write"
+        print(f"ERROR: {what} failed (disk full): [Errno {e.errno}] {e.strerror}; check the space where --save "
+              f"({args.save}) and --metrics-file ({args.metrics_file}) write; the last checkpoint is intact: free "
+              "space and resume with --load", file=sys.stderr, flush=True)
+        return 4
+    except RuntimeError as e:
+        if not dist_faults.is_collective_failure(e):
+            raise
+        # another rank died or hangs (megatron/dist_faults.py): every survivor names it, exit 5
+        print(f"ERROR: {dist_faults.describe(e, rank, args.world_size, args.distributed_timeout_minutes)}",
+              file=sys.stderr, flush=True)
+        return dist_faults.EXIT_CODE
     return 0
 
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.save({"model": engine.module.state_dict(), "optimizer": opt.state_dict()}, f"{raw}.{r}")
 
         def raw_load(r: int) -> None:  # what resuming from the raw file takes: read, then restore into the objects
-            state = torch.load(f"{raw}.{r}", weights_only=False)
+            state = torch.load(f"{raw}.{r}", weights_only=True)  # tensors and plain containers only
             engine.module.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
 

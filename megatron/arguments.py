@@ -24,6 +24,8 @@ from megatron.optimizer_param_scheduler import LR_SCHEDULES, build_schedule_spec
 from megatron.lr_finder import configure_lr_finder
 from megatron.model.mup import mup_problems
 from megatron.core.parallel_config import finalize_parallel_args, parallel_problems
+from megatron.pipeline_parallel import pipeline_problems
+from megatron.core.sequence_parallel import ulysses_problems
 
 FLASH_ATTN_FLAGS = ("use_flash_attn_v1", "use_flash_attn_v2", "use_flash_attn_triton", "use_flash_attn_builder")
 
@@ -279,6 +281,9 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last-n", type=int, default=None, metavar="N",
                    help="keep only the newest N global_step<N> checkpoints under --save (never the one 'latest' "
                         "names); default: keep all")
+    g.add_argument("--unsafe-checkpoint-load", action="store_true",
+                   help="load checkpoint files with full pickle (torch.load weights_only=False) instead of the "
+                        "tensor-only loader with an allowlist; only for files you trust (it can run their code)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -303,22 +308,29 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab-size", type=int, default=None)
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--reset-position-ids", action="store_true")
-    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="document-causal attention: no token attends across an end-of-document token")
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="Megatron tensor parallelism (heads, KV heads and FFN size must divide by it)")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--ds-sequence-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages (DeepSpeed's pipeline engine, 1F1B; ZeRO 0/1 only; ALCF/notes/parallelism.md)")
+    g.add_argument("--ds-sequence-parallel-size", type=int, default=1,
+                   help="DeepSpeed-Ulysses sequence parallelism: each of SP ranks holds seq/SP tokens of the same "
+                        "samples; attention all-to-alls to heads/SP heads over the whole sequence (heads, KV heads "
+                        "and seq length divisible by SP)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron sequence parallelism: norms and dropout on sequence shards (TP > 1; off at TP = 1)")
     g.add_argument("--no-pipeline-parallel", action="store_true")
     g.add_argument("--zero-stage", type=_int_like, default=1)
     g.add_argument("--distributed-backend", choices=["nccl", "gloo", "ccl", "xccl", "hccl"], default=None,
                    help="default: chosen from the hardware (xccl/ccl on XPU, nccl on CUDA, gloo on CPU)")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="a collective that waits longer than this (a rank died or hangs) fails, and the run "
+                        "stops with one ERROR line naming the unresponsive rank(s) (fractions allowed: 0.1 = 6 s)")
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
     g.add_argument("--DDP-impl", default="local", choices=["local", "torch"])
     g.add_argument("--overlap-grad-reduce", action="store_true", default=None,
@@ -414,6 +426,8 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     need(args.save is None or args.save_interval is None or args.save_interval > 0,
          f"--save-interval must be > 0 (got {args.save_interval})")
     need(args.keep_last_n is None or args.keep_last_n >= 1, f"--keep-last-n must be >= 1 (got {args.keep_last_n})")
+    need(math.isfinite(args.distributed_timeout_minutes) and args.distributed_timeout_minutes > 0,
+         f"--distributed-timeout-minutes must be a finite number > 0 (got {args.distributed_timeout_minutes})")
     need(not (args.no_save_optim and args.zero_stage == 3),
          "--no-save-optim cannot be used with --zero-stage 3 (ZeRO-3 keeps the weights in the optimizer shards)")
     need(args.data_file_list is not None or args.data_path,
@@ -467,15 +481,17 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     errs.extend(optimizer_problems(args))  # missing package, unsupported ZeRO stage (megatron/optimizer)
     errs.extend(mup_problems(args))  # MuP / CompleteP flags (megatron/model/mup.py)
     errs.extend(parallel_problems(args))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
+    errs.extend(pipeline_problems(args))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/pipeline_parallel.py)
+    errs.extend(ulysses_problems(args))  # Ulysses SP: heads / seq divisible by SP (megatron/core/sequence_parallel.py)
+
+    if args.reset_attention_mask and (pp > 1 or sp > 1):
+        errs.append("--reset-attention-mask is not supported with pipeline (PP > 1) or Ulysses (SP > 1) parallelism "
+                    "yet; drop it or use PP = SP = 1")
 
     # Upstream flags whose behaviour is not implemented here yet: refuse rather than ignore.
     unsupported = {
-        "pipeline_model_parallel_size": (pp > 1, "pipeline parallelism (PP > 1)"),
-        "ds_sequence_parallel_size": (sp > 1, "Ulysses sequence parallelism (SP > 1)"),
         "squared_relu": (args.squared_relu, "--squared-relu"),
         "apply_layernorm_1p": (args.apply_layernorm_1p, "--apply-layernorm-1p"),
-        "reset_attention_mask": (args.reset_attention_mask,
-                                 "--reset-attention-mask (document-causal attention; --reset-position-ids works)"),
         "fp16": (args.fp16, "--fp16 (use --bf16 or fp32)"),
     }
     for _, (bad, what) in unsupported.items():

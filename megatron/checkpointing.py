@@ -14,7 +14,9 @@ Saves are atomic: DeepSpeed writes `global_step<N>.partial/`, and only after eve
 rank 0 renames it to `global_step<N>/` and then replaces `latest` and
 `latest_checkpointed_iteration.txt` (write to a temporary file + `os.replace`). A crash at any
 moment leaves `latest` pointing at the previous complete checkpoint. `--keep-last-n` prunes older
-`global_step<N>` directories after the commit, never the one `latest` names.
+`global_step<N>` directories after the commit, never the one `latest` names. A write that fails
+on any rank (disk full...) removes the partial directory and raises `CheckpointSaveError` on every
+rank, with `latest` untouched (megatron/checkpoint_io.py; the run then stops with exit status 4).
 
 Fixes of upstream: `--no-load-optim`, `--no-load-lr-state` and `--no-load-rng` work under
 DeepSpeed; `--finetune` also resets the optimizer state under `--universal-checkpoint` (DeepSpeed
@@ -38,8 +40,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron import checkpoint_io
 from megatron.arguments import ArgumentError
 from megatron.core.tensor_parallel import get_rng_tracker
+from megatron.numerics import injected_fault
 
 log = logging.getLogger(__name__)
 
@@ -223,25 +227,65 @@ def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, c
     saved_flag = getattr(engine, "save_zero_checkpoint", None)
     if skip_optim:
         engine.save_zero_checkpoint = False
+    # a failed write (disk full...) is recorded, not raised, so every rank finishes DeepSpeed's collectives
+    guard = checkpoint_io.guard_engine(engine, args)
+    if guard is not None:
+        guard.start_save(inject_enospc=injected_fault(iteration, _rank(args)) == "enospc")
+    failure = None
     try:
         engine.save_checkpoint(args.save, tag=partial, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=False)
+    except OSError as e:  # a file DeepSpeed writes itself (its zero_to_fp32.py copy)
+        failure = f"{e.filename or args.save}: [Errno {e.errno}] {e.strerror}"
     finally:
         if skip_optim:
             engine.save_zero_checkpoint = saved_flag
-    if _rank(args) == 0:
+    failure = failure or (guard.failure if guard is not None else None)
+    if _rank(args) == 0 and failure is None:
         record = model_args_record(args)
         record.update(iteration=iteration, optimizer_states_saved=not skip_optim)
-        with open(os.path.join(args.save, partial, ARGS_FILE), "w") as f:
-            json.dump(record, f, indent=1)
-    _barrier()
+        try:
+            with open(os.path.join(args.save, partial, ARGS_FILE), "w") as f:
+                json.dump(record, f, indent=1)
+        except OSError as e:
+            failure = f"{os.path.join(args.save, partial, ARGS_FILE)}: [Errno {e.errno}] {e.strerror}"
+    _raise_if_save_failed(args, tag, failure)  # collective: instead of a barrier
     if _rank(args) == 0:
-        commit(args.save, partial, tag, iteration)
-        deleted = prune(args.save, getattr(args, "keep_last_n", None))
-        if deleted:
-            log.info("--keep-last-n %s: deleted %s", getattr(args, "keep_last_n", None), ", ".join(deleted))
-    _barrier()
+        try:
+            commit(args.save, partial, tag, iteration)
+        except OSError as e:
+            failure = f"{e.filename or args.save}: [Errno {e.errno}] {e.strerror}"
+        else:
+            deleted = prune(args.save, getattr(args, "keep_last_n", None))
+            if deleted:
+                log.info("--keep-last-n %s: deleted %s", getattr(args, "keep_last_n", None), ", ".join(deleted))
+    _raise_if_save_failed(args, tag, failure)
     return os.path.join(args.save, tag)
+
+
+def _raise_if_save_failed(args, tag: str, failure: str | None) -> None:
+    """Collective: if any rank's write failed, rank 0 removes the partial directory and every rank
+    raises the same one-line CheckpointSaveError (the run stops: see ALCF/notes/reliability.md)."""
+    failures = [failure]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+    bad = [(r, f) for r, f in enumerate(failures) if f]
+    if not bad:
+        return
+    partial = os.path.join(args.save, tag + PARTIAL_SUFFIX)
+    if _rank(args) == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    _barrier()
+    rank, reason = bad[0]
+    where = f"rank {rank}: " if len(failures) > 1 else ""
+    full = " (disk full)" if checkpoint_io.is_disk_full(reason) else ""
+    latest = read_tag(args.save)
+    raise checkpoint_io.CheckpointSaveError(
+        f"saving checkpoint {tag} to {args.save} failed{full}: {where}{reason}; 'latest' still names "
+        f"{latest or 'no checkpoint'}"
+        f"{'' if os.path.exists(partial) else f' and the incomplete {tag + PARTIAL_SUFFIX} was removed'}; "
+        f"free space (or point --save elsewhere) and resume with --load")
 
 
 # ----------------------------------------------------------------------------- checks before loading
@@ -313,6 +357,10 @@ def load_problems(args) -> list[str]:
         if bad:
             errs.append(f"checkpoint {tag_dir} was written for another model (use the same MODEL_ARCH / model "
                         "flags): " + "; ".join(bad))
+        saved_pp, pp = saved.get("pipeline_model_parallel_size") or 1, args.pipeline_model_parallel_size or 1
+        if not args.universal_checkpoint and saved_pp != pp and max(saved_pp, pp) > 1:  # layer files vs one module
+            errs.append(f"checkpoint {tag_dir} was saved with pipeline parallel size {saved_pp}, this run has "
+                        f"{pp}: resume with PP={saved_pp} (pipeline checkpoints cannot change their PP size)")
     return errs
 
 
@@ -364,6 +412,36 @@ def reset_optimizer_state(engine) -> None:
                 state[key] = 0
 
 
+def restore_zero_muon_momentum(engine) -> None:
+    """After a universal load under DeepSpeed's ZeRO-1/2 Muon: its loader lays every optimizer
+    state out one value per partition element, but this Muon keeps, per rank, the momentum of every
+    parameter its partition touches whole and concatenated (Newton-Schulz needs whole matrices).
+    Rebuild that from the loaded fragments (gathered over the data-parallel group; a no-op in
+    value at DP = 1, where the two layouts coincide)."""
+    zero = getattr(engine, "optimizer", None)
+    parts, base = getattr(zero, "params_in_partition", None), getattr(zero, "optimizer", None)
+    if parts is None or base is None or not hasattr(zero, "bit16_groups"):
+        return
+    from deepspeed.utils import safe_get_full_optimizer_state  # noqa: PLC0415
+
+    for i, group in enumerate(base.param_groups):
+        if not group.get("use_muon"):
+            continue
+        mappings = [getattr(p, "_hp_mapping", None) for p in zero.bit16_groups[i]]
+        loaded = torch.tensor([float(all(m is None or "momentum_buffer" in m.optim_fragment for m in mappings))])
+        if dist.is_initialized():
+            dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
+        if not loaded.item():  # converted from another optimizer: the momentum starts at zero
+            continue
+        # every rank gathers every parameter of the group (a collective per parameter)
+        full = {id(p): safe_get_full_optimizer_state(p, "momentum_buffer") for p in zero.bit16_groups[i]}
+        state = base.state[group["params"][0]]
+        old = state.get("momentum_buffer")
+        if parts[i]:
+            merged = torch.cat([full[id(p)].reshape(-1) for p in parts[i]])
+            state["momentum_buffer"] = merged.to(old.dtype if old is not None else torch.float32)
+
+
 # ----------------------------------------------------------------------------- load
 def load_checkpoint(engine, args) -> LoadedState:
     """Load `args.load` into the engine. Returns the iteration and data position to resume from."""
@@ -386,6 +464,7 @@ def load_checkpoint(engine, args) -> LoadedState:
                                 "(or --finetune) to load it")
 
     module_only = bool(args.finetune)
+    checkpoint_io.guard_engine(engine, args)  # DeepSpeed reads our files with torch.load(weights_only=True)
     try:
         path, client = engine.load_checkpoint(
             args.load, tag=tag,
@@ -399,6 +478,8 @@ def load_checkpoint(engine, args) -> LoadedState:
             raise ArgumentError(f"checkpoint {args.load}/{tag} does not match the model arguments (use the same "
                                 f"MODEL_ARCH/flags): {' '.join(first[:3])[:600]}") from None
         raise
+    except checkpoint_io.CheckpointLoadRefused as e:  # a pickle that could run code
+        raise ArgumentError(str(e)) from None
     if path is None:
         raise ArgumentError(f"DeepSpeed could not load checkpoint {tag} from {args.load}")
     client = client or {}
@@ -410,6 +491,8 @@ def load_checkpoint(engine, args) -> LoadedState:
         # DeepSpeed restores the optimizer moments and step from the universal atoms even for a
         # module-only load: reset them, as --finetune promises.
         reset_optimizer_state(engine)
+    elif universal and not args.no_load_optim:
+        restore_zero_muon_momentum(engine)
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and hasattr(scheduler, "step"):
         scheduler.step(0)  # write the schedule's LR/WD back (a universal load copies the saved ones)

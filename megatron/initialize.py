@@ -164,10 +164,12 @@ def initialize_megatron(args) -> parallel_state.ParallelState:
         raise RuntimeError(f"the launcher started {world} processes but WORLD_SIZE said {args.world_size}")
     import deepspeed  # noqa: PLC0415  (heavy import; after argument checks)
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+    timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, timeout=timeout)
     state = parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
-                                                     args.pipeline_model_parallel_size)
+                                                     args.pipeline_model_parallel_size,
+                                                     getattr(args, "ds_sequence_parallel_size", 1) or 1,
+                                                     timeout=timeout)  # TP/DP/PP groups: same timeout
     set_seeds(args.seed)
     tensor_parallel.model_parallel_manual_seed(args.seed)  # TP-rank RNG for dropout on split activations
     return state

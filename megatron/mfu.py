@@ -78,8 +78,9 @@ def table_peak(name: str, dtype: str, compute_units: int | None = None) -> float
 def measure_matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, min_seconds: float = 0.3,
                           device: str | torch.device = "cpu") -> float:
     """Achieved TFLOPS of repeated n×n matmuls (2·n³ FLOPs each) on `device`: the practical peak."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: a resumed run must see the saved stream
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     sync = _synchronizer(torch.device(device).type)
     for _ in range(2):  # warm-up (thread pool, kernel selection)
         a @ b

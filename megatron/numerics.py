@@ -17,13 +17,17 @@ the loop saves a checkpoint (the weights are those of the last good step) and ra
 Test hook (used only by tests): ``MEGATRON_TEST_FAULTS="nan@3,inf@5,spike@7,drop@4"`` multiplies
 the loss of every micro-batch of that iteration by NaN / Inf / 100, or (``drop``) discards that
 iteration's batches before it starts, so iteration k trains on batch k+1 (a run "whose batch k
-was dropped").
+was dropped"). Process and storage faults: ``kill@k`` / ``stop@k`` send the process SIGKILL /
+SIGSTOP (a dead / hung rank) in iteration k's forward; ``enospc@k`` makes the checkpoint save of
+iteration k fail with "No space left on device" (megatron/checkpoint_io.py). ``kind@k:r`` limits
+an entry to rank r.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -34,21 +38,33 @@ log = logging.getLogger(__name__)
 
 FAULTS_ENV = "MEGATRON_TEST_FAULTS"
 _FACTORS = {"nan": float("nan"), "inf": float("inf"), "spike": 100.0}
+_SIGNALS = {"kill": "SIGKILL", "stop": "SIGSTOP"}
+_KINDS = (*_FACTORS, *_SIGNALS, "drop", "enospc")
 
 
 class NumericalFaultError(RuntimeError):
     """Too many iterations in a row had a non-finite loss or gradient."""
 
 
-def parse_faults(spec: str) -> dict[int, str]:
-    """{iteration: kind} from ``"nan@3,inf@5"`` (kinds: nan, inf, spike, drop)."""
+def parse_faults(spec: str, rank: int | None = None) -> dict[int, str]:
+    """{iteration: kind} from ``"nan@3,inf@5,kill@4:1"`` (kinds: nan, inf, spike, drop, kill, stop,
+    enospc; ``:r`` = on rank r only, dropped here when `rank` is another one)."""
     out: dict[int, str] = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
-        kind, _, it = item.partition("@")
-        if kind not in (*_FACTORS, "drop") or not it.isdigit():
-            raise ValueError(f"{FAULTS_ENV}: bad entry {item!r} (expected kind@iteration, kind in nan|inf|spike|drop)")
-        out[int(it)] = kind
+        kind, _, where = item.partition("@")
+        it, _, on_rank = where.partition(":")
+        if kind not in _KINDS or not it.isdigit() or (on_rank and not on_rank.isdigit()):
+            raise ValueError(f"{FAULTS_ENV}: bad entry {item!r} (expected kind@iteration[:rank], kind in "
+                             f"{'|'.join(_KINDS)})")
+        if not on_rank or rank is None or int(on_rank) == rank:
+            out[int(it)] = kind
     return out
+
+
+def injected_fault(iteration: int, rank: int = 0) -> str | None:
+    """The MEGATRON_TEST_FAULTS kind for this iteration and rank (None almost always)."""
+    spec = os.environ.get(FAULTS_ENV, "")
+    return parse_faults(spec, rank).get(iteration) if spec else None
 
 
 def _innermost_optimizer(optimizer):
@@ -82,7 +98,7 @@ class NumericsGuard:
     def create(cls, args) -> "NumericsGuard":
         return cls(max_skipped=getattr(args, "max_skipped_iterations", None),
                    spike_factor=float(getattr(args, "loss_spike_factor", 5.0) or 0.0),
-                   faults=parse_faults(os.environ.get(FAULTS_ENV, "")))
+                   faults=parse_faults(os.environ.get(FAULTS_ENV, ""), int(getattr(args, "rank", 0) or 0)))
 
     # ------------------------------------------------------------------ test hooks
     def wrap_data(self, data_iter: Iterator, start_iteration: int, micro_batches: int) -> Iterator:
@@ -102,6 +118,9 @@ class NumericsGuard:
 
     def inject(self, iteration: int, loss: torch.Tensor) -> torch.Tensor:
         kind = self.faults.get(iteration)
+        if kind in _SIGNALS:  # a rank dying (SIGKILL) or hanging (SIGSTOP) mid-iteration
+            log.error("%s: sending myself %s in iteration %d", FAULTS_ENV, _SIGNALS[kind], iteration)
+            os.kill(os.getpid(), getattr(signal, _SIGNALS[kind]))
         return loss * _FACTORS[kind] if kind in _FACTORS else loss
 
     # ------------------------------------------------------------------ the step

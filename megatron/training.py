@@ -16,7 +16,8 @@ import torch.distributed as dist
 from megatron import checkpointing
 from megatron.arguments import ArgumentError
 from megatron.core import parallel_state
-from megatron.data.gpt_dataset import reset_position_ids
+from megatron.core import sequence_parallel as ulysses
+from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
 from megatron.exits import ExitConditions
 from megatron.initialize import initialize_megatron
 from megatron.model import GPTConfig, GPTModel
@@ -24,6 +25,7 @@ from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
 from megatron.lr_finder import active_lr_finder, build_lr_scheduler
 from megatron.model.mup import model_fields as mup_model_fields
 from megatron.numerics import NumericalFaultError, NumericsGuard
+from megatron import pipeline_parallel as pipeline
 from megatron.optimizer_param_scheduler import scheduler_increment
 from megatron.config_table import print_config
 from megatron.profiling import Profiler, flops_profiler_config
@@ -99,6 +101,9 @@ def build_ds_config(args) -> dict:
         cfg[k] = v
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage"] = args.zero_stage
+    if args.data_parallel_size * args.ds_sequence_parallel_size == 1:
+        # one rank reduces nothing: contiguous gradients would only copy every gradient into a bucket
+        zero.setdefault("contiguous_gradients", False)
     if getattr(args, "overlap_grad_reduce", None):
         zero["overlap_comm"] = True
     if getattr(args, "ddp_bucket_size", None):
@@ -157,8 +162,11 @@ def build_loader(dataset, args, consumed_samples: int):
         micro_batch_size=args.micro_batch_size,
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size())
+    # its own generator: starting an iterator draws a seed, which from the global RNG would shift
+    # dropout and SophiaG's sampled labels after a resume (the iterator starts after the RNG is restored)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                       pin_memory=False, persistent_workers=False)
+                                       pin_memory=False, persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(args.seed))
 
 
 # ----------------------------------------------------------------------------- one step
@@ -174,8 +182,21 @@ def get_batch(batch: dict, args, eod: int | None, device):
 def forward_loss(engine, batch: dict, args, eod, device) -> torch.Tensor:
     tokens, labels, mask = get_batch(batch, args, eod, device)
     position_ids = reset_position_ids(tokens, eod) if args.reset_position_ids and eod is not None else None
-    losses = engine(tokens, position_ids=position_ids, labels=labels)
-    return (losses.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    extra = {}
+    if args.reset_attention_mask and eod is not None:  # causal within each document
+        extra["attention_mask"] = document_attention_mask(tokens, eod)
+    # Ulysses SP > 1: this rank's slice of the sequence; the loss is the whole sequence's masked mean
+    tokens, labels, mask, position_ids = (ulysses.shard(t) for t in (tokens, labels, mask, position_ids))
+    losses = engine(tokens, position_ids=position_ids, labels=labels, **extra)
+    return ulysses.whole_sequence_loss(losses, mask)
+
+
+def pipe_sample(batch: dict, args, eod, device) -> tuple:
+    """A micro-batch as DeepSpeed's pipeline engine takes it: (inputs, labels); the first stage
+    reads (tokens[, position_ids]), the last (labels, loss_mask) for the same masked-mean loss."""
+    tokens, labels, mask = get_batch(batch, args, eod, device)
+    position_ids = reset_position_ids(tokens, eod) if args.reset_position_ids and eod is not None else None
+    return (tokens if position_ids is None else (tokens, position_ids)), (labels, mask)
 
 
 def dp_mean(values: torch.Tensor) -> torch.Tensor:
@@ -193,6 +214,9 @@ def train_step(engine, data_iter, args, eod, device, timers: Timers | None = Non
     The micro-batches are appended to `seen` (for optimizer hooks that replay them).
     `guard` skips the optimizer step of an iteration with a non-finite loss or gradient."""
     timers = timers or Timers()
+    if pipeline.is_pipeline(engine):  # PP > 1: DeepSpeed's 1F1B schedule runs the micro-batches and the step
+        with timers("forward-backward", level=1):
+            return pipeline.train_batch(engine, data_iter, lambda b: pipe_sample(b, args, eod, device), guard, iteration)
     losses = []
     for _ in range(args.num_micro_batches):
         with timers("batch-generator", level=2):
@@ -226,6 +250,8 @@ def evaluate(engine, valid_dataset, args, eod, device) -> float:
     """Mean LM loss over the first eval_iters global batches of the validation set (the same
     samples every time, so successive evaluations are comparable)."""
     loader = build_loader(valid_dataset, args, consumed_samples=0)
+    if pipeline.is_pipeline(engine):
+        return pipeline.evaluate(engine, loader, args, lambda b: pipe_sample(b, args, eod, device))
     engine.eval()
     total, n = torch.zeros((), device=device), 0
     it = iter(loader)
@@ -245,6 +271,9 @@ def setup_model_and_optimizer(args, before_engine=None):
     `before_engine(model)` (optional) sees the freshly initialized model (benchmarks copy its weights)."""
     import deepspeed  # noqa: PLC0415  (after initialize_megatron: it picks DeepSpeed's accelerator)
 
+    if args.pipeline_model_parallel_size > 1:  # this rank's stage, cut from the same GPTModel
+        return pipeline.setup_pipeline_engine(args, model_config(args), build_ds_config(args),
+                                              lambda optimizer: build_lr_scheduler(optimizer, args), before_engine)
     model = GPTModel(model_config(args))
     if before_engine is not None:
         before_engine(model)
@@ -255,6 +284,8 @@ def setup_model_and_optimizer(args, before_engine=None):
     engine, _, _, _ = deepspeed.initialize(
         model=model, mpu=parallel_state.DeepSpeedMPU(), **deepspeed_initialize_kwargs(
             model, args, build_ds_config(args), lambda optimizer: build_lr_scheduler(optimizer, args)))
+    if args.zero_stage == 0 and engine.seq_dp_world_size == 1:
+        engine.enable_backward_allreduce = False  # one replica: DeepSpeed would flatten and "all-reduce" every gradient
     return model, engine
 
 

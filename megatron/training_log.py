@@ -96,6 +96,15 @@ def _all_reduce(values: list[float], op=None, group=None) -> list[float]:
     return t.tolist()
 
 
+def _zero_partition_group():
+    """ZeRO partitions the optimizer state over the data- and Ulysses-sequence-parallel ranks."""
+    if not dist.is_initialized():
+        return None
+    from megatron.core import parallel_state  # noqa: PLC0415
+
+    return parallel_state.get_sequence_data_parallel_group()
+
+
 def _data_parallel_group():
     """Tensor/pipeline-parallel ranks see the same samples: count them once, over data parallelism."""
     if not dist.is_initialized():
@@ -260,7 +269,7 @@ class TrainLogger:
 
             if self.model_numel is None:
                 self.model_numel = _model_numel(engine)
-            opt_stats = optimizer_state_stats(engine.optimizer, self.model_numel, group=_data_parallel_group())
+            opt_stats = optimizer_state_stats(engine.optimizer, self.model_numel, group=_zero_partition_group())
 
         if a.rank == 0:
             print(f" iteration={iteration:8d}/{a.train_iters:8d} | consumed_samples={consumed_samples:12d} | "

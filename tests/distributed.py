@@ -98,3 +98,14 @@ def read_metrics(path: str) -> tuple[dict[int, float], list[dict]]:
             elif "val_loss" in r:
                 val.append(r)
     return train, val
+
+
+def spawn_workers(worker, nprocs: int, out_dir: str) -> list:
+    """Run `worker(rank, port, out_dir)` in `nprocs` spawned processes (torch.multiprocessing);
+    each saves its results to `<out_dir>/rank<r>.pt`; returns them in rank order."""
+    import torch  # noqa: PLC0415
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    mp.spawn(worker, args=(free_port(), out_dir), nprocs=nprocs)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(nprocs)]
+

@@ -1,6 +1,7 @@
-"""tools/convert_checkpoint: universal checkpoints (DP=2 -> DP=1, ZeRO-1 -> ZeRO-2, non-Adam state,
-the large-DP padding fix), the two CPT recipes of the user guide (2 ranks -> 1 rank, LR curve
-asserted from metrics.jsonl), the launcher's convert_ckpt_to_universal, and HF export/import."""
+"""tools/convert_checkpoint: universal checkpoints (DP=2 -> DP=1, ZeRO-1 -> ZeRO-2, AdamW and
+DeepSpeed's ZeRO Muon, TP=2 <-> TP=1, non-Adam state, the large-DP padding fix), the two CPT
+recipes of the user guide (2 ranks -> 1 rank, LR curve asserted from metrics.jsonl), the
+launcher's convert_ckpt_to_universal, and HF export/import."""
 from __future__ import annotations
 
 import glob
@@ -90,6 +91,107 @@ def test_universal_dp2_to_dp1(phase1, data_list, tmp_path, zero):
         assert abs(got[i]["lm_loss"] - want[i]["lm_loss"]) <= 1e-6, (i, got[i], want[i])
         assert got[i]["lr"] == pytest.approx(want[i]["lr"], rel=1e-12)
         assert got[i]["consumed_samples"] == want[i]["consumed_samples"]
+
+
+MUON = ("--optimizer", "muon", "--lr-decay-style", "constant", "--lr-warmup-iters", "2")
+NO_COMPILE = {"TORCHDYNAMO_DISABLE": "1"}  # DeepSpeed torch.compile's its Muon kernels (~20 s); eager: same math
+
+
+@pytest.fixture(scope="module")
+def muon_phase1(data_list, tmp_path_factory):
+    """2 ranks, ZeRO-1, DeepSpeed's ZeRO Muon (momentum on flat partitions + its auxiliary AdamW),
+    checkpoint at N."""
+    out = str(tmp_path_factory.mktemp("muon1"))
+    save = os.path.join(out, "ckpt")
+    run_trainer(targs(data_list, out, extra=(*MUON, "--save", save, "--save-interval", str(N))),
+                nproc=2, launcher="torchrun", env_extra=NO_COMPILE)
+    return save, metrics(out)
+
+
+@pytest.mark.parametrize("nproc,zero", [(1, 1), (1, 2), (2, 2)])
+def test_universal_muon_dp2_to_dp1(muon_phase1, data_list, tmp_path, nproc, zero):
+    """The ZeRO Muon checkpoint of iteration N (DP=2, ZeRO-1) -> universal -> `nproc` ranks at ZeRO
+    `zero`: DeepSpeed keeps this Muon's momentum per whole parameter (not per partition element);
+    the converter and the loader translate it, and the following steps equal the unconverted
+    2-rank continuation (at DP=2 a hidden matrix straddles the two partitions)."""
+    save, want = muon_phase1
+    ckpt = copy_ckpt(save, str(tmp_path / "ckpt"), f"global_step{N}")
+    tag = d2u.convert(os.path.join(ckpt, f"global_step{N}"), os.path.join(ckpt, f"global_step{N}_universal"))
+    zero_dir = os.path.join(ckpt, tag, "zero")
+    qkv = os.path.join(zero_dir, "language_model.encoder.layers.0.self_attention.query_key_value.weight")
+    assert sorted(os.listdir(qkv)) == ["fp32.pt", "momentum_buffer.pt"]
+    head = os.path.join(zero_dir, "language_model.output_layer.weight")
+    assert sorted(os.listdir(head)) == ["exp_avg.pt", "exp_avg_sq.pt", "fp32.pt", "step.pt"]
+    out = str(tmp_path / "run")
+    run_trainer(targs(data_list, out, zero=zero, extra=(*MUON, "--load", ckpt, "--universal-checkpoint")),
+                nproc=nproc, launcher="torchrun" if nproc > 1 else "python", env_extra=NO_COMPILE)
+    got = metrics(out)
+    assert sorted(got) == list(range(N + 1, 2 * N + 1))
+    for i in range(N + 1, 2 * N + 1):
+        assert abs(got[i]["lm_loss"] - want[i]["lm_loss"]) <= 1e-6, (i, got[i], want[i])
+        assert got[i]["lr"] == pytest.approx(want[i]["lr"], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- universal at another TP size
+def _logits_worker(rank: int, nproc: int, port: int, argv: list, out: str) -> None:
+    """Build the trainer's engine at the TP size of `argv`, load its --load checkpoint through
+    checkpointing.load_checkpoint, and save the logits of a fixed batch (rank 0)."""
+    os.environ.update(env_for(nproc))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from megatron.arguments import parse_args
+    from megatron.initialize import initialize_megatron
+    from megatron.training import build_tokenizer_and_vocab, setup_model_and_optimizer
+
+    args = parse_args(argv)
+    initialize_megatron(args)
+    build_tokenizer_and_vocab(args)
+    _model, engine = setup_model_and_optimizer(args)
+    tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(5))
+    engine.module.eval()
+    with torch.no_grad():
+        fresh = engine.module(tokens)  # the seed's initialization (the same at every TP size)
+    state = ck.load_checkpoint(engine, args)
+    with torch.no_grad():
+        logits = engine.module(tokens)  # gathered over the TP ranks
+    if rank == 0:
+        torch.save({"logits": logits, "fresh": fresh, "iteration": state.iteration}, out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def logits_after_load(tp: int, load: str, out: str, *extra: str) -> dict:
+    argv = TINY_MODEL + ["--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "1",
+                         "--data-path", "unused", "--zero-stage", "1", "--deepspeed", "--seed", "1", "--lr", "1e-3",
+                         "--use-checkpoint-opt_param-scheduler", "--tensor-model-parallel-size", str(tp),
+                         "--load", load, *extra]
+    torch.multiprocessing.spawn(_logits_worker, args=(tp, free_port(), argv, out), nprocs=tp)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("src,dst", [(2, 1), (1, 2)])
+def test_universal_across_tp(phase1, data_list, tmp_path, src, dst):
+    """A TP=`src` checkpoint (TP=2: 2 iterations on 2 ranks, ZeRO-1; TP=1: phase 1's iteration N, DP=2)
+    -> universal -> loaded at TP=`dst` (1 process per TP rank): the logits of a fixed batch equal
+    those of the TP=`src` model loaded from the unconverted checkpoint (<= 1e-5). Covers QKV and
+    gate|up (column-parallel: whole KV groups / both halves per rank), dense and 4h->h
+    (row-parallel), the vocabulary-parallel embedding and head, and the replicated norms."""
+    if src == 2:
+        save, it, plain = str(tmp_path / "ckpt"), 2, ()
+        run_trainer(targs(data_list, str(tmp_path / "train"), iters=it, extra=(
+            "--tensor-model-parallel-size", "2", "--lr-decay-style", "constant", "--save", save)),
+            nproc=2, launcher="torchrun")
+    else:  # its ZeRO shards are for DP=2: the reference reads the weights only
+        save, it, plain = copy_ckpt(phase1[0], str(tmp_path / "ckpt"), f"global_step{N}"), N, ("--no-load-optim",)
+    want = logits_after_load(src, save, str(tmp_path / "want.pt"), *plain)
+    assert want["iteration"] == it and want["logits"].shape == (2, 32, 512)
+    d2u.convert(os.path.join(save, f"global_step{it}"), os.path.join(save, f"global_step{it}_universal"))
+    got = logits_after_load(dst, save, str(tmp_path / "got.pt"), "--universal-checkpoint")
+    assert got["iteration"] == it
+    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-5)
+    # the trained weights were loaded: the logits moved away from the seed's initialization
+    assert (got["fresh"] - got["logits"]).abs().max() > 1e-2
 
 
 def test_padding_fix_large_padding_group(tmp_path):

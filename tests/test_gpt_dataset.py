@@ -281,3 +281,24 @@ def test_reset_position_ids_after_eod():
             ref[b, i + 1:] -= i + 1 - prev
             prev = i + 1
     assert ref.tolist() == expected
+
+
+def test_document_attention_mask_matches_upstream_loop():
+    import torch
+
+    from megatron.data.gpt_dataset import document_attention_mask
+    eod = 9
+    tokens = torch.tensor([[5, 6, 9, 7, 8, 9, 9, 1],
+                           [1, 2, 3, 4, 5, 6, 7, 8],
+                           [9, 1, 2, 3, 9, 4, 5, 6]])
+    got = document_attention_mask(tokens, eod)
+    assert got.shape == (3, 1, 8, 8) and got.dtype == torch.bool
+    # upstream's loop (get_ltor_masks_and_position_ids with reset_attention_mask), written out:
+    # lower-triangular, then for every EOD at i: rows after i may not see columns up to i
+    ref = torch.tril(torch.ones(3, 1, 8, 8, dtype=torch.bool))
+    for b in range(3):
+        for i in (tokens[b] == eod).nonzero().flatten().tolist():
+            ref[b, 0, i + 1:, :i + 1] = False
+    assert torch.equal(got, ref)
+    assert torch.equal(got[1, 0], torch.tril(torch.ones(8, 8, dtype=torch.bool)))  # no EOD: plain causal
+

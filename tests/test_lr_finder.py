@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from megatron.lr_finder import (
-    CSV_NAME, NPZ_NAME, PNG_NAME, FinderSettings, LRFinder, configure_lr_finder, smooth_losses, suggest_lr,
+    CSV_NAME, NPZ_NAME, PNG_NAME, FinderSettings, LRFinder, smooth_losses, suggest_lr,
     sweep_lrs,
 )
 

@@ -300,6 +300,32 @@ def test_causal(kw):
     assert (a[:, t + 1:] - b[:, t + 1:]).abs().max().item() > 1e-4
 
 
+@pytest.mark.parametrize("kw", VARIANTS + [dict(recompute_granularity="selective"),
+                                        dict(recompute_granularity="full", recompute_num_layers=1)])
+def test_document_attention_mask_equals_separate_documents(kw):
+    """--reset-attention-mask with --reset-position-ids: each packed document gives the logits it
+    has alone; and gradients flow through the recompute paths with the mask."""
+    from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
+
+    model = GPTModel(tiny_config(**kw))
+    perturb(model)
+    eod = VOCAB - 1
+    a, b = tokens(3, batch=1, seq=6) % eod, tokens(4, batch=1, seq=9) % eod
+    a[0, -1] = eod  # document a ends with its EOD token, which belongs to it
+    packed = torch.cat([a, b], dim=1)
+    mask, pos = document_attention_mask(packed, eod), reset_position_ids(packed, eod)
+    assert pos[0].tolist() == list(range(6)) + list(range(9))
+    out = model(packed, position_ids=pos, attention_mask=mask)
+    with torch.no_grad():
+        alone_a, alone_b = model(a), model(b)
+        plain = model(packed, position_ids=pos)  # causal only: b sees a
+    assert (out[:, :6] - alone_a).abs().max().item() < TOL
+    assert (out[:, 6:] - alone_b).abs().max().item() < TOL
+    assert (plain[:, 6:] - alone_b).abs().max().item() > 1e-3
+    out.square().mean().backward()  # the mask is passed through (selective / full) recompute
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_parameter_count(kw):
     cfg = tiny_config(**kw)
@@ -357,3 +383,31 @@ def test_parameter_names():
         "language_model.embedding.word_embeddings.weight",
         "language_model.embedding.position_embeddings.weight",
         "language_model.output_layer.weight"}
+
+
+def test_trainer_forward_loss_applies_reset_flags():
+    """training.forward_loss passes --reset-attention-mask / --reset-position-ids to the model."""
+    from types import SimpleNamespace
+
+    from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
+    from megatron.training import forward_loss
+
+    model = GPTModel(tiny_config())
+    perturb(model)
+    eod = VOCAB - 1
+    text = tokens(5, batch=2, seq=SEQ + 1) % eod
+    text[0, 5] = text[1, 9] = eod
+    x, y = text[:, :-1], text[:, 1:]
+
+    def loss(reset_mask: bool, reset_pos: bool) -> float:
+        args = SimpleNamespace(eod_mask_loss=False, reset_position_ids=reset_pos, reset_attention_mask=reset_mask)
+        with torch.no_grad():
+            return float(forward_loss(model, {"text": text}, args, eod, torch.device("cpu")))
+
+    with torch.no_grad():
+        want = model(x, position_ids=reset_position_ids(x, eod), labels=y,
+                     attention_mask=document_attention_mask(x, eod)).mean()
+        plain = model(x, labels=y).mean()
+    assert abs(loss(True, True) - float(want)) < 1e-6
+    assert abs(loss(False, False) - float(plain)) < 1e-6
+    assert abs(loss(True, True) - loss(False, False)) > 1e-4

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distributed import TINY_MODEL, make_dataset, read_metrics, run_trainer
+from megatron.checkpoint_io import torch_load
 from megatron.numerics import NumericsGuard, parse_faults
 
 
@@ -18,6 +19,16 @@ def test_parse_faults():
     assert parse_faults("") == {}
     with pytest.raises(ValueError, match="bad entry 'zap@3'"):
         parse_faults("zap@3")
+
+
+def test_parse_process_and_storage_faults():
+    """kill/stop/enospc, and ``:r`` = on rank r only (tests/test_dist_faults.py, tests/test_checkpoint_io.py)."""
+    spec = "kill@3:1,stop@4,enospc@6:0"
+    assert parse_faults(spec) == {3: "kill", 4: "stop", 6: "enospc"}  # rank unknown: every entry
+    assert parse_faults(spec, rank=0) == {4: "stop", 6: "enospc"}
+    assert parse_faults(spec, rank=1) == {3: "kill", 4: "stop"}
+    with pytest.raises(ValueError, match="bad entry 'kill@3:x'"):
+        parse_faults("kill@3:x")
 
 
 def test_inject_multiplies_only_the_marked_iteration():
@@ -118,7 +129,7 @@ def test_k_skips_in_a_row_abort_with_checkpoint(data_list, tmp_path):
     with open(os.path.join(ckpt, "latest")) as f:
         assert f.read().strip() == "global_step5"
     # the abort checkpoint holds the weights of the last good step (3, saved by --save-interval 3)
-    good, last = (torch.load(os.path.join(ckpt, t, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    good, last = (torch_load(os.path.join(ckpt, t, "mp_rank_00_model_states.pt"))["module"]
                   for t in ("global_step3", "global_step5"))
     assert sorted(good) == sorted(last)
     for name in good:

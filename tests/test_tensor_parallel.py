@@ -10,12 +10,10 @@ checkpoints and resumes from them.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megatron.core import parallel_state as ps
@@ -165,17 +163,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tp"))
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=TP)
-    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(TP)]
+    from distributed import spawn_workers
+
+    return spawn_workers(_worker, TP, str(tmp_path_factory.mktemp("tp")))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

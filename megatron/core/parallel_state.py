@@ -1,8 +1,10 @@
 """Process groups of the run (the only module-level state of the package).
 
-Ranks are laid out as Megatron does: tensor-parallel ranks are adjacent, then
-data-parallel, then pipeline stages (rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank).
-With TP = PP = 1 the data-parallel group is the whole world.
+Ranks are laid out as Megatron does: tensor-parallel ranks are adjacent, then Ulysses
+sequence-parallel (SP) ranks, then data-parallel, then pipeline stages
+(rank = pp_rank * (dp * sp * tp) + dp_rank * (sp * tp) + sp_rank * tp + tp_rank).
+With TP = PP = SP = 1 the data-parallel group is the whole world. The "sequence+data parallel"
+group (the SP and DP ranks of one TP rank and stage) is where gradients are reduced under SP.
 """
 from __future__ import annotations
 
@@ -21,46 +23,62 @@ class ParallelState:
     tp_group: object = None
     pp_group: object = None
     dp_group: object = None
+    sp: int = 1  # Ulysses sequence parallelism (megatron/core/sequence_parallel.py)
+    sp_group: object = None
+    sdp_group: object = None  # sequence + data parallel
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
 
     @property
+    def sp_rank(self) -> int:
+        return (self.rank // self.tp) % self.sp
+
+    @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp) % self.dp
+        return (self.rank // (self.tp * self.sp)) % self.dp
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return self.rank // (self.tp * self.sp * self.dp)
 
 
 _STATE: ParallelState | None = None
 
 
-def rank_groups(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
-    """The rank lists of every TP, DP and PP group (pure function, used by the tests)."""
-    if world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by TP*PP = {tp * pp}")
-    dp = world_size // (tp * pp)
+def rank_groups(world_size: int, tp: int, pp: int, sp: int = 1) -> dict[str, list[list[int]]]:
+    """The rank lists of every TP, SP, DP, SP+DP ("sdp") and PP group (pure function, used by the tests)."""
+    if world_size % (tp * pp * sp):
+        raise ValueError(f"world size {world_size} is not divisible by TP*PP*SP = {tp * pp * sp}")
+    dp = world_size // (tp * pp * sp)
+    stage = dp * sp * tp  # ranks per pipeline stage
     tp_groups = [list(range(s, s + tp)) for s in range(0, world_size, tp)]
-    dp_groups = [[p * dp * tp + d * tp + t for d in range(dp)] for p in range(pp) for t in range(tp)]
-    pp_groups = [[p * dp * tp + j for p in range(pp)] for j in range(dp * tp)]
-    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups}
+    dp_groups = [[p * stage + d * sp * tp + s * tp + t for d in range(dp)]
+                 for p in range(pp) for s in range(sp) for t in range(tp)]
+    sp_groups = [[p * stage + d * sp * tp + s * tp + t for s in range(sp)]
+                 for p in range(pp) for d in range(dp) for t in range(tp)]
+    sdp_groups = [[p * stage + j * tp + t for j in range(dp * sp)] for p in range(pp) for t in range(tp)]
+    pp_groups = [[p * stage + j for p in range(pp)] for j in range(stage)]
+    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "sp": sp_groups, "sdp": sdp_groups}
 
 
-def initialize_model_parallel(tp: int = 1, pp: int = 1) -> ParallelState:
-    """Create the groups (every rank must call it, in the same order)."""
+def initialize_model_parallel(tp: int = 1, pp: int = 1, sp: int = 1, timeout=None) -> ParallelState:
+    """Create the groups (every rank must call it, in the same order). `timeout` (a timedelta): of
+    their collectives (new_group's default is the backend's, 30 min for gloo, not init's)."""
     global _STATE
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    groups = rank_groups(world, tp, pp)
-    state = ParallelState(world_size=world, rank=rank, tp=tp, pp=pp, dp=world // (tp * pp))
-    for kind in ("tp", "dp", "pp"):
+    groups = rank_groups(world, tp, pp, sp)
+    state = ParallelState(world_size=world, rank=rank, tp=tp, pp=pp, dp=world // (tp * pp * sp), sp=sp)
+    for kind in ("tp", "dp", "pp") + (("sp", "sdp") if sp > 1 else ()):  # SP = 1: sdp = dp, no SP group
         for ranks in groups[kind]:
             # new_group is collective: all ranks create all groups; keep the one we belong to.
-            g = (dist.group.WORLD if len(ranks) == world else dist.new_group(ranks)) if dist.is_initialized() else None
+            g = ((dist.group.WORLD if len(ranks) == world else dist.new_group(ranks, timeout=timeout))
+                 if dist.is_initialized() else None)
             if rank in ranks:
                 setattr(state, f"{kind}_group", g)
+    if sp == 1:
+        state.sdp_group = state.dp_group
     _STATE = state
     return state
 
@@ -85,7 +103,35 @@ def get_data_parallel_world_size() -> int:
 
 def get_data_parallel_group_ranks() -> list[int]:
     state = get_state()
-    return rank_groups(state.world_size, state.tp, state.pp)["dp"][state.pp_rank * state.tp + state.tp_rank]
+    index = (state.pp_rank * state.sp + state.sp_rank) * state.tp + state.tp_rank
+    return rank_groups(state.world_size, state.tp, state.pp, state.sp)["dp"][index]
+
+
+# Ulysses sequence parallelism (1 / rank 0 / no group before initialization).
+def get_sequence_parallel_world_size() -> int:
+    return _STATE.sp if _STATE is not None else 1
+
+
+def get_sequence_parallel_rank() -> int:
+    return _STATE.sp_rank if _STATE is not None else 0
+
+
+def get_sequence_parallel_group():
+    return _STATE.sp_group if _STATE is not None else None
+
+
+def get_sequence_data_parallel_group():
+    """SP and DP ranks together: DeepSpeed reduces (and ZeRO partitions) gradients over it."""
+    return get_state().sdp_group
+
+
+def get_sequence_data_parallel_world_size() -> int:
+    return get_state().sp * get_state().dp
+
+
+def get_sequence_data_parallel_rank() -> int:
+    state = get_state()
+    return state.dp_rank * state.sp + state.sp_rank
 
 
 # Tensor parallelism. These work before initialization too (one rank, no group), so the model
@@ -134,6 +180,13 @@ class DeepSpeedMPU:
     get_tensor_model_parallel_src_rank = staticmethod(get_tensor_model_parallel_src_rank)
     get_pipeline_model_parallel_world_size = staticmethod(get_pipeline_model_parallel_world_size)
     get_pipeline_model_parallel_rank = staticmethod(get_pipeline_model_parallel_rank)
+    # Ulysses: gradients are summed over SP and averaged over DP (the engine divides by sdp / sp)
+    get_sequence_parallel_group = staticmethod(get_sequence_parallel_group)
+    get_sequence_parallel_rank = staticmethod(get_sequence_parallel_rank)
+    get_sequence_parallel_world_size = staticmethod(get_sequence_parallel_world_size)
+    get_sequence_data_parallel_group = staticmethod(get_sequence_data_parallel_group)
+    get_sequence_data_parallel_rank = staticmethod(get_sequence_data_parallel_rank)
+    get_sequence_data_parallel_world_size = staticmethod(get_sequence_data_parallel_world_size)
 
 
 # The TP-aware RNG tracker (megatron.core.tensor_parallel.random) keeps its states here.

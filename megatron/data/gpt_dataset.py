@@ -199,3 +199,15 @@ def reset_position_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     starts = torch.zeros_like(tokens, dtype=torch.long)
     starts[:, 1:] = torch.where(tokens[:, :-1] == eod, arange[:, 1:], 0)
     return arange - torch.cummax(starts, dim=1).values
+
+
+def document_attention_mask(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Boolean [b, 1, s, s] mask (True = may attend) for ``--reset-attention-mask``: causal, and
+    no attention across an end-of-document token. As upstream's ``get_ltor_masks_and_position_ids``,
+    the EOD token belongs to the document it ends; the token after it starts a new one."""
+    b, s = tokens.shape
+    doc = torch.zeros_like(tokens, dtype=torch.long)  # document number of each position
+    doc[:, 1:] = torch.cumsum((tokens[:, :-1] == eod).long(), dim=1)
+    causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).tril()
+    return (doc[:, :, None] == doc[:, None, :]).logical_and_(causal).unsqueeze(1)
+

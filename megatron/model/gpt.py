@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core import sequence_parallel as ulysses
 from megatron.core import tensor_parallel as tp
 
 _RESIDUAL_PROJECTIONS = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
@@ -194,14 +195,19 @@ class Attention(nn.Module):
         self.query_key_value = tp.ColumnParallelLinear(h, (n_heads + 2 * n_kv) * self.d, bias=bias,
                                                        sequence_parallel=config.sequence_parallel)
         self.dense = tp.RowParallelLinear(n_heads * self.d, h, bias=bias, sequence_parallel=config.sequence_parallel)
+        # Ulysses SP > 1: all-to-all to the whole sequence on heads/SP heads around `attend` (None at SP = 1)
+        self.ulysses = ulysses.ulysses_attention(self.attend, self.n_heads, self.n_kv)
 
-    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention; `mask` (bool [b, 1, s, s], True = may attend) replaces the causal mask
+        (--reset-attention-mask: causal within each document)."""
         dropout = self.dropout if self.training else 0.0
         with tp.model_parallel_rng(dropout > 0):  # heads differ across TP ranks: so do their masks
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                                   enable_gqa=self.group > 1, scale=self.scale)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None = None) -> torch.Tensor:
         g = self.group
         qkv = self.query_key_value(x)  # [b, s, ...]: the whole sequence under sequence parallelism
         b, s, _ = qkv.shape
@@ -211,11 +217,14 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.selective_recompute and torch.is_grad_enabled():
-            out = tp.checkpoint(self.core_attention, q, k, v)
-        else:
-            out = self.core_attention(q, k, v)
+        out = self.ulysses(q, k, v) if self.ulysses is not None else self.attend(q, k, v, mask)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.n_heads * self.d))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.selective_recompute and torch.is_grad_enabled():
+            return tp.checkpoint(self.core_attention, q, k, v, mask)
+        return self.core_attention(q, k, v, mask)
 
 
 class MLP(nn.Module):
@@ -254,9 +263,9 @@ class TransformerLayer(nn.Module):
         with tp.model_parallel_rng(self.sequence_parallel and self.training and self.dropout.p > 0):
             return self.dropout(x)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None = None) -> torch.Tensor:
         r = self.residual_multiplier  # CompleteP: (L / L_base)^-alpha; 1 otherwise
-        x = torch.add(x, self._dropout(self.self_attention(self.input_layernorm(x), rope)), alpha=r)
+        x = torch.add(x, self._dropout(self.self_attention(self.input_layernorm(x), rope, mask)), alpha=r)
         return torch.add(x, self._dropout(self.mlp(self.post_attention_layernorm(x))), alpha=r)
 
 
@@ -267,18 +276,18 @@ class Encoder(nn.Module):
         self.final_layernorm = _norm(config)
         self.recompute_chunk = config.recompute_num_layers if config.recompute_granularity == "full" else 0
 
-    def _run(self, start: int, end: int, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def _run(self, start: int, end: int, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers[start:end]:
-            x = layer(x, rope)
+            x = layer(x, rope, mask)
         return x
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None = None) -> torch.Tensor:
         n = len(self.layers)
         if self.recompute_chunk and torch.is_grad_enabled():  # full recompute, chunks of layers
             for start in range(0, n, self.recompute_chunk):
-                x = tp.checkpoint(self._run, start, min(start + self.recompute_chunk, n), x, rope)
+                x = tp.checkpoint(self._run, start, min(start + self.recompute_chunk, n), x, rope, mask)
         else:
-            x = self._run(0, n, x, rope)
+            x = self._run(0, n, x, rope, mask)
         return self.final_layernorm(x)
 
 
@@ -320,10 +329,13 @@ class LanguageModel(nn.Module):
             self.output_layer = tp.ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False,
                                                         sequence_parallel=config.sequence_parallel)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of this rank's vocabulary slice [b, s, V/TP] (all of them with TP = 1)."""
+        if position_ids is None:  # Ulysses SP > 1: the global positions of this rank's shard (None at SP = 1)
+            position_ids = ulysses.shard_position_ids(tokens.shape[1], tokens.device)
         rope = self.rotary_pos_emb(tokens.shape[1], position_ids) if self.rotary_pos_emb else None
-        x = self.encoder(self.embedding(tokens, position_ids), rope)
+        x = self.encoder(self.embedding(tokens, position_ids), rope, attention_mask)
         if self.output_multiplier != 1.0:  # MuP: alpha_out / m_N on the logits (applied before the head)
             x = x * self.output_multiplier
         head = getattr(self, "output_layer", None)
@@ -345,12 +357,13 @@ class GPTModel(nn.Module):
             tp.register_sequence_parallel_grad_hooks(self, skip=("position_embeddings.weight",))
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask`: bool [b, 1, s, s] (True = may attend) instead of the causal mask."""
         seq_len = tokens.shape[1]
         if seq_len > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        logits = self.language_model(tokens, position_ids)  # this TP rank's vocabulary slice
+        logits = self.language_model(tokens, position_ids, attention_mask)  # this TP rank's vocabulary slice
         if labels is None:
             return tp.gather_from_tensor_model_parallel_region(logits)
         return tp.vocab_parallel_cross_entropy(logits, labels)

@@ -1,9 +1,12 @@
-"""The step loop shared by the element-wise optimizers written here (LAMB, ADOPT, Lion, AdEMAMix).
+"""The per-parameter step loop shared by the optimizers written here (LAMB, ADOPT, Lion, AdEMAMix,
+and both halves of our ZeRO-0 Muon).
 
 A subclass names its state buffers (zero-initialised like the parameter) and implements
 `update(p, grad, state, group, t)` for one parameter; the closure, the skipping of parameters
 without a gradient, the lazy state and the step counter (`state["step"]`, a float tensor as in
 torch.optim, so DeepSpeed and universal checkpoints treat it like Adam's) live here once.
+An optimizer whose groups keep different state (Muon: a momentum buffer on its 2-D matrices,
+AdamW's moments and step on the others) overrides `group_buffers` / `group_counts_steps`.
 """
 from __future__ import annotations
 
@@ -19,6 +22,14 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
     def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, t: int) -> None:
         raise NotImplementedError
 
+    def group_buffers(self, group: dict) -> tuple[str, ...]:
+        """Names of the per-parameter state buffers of `group`'s parameters."""
+        return self.buffers
+
+    def group_counts_steps(self, group: dict) -> bool:
+        """Whether `group`'s parameters keep a step counter (`t` passed to `update`, else 0)."""
+        return self.counts_steps
+
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         loss = None
@@ -26,17 +37,18 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            counts = self.group_counts_steps(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    if self.counts_steps:
+                    if counts:
                         state["step"] = torch.zeros((), dtype=torch.float32)
-                    for name in self.buffers:
+                    for name in self.group_buffers(group):
                         state[name] = torch.zeros_like(p)
                 t = 0
-                if self.counts_steps:
+                if counts:
                     state["step"] += 1
                     t = int(state["step"])
                 self.update(p, p.grad, state, group, t)

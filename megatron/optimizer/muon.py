@@ -40,6 +40,7 @@ from megatron.optimizer import (
     register_optimizer,
     warn_once,
 )
+from megatron.optimizer.base import ElementwiseOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def uses_deepspeed_muon(args) -> bool:
 
 
 # ----------------------------------------------------------------------------- our Muon
-class Muon(torch.optim.Optimizer):
+class Muon(ElementwiseOptimizer):
     """Muon on groups with ``use_muon=True`` (2-D weights), AdamW on the others.
 
     `adjust_lr`: "match_rms_adamw" (0.2*sqrt(max(A,B)), default, as upstream) or "original"
@@ -119,50 +120,33 @@ class Muon(torch.optim.Optimizer):
         self.qk_clip_alpha = qk_clip_alpha
         self.qk_clip = QKClip(qk_clip_t, qk_clip_alpha) if qk_clip_t else None
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            (self._muon_group if g["use_muon"] else self._adamw_group)(g)
-        return loss
+    def group_buffers(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["use_muon"] else ("exp_avg", "exp_avg_sq")
 
-    def _muon_group(self, g: dict) -> None:
-        lr, wd, mu = g["lr"], g["weight_decay"], g["momentum"]
+    def group_counts_steps(self, group: dict) -> bool:
+        return not group["use_muon"]  # the Muon half keeps only its momentum (as torch.optim.Muon)
+
+    def update(self, p, grad, state, g, t) -> None:
+        (self._muon_update if g["use_muon"] else self._adamw_update)(p, grad, state, g, t)
+
+    def _muon_update(self, p, grad, state, g, t) -> None:
+        lr, mu = g["lr"], g["momentum"]
         scale = rms_scale if g["adjust_lr"] == "match_rms_adamw" else keller_scale
-        for p in g["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - mu)
-            update = p.grad.lerp(buf, mu) if g["nesterov"] else buf
-            update = newton_schulz(update, g["ns_steps"], g["eps"], dtype=self.ns_dtype)
-            p.mul_(1 - lr * wd)
-            p.add_(update, alpha=-lr * scale(p.shape))
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1 - mu)
+        update = grad.lerp(buf, mu) if g["nesterov"] else buf
+        update = newton_schulz(update, g["ns_steps"], g["eps"], dtype=self.ns_dtype)
+        p.mul_(1 - lr * g["weight_decay"])
+        p.add_(update, alpha=-lr * scale(p.shape))
 
-    def _adamw_group(self, g: dict) -> None:
-        lr, wd, (b1, b2), eps = g["lr"], g["weight_decay"], g["betas"], g["adamw_eps"]
-        for p in g["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = float(state["step"])
-            m, v = state["exp_avg"], state["exp_avg_sq"]
-            p.mul_(1 - lr * wd)
-            m.lerp_(p.grad, 1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+    def _adamw_update(self, p, grad, state, g, t) -> None:
+        lr, (b1, b2), eps = g["lr"], g["betas"], g["adamw_eps"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        p.mul_(1 - lr * g["weight_decay"])
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
     def after_step(self, iteration: int, module: torch.nn.Module, replay: Callable[[], Iterable]) -> dict:
         if self.qk_clip is None:
@@ -176,9 +160,10 @@ def _attention_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @torch.no_grad()
-def max_logits(attn: torch.nn.Module, x: torch.Tensor, rope) -> torch.Tensor:
-    """Per-head max of the causal attention logits q.k/sqrt(d) of `attn` (our fused QKV layout:
-    per KV group, its g query heads then k then v) on input `x` [b, s, h] -> [n_heads]."""
+def max_logits(attn: torch.nn.Module, x: torch.Tensor, rope, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-head max of the attention logits q.k*scale of `attn` (our fused QKV layout: per KV
+    group, its g query heads then k then v; scale 1/sqrt(d) or MuP's) on input `x` [b, s, h],
+    over the causal positions or those `mask` allows (bool [b, 1, s, s]) -> [n_heads]."""
     from megatron.model.gpt import apply_rotary  # noqa: PLC0415
 
     b, s, _ = x.shape
@@ -189,9 +174,10 @@ def max_logits(attn: torch.nn.Module, x: torch.Tensor, rope) -> torch.Tensor:
     if rope is not None:
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     k = k.repeat_interleave(g, dim=2)  # head i uses kv group i // g
-    scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) / math.sqrt(d)
-    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3))
+    scale = getattr(attn, "scale", None) or 1 / math.sqrt(d)
+    scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * scale
+    allowed = mask if mask is not None else torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    return scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
 
 
 class QKClip:
@@ -209,8 +195,8 @@ class QKClip:
 
     def _record(self, attn, inputs) -> None:
         if attn.training:
-            x, rope = inputs
-            self.inputs[attn] = (x.detach(), rope)
+            x, rope, *mask = inputs  # (x, rope[, mask]) as Attention.forward takes them
+            self.inputs[attn] = (x.detach(), rope, mask[0] if mask else None)
 
     def attach(self, module: torch.nn.Module) -> None:
         for attn in _attention_modules(module):
@@ -229,8 +215,7 @@ class QKClip:
         for attn in _attention_modules(module):
             if attn not in self.inputs:
                 continue
-            x, rope = self.inputs[attn]
-            m = max_logits(attn, x, rope)
+            m = max_logits(attn, *self.inputs[attn])
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX)
             worst = max(worst, float(m.max()))

@@ -19,12 +19,17 @@ It runs `deepspeed.checkpoint.ds_to_universal.main` with three changes:
    state tensor of the flat ZeRO group is extracted and merged under its own name (SGD/Muon
    `momentum_buffer`, Lion `exp_avg`, Adafactor-style factors are not per-element and are refused
    with a message). DeepSpeed's universal loader already restores any `<state>.pt` it finds.
+   DeepSpeed's ZeRO-1/2 Muon keeps its momentum per whole parameter (concatenated over the
+   parameters a rank's partition touches), not per partition element: it is re-laid out per
+   element here, and `megatron.checkpointing.restore_zero_muon_momentum` rebuilds DeepSpeed's
+   layout after a universal load.
    Scalar states other than `step` cannot be represented by DeepSpeed's loader: refused by name.
 3. **Vocabulary padding kept by default**: DeepSpeed strips the padded rows of the embedding and
    output layer and refills them with zeros at load, which changes the logits of a resumed run.
-   With TP = 1 (all this project supports) the padding does not depend on the target layout, so
-   the rows are kept and a converted checkpoint continues exactly. `--strip_vocab_padding`
-   restores DeepSpeed's behaviour (needed only to load at a TP whose padded vocabulary is smaller).
+   Here the rows are kept and a converted checkpoint continues exactly, at the same or another TP
+   size whose padded vocabulary is the same (or larger: DeepSpeed's loader appends zero rows).
+   `--strip_vocab_padding` restores DeepSpeed's behaviour (needed only to load at a TP size whose
+   padded vocabulary is smaller).
 
 `latest_universal` is written atomically in the parent of --output_folder (as DeepSpeed does).
 Usable as a module: `convert(input_folder, output_folder, ...)`.
@@ -46,6 +51,23 @@ ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 class ConversionError(RuntimeError):
     """The checkpoint cannot be converted; the message says why and what to do."""
+
+
+def _checkpoint_io():
+    """megatron.checkpoint_io (the project next to this tool when it is not installed)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if root not in sys.path:
+        sys.path.append(root)
+    from megatron import checkpoint_io  # noqa: PLC0415
+
+    return checkpoint_io
+
+
+def torch_load(path: str, map_location=None):
+    """torch.load(weights_only=True) with the checkpoint allowlist: a foreign pickle is refused
+    before it runs. (DeepSpeed's own merge steps, called below, read the slices this tool wrote
+    itself with weights_only=False.)"""
+    return _checkpoint_io().torch_load(path, map_location=map_location)
 
 
 def _flat_states(group_state: dict, needed: int, where: str) -> tuple[dict, dict]:
@@ -70,6 +92,43 @@ def _flat_states(group_state: dict, needed: int, where: str) -> tuple[dict, dict
     return flat, scalars
 
 
+def _param_shapes(ds, ds_checkpoint, pp_index: int, tp_index: int) -> list:
+    """The model-states file's per-group {name: shape}, in the order of ZeRO's flat groups."""
+    files = sorted(ds_checkpoint.mp_rank_files)  # mp_rank_XX, XX = pp_rank * TP + tp_rank
+    path = files[pp_index * ds_checkpoint.tp_degree + tp_index] if len(files) > 1 else files[0]
+    return torch_load(path, map_location="cpu")[ds.PARAM_SHAPES]
+
+
+def muon_momentum_as_partition(momentum, fp32_partition, slices: dict, shapes: dict, dp_index: int, where: str):
+    """DeepSpeed's ZeRO-1/2 Muon keeps, per rank, the momentum of every parameter its partition
+    touches, WHOLE and concatenated (Newton-Schulz needs the full matrix), not one value per
+    partition element. Return it in the partition's layout (this rank's fragment of each
+    parameter at the fragment's offset), as every other per-element state is laid out."""
+    import math  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    size = fp32_partition.numel()
+    part_start = dp_index * size
+    out = torch.zeros(size, dtype=momentum.dtype)
+    offset, cursor = 0, 0  # offset: start of the parameter in the whole flat group
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        frag = slices.get(name)
+        if frag is not None:
+            if frag.start != max(0, offset - part_start):
+                raise ConversionError(f"{where}: {name} is not where the flat ZeRO layout puts it; cannot convert "
+                                      "the Muon momentum of this checkpoint")
+            inner = max(0, part_start - offset)  # first element of the parameter in this partition
+            out[frag.start:frag.start + frag.numel] = momentum[cursor + inner:cursor + inner + frag.numel]
+            cursor += numel
+        offset += numel
+    if cursor != momentum.numel():
+        raise ConversionError(f"{where}: Muon momentum holds {momentum.numel()} values, the parameters of the "
+                              f"partition {cursor}; cannot convert it")
+    return out
+
+
 def _patched_extract_zero_shards(ds, dir, ds_checkpoint, indices_3D):  # noqa: A002
     """ds.extract_zero_shards with strip_tensor_paddings=False and every state name."""
     pp_index, tp_index, dp_index = indices_3D
@@ -80,12 +139,20 @@ def _patched_extract_zero_shards(ds, dir, ds_checkpoint, indices_3D):  # noqa: A
     uc_info = ds_checkpoint.get_checkpoint_info(ds.UNIVERSAL_CHECKPOINT_INFO)
     pipeline_replicated = uc_info.get(ds.PIPELINE_REPLICATED_PARAMETER_PATTERNS, [])
     state_groups = optim_sd[ds.BASE_OPTIMIZER_STATE]["state"]
+    base_groups = optim_sd[ds.BASE_OPTIMIZER_STATE].get("param_groups", [])
     fp32_groups = optim_sd[ds.SINGLE_PARTITION_OF_FP32_GROUPS]
+    param_shapes = None
     for gid in range(len(fp32_groups)):
         fp32 = fp32_groups[gid]
+        where = f"dp rank {dp_index}, parameter group {gid}"
         needed = max((f.start + f.numel for f in param_slice_mappings[gid].values()), default=0)
-        flat, scalars = _flat_states(state_groups.get(gid, {}), needed,
-                                     f"dp rank {dp_index}, parameter group {gid}")
+        group_state = dict(state_groups.get(gid, {}))
+        if gid < len(base_groups) and base_groups[gid].get("use_muon") and "momentum_buffer" in group_state:
+            if param_shapes is None:
+                param_shapes = _param_shapes(ds, ds_checkpoint, pp_index, tp_index)
+            group_state["momentum_buffer"] = muon_momentum_as_partition(
+                group_state["momentum_buffer"], fp32, param_slice_mappings[gid], param_shapes[gid], dp_index, where)
+        flat, scalars = _flat_states(group_state, needed, where)
         states = {"fp32": fp32, **flat, **scalars}
         for name, frag in param_slice_mappings[gid].items():
             if pp_index > 0 and any(re.match(p, name) for p in pipeline_replicated):
@@ -97,11 +164,9 @@ def _patched_extract_zero_shards(ds, dir, ds_checkpoint, indices_3D):  # noqa: A
 def _patched_extract_zero_shards_stage3(ds, optim_files_grid, param_shapes_grid, dp_degree, temp_dir, indices,
                                         exclude_param_names=None):
     """ds.extract_zero_shards_stage3 with every state name."""
-    import torch  # noqa: PLC0415
-
     tp_index, dp_index = indices
     exclude_param_names = exclude_param_names or set()
-    state_dict = torch.load(optim_files_grid[tp_index][dp_index], map_location="cpu", weights_only=False)
+    state_dict = torch_load(optim_files_grid[tp_index][dp_index], map_location="cpu")
     optim_sd = state_dict[ds.OPTIMIZER_STATE_DICT]
     partition_groups = optim_sd.get("ds_zero_partition_groups") or []
     param_shapes = param_shapes_grid[tp_index]
@@ -135,15 +200,13 @@ def _state_names(slice_dir: str, name: str) -> list[str]:
 def _merge_extra_states(ds, uc_info, dir, slice_dir, tp_degree, name_and_shapes, keep_vocab_padding):  # noqa: A002
     """Merge states DeepSpeed's merge does not know (TP = 1: concatenate DP fragments, reshape like
     the parameter, copy fp32.pt's metadata)."""
-    import torch  # noqa: PLC0415
-
     name, per_tp_shapes = name_and_shapes
     extra = [s for s in _state_names(slice_dir, name) if s not in ("fp32", "step") + ADAM_STATES]
     if not extra:
         return
     if tp_degree != 1:
         raise ConversionError(f"{name}: optimizer states {extra} can only be converted from TP=1 checkpoints")
-    ref = torch.load(os.path.join(dir, name, "fp32.pt"), weights_only=False)
+    ref = torch_load(os.path.join(dir, name, "fp32.pt"))
     for state in extra:
         slices = ds._merge_zero_shards(os.path.join(slice_dir, name), state, 1, per_tp_shapes)
         param = slices[0]  # already in the parameter's shape (per_tp_shapes)
@@ -213,6 +276,9 @@ def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = F
         raise ConversionError(f"{input_folder} has no ZeRO optimizer shards (*optim_states.pt): it was saved with "
                               "ZeRO stage 0 or --no-save-optim and cannot be converted; load it with --finetune "
                               "at the same world size instead")
+    if [f for f in os.listdir(input_folder) if f.startswith("layer_") and f.endswith("model_states.pt")]:
+        raise ConversionError(f"{input_folder} is a pipeline-parallel checkpoint (layer_XX files): universal "
+                              "conversion supports PP=1 checkpoints only; resume it with the same PP size")
     output_folder = os.path.normpath(output_folder)
     if os.path.exists(output_folder):
         shutil.rmtree(output_folder)
@@ -231,6 +297,9 @@ def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = F
     args = SimpleNamespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
                            num_merge_workers=1, keep_temp_folder=keep_temp_folder, strict=strict,
                            inject_missing_state=inject_missing_state)
+    for path in sorted(os.listdir(input_folder)):  # DeepSpeed reads them with weights_only=False: vet them first
+        if path.endswith(".pt"):
+            _checkpoint_io().check_pickle_globals(os.path.join(input_folder, path))
     for k, v in patches.items():
         setattr(ds, k, v)
     try:
@@ -274,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                       num_extract_workers=args.num_extract_workers, num_merge_workers=args.num_merge_workers,
                       strict=args.strict, inject_missing_state=args.inject_missing_state,
                       strip_vocab_padding=args.strip_vocab_padding)
-    except ConversionError as e:
+    except (ConversionError, _checkpoint_io().CheckpointLoadRefused) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
     parent = os.path.dirname(os.path.normpath(args.output_folder))

@@ -19,7 +19,10 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:  # imported as tools.convert_checkpoint.from_hf
+    from tools.convert_checkpoint._cli import run_cli
+except ImportError:  # run as a script: this file's directory is sys.path[0]
+    from _cli import run_cli
 
 
 def gpt_config_from_hf(cfg, padded_vocab: int):
@@ -122,16 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary as the trainer will (same flag as pretrain_gpt.py)")
     a = p.parse_args(argv)
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    try:
-        info = convert(a.hf, a.output, divisible_by=a.make_vocab_size_divisible_by)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.output}/{info['tag']} (vocab {info['hf_vocab_size']} padded to {info['padded_vocab_size']}).\n"
-          f"Train from it with:\n  --load {a.output} --finetune {' '.join(info['flags'])}")
-    return 0
+    return run_cli(
+        lambda: convert(a.hf, a.output, divisible_by=a.make_vocab_size_divisible_by),
+        lambda info: f"wrote {a.output}/{info['tag']} (vocab {info['hf_vocab_size']} padded to "
+                     f"{info['padded_vocab_size']}).\nTrain from it with:\n  --load {a.output} --finetune "
+                     f"{' '.join(info['flags'])}")
 
 
 if __name__ == "__main__":

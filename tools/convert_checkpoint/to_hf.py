@@ -23,8 +23,12 @@ import shutil
 import sys
 from types import SimpleNamespace
 
+try:  # imported as tools.convert_checkpoint.to_hf
+    from tools.convert_checkpoint._cli import run_cli
+except ImportError:  # run as a script: this file's directory is sys.path[0]
+    from _cli import run_cli
+
 log = logging.getLogger("to_hf")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _resolve_tag(load: str, tag: str | None, universal: bool) -> str:
@@ -47,9 +51,9 @@ def _model_states_file(tag_dir: str) -> str:
 
 
 def saved_args(tag_dir: str) -> dict:
-    import torch  # noqa: PLC0415
+    from megatron.checkpoint_io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
 
-    state = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    state = torch_load(_model_states_file(tag_dir), map_location="cpu")
     args = state.get("args")
     if not isinstance(args, dict):
         raise ValueError(f"{tag_dir}: the checkpoint holds no 'args' client state (not written by this trainer)")
@@ -58,7 +62,7 @@ def saved_args(tag_dir: str) -> dict:
 
 def load_fp32_weights(load: str, tag: str) -> dict:
     """Full-precision weights under our parameter names (no 'module.' prefix)."""
-    import torch  # noqa: PLC0415
+    from megatron.checkpoint_io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
 
     tag_dir = os.path.join(load, tag)
     if os.path.isdir(os.path.join(tag_dir, "zero")):  # universal checkpoint: one directory per parameter
@@ -66,15 +70,29 @@ def load_fp32_weights(load: str, tag: str) -> dict:
         for d in sorted(os.listdir(os.path.join(tag_dir, "zero"))):
             path = os.path.join(tag_dir, "zero", d, "fp32.pt")
             if os.path.isfile(path):
-                value = torch.load(path, map_location="cpu", weights_only=False)
+                value = torch_load(path, map_location="cpu")
                 out[d] = value["param"] if isinstance(value, dict) else value
         return out
+    if glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt")):  # pipeline parallel: one file per layer
+        args = saved_args(tag_dir)
+        if (args.get("tensor_model_parallel_size") or 1) > 1:
+            raise ValueError(f"{tag_dir}: exporting a checkpoint with both PP > 1 and TP > 1 is not supported")
+        from megatron.model.gpt_pipeline import read_pipeline_checkpoint  # noqa: PLC0415
+
+        sd = read_pipeline_checkpoint(tag_dir, args["num_layers"], bool(args.get("untie_embeddings_and_output_weights")))
+        return {k: v.float() for k, v in sd.items()}  # the module weights (bf16 runs: bf16-rounded)
     if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
+        # DeepSpeed's merger reads the shards with torch.load(weights_only=False): refuse foreign
+        # pickles first (their pickles only are read, against our allowlist)
+        from megatron.checkpoint_io import check_pickle_globals  # noqa: PLC0415
+
+        for path in sorted(glob.glob(os.path.join(tag_dir, "*_states.pt"))):
+            check_pickle_globals(path)
         sd = get_fp32_state_dict_from_zero_checkpoint(load, tag=tag)
         return {k: v.float() for k, v in sd.items()}
-    state = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    state = torch_load(_model_states_file(tag_dir), map_location="cpu")
     sd = state["module"]
     return {(k[len("module."):] if k.startswith("module.") else k): v.float() for k, v in sd.items()}
 
@@ -150,18 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--tokenizer", default=None, help="tokenizer name or directory to save alongside")
     a = p.parse_args(argv)
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        info = export(a.load, a.output, tag=a.load_tag, universal=a.universal_checkpoint, dtype=a.dtype,
-                      tokenizer=a.tokenizer)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {a.output}: {info['tensors']} tensors from {info['tag']}, vocab {info['vocab_size']}, "
-          f"tokenizer: {info['tokenizer'] or 'none (add the tokenizer files yourself)'}")
-    return 0
+    return run_cli(
+        lambda: export(a.load, a.output, tag=a.load_tag, universal=a.universal_checkpoint, dtype=a.dtype,
+                       tokenizer=a.tokenizer),
+        lambda info: f"wrote {a.output}: {info['tensors']} tensors from {info['tag']}, vocab {info['vocab_size']}, "
+                     f"tokenizer: {info['tokenizer'] or 'none (add the tokenizer files yourself)'}")
 
 
 if __name__ == "__main__":

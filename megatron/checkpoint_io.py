@@ -1,0 +1,234 @@
+"""Reading and writing checkpoint files safely: restricted unpickling, write failures reported.
+
+Loading. A `.pt` file is a pickle, and unpickling can run any code the file names (an object
+whose ``__reduce__`` returns ``os.system``...). Every checkpoint file this framework reads goes
+through `torch_load`, which is ``torch.load(weights_only=True)`` with a short allowlist: the
+types our checkpoints contain besides tensors (numpy arrays of the RNG state, DeepSpeed's
+`LossScaler`, `ZeroStageEnum` and `fragment_address` in ZeRO optimizer shards, and
+`argparse.Namespace`, which upstream Megatron-DeepSpeed stores as its `args`). Anything else is
+refused with one line (`CheckpointLoadRefused`, exit 2) naming the file and the first foreign
+global, before it can run. ``--unsafe-checkpoint-load`` lifts the restriction for a file you
+trust (``weights_only=False``). DeepSpeed's engine reads through its checkpoint engine, which
+`guard_engine` wraps so that it uses `torch_load` too.
+
+Exception: with ``--universal-checkpoint`` DeepSpeed reads the per-parameter atom files of a
+universal checkpoint itself (``deepspeed/checkpoint/universal_checkpoint.py``, with
+``torch.load(weights_only=False)``): only load universal checkpoints you converted yourself.
+
+Writing. `torch.save` to a path reports a full disk as an opaque ``RuntimeError`` ("unexpected
+pos ... vs ...") from its zip writer. The wrapped checkpoint engine saves through a file object
+that keeps the `OSError` (``[Errno 28] No space left on device``), removes the half-written file,
+and does not raise: DeepSpeed's save continues (its collectives stay matched on every rank) and
+`megatron.checkpointing.save_checkpoint` then reports the failure from every rank at once
+(`CheckpointSaveError`).
+
+Test hook: ``MEGATRON_TEST_FAULTS=enospc@k`` makes the save of iteration k fail with ENOSPC after
+its first 64 KiB (megatron/numerics.py parses the variable).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import io
+import logging
+import os
+import pickle
+import re
+
+import torch
+
+log = logging.getLogger(__name__)
+
+INJECTED_WRITE_LIMIT = 64 * 1024  # bytes a save with an injected ENOSPC writes before failing
+
+
+class CheckpointLoadRefused(ValueError):
+    """A checkpoint file holds Python objects outside the allowlist (it could run code)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; `latest` still names the previous complete one."""
+
+
+def safe_globals() -> list:
+    """Non-tensor types our checkpoints (and upstream's) are allowed to contain."""
+    import numpy as np  # noqa: PLC0415
+
+    allowed: list = [argparse.Namespace, np.ndarray, np.dtype]
+    try:
+        from numpy._core.multiarray import _reconstruct  # noqa: PLC0415  (numpy >= 2)
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct  # noqa: PLC0415
+    allowed.append(_reconstruct)
+    allowed += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]  # numpy.dtypes.*DType
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
+        from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
+        from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+
+        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # pragma: no cover - DeepSpeed is a dependency; tools may run without it
+        pass
+    return allowed
+
+
+_FOREIGN = re.compile(r"GLOBAL ([\w.]+)")  # torch's message names the first global it refused
+
+
+def torch_load(path, map_location=None, *, unsafe: bool = False):
+    """`torch.load` of a checkpoint file: weights_only with the allowlist, or (unsafe=True) full pickle."""
+    if unsafe:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = _FOREIGN.search(str(e))
+        what = m.group(1) if m else str(e).strip().splitlines()[-1][:200]
+        raise CheckpointLoadRefused(
+            f"refusing to load {path}: it holds a Python object outside the checkpoint allowlist ({what}); "
+            "unpickling it could run code. Use a checkpoint written by this framework, or add "
+            "--unsafe-checkpoint-load if you trust the file") from None
+
+
+def _qualified(obj) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}"
+
+
+def check_pickle_globals(path: str) -> None:
+    """Refuse a file whose pickle names a global outside the allowlist, reading only its pickle
+    (not the tensor data): the cheap check before code that loads with weights_only=False
+    (DeepSpeed's converters). Legacy (non-zip) files are checked by a full restricted load."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001  (not a zip checkpoint: load it the restricted way)
+        torch_load(path, map_location="cpu")
+        return
+    allowed = {_qualified(g) for g in safe_globals()}
+    allowed |= {n.replace("numpy._core.", "numpy.core.") for n in allowed}
+    foreign = [n for n in names if n not in allowed]
+    if foreign:
+        raise CheckpointLoadRefused(
+            f"refusing to load {path}: it holds a Python object outside the checkpoint allowlist ({foreign[0]}); "
+            "unpickling it could run code. Use a checkpoint written by this framework, or add "
+            "--unsafe-checkpoint-load if you trust the file")
+
+
+class _RecordingFile(io.RawIOBase):
+    """A binary file that remembers the OSError of a failed write (torch.save turns it into an
+    opaque RuntimeError) and can simulate a full disk after `limit` bytes."""
+
+    def __init__(self, path: str, limit: int | None = None):
+        super().__init__()
+        self._f = open(path, "wb")  # noqa: SIM115  (closed in close())
+        self.path, self.limit, self.written, self.error = path, limit, 0, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        try:
+            if self.limit is not None and self.written + len(b) > self.limit:
+                self._f.write(bytes(b)[: max(self.limit - self.written, 0)])
+                self._f.flush()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected by MEGATRON_TEST_FAULTS)",
+                              self.path)
+            n = self._f.write(b)
+            self.written += n
+            return n
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        if self._f.closed:
+            return
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._f.close()
+            except OSError as e:
+                self.error = self.error or e
+        super().close()
+
+
+class GuardedCheckpointEngine:
+    """Wraps DeepSpeed's checkpoint engine (delegating everything else): loads with `torch_load`,
+    and records a failed save instead of raising (see the module docstring)."""
+
+    def __init__(self, inner, unsafe_load: bool = False):
+        self._inner = inner
+        self.unsafe_load = unsafe_load
+        self.failure: str | None = None  # "<file>: <reason>" of the first failed write of this save
+        self.inject_enospc = False
+
+    def __getattr__(self, name):
+        if name == "_inner":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def _plain_torch(self) -> bool:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: PLC0415
+
+        return type(self._inner) is TorchCheckpointEngine
+
+    def start_save(self, inject_enospc: bool = False) -> None:
+        self.failure, self.inject_enospc = None, inject_enospc
+
+    def save(self, state_dict, path: str) -> None:
+        if self.failure:  # this checkpoint is lost already: do not fill the disk further
+            return
+        if not self._plain_torch() and not self.inject_enospc:
+            try:
+                self._inner.save(state_dict, path)
+            except (OSError, RuntimeError) as e:
+                self._record(path, e)
+            return
+        f = None
+        try:
+            f = _RecordingFile(path, INJECTED_WRITE_LIMIT if self.inject_enospc else None)
+            torch.save(state_dict, f, _use_new_zipfile_serialization=getattr(self._inner, "zipfile_serialization",
+                                                                             True))
+            f.close()
+            if f.error:
+                raise f.error
+        except (OSError, RuntimeError) as e:
+            if f is not None:
+                f.close()
+            self._record(path, f.error if f is not None and f.error else e)
+
+    def _record(self, path: str, e: BaseException) -> None:
+        reason = f"[Errno {e.errno}] {e.strerror}" if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]
+        self.failure = f"{path}: {reason}"
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        log.error("checkpoint write failed: %s", self.failure)
+
+    def load(self, path: str, map_location=None):
+        if not self._plain_torch():
+            return self._inner.load(path, map_location=map_location)
+        return torch_load(path, map_location, unsafe=self.unsafe_load)
+
+
+def guard_engine(engine, args) -> GuardedCheckpointEngine | None:
+    """Wrap `engine.checkpoint_engine` once; returns the wrapper (None when the engine has none)."""
+    inner = getattr(engine, "checkpoint_engine", None)
+    if inner is None:
+        return None
+    if not isinstance(inner, GuardedCheckpointEngine):
+        inner = GuardedCheckpointEngine(inner)
+        engine.checkpoint_engine = inner
+    inner.unsafe_load = bool(getattr(args, "unsafe_checkpoint_load", False))
+    return inner
+
+
+def is_disk_full(reason: str) -> bool:
+    return "Errno 28" in reason or "No space left" in reason or "Errno 122" in reason  # ENOSPC, EDQUOT

@@ -1,0 +1,150 @@
+"""Pipeline parallelism (PP > 1) in the trainer: DeepSpeed's pipeline engine runs the 1F1B
+schedule over the stages of `megatron.model.gpt_pipeline`.
+
+What the loop sees (megatron/training.py calls these):
+
+* `setup_pipeline_engine`: whole GPTModel (same init as PP = 1) -> this rank's stage ->
+  `deepspeed.initialize` (DeepSpeed takes its process groups from the pipeline module's grid,
+  whose rank layout equals megatron.core.parallel_state's: it refuses an `mpu` with a pipeline).
+* `train_batch`: one iteration = `engine.train_batch(...)` (all micro-batches, the gradient
+  reductions and the optimizer step). The returned loss is the masked-mean LM loss averaged over
+  micro-batches and data-parallel ranks, broadcast from the last stage to every stage.
+* `evaluate`: `engine.eval_batch` over `--eval-iters` global batches.
+
+The engine's optimizer-step instruction carries no LR arguments: `_bind_optimizer_step` makes it
+advance the LR schedule by `scheduler_increment(args)` (samples, or tokens) as the PP = 1 loop's
+`engine.step(lr_kwargs=...)` does, and routes it through the `NumericsGuard`, so an iteration
+with a non-finite loss or gradient is skipped here too.
+
+`pipeline_problems(args)` lists the combinations refused at start-up (see ALCF/notes/parallelism.md).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# optimizers whose after-step hook replays the iteration's micro-batches through the whole model
+_REPLAY_OPTIMIZERS = ("sophiag", "muonclip")
+
+
+def pipeline_problems(args) -> list[str]:
+    """One line per configuration that cannot run with --pipeline-model-parallel-size > 1."""
+    pp = args.pipeline_model_parallel_size or 1
+    if pp <= 1:
+        return []
+    errs = []
+    why = "with pipeline parallelism (PP > 1)"
+    if args.zero_stage in (2, 3):
+        errs.append(f"--zero-stage {args.zero_stage} cannot be used {why}: DeepSpeed's pipeline engine supports "
+                    "ZeRO 0 and 1 only; set ZERO_STAGE=1 (or PP=1)")
+    if args.no_pipeline_parallel:
+        errs.append(f"--no-pipeline-parallel contradicts --pipeline-model-parallel-size {pp}; drop one of them")
+    if (args.ds_sequence_parallel_size or 1) > 1:
+        errs.append(f"Ulysses sequence parallelism (--ds-sequence-parallel-size > 1) is not supported {why}; "
+                    "set SP=1 or PP=1")
+    if args.num_layers and args.num_layers < pp:
+        errs.append(f"--num-layers ({args.num_layers}) must be >= --pipeline-model-parallel-size ({pp}) "
+                    "(each stage holds whole transformer layers)")
+    if args.optimizer in _REPLAY_OPTIMIZERS:
+        errs.append(f"--optimizer {args.optimizer} is not supported {why}: its after-step hook replays the "
+                    "micro-batches through the whole model on one rank; use PP=1 or another optimizer")
+    if args.lr_finder:
+        errs.append(f"--lr-finder is not supported {why}; run the LR range test with PP=1")
+    if args.universal_checkpoint:
+        errs.append(f"--universal-checkpoint is not supported {why}: the converter and the loader handle "
+                    "tensor-parallel checkpoints only; load with PP=1 or resume the PP checkpoint as is")
+    if getattr(args, "compile", False):
+        errs.append(f"--compile is not supported {why}; drop --compile")
+    recompute = args.checkpoint_activations or args.deepspeed_activation_checkpointing \
+        or args.recompute_granularity == "full"
+    if recompute and (args.checkpoint_num_layers or 1) > 1:
+        errs.append(f"--checkpoint-num-layers > 1 is not supported {why} (each layer is recomputed on its own); "
+                    "use --checkpoint-num-layers 1")
+    return errs
+
+
+def is_pipeline(engine) -> bool:
+    """True for DeepSpeed's PipelineEngine (PP > 1)."""
+    return hasattr(engine, "train_batch") and hasattr(engine, "is_last_stage")
+
+
+def pipeline_ds_config(ds_config: dict) -> dict:
+    """The DS config for the pipeline engine: activations are sent whole between stages (not
+    partitioned over the TP ranks, which is wrong when they differ, as under sequence parallelism)."""
+    pipe = {**ds_config.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
+    return {**ds_config, "pipeline": pipe}
+
+
+def setup_pipeline_engine(args, config, ds_config: dict, scheduler_factory: Callable[[Any], Any],
+                          before_engine: Callable | None = None):
+    """(pipeline module, engine) of this rank's stage; `config` is the GPTConfig of the whole model."""
+    import deepspeed  # noqa: PLC0415
+
+    from megatron.core import parallel_state  # noqa: PLC0415
+    from megatron.model import GPTModel  # noqa: PLC0415
+    from megatron.model.gpt_pipeline import PipelineLoss, build_pipeline_module, pipeline_topology  # noqa: PLC0415
+    from megatron.optimizer import deepspeed_initialize_kwargs  # noqa: PLC0415
+
+    state = parallel_state.get_state()
+    model = GPTModel(config)  # the whole model on every rank: the same weights as at PP = 1
+    if before_engine is not None:
+        before_engine(model)
+    pipe = build_pipeline_module(model, pipeline_topology(state.pp, state.tp, state.dp), PipelineLoss())
+    del model  # only this stage's layers stay referenced
+    engine, _, _, _ = deepspeed.initialize(
+        model=pipe, **deepspeed_initialize_kwargs(pipe, args, pipeline_ds_config(ds_config), scheduler_factory))
+    _bind_optimizer_step(engine, args)
+    return pipe, engine
+
+
+def _bind_optimizer_step(engine, args) -> None:
+    """Give the pipe schedule's optimizer step the LR increment and the NumericsGuard."""
+    from megatron.optimizer_param_scheduler import scheduler_increment  # noqa: PLC0415
+
+    take_model_step = engine._take_model_step
+    increment = scheduler_increment(args)
+
+    def step(lr_kwargs=None):
+        do = lambda: take_model_step(lr_kwargs or {"increment": increment})  # noqa: E731
+        guard = engine.module.loss_fn.guard
+        if guard is None:
+            return do()
+        last = engine.is_last_stage() and engine.total_loss is not None
+        loss = engine.total_loss.detach().float() if last else torch.zeros((), device=engine.device)
+        guard.step(engine, loss, do)  # all ranks agree: skipped everywhere or nowhere
+
+    engine._take_model_step = step  # an instance attribute: the engine calls self._take_model_step
+
+
+def train_batch(engine, data_iter: Iterator, to_sample: Callable[[Any], tuple], guard=None,
+                iteration: int = 0) -> torch.Tensor:
+    """One iteration through the pipeline; returns the iteration's mean loss (same on every rank).
+    `to_sample(batch)` turns a loader batch into the engine's ((tokens[, position_ids]), (labels, loss_mask))."""
+    loss_fn = engine.module.loss_fn
+    loss_fn.guard, loss_fn.iteration = guard, iteration
+    try:
+        loss = engine.train_batch(data_iter=map(to_sample, data_iter))
+    finally:
+        loss_fn.guard = None
+    return loss.detach().float().reshape(())
+
+
+@torch.no_grad()
+def evaluate(engine, loader: Iterable, args, to_sample: Callable[[Any], tuple]) -> float:
+    """Mean LM loss over the first `eval_iters` global batches of `loader` (as the PP = 1 evaluate)."""
+    it = iter(loader)
+    total, n = 0.0, 0
+    for _ in range(args.eval_iters):
+        batches = list(itertools.islice(it, args.num_micro_batches))
+        if len(batches) < args.num_micro_batches:
+            break
+        loss = engine.eval_batch(iter([to_sample(b) for b in batches]), num_micro_batches=len(batches))
+        total += float(loss)
+        n += 1
+    engine.train()
+    return total / max(n, 1)
