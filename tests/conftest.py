@@ -1,6 +1,8 @@
-"""Shared pytest configuration: the repo root on sys.path, the `slow` marker."""
+"""Shared pytest configuration: the repo root on sys.path, the `slow` marker, the `one_thread` fixture."""
 import os
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -9,3 +11,15 @@ if ROOT not in sys.path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-second end-to-end tests (still run in CI)")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    models run faster on one thread, and much faster than two on a shared, loaded machine."""
+    import torch  # noqa: PLC0415
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

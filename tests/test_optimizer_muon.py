@@ -30,13 +30,7 @@ from megatron.optimizer.muon import (  # noqa: E402
 LR, WD, STEPS = 2e-3, 0.0, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and much faster than two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_args(**kw) -> argparse.Namespace:

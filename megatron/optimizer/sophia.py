@@ -17,9 +17,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.optimizer import arg, register_optimizer
+from megatron.optimizer.base import ElementwiseOptimizer
 
 
-class SophiaG(torch.optim.Optimizer):
+class SophiaG(ElementwiseOptimizer):
+    buffers = ("exp_avg", "hessian")
+    counts_steps = False
+
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99), rho: float = 0.04,
                  weight_decay: float = 1e-1, bs: int = 5120, hessian_interval: int = 10) -> None:
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, bs=bs))
@@ -28,9 +32,9 @@ class SophiaG(torch.optim.Optimizer):
 
     def _state(self, p):
         state = self.state[p]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["hessian"] = torch.zeros_like(p)
+        for name in self.buffers:
+            if name not in state:
+                state[name] = torch.zeros_like(p)
         return state
 
     @torch.no_grad()
@@ -45,24 +49,12 @@ class SophiaG(torch.optim.Optimizer):
                 self._state(p)["hessian"].mul_(b2).addcmul_(gh, gh, value=1 - b2)
         self.hessian_updates += 1
 
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            b1 = g["betas"][0]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                state = self._state(p)
-                m, h = state["exp_avg"], state["hessian"]
-                p.mul_(1 - g["lr"] * g["weight_decay"])
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                ratio = (m.abs() / (g["rho"] * g["bs"] * h + 1e-15)).clamp(max=1)
-                p.addcmul_(m.sign(), ratio, value=-g["lr"])
-        return loss
+    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, g: dict, t: int) -> None:
+        m, h = state["exp_avg"], state["hessian"]
+        p.mul_(1 - g["lr"] * g["weight_decay"])
+        m.mul_(g["betas"][0]).add_(grad, alpha=1 - g["betas"][0])
+        ratio = (m.abs() / (g["rho"] * g["bs"] * h + 1e-15)).clamp(max=1)
+        p.addcmul_(m.sign(), ratio, value=-g["lr"])
 
     def refresh_due(self, iteration: int) -> bool:
         return (iteration - 1) % self.hessian_interval == 0
