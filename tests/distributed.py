@@ -109,3 +109,15 @@ def spawn_workers(worker, nprocs: int, out_dir: str) -> list:
     mp.spawn(worker, args=(free_port(), out_dir), nprocs=nprocs)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(nprocs)]
 
+
+def parallel_test_config(**overrides):
+    """The small GQA GPTConfig the in-process TP and Ulysses equivalence tests build (vocab 256,
+    2 layers, 4 heads / 2 KV heads, no dropout), with `overrides`."""
+    from megatron.model import GPTConfig  # noqa: PLC0415
+
+    base = {"vocab_size": 256, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "ffn_hidden_size": 96, "max_position_embeddings": 32, "hidden_dropout": 0.0,
+            "attention_dropout": 0.0, "init_method_std": 0.05}
+    base.update(overrides)
+    return GPTConfig(**base)
+

@@ -23,6 +23,8 @@ from megatron.core import parallel_state as ps
 from megatron.core import sequence_parallel as ulysses
 from megatron.model import GPTConfig, GPTModel
 
+from distributed import parallel_test_config
+
 SP = 2
 VOCAB, SEQ, BATCH = 256, 16, 2
 CONFIGS = {  # name -> GPTConfig overrides (SP = 1 and SP = 2 models alike)
@@ -37,11 +39,9 @@ CONFIGS = {  # name -> GPTConfig overrides (SP = 1 and SP = 2 models alike)
 
 
 def config(**kw) -> GPTConfig:
-    base = {"vocab_size": VOCAB, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "ffn_hidden_size": 96, "max_position_embeddings": 32, "hidden_dropout": 0.0,
-            "attention_dropout": 0.0, "init_method_std": 0.05}
-    base.update(kw)
-    return GPTConfig(**base)
+    cfg = parallel_test_config(**kw)
+    assert cfg.vocab_size == VOCAB
+    return cfg
 
 
 def batch():
