@@ -188,7 +188,7 @@ def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: 
         "ours_mfu": flops / t_ours / 1e12 / peak, "hf_mfu": flops / t_hf / 1e12 / peak,
         "ratio": bench.ratio("ours", "hf"), "best_ratio": min(bench.samples["hf"]) / min(bench.samples["ours"]),
         "data_wait_frac": data_wait / max(sum(bench.samples["ours"]), 1e-9),
-        "first_loss": first_loss, "rounds": rounds,
+        "first_loss": first_loss, "rounds": rounds, "zero_stage_run": a.zero_stage,
         "samples": {k: [round(x, 4) for x in v] for k, v in bench.samples.items()},
     }
 
@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
     p.add_argument("--rounds", type=int, default=8, help="timed iterations of each side")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each side first")
-    p.add_argument("--zero-stage", type=int, default=1, help="our trainer's ZeRO stage (the launcher's default: 1)")
+    p.add_argument("--zero-stage", type=int, default=1, help="our trainer's ZeRO stage (the launcher's default: 1; "
+                   "with one replica the trainer runs 1 and 2 as stage 0)")
+    p.add_argument("--keep-zero-stage", action="store_true", help="run ZeRO-1/2 as asked (the trainer's "
+                   "--keep-zero-stage): DeepSpeed's ZeRO optimizer with one replica")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 512; 128 with --small)")
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="ours with --compile")
@@ -215,7 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         m["seq"] = opts.seq
     if opts.micro_batch:
         m["mbs"] = opts.micro_batch
-    extra = opts.extra.split() + (["--compile"] if opts.compile else [])
+    extra = opts.extra.split() + (["--compile"] if opts.compile else []) + (
+        ["--keep-zero-stage"] if opts.keep_zero_stage else [])
     print(f"# train_throughput: {machine_line()}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -239,7 +243,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      f"{r['hf_mfu'] * 100:.1f}%", f"{r['ours_mfu'] * 100:.1f}%", f"{r['peak_tflops'] * 1e3:.0f}",
                      f"{r['data_wait_frac'] * 100:.2f}%", f"{r['first_loss'][0]:.4f}/{r['first_loss'][1]:.4f}"])
     title = (f"train_throughput: {(n_params or 0) / 1e6:.1f}M params, {m['layers']} layers, hidden {m['hidden']}, "
-             f"seq {m['seq']}, micro batch {m['mbs']}, ZeRO {opts.zero_stage}{', --compile' if opts.compile else ''}; "
+             f"seq {m['seq']}, micro batch {m['mbs']}, ZeRO {opts.zero_stage}"
+             f"{'' if results[0]['zero_stage_run'] == opts.zero_stage else ' (runs as 0: one replica)'}"
+             f"{', --compile' if opts.compile else ''}; "
              f"medians of {opts.rounds} interleaved iterations")
     print_table(title, ["dtype", "hf tok/s", "ours tok/s", "ours/hf", "best/best", "hf MFU", "ours MFU", "peak GFLOP/s",
                         "ours data wait", "loss@1 ours/hf"], rows)

@@ -223,6 +223,8 @@ def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, c
     }
     if not args.no_save_rng:
         client_state["rng_state"] = _rng_state()
+    if getattr(engine, "optimizer_param_names", None):  # what tools/convert_checkpoint needs at ZeRO stage 0
+        client_state["optimizer_param_names"] = engine.optimizer_param_names
     skip_optim = bool(getattr(args, "no_save_optim", False)) and hasattr(engine, "save_zero_checkpoint")
     saved_flag = getattr(engine, "save_zero_checkpoint", None)
     if skip_optim:
@@ -303,6 +305,21 @@ def read_saved_args(tag_dir: str) -> dict | None:
         return json.load(f)
 
 
+def saved_zero_stage(args) -> int | None:
+    """The ZeRO stage of the checkpoint a plain (not universal) `--load` would resume, if known."""
+    load = getattr(args, "load", None)
+    if not load or args.universal_checkpoint or not os.path.isdir(load):
+        return None
+    tag = args.load_tag or read_tag(load)
+    saved = read_saved_args(os.path.join(load, tag)) if tag else None
+    return saved.get("zero_stage") if saved else None
+
+
+def _zero_layout(stage: int) -> str:
+    """Which files hold the optimizer state: stage 0 the model file, 1/2 ZeRO's shards, 3 its own."""
+    return {0: "model-states file", 1: "ZeRO-1/2 shards", 2: "ZeRO-1/2 shards"}.get(stage, "ZeRO-3 shards")
+
+
 def architecture_mismatches(saved: dict, args, fields=ARCH_FIELDS) -> list[str]:
     return [f"{k}: checkpoint {saved[k]!r} vs now {getattr(args, k)!r}"
             for k in fields if k in saved and saved[k] is not None and hasattr(args, k)
@@ -357,6 +374,12 @@ def load_problems(args) -> list[str]:
         if bad:
             errs.append(f"checkpoint {tag_dir} was written for another model (use the same MODEL_ARCH / model "
                         "flags): " + "; ".join(bad))
+        stage = saved.get("zero_stage")
+        if (stage is not None and not args.universal_checkpoint and not args.finetune and not args.no_load_optim
+                and _zero_layout(stage) != _zero_layout(args.zero_stage)):
+            errs.append(f"checkpoint {tag_dir} was saved at ZeRO stage {stage} (optimizer state in the "
+                        f"{_zero_layout(stage)}), this run uses stage {args.zero_stage}: resume with --zero-stage "
+                        f"{stage}, or convert it and load with --universal-checkpoint: {conversion_command(load, tag)}")
         saved_pp, pp = saved.get("pipeline_model_parallel_size") or 1, args.pipeline_model_parallel_size or 1
         if not args.universal_checkpoint and saved_pp != pp and max(saved_pp, pp) > 1:  # layer files vs one module
             errs.append(f"checkpoint {tag_dir} was saved with pipeline parallel size {saved_pp}, this run has "

@@ -107,7 +107,9 @@ def config_rows(args, num_params: int | None, parser: argparse.ArgumentParser | 
     add("parallel", "TP / PP / SP", "tensor_model_parallel_size",
         f"{args.tensor_model_parallel_size} / {args.pipeline_model_parallel_size} / {args.ds_sequence_parallel_size}")
     add("parallel", "data parallel", "data_parallel_size")
-    add("parallel", "ZeRO stage", "zero_stage")
+    asked = getattr(args, "zero_stage_requested", None)
+    add("parallel", "ZeRO stage", "zero_stage",
+        None if asked is None else f"0 (asked {asked}: one data-parallel replica, nothing to partition)")
     add("batch", "micro batch", "micro_batch_size")
     add("batch", "gradient accumulation", "num_micro_batches")
     add("batch", "global batch", "global_batch_size",

@@ -281,12 +281,31 @@ def setup_model_and_optimizer(args, before_engine=None):
         model.compile()
     # the optimizer is a client one or DeepSpeed's own (e.g. its ZeRO Muon): megatron/optimizer decides
     # mpu: ZeRO works over the data-parallel group, clipping and checkpoints know the TP ranks
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, mpu=parallel_state.DeepSpeedMPU(), **deepspeed_initialize_kwargs(
-            model, args, build_ds_config(args), lambda optimizer: build_lr_scheduler(optimizer, args)))
+    kwargs = deepspeed_initialize_kwargs(model, args, build_ds_config(args),
+                                         lambda optimizer: build_lr_scheduler(optimizer, args))
+    # saved with checkpoints: a ZeRO stage 0 checkpoint's optimizer state is indexed by position only
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = kwargs["optimizer"].param_groups if "optimizer" in kwargs else kwargs["model_parameters"]
+    param_names = [[names[id(p)] for p in g["params"]] for g in groups]  # before ZeRO swaps in its partitions
+    engine, _, _, _ = deepspeed.initialize(model=model, mpu=parallel_state.DeepSpeedMPU(), **kwargs)
+    engine.optimizer_param_names = param_names
     if args.zero_stage == 0 and engine.seq_dp_world_size == 1:
         engine.enable_backward_allreduce = False  # one replica: DeepSpeed would flatten and "all-reduce" every gradient
+    if args.zero_stage == 0 and not args.bf16:
+        _keep_clip_norm(engine)
     return model, engine
+
+
+def _keep_clip_norm(engine) -> None:
+    """fp32 at ZeRO stage 0: DeepSpeed clips the gradients with the plain optimizer but drops the
+    norm it computed, so `get_global_grad_norm()` stayed None (grad_norm logged as nan). Keep it."""
+    from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415
+
+    def clip_fp32_gradients():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 # ----------------------------------------------------------------------------- main entry

@@ -50,6 +50,7 @@ def trainer_args(data_list: str, out: str, save: str, iters: int = 6, extra: tup
         "--data-file-list", data_list, "--split", "98,2,0", "--data-cache-path", os.path.join(out, "cache"),
         "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", str(iters), "--lr", "0.003",
         "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0", "--zero-stage", "1", "--deepspeed",
+        "--keep-zero-stage",  # ZeRO-1 proper at 1 rank too: model file + ZeRO shard (sizes below assume it)
         "--save", save, "--save-interval", "2", "--metrics-file", os.path.join(out, "metrics.jsonl"),
         "--tensorboard-dir", os.path.join(out, "tb"), *extra,
     ]

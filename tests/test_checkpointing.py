@@ -72,8 +72,10 @@ def test_exact_resume(data_list, tmp_path, zero, bf16, nproc):
     """Run 2N iterations saving at N; resume a copy of the N checkpoint to 2N: same losses, LR, data."""
     ref, res = str(tmp_path / "ref"), str(tmp_path / "res")
     save = os.path.join(ref, "ckpt")
-    run_trainer(trainer_args(data_list, ref, zero=zero, bf16=bf16, 
-                             extra=("--save", save, "--save-interval", str(N))), nproc=nproc, launcher="torchrun")
+    keep = ("--keep-zero-stage",) if nproc == 1 else ()  # one replica would run ZeRO-1/2 as stage 0
+    run_trainer(trainer_args(data_list, ref, zero=zero, bf16=bf16,
+                             extra=(*keep, "--save", save, "--save-interval", str(N))), nproc=nproc,
+                launcher="torchrun")
     want = metrics(ref)
     assert sorted(want) == list(range(1, 2 * N + 1))
     # resume from the N checkpoint: a copy where `latest` still names it
@@ -81,7 +83,7 @@ def test_exact_resume(data_list, tmp_path, zero, bf16, nproc):
     os.makedirs(ckpt)
     shutil.copytree(os.path.join(save, f"global_step{N}"), os.path.join(ckpt, f"global_step{N}"))
     ck.write_atomic(os.path.join(ckpt, "latest"), f"global_step{N}")
-    run_trainer(trainer_args(data_list, res, zero=zero, bf16=bf16, extra=("--load", ckpt, "--save", ckpt)),
+    run_trainer(trainer_args(data_list, res, zero=zero, bf16=bf16, extra=(*keep, "--load", ckpt, "--save", ckpt)),
                 nproc=nproc, launcher="torchrun")
     got = metrics(res)
     assert_same_run(got, want, range(N + 1, 2 * N + 1))
@@ -91,6 +93,40 @@ def test_exact_resume(data_list, tmp_path, zero, bf16, nproc):
     saved = ck.read_saved_args(os.path.join(ckpt, f"global_step{2 * N}"))
     assert saved["zero_stage"] == zero and saved["world_size"] == nproc and saved["iteration"] == 2 * N
     assert not [p for p in os.listdir(ckpt) if p.endswith(ck.PARTIAL_SUFFIX)]
+
+
+# ----------------------------------------------------------------------------- one data-parallel replica
+@pytest.mark.slow
+def test_single_replica_zero_runs_as_stage0(data_list, tmp_path):
+    """ZeRO-1 with one data-parallel replica runs as stage 0: the same losses as ZeRO-1 proper
+    (--keep-zero-stage) within 1e-6, no ZeRO shards on disk, stage 0 recorded. A stage 1
+    checkpoint is resumed at stage 1 without the flag (exactly); a stage 0 checkpoint loaded by
+    2 ranks at ZeRO-1 is refused before DeepSpeed starts, with the conversion command."""
+    auto, keep = str(tmp_path / "auto"), str(tmp_path / "keep")
+    run_trainer(trainer_args(data_list, auto, extra=("--save", os.path.join(auto, "ckpt"), "--save-interval", str(N))))
+    run_trainer(trainer_args(data_list, keep, extra=("--keep-zero-stage", "--save", os.path.join(keep, "ckpt"),
+                                                     "--save-interval", str(N))))
+    want, got = metrics(keep), metrics(auto)
+    assert_same_run(got, want, range(1, 2 * N + 1))
+    for i in range(1, 2 * N + 1):  # stage 0 logs the clipped gradient's norm too (it used to log nan in fp32)
+        assert got[i]["grad_norm"] == pytest.approx(want[i]["grad_norm"], rel=1e-5), (i, got[i], want[i])
+    auto_step, keep_step = (os.path.join(d, "ckpt", f"global_step{N}") for d in (auto, keep))
+    assert not [f for f in os.listdir(auto_step) if f.endswith("optim_states.pt")]
+    assert [f for f in os.listdir(keep_step) if f.endswith("optim_states.pt")]
+    assert ck.read_saved_args(auto_step)["zero_stage"] == 0 and ck.read_saved_args(keep_step)["zero_stage"] == 1
+    # a stage 1 checkpoint keeps its stage when resumed with one replica
+    res = str(tmp_path / "res")
+    ckpt = _copy_tag(os.path.join(keep, "ckpt"), os.path.join(res, "ckpt"), f"global_step{N}")
+    run_trainer(trainer_args(data_list, res, extra=("--load", ckpt, "--save", ckpt)))
+    assert_same_run(metrics(res), want, range(N + 1, 2 * N + 1))
+    assert ck.read_saved_args(os.path.join(ckpt, f"global_step{2 * N}"))["zero_stage"] == 1
+    # a stage 0 checkpoint cannot feed ZeRO-1 proper (2 replicas) without conversion
+    proc = run_trainer(trainer_args(data_list, str(tmp_path / "two"), extra=("--load", os.path.join(auto, "ckpt"))),
+                       nproc=2, launcher="torchrun", check=False)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "was saved at ZeRO stage 0" in line]
+    assert proc.returncode != 0 and errors, (proc.stdout + proc.stderr)[-3000:]
+    assert "--universal-checkpoint" in errors[0] and "ds_to_universal.py" in errors[0]
+    assert "[rank" not in proc.stderr  # refused by the argument check, not by a crash inside DeepSpeed
 
 
 # ----------------------------------------------------------------------------- the --no-load-* flags
@@ -278,8 +314,8 @@ def test_sigkill_during_saves_never_breaks_latest(data_list, tmp_path):
         if os.path.exists(os.path.join(out, "metrics.jsonl")):
             os.remove(os.path.join(out, "metrics.jsonl"))
         # a run far longer than the test waits: it is always killed mid-run, never finishes first
-        args = trainer_args(data_list, out, iters=5000, extra=("--save", ckpt, "--save-interval", "1",
-                                                              "--load", ckpt, "--keep-last-n", "2"))
+        args = trainer_args(data_list, out, iters=5000, extra=("--save", ckpt, "--save-interval", "1", "--load", ckpt,
+                                                              "--keep-last-n", "2", "--keep-zero-stage"))
         proc = subprocess.Popen(launch_command(1, "python") + args, env=env_for(1), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         _wait_for_iteration(os.path.join(out, "metrics.jsonl"), 1, proc)

@@ -93,6 +93,61 @@ def test_universal_dp2_to_dp1(phase1, data_list, tmp_path, zero):
         assert got[i]["consumed_samples"] == want[i]["consumed_samples"]
 
 
+@pytest.mark.parametrize("dtype,nproc,zero", [("fp32", 2, 1), ("bf16", 1, 2)])
+def test_universal_from_zero_stage0(data_list, tmp_path, dtype, nproc, zero):
+    """A ZeRO stage 0 checkpoint (its optimizer state inside the model-states file: a torch
+    state dict in fp32, DeepSpeed's fp32 master weights + state dict under bf16) -> universal ->
+    ZeRO-1 at 2 ranks / ZeRO-2 at 1 rank: the following steps equal the stage 0 continuation."""
+    bf16 = ("--bf16",) if dtype == "bf16" else ()
+    ref = str(tmp_path / "ref")
+    save = os.path.join(ref, "ckpt")
+    run_trainer(targs(data_list, ref, zero=0, extra=(*bf16, "--lr-decay-style", "constant", "--lr-warmup-iters",
+                                                     "2", "--save", save, "--save-interval", str(N))))
+    want = metrics(ref)
+    step_dir = os.path.join(save, f"global_step{N}")
+    assert not glob.glob(os.path.join(step_dir, "*optim_states.pt"))  # stage 0: no ZeRO shards
+    ckpt = copy_ckpt(save, str(tmp_path / "ckpt"), f"global_step{N}")
+    tag = d2u.convert(os.path.join(ckpt, f"global_step{N}"), os.path.join(ckpt, f"global_step{N}_universal"))
+    atoms = os.path.join(ckpt, tag, "zero", "language_model.encoder.layers.0.mlp.dense_h_to_4h.weight")
+    assert sorted(os.listdir(atoms)) == ["exp_avg.pt", "exp_avg_sq.pt", "fp32.pt", "step.pt"]
+    master = torch.load(os.path.join(atoms, "fp32.pt"), weights_only=False)["param"]
+    assert master.dtype == torch.float32 and master.shape == (256, 64)
+    if dtype == "bf16":  # the fp32 master, not the bf16 weight rounded up
+        module = torch.load(os.path.join(step_dir, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+        weight = module["language_model.encoder.layers.0.mlp.dense_h_to_4h.weight"]
+        assert weight.dtype == torch.bfloat16 and not torch.equal(master, weight.float())
+        assert torch.equal(master.bfloat16(), weight)
+        from tools.convert_checkpoint.to_hf import load_fp32_weights  # HF export reads the master too
+        exported = load_fp32_weights(save, f"global_step{N}")
+        assert torch.equal(exported["language_model.encoder.layers.0.mlp.dense_h_to_4h.weight"], master)
+    out = str(tmp_path / "run")
+    run_trainer(targs(data_list, out, zero=zero, extra=(*bf16, "--lr-decay-style", "constant", "--lr-warmup-iters",
+                                                        "2", "--load", ckpt, "--universal-checkpoint")),
+                nproc=nproc, launcher="torchrun" if nproc > 1 else "python")
+    got = metrics(out)
+    assert sorted(got) == list(range(N + 1, 2 * N + 1))
+    tol = 1e-6 if dtype == "fp32" else 2e-3  # bf16: ZeRO accumulates the bf16 gradients in another order
+    for i in range(N + 1, 2 * N + 1):
+        assert abs(got[i]["lm_loss"] - want[i]["lm_loss"]) <= tol, (i, got[i], want[i])
+        assert got[i]["lr"] == pytest.approx(want[i]["lr"], rel=1e-12)
+
+
+def test_stage0_without_names_is_refused(data_list, tmp_path):
+    """A stage 0 checkpoint whose optimizer groups carry no parameter names (an older writer) is
+    refused with the way out, and nothing is written."""
+    ref = str(tmp_path / "ref")
+    save = os.path.join(ref, "ckpt")
+    run_trainer(targs(data_list, ref, iters=N, zero=0, extra=("--save", save, "--save-interval", str(N))))
+    path = os.path.join(save, f"global_step{N}", "mp_rank_00_model_states.pt")
+    sd = torch.load(path, weights_only=False)
+    del sd["optimizer_param_names"]
+    torch.save(sd, path)
+    out = os.path.join(save, "u")
+    with pytest.raises(d2u.ConversionError, match="without the parameter names.*--finetune"):
+        d2u.convert(os.path.join(save, f"global_step{N}"), out)
+    assert not os.path.exists(out) and not os.path.exists(os.path.join(save, "latest_universal"))
+
+
 MUON = ("--optimizer", "muon", "--lr-decay-style", "constant", "--lr-warmup-iters", "2")
 NO_COMPILE = {"TORCHDYNAMO_DISABLE": "1"}  # DeepSpeed torch.compile's its Muon kernels (~20 s); eager: same math
 

@@ -263,6 +263,70 @@ def _patched_merge_zero3_slices(ds, dp_degree, dir, slice_dir, name):  # noqa: A
         ds._save_checkpoint(os.path.join(dir, name, f"{state}.pt"), slices[0])
 
 
+def _stage0_model_states(input_folder: str, model_files: list[str]) -> list[dict]:
+    """The model-states files of a checkpoint without ZeRO shards (ZeRO stage 0: the optimizer state
+    is inside them), one per TP rank; refused with the reason when they cannot be converted."""
+    if not model_files:
+        raise ConversionError(f"{input_folder} holds no mp_rank_XX_model_states.pt: not a DeepSpeed checkpoint")
+    states = [torch_load(os.path.join(input_folder, f), map_location="cpu") for f in model_files]
+    for f, sd in zip(model_files, states):
+        if not sd.get("optimizer"):
+            raise ConversionError(f"{input_folder}/{f} holds no optimizer state (saved with --no-save-optim): it "
+                                  "cannot be converted; load it with --finetune at the same world size instead")
+        if not sd.get("optimizer_param_names"):
+            raise ConversionError(f"{input_folder}/{f} is a ZeRO stage 0 checkpoint without the parameter names "
+                                  "of its optimizer groups (written by an older version): it cannot be converted; "
+                                  "load it with --finetune, or resume it at the same world size and save again")
+    return states
+
+
+def _convert_stage0(ds, args, model_states: list[dict]) -> None:
+    """ZeRO stage 0 checkpoint -> universal checkpoint. Stage 0 keeps the whole optimizer state in
+    each TP rank's model-states file (a torch optimizer state dict; under bf16 DeepSpeed's wrapper
+    adds the fp32 master weights); the trainer records the parameter names of each optimizer group
+    (`optimizer_param_names`). Each parameter's fp32 value and per-element states are written as
+    one data-parallel fragment, then merged across TP ranks by the same step as ZeRO checkpoints."""
+    import torch  # noqa: PLC0415
+
+    temp_dir = os.path.join(args.output_folder, "tmp")
+    tp_degree = len(model_states)
+    shapes: dict[str, list] = {}
+    for tp_index, sd in enumerate(model_states):
+        opt = sd["optimizer"]
+        inner = opt.get("optimizer_state_dict", opt)  # bf16: DeepSpeed's wrapper around the torch optimizer
+        masters = opt.get("fp32_groups")
+        module = sd["module"]
+        for gid, (group, names) in enumerate(zip(inner["param_groups"], sd["optimizer_param_names"])):
+            if len(group["params"]) != len(names):
+                raise ConversionError(f"TP rank {tp_index}, optimizer group {gid}: {len(group['params'])} parameters "
+                                      f"but {len(names)} recorded names")
+            for j, (index, name) in enumerate(zip(group["params"], names)):
+                value = masters[gid][j] if masters is not None else module[name]
+                shapes.setdefault(name, [None] * tp_degree)[tp_index] = value.shape
+                where = f"TP rank {tp_index}, {name}"
+                state = {k: v.reshape(-1) if torch.is_tensor(v) and v.numel() == value.numel() else v
+                         for k, v in inner["state"].get(index, {}).items()}
+                flat, scalars = _flat_states(state, value.numel(), where)
+                states = {"fp32": value.detach().float().reshape(-1), **flat, **scalars}
+                for key, tensor in states.items():
+                    ds.dump_param_fragment(temp_dir, tp_index, 0, key, tensor, name, 0, value.numel())
+    uc_info = model_states[0][ds.UNIVERSAL_CHECKPOINT_INFO]
+    ds._merge_tp_slice_files(args, uc_info, tp_degree, shapes, temp_dir)
+    first = model_states[0]
+    opt = first["optimizer"]
+    inner = opt.get("optimizer_state_dict", opt)
+    global_state = {"ds_version": first.get("ds_version"), "param_groups": inner["param_groups"],
+                    "dynamic_loss_scale": False, "overflow": False,
+                    "clip_grad": float((first.get("args") or {}).get("clip_grad") or 0.0)}
+    os.makedirs(os.path.join(args.output_folder, "zero"), exist_ok=True)
+    torch.save(global_state, os.path.join(args.output_folder, "zero", "optimizer_state.pt"))
+    if not args.keep_temp_folder:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    for tp_index, sd in enumerate(model_states):  # the model files, without the optimizer state now in zero/
+        out = {k: v for k, v in sd.items() if k != "optimizer"}
+        torch.save(out, os.path.join(args.output_folder, f"mp_rank_{tp_index:02d}_model_states.pt"))
+
+
 def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = False, num_extract_workers: int = 1,
             num_merge_workers: int = 1, strict: bool = True, inject_missing_state: bool = False,
             strip_vocab_padding: bool = False) -> str:
@@ -272,13 +336,15 @@ def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = F
 
     if not os.path.isdir(input_folder):
         raise ConversionError(f"--input_folder {input_folder}: no such directory")
-    if not [f for f in os.listdir(input_folder) if f.endswith("optim_states.pt")]:
-        raise ConversionError(f"{input_folder} has no ZeRO optimizer shards (*optim_states.pt): it was saved with "
-                              "ZeRO stage 0 or --no-save-optim and cannot be converted; load it with --finetune "
-                              "at the same world size instead")
     if [f for f in os.listdir(input_folder) if f.startswith("layer_") and f.endswith("model_states.pt")]:
         raise ConversionError(f"{input_folder} is a pipeline-parallel checkpoint (layer_XX files): universal "
                               "conversion supports PP=1 checkpoints only; resume it with the same PP size")
+    stage0 = not [f for f in os.listdir(input_folder) if f.endswith("optim_states.pt")]
+    model_files = sorted(f for f in os.listdir(input_folder) if re.fullmatch(r"mp_rank_\d+_model_states\.pt", f))
+    for path in sorted(os.listdir(input_folder)):  # DeepSpeed reads them with weights_only=False: vet them first
+        if path.endswith(".pt"):
+            _checkpoint_io().check_pickle_globals(os.path.join(input_folder, path))
+    stage0_files = _stage0_model_states(input_folder, model_files) if stage0 else None
     output_folder = os.path.normpath(output_folder)
     if os.path.exists(output_folder):
         shutil.rmtree(output_folder)
@@ -297,13 +363,13 @@ def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = F
     args = SimpleNamespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
                            num_merge_workers=1, keep_temp_folder=keep_temp_folder, strict=strict,
                            inject_missing_state=inject_missing_state)
-    for path in sorted(os.listdir(input_folder)):  # DeepSpeed reads them with weights_only=False: vet them first
-        if path.endswith(".pt"):
-            _checkpoint_io().check_pickle_globals(os.path.join(input_folder, path))
     for k, v in patches.items():
         setattr(ds, k, v)
     try:
-        ds.main(args)
+        if stage0_files is None:
+            ds.main(args)
+        else:
+            _convert_stage0(ds, args, stage0_files)
     finally:
         for k, v in originals.items():
             setattr(ds, k, v)

@@ -93,8 +93,11 @@ def load_fp32_weights(load: str, tag: str) -> dict:
         sd = get_fp32_state_dict_from_zero_checkpoint(load, tag=tag)
         return {k: v.float() for k, v in sd.items()}
     state = torch_load(_model_states_file(tag_dir), map_location="cpu")
-    sd = state["module"]
-    return {(k[len("module."):] if k.startswith("module.") else k): v.float() for k, v in sd.items()}
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v.float() for k, v in state["module"].items()}
+    masters = (state.get("optimizer") or {}).get("fp32_groups")  # ZeRO stage 0 under bf16: DeepSpeed's fp32 master
+    for names, values in zip(state.get("optimizer_param_names") or [], masters or []):
+        sd.update({name: value.float() for name, value in zip(names, values)})
+    return sd
 
 
 def _save_tokenizer(args: dict, out: str, override: str | None) -> str | None:
