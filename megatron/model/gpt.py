@@ -17,6 +17,7 @@ from torch import nn
 
 from megatron.core import sequence_parallel as ulysses
 from megatron.core import tensor_parallel as tp
+from megatron.model import attention_cpu
 
 _RESIDUAL_PROJECTIONS = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), or None with learned positions
@@ -204,6 +205,8 @@ class Attention(nn.Module):
         (--reset-attention-mask: causal within each document)."""
         dropout = self.dropout if self.training else 0.0
         with tp.model_parallel_rng(dropout > 0):  # heads differ across TP ranks: so do their masks
+            if attention_cpu.use_explicit(q, k):  # bf16 on CPU: faster than the fused kernel (see the module)
+                return attention_cpu.attention(q, k, v, mask, scale=self.scale, dropout=dropout)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                                   enable_gqa=self.group > 1, scale=self.scale)
 

@@ -1,0 +1,85 @@
+"""Explicit (unfused) attention for bfloat16 on CPU, where it beats the fused kernel.
+
+Why (measured on a 2-core CPU, torch 2.13, causal, forward + backward): at [batch 2, heads 8,
+seq 512, head dim 64] `F.scaled_dot_product_attention` in bf16 (its CPU flash kernel) took ~20 ms
+and this path 8-18 ms (the spread is glibc's allocator: whether the s x s tensors come back as fresh
+pages); in the whole bf16 GPTModel of the trainer's benchmark (6 layers, hidden 512, those attention
+shapes) a forward + backward took 0.78-0.82x the time it takes with sdpa (also with 2 of 8 kv heads).
+The path is one bf16 `baddbmm` for the scores with the additive mask fused in, a softmax computed
+in float32 and rounded once to bf16, one bf16 `bmm` with v: what Megatron's unfused bf16 attention
+and HF's eager attention do. Its max abs error against a float64 reference is ~0.015 vs the flash
+kernel's ~0.009, both bf16-level. In float32 it gains nothing, and for large score tensors the
+flash kernel wins (2**24 elements: even; 2**25: 1.3x slower), so `Attention.core_attention` takes
+this path only for bf16 on CPU within `MAX_SCORE_ELEMENTS` (`use_explicit`) and
+`F.scaled_dot_product_attention` everywhere else.
+
+Semantics equal `F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+dropout_p=dropout, enable_gqa=True, scale=scale)`: query head i uses kv head i // (heads / kv heads),
+the causal mask is top-left aligned, rows with nothing to attend to give zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Cap on b * heads * s_q * s_k. The path materializes all heads' scores: bf16 scores and bf16
+# probabilities (16 MB each at 2**23; backward keeps the probabilities: 16 MB per layer, plus the
+# dropout mask). Past ~2**23 elements the tensors exceed glibc's dynamic mmap threshold (32 MB), every
+# step pays fresh page faults for them, and the fused kernel (O(s) memory) was measured as fast or
+# faster (model-level: 2**23 -> 0.88x the sdpa time, 2**24 -> 1.0x, 2**25 -> 1.33x). Tests lower it.
+MAX_SCORE_ELEMENTS = 2**23
+
+
+def use_explicit(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """True when `attention` is the faster choice: bf16 on CPU and b*heads*s_q*s_k within the cap."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return False
+    b, h, s_q, _ = q.shape
+    return b * h * s_q * k.shape[-2] <= MAX_SCORE_ELEMENTS
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_bias(s_q: int, s_k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[s_q, s_k] additive mask, 0 where key j <= query i, else the dtype's lowest finite value
+    (finite so a row never becomes NaN); built on first use, shared by all layers."""
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor even if first built in inference mode
+        bias = torch.full((s_q, s_k), torch.finfo(dtype).min, device=device, dtype=dtype)
+        return bias.triu_(1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              scale: float | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """q [b, heads, s_q, d], k/v [b, kv_heads, s_k, d] -> [b, heads, s_q, d].
+
+    `mask` (bool, broadcastable to [b, heads, s_q, s_k], True = may attend) replaces the causal
+    mask; `scale` None -> 1/sqrt(d); `dropout` > 0 drops probabilities (the caller picks the RNG).
+    """
+    b, h, s_q, d = q.shape
+    h_kv, s_k = k.shape[1], k.shape[2]
+    if h % h_kv:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({h_kv})")
+    g = h // h_kv
+    if g > 1:  # query head i uses kv head i // g (copies k and v: small next to the scores)
+        k = k.unsqueeze(2).expand(b, h_kv, g, s_k, d).reshape(b, h, s_k, d)
+        v = v.unsqueeze(2).expand(b, h_kv, g, s_k, d).reshape(b, h, s_k, d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    n = b * h
+    if mask is None:
+        bias = _causal_bias(s_q, s_k, q.device, q.dtype).expand(n, s_q, s_k)
+    else:
+        bias = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill_(~mask, torch.finfo(q.dtype).min)
+        bias = bias.expand(b, h, s_q, s_k).reshape(n, s_q, s_k)
+    scores = torch.baddbmm(bias, q.reshape(n, s_q, d), k.reshape(n, s_k, d).transpose(1, 2), alpha=scale)
+    # bf16 in and out, computed in float32 inside the CPU kernel: the same probabilities as
+    # softmax(dtype=float32).to(bf16), without two float32 s x s tensors (and backward keeps bf16 ones)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout > 0:
+        probs = F.dropout(probs, dropout, training=True)
+    out = torch.bmm(probs, v.reshape(n, s_k, d)).view(b, h, s_q, d)
+    if mask is not None:  # a row that may attend nothing: zeros, as the fused kernel (not a uniform average)
+        out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
+    return out
