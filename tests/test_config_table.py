@@ -56,3 +56,29 @@ def test_no_warnings_for_a_sensible_run():
     a = args_for(["--train-iters", "1000", "--global-batch-size", "512", "--lr-warmup-fraction", "0.05",
                   "--log-interval", "10", "--eval-interval", "100"])
     assert config_warnings(a) == []
+
+
+@pytest.mark.parametrize("extra,env,stage", [
+    ([], {}, 0),  # one rank, ZeRO-1 asked: nothing to partition
+    (["--zero-stage", "2"], {}, 0),
+    (["--tensor-model-parallel-size", "2"], {"WORLD_SIZE": "2"}, 0),  # all ranks in TP: one replica
+    ([], {"WORLD_SIZE": "2"}, 1),  # two replicas: ZeRO partitions
+    (["--keep-zero-stage"], {}, 1),
+    (["--zero-stage", "3"], {}, 3),
+    (["--bf16"], {}, 0),
+    (["--bf16", "--global-batch-size", "8"], {}, 1),  # gradient accumulation: ZeRO sums in fp32
+    (["--optimizer", "muon"], {}, 1),  # fp32 Muon: DeepSpeed's ZeRO Muon is other code than ours
+    (["--universal-checkpoint", "--load", "{ckpt}"], {}, 1),  # DeepSpeed loads those into its ZeRO optimizer
+])
+def test_single_replica_zero_stage(extra, env, stage, tmp_path):
+    """Which runs use stage 0 for ZeRO-1/2 with one data-parallel replica; the table says so."""
+    (tmp_path / "global_step1_universal").mkdir()
+    (tmp_path / "latest_universal").write_text("global_step1_universal")
+    extra = [x.replace("{ckpt}", str(tmp_path)) for x in extra]
+    a = args_for(["--micro-batch-size", "4", "--train-iters", "10", *extra], env=env)
+    assert a.zero_stage == stage
+    row = rows_by_name(a, env)["ZeRO stage"]
+    if stage == 0:
+        assert a.zero_stage_requested in (1, 2) and row.value.startswith("0 (asked ")
+    else:
+        assert not hasattr(a, "zero_stage_requested") and row.value == str(stage)
