@@ -94,13 +94,16 @@ def data_list(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-def test_nan_step_skipped_counted_and_equal_to_dropped_batch(data_list, tmp_path):
-    """NaN at iteration 3 of 6 == a run whose batch 3 was dropped, stopped at 5 (losses shift by one)."""
+@pytest.mark.parametrize("dtype", [(), ("--bf16", "--global-batch-size", "4")], ids=["fp32", "bf16"])
+def test_nan_step_skipped_counted_and_equal_to_dropped_batch(data_list, tmp_path, dtype):
+    """NaN at iteration 3 of 6 == a run whose batch 3 was dropped, stopped at 5 (losses shift by one).
+    One rank: fp32 and bf16 run at ZeRO stage 0 (bf16: DeepSpeed's skip on a non-finite gradient norm)."""
     k, n = 3, 6
     nan_out, drop_out = str(tmp_path / "nan"), str(tmp_path / "drop")
-    run_trainer(trainer_args(data_list, nan_out, n), env_extra={"MEGATRON_TEST_FAULTS": f"nan@{k}"})
+    run_trainer(trainer_args(data_list, nan_out, n, dtype), env_extra={"MEGATRON_TEST_FAULTS": f"nan@{k}"})
     # same --train-iters (same data budget), stopped after n-1 iterations
-    run_trainer(trainer_args(data_list, drop_out, n, ("--exit-interval", str(n - 1))), env_extra={"MEGATRON_TEST_FAULTS": f"drop@{k}"})
+    run_trainer(trainer_args(data_list, drop_out, n, (*dtype, "--exit-interval", str(n - 1))),
+                env_extra={"MEGATRON_TEST_FAULTS": f"drop@{k}"})
     got, want = records(os.path.join(nan_out, "metrics.jsonl")), read_metrics(os.path.join(drop_out, "metrics.jsonl"))[0]
     assert sorted(got) == list(range(1, n + 1))  # training continued to the end
     assert [got[i]["nan_iterations"] for i in range(1, n + 1)] == [0, 0, 1, 0, 0, 0]
