@@ -167,6 +167,7 @@ class GuardedCheckpointEngine:
         self.unsafe_load = unsafe_load
         self.failure: str | None = None  # "<file>: <reason>" of the first failed write of this save
         self.inject_enospc = False
+        self._reuse: tuple | None = None  # (key, object) of the last load, handed out once more
 
     def __getattr__(self, name):
         if name == "_inner":  # not set yet (copy/pickle): no recursion
@@ -213,9 +214,30 @@ class GuardedCheckpointEngine:
         log.error("checkpoint write failed: %s", self.failure)
 
     def load(self, path: str, map_location=None):
+        """DeepSpeed reads the first model-states file twice per load (its state-dict loader checks
+        the saved `mp_world_size`, then loads the file again), both times with the identity
+        map_location. The second read of the same unchanged file returns the first one's object, once
+        (it was only read): at ZeRO stage 0 that file holds the optimizer state too, and the second
+        read made a load 2.8x slower than torch.load of the same bytes."""
+        try:
+            st = os.stat(path)
+            key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, callable(map_location))
+        except OSError:
+            key = None
+        reuse, self._reuse = self._reuse, None
+        if key is not None and key[-1] and reuse is not None and reuse[0] == key:
+            return reuse[1]
         if not self._plain_torch():
-            return self._inner.load(path, map_location=map_location)
-        return torch_load(path, map_location, unsafe=self.unsafe_load)
+            obj = self._inner.load(path, map_location=map_location)
+        else:
+            obj = torch_load(path, map_location, unsafe=self.unsafe_load)
+        if key is not None and key[-1]:
+            self._reuse = (key, obj)
+        return obj
+
+    def end_load(self) -> None:
+        """Drop the object kept for a second read (call when a checkpoint load is over)."""
+        self._reuse = None
 
 
 def guard_engine(engine, args) -> GuardedCheckpointEngine | None:

@@ -487,7 +487,7 @@ def load_checkpoint(engine, args) -> LoadedState:
                                 "(or --finetune) to load it")
 
     module_only = bool(args.finetune)
-    checkpoint_io.guard_engine(engine, args)  # DeepSpeed reads our files with torch.load(weights_only=True)
+    guard = checkpoint_io.guard_engine(engine, args)  # DeepSpeed reads our files with torch.load(weights_only=True)
     try:
         path, client = engine.load_checkpoint(
             args.load, tag=tag,
@@ -503,6 +503,9 @@ def load_checkpoint(engine, args) -> LoadedState:
         raise
     except checkpoint_io.CheckpointLoadRefused as e:  # a pickle that could run code
         raise ArgumentError(str(e)) from None
+    finally:
+        if guard is not None:
+            guard.end_load()
     if path is None:
         raise ArgumentError(f"DeepSpeed could not load checkpoint {tag} from {args.load}")
     client = client or {}

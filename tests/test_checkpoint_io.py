@@ -228,3 +228,29 @@ def test_metrics_disk_full_tmpfs(data_list, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "--rootdir", ROOT]))
+
+
+def test_second_read_of_the_same_file_is_reused_once(tmp_path, monkeypatch):
+    """DeepSpeed reads the first model file twice per load (mp_world_size check, then the load):
+    the wrapper hands the first read out once more, only for the same unchanged file and the
+    identity map_location, and never after `end_load`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    reads = []
+    real = checkpoint_io.torch_load
+    monkeypatch.setattr(checkpoint_io, "torch_load", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    engine = checkpoint_io.GuardedCheckpointEngine(TorchCheckpointEngine())
+    path = str(tmp_path / "m.pt")
+    torch.save({"module": {"w": torch.arange(4.0)}, "mp_world_size": 1}, path)
+    ident = lambda storage, loc: storage  # noqa: E731  (what DeepSpeed passes)
+    first = engine.load(path, map_location=ident)
+    assert engine.load(path, map_location=ident) is first and len(reads) == 1  # the second read: reused
+    assert engine.load(path, map_location=ident) is not first and len(reads) == 2  # only once
+    torch.save({"module": {"w": torch.zeros(4)}, "mp_world_size": 1}, path)  # the file changed: read again
+    assert torch.equal(engine.load(path, map_location=ident)["module"]["w"], torch.zeros(4)) and len(reads) == 3
+    engine.end_load()
+    engine.load(path, map_location=ident)
+    assert len(reads) == 4  # nothing kept across loads
+    engine.load(path, map_location="cpu")
+    engine.load(path, map_location="cpu")
+    assert len(reads) == 6  # another map_location: never reused
