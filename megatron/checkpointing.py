@@ -466,6 +466,16 @@ def restore_zero_muon_momentum(engine) -> None:
 
 
 # ----------------------------------------------------------------------------- load
+def check_universal_atoms(tag_dir: str) -> None:
+    """DeepSpeed's universal loader reads `zero/<param>/<state>.pt` with torch.load(weights_only=False):
+    vet every one of their pickles against the checkpoint allowlist first (only the pickles are
+    read, ~1 ms a file). Raises CheckpointLoadRefused naming the file."""
+    for root, _dirs, files in os.walk(os.path.join(tag_dir, "zero")):
+        for name in sorted(files):
+            if name.endswith(".pt"):
+                checkpoint_io.check_pickle_globals(os.path.join(root, name))
+
+
 def load_checkpoint(engine, args) -> LoadedState:
     """Load `args.load` into the engine. Returns the iteration and data position to resume from."""
     if not args.load:
@@ -489,6 +499,8 @@ def load_checkpoint(engine, args) -> LoadedState:
     module_only = bool(args.finetune)
     guard = checkpoint_io.guard_engine(engine, args)  # DeepSpeed reads our files with torch.load(weights_only=True)
     try:
+        if universal and not args.unsafe_checkpoint_load:  # DeepSpeed reads the atoms with weights_only=False
+            check_universal_atoms(os.path.join(args.load, tag))
         path, client = engine.load_checkpoint(
             args.load, tag=tag,
             load_module_only=module_only,

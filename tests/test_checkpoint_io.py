@@ -254,3 +254,25 @@ def test_second_read_of_the_same_file_is_reused_once(tmp_path, monkeypatch):
     engine.load(path, map_location="cpu")
     engine.load(path, map_location="cpu")
     assert len(reads) == 6  # another map_location: never reused
+
+
+@pytest.mark.slow
+def test_trainer_refuses_malicious_universal_atom(data_list, tmp_path):
+    """DeepSpeed reads universal atoms with weights_only=False: one malicious atom among the real
+    ones is refused before any is unpickled (exit 2, one ERROR line naming it, no marker)."""
+    from tools.convert_checkpoint import ds_to_universal as d2u
+
+    save = str(tmp_path / "ckpt")
+    run_trainer(trainer_args(data_list, str(tmp_path / "ref"), save, iters=2))
+    d2u.convert(os.path.join(save, "global_step2"), os.path.join(save, "global_step2_universal"))
+    atom = os.path.join(save, "global_step2_universal", "zero", "language_model.output_layer.weight", "exp_avg.pt")
+    assert os.path.isfile(atom)
+    marker = str(tmp_path / "pwned")
+    _evil_checkpoint(atom, marker)
+    proc = run_trainer(trainer_args(data_list, str(tmp_path / "run"), str(tmp_path / "save2"),
+                                    extra=("--load", save, "--universal-checkpoint")), check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and "output_layer.weight/exp_avg.pt: it holds a Python object outside the " \
+        "checkpoint allowlist" in errors[0], errors
+    assert "Traceback" not in proc.stderr and not os.path.exists(marker)
