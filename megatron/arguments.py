@@ -14,6 +14,7 @@ padded vocabulary...) and raises `ArgumentError` listing every problem at once.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -539,6 +540,19 @@ def compile_problems(args: argparse.Namespace) -> list[str]:
     return errs
 
 
+def _zero_offload(ds_config_path: str | None) -> bool:
+    """True when the DeepSpeed config file offloads the optimizer or the parameters."""
+    if not ds_config_path or not os.path.isfile(ds_config_path):
+        return False
+    try:
+        with open(ds_config_path) as f:
+            zero = json.load(f).get("zero_optimization") or {}
+    except (OSError, ValueError, AttributeError):
+        return False  # an unreadable config is reported where it is read (build_ds_config)
+    return any(str((zero.get(k) or {}).get("device", "none")).lower() not in ("none", "")
+               for k in ("offload_optimizer", "offload_param"))
+
+
 def single_replica_zero_stage(args: argparse.Namespace) -> None:
     """ZeRO-1/2 with one data-parallel replica partitions nothing, yet DeepSpeed's ZeRO optimizer
     still flattens the gradients twice per step, converts them to fp64 for the norm and copies a
@@ -549,12 +563,15 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
     Kept as asked: --keep-zero-stage, PP > 1, a universal load (DeepSpeed loads those into its ZeRO
     optimizer), fp32 Muon (DeepSpeed's ZeRO Muon and ours are different code), bf16 with gradient
     accumulation (DeepSpeed's stage 0 would accumulate the micro-batches' gradients in bf16, ZeRO in
-    fp32), and a resume of a checkpoint written at stage 1 or 2 (its optimizer state is in ZeRO's files)."""
+    fp32), optimizer or parameter offload (--cpu-optimizer, `offload_*` in the DeepSpeed config: ZeRO's),
+    and a resume of a checkpoint written at stage 1 or 2 (its optimizer state is in ZeRO's files)."""
     if args.zero_stage not in (1, 2) or args.keep_zero_stage or args.universal_checkpoint:
         return
     if args.data_parallel_size * args.ds_sequence_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
         return
     if (args.optimizer in ("muon", "muonclip") and not args.bf16) or (args.bf16 and args.num_micro_batches > 1):
+        return
+    if args.cpu_optimizer or _zero_offload(args.deepspeed_config):  # offloading needs ZeRO's optimizer
         return
     from megatron.checkpointing import saved_zero_stage  # noqa: PLC0415
 

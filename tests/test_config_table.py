@@ -69,11 +69,16 @@ def test_no_warnings_for_a_sensible_run():
     (["--bf16", "--global-batch-size", "8"], {}, 1),  # gradient accumulation: ZeRO sums in fp32
     (["--optimizer", "muon"], {}, 1),  # fp32 Muon: DeepSpeed's ZeRO Muon is other code than ours
     (["--universal-checkpoint", "--load", "{ckpt}"], {}, 1),  # DeepSpeed loads those into its ZeRO optimizer
+    (["--cpu-optimizer"], {}, 1),  # offload is ZeRO's
+    (["--deepspeed_config", "{ckpt}/offload.json"], {}, 1),
+    (["--deepspeed_config", "{ckpt}/plain.json"], {}, 0),
 ])
 def test_single_replica_zero_stage(extra, env, stage, tmp_path):
     """Which runs use stage 0 for ZeRO-1/2 with one data-parallel replica; the table says so."""
     (tmp_path / "global_step1_universal").mkdir()
     (tmp_path / "latest_universal").write_text("global_step1_universal")
+    (tmp_path / "offload.json").write_text('{"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}')
+    (tmp_path / "plain.json").write_text('{"zero_optimization": {"stage": 1}}')
     extra = [x.replace("{ckpt}", str(tmp_path)) for x in extra]
     a = args_for(["--micro-batch-size", "4", "--train-iters", "10", *extra], env=env)
     assert a.zero_stage == stage
