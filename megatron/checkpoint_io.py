@@ -219,25 +219,30 @@ class GuardedCheckpointEngine:
         map_location. The second read of the same unchanged file returns the first one's object, once
         (it was only read): at ZeRO stage 0 that file holds the optimizer state too, and the second
         read made a load 2.8x slower than torch.load of the same bytes."""
-        try:
-            st = os.stat(path)
-            key = (os.path.abspath(path), st.st_mtime_ns, st.st_size, callable(map_location))
-        except OSError:
-            key = None
+        key = _file_key(path) if callable(map_location) else None  # DeepSpeed's identity map_location
         reuse, self._reuse = self._reuse, None
-        if key is not None and key[-1] and reuse is not None and reuse[0] == key:
+        if key is not None and reuse is not None and reuse[0] == key:
             return reuse[1]
         if not self._plain_torch():
             obj = self._inner.load(path, map_location=map_location)
         else:
             obj = torch_load(path, map_location, unsafe=self.unsafe_load)
-        if key is not None and key[-1]:
+        if key is not None:
             self._reuse = (key, obj)
         return obj
 
     def end_load(self) -> None:
         """Drop the object kept for a second read (call when a checkpoint load is over)."""
         self._reuse = None
+
+
+def _file_key(path: str) -> tuple | None:
+    """Identifies one version of a file (None if it cannot be stat'ed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
 def guard_engine(engine, args) -> GuardedCheckpointEngine | None:
