@@ -31,7 +31,9 @@ setup(
     extras_require={
         # reference implementations the optimizer tests compare against
         # (+ wandb, so its offline-mode test runs; it is never activated unless WANDB_MODE or a login says so)
-        "test": ["pytest", "lion-pytorch", "schedulefree", "torch-optimizer", "pytorch-optimizer", "wandb"],
+        # (galore-torch brings bitsandbytes: adam8bit and the GaLore names run in the tests)
+        "test": ["pytest", "lion-pytorch", "schedulefree", "torch-optimizer", "pytorch-optimizer", "wandb",
+                 "galore-torch"],
         "mpi": ["mpi4py", "mpich"],
         "wandb": ["wandb"],
         "schedulefree": ["schedulefree"],

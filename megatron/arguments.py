@@ -594,6 +594,14 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * args.data_parallel_size
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    replicas = args.data_parallel_size * args.ds_sequence_parallel_size
+    if args.bf16 and args.zero_stage == 0 and args.pipeline_model_parallel_size == 1 and (
+            replicas > 1 or args.num_micro_batches > 1):
+        raise ArgumentError(
+            f"--bf16 at --zero-stage 0 with {replicas} data-parallel replica(s) and {args.num_micro_batches} "
+            "micro-batch(es) per step: DeepSpeed's stage 0 bf16 optimizer sums the gradients of micro-batches and "
+            "ranks in bf16 (3 significant digits); use --zero-stage 1 (fp32 gradient accumulation, the launcher's "
+            "default)")
     if args.train_iters is None:
         args.train_iters = args.train_samples // args.global_batch_size
     if args.num_key_value_heads is None:

@@ -435,36 +435,6 @@ def reset_optimizer_state(engine) -> None:
                 state[key] = 0
 
 
-def restore_zero_muon_momentum(engine) -> None:
-    """After a universal load under DeepSpeed's ZeRO-1/2 Muon: its loader lays every optimizer
-    state out one value per partition element, but this Muon keeps, per rank, the momentum of every
-    parameter its partition touches whole and concatenated (Newton-Schulz needs whole matrices).
-    Rebuild that from the loaded fragments (gathered over the data-parallel group; a no-op in
-    value at DP = 1, where the two layouts coincide)."""
-    zero = getattr(engine, "optimizer", None)
-    parts, base = getattr(zero, "params_in_partition", None), getattr(zero, "optimizer", None)
-    if parts is None or base is None or not hasattr(zero, "bit16_groups"):
-        return
-    from deepspeed.utils import safe_get_full_optimizer_state  # noqa: PLC0415
-
-    for i, group in enumerate(base.param_groups):
-        if not group.get("use_muon"):
-            continue
-        mappings = [getattr(p, "_hp_mapping", None) for p in zero.bit16_groups[i]]
-        loaded = torch.tensor([float(all(m is None or "momentum_buffer" in m.optim_fragment for m in mappings))])
-        if dist.is_initialized():
-            dist.all_reduce(loaded, op=dist.ReduceOp.MIN)
-        if not loaded.item():  # converted from another optimizer: the momentum starts at zero
-            continue
-        # every rank gathers every parameter of the group (a collective per parameter)
-        full = {id(p): safe_get_full_optimizer_state(p, "momentum_buffer") for p in zero.bit16_groups[i]}
-        state = base.state[group["params"][0]]
-        old = state.get("momentum_buffer")
-        if parts[i]:
-            merged = torch.cat([full[id(p)].reshape(-1) for p in parts[i]])
-            state["momentum_buffer"] = merged.to(old.dtype if old is not None else torch.float32)
-
-
 # ----------------------------------------------------------------------------- load
 def check_universal_atoms(tag_dir: str) -> None:
     """DeepSpeed's universal loader reads `zero/<param>/<state>.pt` with torch.load(weights_only=False):
@@ -529,8 +499,6 @@ def load_checkpoint(engine, args) -> LoadedState:
         # DeepSpeed restores the optimizer moments and step from the universal atoms even for a
         # module-only load: reset them, as --finetune promises.
         reset_optimizer_state(engine)
-    elif universal and not args.no_load_optim:
-        restore_zero_muon_momentum(engine)
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and hasattr(scheduler, "step"):
         scheduler.step(0)  # write the schedule's LR/WD back (a universal load copies the saved ones)

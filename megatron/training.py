@@ -21,7 +21,9 @@ from megatron.data.gpt_dataset import document_attention_mask, reset_position_id
 from megatron.exits import ExitConditions
 from megatron.initialize import initialize_megatron
 from megatron.model import GPTConfig, GPTModel
+from megatron.deepspeed_compat import exact_grad_norm
 from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
+from megatron.optimizer.partition import attach_layouts
 from megatron.lr_finder import active_lr_finder, build_lr_scheduler
 from megatron.model.mup import model_fields as mup_model_fields
 from megatron.numerics import NumericalFaultError, NumericsGuard
@@ -108,6 +110,12 @@ def build_ds_config(args) -> dict:
         zero["overlap_comm"] = True
     if getattr(args, "ddp_bucket_size", None):
         zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = int(args.ddp_bucket_size)
+    if args.bf16:
+        # Megatron's --accumulate-allreduce-grads-in-fp32, always: the gradients of the micro-batches
+        # are reduced across ranks in fp32 (DeepSpeed's default for bf16 is to sum them in bf16)
+        cfg["communication_data_type"] = "fp32"
+        if args.zero_stage >= 1:  # and kept in fp32 until the step (stage 0's bf16 optimizer does so itself)
+            cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     cfg["bf16"] = {**cfg.get("bf16", cfg.get("bfloat16", {})), "enabled": bool(args.bf16)}
     cfg.pop("bfloat16", None)
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": False}
@@ -291,8 +299,8 @@ def setup_model_and_optimizer(args, before_engine=None):
     engine.optimizer_param_names = param_names
     if args.zero_stage == 0 and engine.seq_dp_world_size == 1:
         engine.enable_backward_allreduce = False  # one replica: DeepSpeed would flatten and "all-reduce" every gradient
-    if args.zero_stage == 0 and not args.bf16:
-        _keep_clip_norm(engine)
+    exact_grad_norm(engine)  # the fp64 gradient norm at every stage and precision (deepspeed_compat)
+    attach_layouts(engine)  # per-tensor optimizers see whole tensors through ZeRO's partitions
     checker = getattr(engine.optimizer, "overflow_checker", None)
     if args.zero_stage == 0 and args.bf16 and checker is not None and hasattr(engine.optimizer, "_skip_invalid_grad_norm"):
         # DeepSpeed's bf16 stage 0 optimizer scans every gradient for inf/NaN (amax + amin per tensor),
@@ -300,18 +308,6 @@ def setup_model_and_optimizer(args, before_engine=None):
         # 1.5 % of a bf16 step on the bench model. NaN/Inf skipping is tested (tests/test_numerics.py).
         checker.check = lambda param_groups=None: False
     return model, engine
-
-
-def _keep_clip_norm(engine) -> None:
-    """fp32 at ZeRO stage 0: DeepSpeed clips the gradients with the plain optimizer but drops the
-    norm it computed, so `get_global_grad_norm()` stayed None (grad_norm logged as nan). Keep it."""
-    from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415
-
-    def clip_fp32_gradients():
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-
-    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 # ----------------------------------------------------------------------------- main entry

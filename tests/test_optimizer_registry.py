@@ -30,7 +30,6 @@ UPSTREAM = ["adam", "adamw", "adam8bit", "adamwschedulefree", "sgdschedulefree",
             "ipex.fusedlamb", "ipex.lamb", "dshampooadamw", "sophiag", "adopt", "muon", "muonclip"]
 EXTRA = ["sgd", "lamb", "lion", "ademamix"]
 
-GALORE = "--optimizer {0} needs GaLore (python module 'galore_torch', not installed): pip install galore-torch"
 SHAMPOO = ("--optimizer dshampooadamw needs Distributed Shampoo (facebookresearch/optimizers) (python module "
            "'distributed_shampoo', not installed): pip install git+https://github.com/facebookresearch/optimizers.git")
 
@@ -50,14 +49,15 @@ TABLE: dict[str, dict] = {
     "sgd": runs(0.3),
     "apex.adam": runs(1e-2, "--optimizer apex.adam: apex/CUDA not available; running torch.optim.AdamW (same math)"),
     "apex.sgd": runs(0.3, "--optimizer apex.sgd: apex/CUDA not available; running torch.optim.SGD (same math)"),
-    "adam8bit": refused("bitsandbytes", "--optimizer adam8bit needs bitsandbytes (python module 'bitsandbytes', "
-                        "not installed): pip install bitsandbytes"),
-    "galoreadamw": refused("galore_torch", GALORE.format("galoreadamw")),
-    "galoreadamw8bit": refused("galore_torch", GALORE.format("galoreadamw8bit")),
+    # bitsandbytes and galore-torch come with the test extra; the 8-bit kernels need CUDA
+    "adam8bit": refused(None, "--optimizer adam8bit needs a CUDA GPU (bitsandbytes' 8-bit optimizer kernels have no "
+                        "CPU or XPU implementation): use --optimizer adamw here"),
+    "galoreadamw": runs(1e-2),
+    "galoreadamw8bit": refused(None, "--optimizer galoreadamw8bit needs a CUDA GPU (bitsandbytes' 8-bit optimizer "
+                               "kernels have no CPU or XPU implementation): use --optimizer adamw here"),
     "galoreadamw8bitperlayer": refused(
-        None, GALORE.format("galoreadamw8bitperlayer"),
-        "--optimizer galoreadamw8bitperlayer steps each layer inside backward hooks, which DeepSpeed's engine does "
-        "not support: use --optimizer galoreadamw8bit"),
+        None, "--optimizer galoreadamw8bitperlayer steps each layer inside backward hooks, which DeepSpeed's engine "
+        "does not support: use --optimizer galoreadamw (or galoreadamw8bit)"),
     "dshampooadamw": refused("distributed_shampoo", SHAMPOO),
     "ds.onebitlamb": refused(None, "--optimizer ds.onebitlamb needs CUDA GPUs (DeepSpeed's OnebitLamb compresses its "
                              "communication with NCCL/cupy); on this machine use --optimizer lamb (or ipex.fusedlamb)"),
@@ -178,9 +178,7 @@ def test_eval_weights_is_a_no_op_for_other_optimizers():
 
 def test_muonclip_through_the_loop_hook_clips_at_muonclip_t():
     """--optimizer muonclip --muonclip-t 5: after a step whose QK logits exceed 5, the hook rescales
-    W_q/W_k so that the max logit of every head on that step's input is <= 5."""
-    from megatron.optimizer.muon import max_logits  # noqa: PLC0415
-
+    W_q/W_k, so that the next step's forward sees logits <= 5 (up to that step's own update)."""
     args = parse_args(BASE + ["--optimizer", "muonclip", "--zero-stage", "0", "--lr", "1e-3", "--muonclip-t", "5"])
     model = tiny_model()
     attn = model.language_model.encoder.layers[1].self_attention
@@ -199,7 +197,6 @@ def test_muonclip_through_the_loop_hook_clips_at_muonclip_t():
         opt.step()
         outs.append(hooks.after_step(iteration, replay))
     assert outs[0]["muonclip_heads_clipped"] >= 1 and outs[0]["muonclip_max_logit"] > 5.0
-    clip = opt.qk_clip
-    assert max_logits(attn, *clip.inputs[attn]).max().item() <= 5.0 * (1 + 1e-4)
+    assert opt.qk_clip.handles and opt.qk_clip.maxes == {}  # attached by the hooks; each step's max consumed
     assert outs[1]["muonclip_fired_total"] >= outs[0]["muonclip_heads_clipped"]
     assert outs[1]["muonclip_max_logit"] <= 5.0 * 1.05  # one small Muon step after the clip

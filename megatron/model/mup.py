@@ -25,7 +25,7 @@ optimizer (per parameter group, see ``multipliers``; the scheduler applies ``lr_
     final norm      1                       (no WD)     1 / m_N
     ==============  ======================  ==========  ======================
 
-Hidden matrices that Muon updates (groups with ``use_muon``) get ``m_L^(a-1) / m_N^k`` instead,
+Hidden matrices that Muon updates (groups with ``muon``) get ``m_L^(a-1) / m_N^k`` instead,
 with ``k = MUON_WIDTH_EXPONENT`` of the optimizer: Muon's orthogonalized update has a fixed
 spectral norm, so only the RMS-matching rescale ``0.2 sqrt(max(A, B))`` needs ``1/sqrt(m_N)``.
 
@@ -222,7 +222,7 @@ def model_fields(args: Any) -> dict:
 def parametrize_param_groups(groups: list[dict], named_params: Iterable[tuple[str, Any]], args: Any) -> list[dict]:
     """Split each optimizer group by parameter role and multiply in the MuP/CompleteP factors.
 
-    A group keeps its keys (``use_muon``, its own ``lr_mult``/``wd_mult``...); the role's LR and WD
+    A group keeps its keys (``muon``, its own ``lr_mult``/``wd_mult``...); the role's LR and WD
     multipliers are multiplied into ``lr_mult``/``wd_mult``, its name gets ``.<role>`` appended,
     ``mup_role`` records the role, and ``eps`` is set to ``--adam-eps`` x the eps multiplier (an
     optimizer without eps ignores the key). Returns `groups` unchanged when both features are off.
@@ -241,10 +241,10 @@ def parametrize_param_groups(groups: list[dict], named_params: Iterable[tuple[st
         for role in ROLES:
             if role not in by_role:
                 continue
-            m = par.multipliers(role, muon=bool(g.get("use_muon", False)), optimizer=optimizer)
+            m = par.multipliers(role, muon=bool(g.get("muon", False)), optimizer=optimizer)
             ng = {**g, "params": by_role[role], "name": f"{g.get('name', 'group')}.{role}", "mup_role": role,
                   "lr_mult": g.get("lr_mult", 1.0) * m.lr, "wd_mult": g.get("wd_mult", 1.0) * m.wd}
-            if not g.get("use_muon", False):
+            if not g.get("muon", False):
                 ng["eps"] = g.get("eps", base_eps) * m.eps
             out.append(ng)
     return out

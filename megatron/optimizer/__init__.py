@@ -92,7 +92,7 @@ def register_optimizer(name: str, *, help: str = "", check: Check | None = None,
 
 
 # The family modules, in --help order (whatever order they happen to be imported in).
-FAMILIES = ("basic", "fallbacks", "lamb", "schedulefree", "sophia", "adopt", "muon", "lion", "ademamix")
+FAMILIES = ("basic", "fallbacks", "lamb", "schedulefree", "sophia", "adopt", "muon", "lion", "ademamix", "galore")
 
 
 def _load_families() -> None:
@@ -250,12 +250,19 @@ class OptimizerHooks:
     args: Any
 
     def __post_init__(self) -> None:
+        from megatron.optimizer.partition import layouts_of  # noqa: PLC0415
+
+        # under ZeRO / DeepSpeed's bf16 optimizer a swap changes the fp32 masters: copy them to the model
+        self._sync = layouts_of(getattr(self.engine, "optimizer", None))[1] or (lambda: None)
         # A checkpoint is saved with the averaged (eval) weights: a schedule-free optimizer loaded
         # from one starts in eval mode and must go back to its training point before stepping.
         opt = self.optimizer
+        if getattr(opt, "qk_clip", None) is not None:  # MuonClip records each forward's max logits
+            opt.qk_clip.attach(self.engine.module)
         groups = getattr(opt, "param_groups", [])
         if callable(getattr(opt, "train", None)) and groups and groups[0].get("train_mode") is False:
             opt.train()
+            self._sync()
 
     @property
     def optimizer(self):
@@ -267,11 +274,13 @@ class OptimizerHooks:
         switch = callable(getattr(opt, "eval", None)) and callable(getattr(opt, "train", None))
         if switch:
             opt.eval()
+            self._sync()
         try:
             yield
         finally:
             if switch:
                 opt.train()
+                self._sync()
 
     def after_step(self, iteration: int, replay: Callable[[], Iterable]) -> dict:
         """Returns metrics to log (may be empty)."""

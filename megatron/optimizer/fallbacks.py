@@ -41,58 +41,38 @@ def build_apex_sgd(groups: list[dict], args):
     return build_sgd(groups, args)
 
 
-@register_optimizer("adam8bit", check=needs_module("bitsandbytes", "pip install bitsandbytes", "bitsandbytes"),
-                    help="bitsandbytes Adam8bit (8-bit optimizer states)")
+def eight_bit_problems(args) -> list[str]:
+    """bitsandbytes' 8-bit optimizers: a CUDA GPU, and the model's own tensors (fp32 at ZeRO 0)."""
+    errs = []
+    if not torch.cuda.is_available():
+        errs.append(f"--optimizer {args.optimizer} needs a CUDA GPU (bitsandbytes' 8-bit optimizer kernels have no "
+                    "CPU or XPU implementation): use --optimizer adamw here")
+    return errs
+
+
+def _adam8bit_check(args) -> list[str]:
+    errs = needs_module("bitsandbytes", "pip install bitsandbytes", "bitsandbytes")(args) + eight_bit_problems(args)
+    if int(arg(args, "zero_stage", 0)) >= 1 or arg(args, "bf16", False) or arg(args, "fp16", False):
+        errs.append("--optimizer adam8bit quantizes its states in blocks of each tensor, which ZeRO's (and the "
+                    "bf16/fp16 optimizer's) flat partitions would mix: use --zero-stage 0 in fp32, or --optimizer adamw")
+    return errs
+
+
+@register_optimizer("adam8bit", check=_adam8bit_check,
+                    help="bitsandbytes Adam8bit (8-bit optimizer states; ZeRO 0, fp32)")
 def build_adam8bit(groups: list[dict], args):
     import bitsandbytes as bnb  # noqa: PLC0415
     return bnb.optim.Adam8bit(groups, **adam_kwargs(args))
 
 
-def _galore_check(args) -> list[str]:
-    errs = needs_module("galore_torch", "pip install galore-torch", "GaLore")(args)
-    if args.optimizer == "galoreadamw8bitperlayer":
-        errs.append("--optimizer galoreadamw8bitperlayer steps each layer inside backward hooks, which DeepSpeed's "
-                    "engine does not support: use --optimizer galoreadamw8bit")
-    if int(arg(args, "zero_stage", 0)) >= 1 or arg(args, "bf16", False):
-        errs.append(f"--optimizer {args.optimizer} projects 2-D gradients, which needs the optimizer to hold the "
-                    "model's weights: use --zero-stage 0 without --bf16")
-    return errs
-
-
-def _galore_groups(groups: list[dict]) -> list[dict]:
-    """GaLore's README settings: rank 128, projection refreshed every 200 steps, scale 0.25, on 2-D weights."""
-    out = []
-    for g in groups:
-        mats = [p for p in g["params"] if p.ndim == 2]
-        rest = [p for p in g["params"] if p.ndim != 2]
-        if mats:
-            out.append({**g, "params": mats, "rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"})
-        if rest:
-            out.append({**g, "params": rest})
-    return out
-
-
-@register_optimizer("galoreadamw", check=_galore_check, help="GaLore AdamW (galore-torch)")
-def build_galore(groups: list[dict], args):
-    from galore_torch import GaLoreAdamW  # noqa: PLC0415
-    return GaLoreAdamW(_galore_groups(groups), **adam_kwargs(args))
-
-
-@register_optimizer("galoreadamw8bit", check=_galore_check, help="GaLore AdamW 8-bit (galore-torch + bitsandbytes)")
-def build_galore8(groups: list[dict], args):
-    from galore_torch import GaLoreAdamW8bit  # noqa: PLC0415
-    return GaLoreAdamW8bit(_galore_groups(groups), **adam_kwargs(args))
-
-
-@register_optimizer("galoreadamw8bitperlayer", check=_galore_check, help="refused: per-layer GaLore needs "
-                    "backward-hook stepping, not possible under DeepSpeed")
-def build_galore8_per_layer(groups: list[dict], args):
-    raise RuntimeError("galoreadamw8bitperlayer is refused by validate_args")
-
-
 def _shampoo_check(args) -> list[str]:
-    return needs_module("distributed_shampoo", "pip install git+https://github.com/facebookresearch/optimizers.git",
+    errs = needs_module("distributed_shampoo", "pip install git+https://github.com/facebookresearch/optimizers.git",
                         "Distributed Shampoo (facebookresearch/optimizers)")(args)
+    if int(arg(args, "zero_stage", 0)) >= 1 or arg(args, "bf16", False) or arg(args, "fp16", False):
+        errs.append("--optimizer dshampooadamw builds Kronecker-factor preconditioners from whole 2-D gradients, "
+                    "which ZeRO's (and the bf16/fp16 optimizer's) flat partitions do not have: use --zero-stage 0 in "
+                    "fp32, or --optimizer muon / galoreadamw (whole-matrix optimizers that run under ZeRO)")
+    return errs
 
 
 @register_optimizer("dshampooadamw", check=_shampoo_check,

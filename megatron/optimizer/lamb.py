@@ -5,6 +5,8 @@ bias-corrected moments, update u = m_hat/(sqrt(v_hat)+eps) + wd*w, trust ratio
 ||w||/||u|| (1 when either norm is 0) on every tensor, p <- p - lr*ratio*u; no internal
 gradient clipping (DeepSpeed's ``--clip-grad`` already applies). ``ds.fusedlamb`` falls back to
 the same with the ratio clamped to [0.01, 10] as DeepSpeed's FusedLamb does.
+Under ZeRO (and DeepSpeed's bf16/fp16 optimizers) the norms are of the whole tensors, reduced over
+the partition group (megatron/optimizer/partition.py), so every stage computes the same update.
 Options `bias_correction=False, weight_norm_clamp=10` give torch-optimizer's `Lamb` (the
 variant our parity test pins).
 """
@@ -14,9 +16,10 @@ import torch
 
 from megatron.optimizer import have_module, register_optimizer, warn_once
 from megatron.optimizer.base import ElementwiseOptimizer
+from megatron.optimizer.partition import PartitionedWeights
 
 
-class LAMB(ElementwiseOptimizer):
+class LAMB(PartitionedWeights, ElementwiseOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, bias_correction: bool = True, weight_norm_clamp: float | None = None,
                  ratio_clamp: tuple[float, float] | None = None) -> None:
@@ -37,14 +40,15 @@ class LAMB(ElementwiseOptimizer):
             update = m / v.sqrt().add(g["eps"])
         if g["weight_decay"]:
             update.add_(p, alpha=g["weight_decay"])
-        w_norm = p.norm()
+        # per whole tensor, also when `p` is a ZeRO partition holding pieces of many (partition.py)
+        layout = self.layout(p)
+        w_norm, u_norm = layout.sq_norms(p).sqrt(), layout.sq_norms(update).sqrt()
         if g["weight_norm_clamp"] is not None:
             w_norm = w_norm.clamp(0, g["weight_norm_clamp"])
-        u_norm = update.norm()
         ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
         if g["ratio_clamp"] is not None:
             ratio = ratio.clamp(*g["ratio_clamp"])
-        p.sub_(update * (g["lr"] * ratio))
+        p.sub_(update * layout.per_element(g["lr"] * ratio, like=p))
 
 
 def _lamb(groups, args, **kw) -> LAMB:

@@ -3,22 +3,19 @@
 Which parameters take Muon: 2-D hidden matrices (attention QKV/dense, MLP); embeddings, the LM
 head, norms and biases take the auxiliary AdamW (``--muonadamw-beta1/2``, ``--muonadamw-eps``).
 
-Where it runs:
+Where it runs: everywhere, the same code. At ZeRO 0 in fp32 it holds the real 2-D weights; under
+ZeRO 1/2/3 and DeepSpeed's bf16/fp16 optimizers it holds flat partitions, and the Newton-Schulz
+step runs on the whole update matrices gathered from them (megatron/optimizer/partition.py), so
+every stage and precision computes the update of the single-rank run. Numerically it is
+``torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`` on the Muon half (EMA momentum, Nesterov,
+quintic Newton-Schulz in bf16, update scaled by 0.2*sqrt(max(A, B)), decoupled weight decay with
+the base LR) and ``torch.optim.AdamW`` on the other half. Gradient clipping (``--clip-grad``)
+applies to the gradient before the momentum, as for every optimizer. The momentum stays
+partitioned like Adam's moments; the whole-matrix gather is transient.
 
-* ZeRO 0 in fp32: our `Muon` below, a client optimizer that sees the real 2-D weights. It is
-  numerically ``torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`` on the Muon half (EMA momentum,
-  Nesterov, quintic Newton-Schulz in bf16, update scaled by 0.2*sqrt(max(A, B)), decoupled weight
-  decay with the base LR) and ``torch.optim.AdamW`` on the other half.
-* ZeRO 1/2 (and ZeRO 0 with bf16, where DeepSpeed also flattens parameters): DeepSpeed's own
-  ZeRO-aware ``MuonWithAuxAdam``, built here on our groups with parameters tagged ``use_muon``
-  (not through an ``"optimizer": {"type": "Muon"}`` block: ``deepspeed.initialize`` would then
-  re-tag parameters by name and send our ``output_layer`` to Muon). DeepSpeed scales the
-  update by sqrt(max(1, A/B)); the Moonlight RMS-matching scale is restored per parameter group
-  through ``lr_mult`` (and ``wd_mult`` divided by the same factor, so weight decay still uses
-  the base LR). DeepSpeed fixes Nesterov on and 5 Newton-Schulz steps there; other values are
-  refused at start-up.
-* ZeRO 3: refused (DeepSpeed's stage-3 Muon shares one momentum for all groups and is untested
-  on CPU here).
+Earlier versions used DeepSpeed's ZeRO-aware ``MuonWithAuxAdam`` at ZeRO 1/2: it fixed Nesterov
+and 5 steps, did not clip, and kept its momentum per whole matrix (universal conversion still
+reads such checkpoints).
 
 Upstream (ALCF) Muon under ZeRO saw flat 1-D partitions and silently ran AdamW; its step raised
 NameError on the first 2-D weight; it read weight decay from a key the scheduler never writes.
@@ -33,14 +30,9 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from megatron.optimizer import (
-    DeepSpeedOptimizer,
-    arg,
-    get_param_groups,
-    register_optimizer,
-    warn_once,
-)
+from megatron.optimizer import arg, get_param_groups, register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
+from megatron.optimizer.partition import PartitionedWeights
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +77,9 @@ def newton_schulz(g: torch.Tensor, steps: int, eps: float = 1e-7,
     return x
 
 
-def uses_deepspeed_muon(args) -> bool:
-    """DeepSpeed hands a client optimizer flat partitions under ZeRO >= 1 and under bf16."""
-    return int(arg(args, "zero_stage", 0)) >= 1 or bool(arg(args, "bf16", False))
-
-
 # ----------------------------------------------------------------------------- our Muon
-class Muon(ElementwiseOptimizer):
-    """Muon on groups with ``use_muon=True`` (2-D weights), AdamW on the others.
+class Muon(PartitionedWeights, ElementwiseOptimizer):
+    """Muon on groups with ``muon=True`` (2-D weights), AdamW on the others.
 
     `adjust_lr`: "match_rms_adamw" (0.2*sqrt(max(A,B)), default, as upstream) or "original"
     (sqrt(max(1, A/B)), Keller). `qk_clip_t`: if set, `after_step` applies MuonClip's QK-clip.
@@ -107,27 +94,26 @@ class Muon(ElementwiseOptimizer):
         if adjust_lr not in ("match_rms_adamw", "original"):
             raise ValueError(f"adjust_lr must be 'match_rms_adamw' or 'original', got {adjust_lr!r}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        eps=eps, adjust_lr=adjust_lr, betas=tuple(adamw_betas), adamw_eps=adamw_eps, use_muon=True)
+                        eps=eps, adjust_lr=adjust_lr, betas=tuple(adamw_betas), adamw_eps=adamw_eps, muon=True)
         super().__init__(params, defaults)
         for g in self.param_groups:
-            if g["use_muon"]:
+            if g["muon"]:
                 bad = [tuple(p.shape) for p in g["params"] if p.ndim != 2]
                 if bad:
-                    raise ValueError(f"Muon groups take 2-D weights only, got shapes {bad}; DeepSpeed flattens "
-                                     "parameters under ZeRO >= 1 or bf16: use DeepSpeed's Muon there")
+                    raise ValueError(f"Muon groups take 2-D weights only, got shapes {bad}")
         self.ns_dtype = ns_dtype
         self.qk_clip_t = qk_clip_t
         self.qk_clip_alpha = qk_clip_alpha
         self.qk_clip = QKClip(qk_clip_t, qk_clip_alpha) if qk_clip_t else None
 
     def group_buffers(self, group: dict) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["use_muon"] else ("exp_avg", "exp_avg_sq")
+        return ("momentum_buffer",) if group["muon"] else ("exp_avg", "exp_avg_sq")
 
     def group_counts_steps(self, group: dict) -> bool:
-        return not group["use_muon"]  # the Muon half keeps only its momentum (as torch.optim.Muon)
+        return not group["muon"]  # the Muon half keeps only its momentum (as torch.optim.Muon)
 
     def update(self, p, grad, state, g, t) -> None:
-        (self._muon_update if g["use_muon"] else self._adamw_update)(p, grad, state, g, t)
+        (self._muon_update if g["muon"] else self._adamw_update)(p, grad, state, g, t)
 
     def _muon_update(self, p, grad, state, g, t) -> None:
         lr, mu = g["lr"], g["momentum"]
@@ -135,9 +121,11 @@ class Muon(ElementwiseOptimizer):
         buf = state["momentum_buffer"]
         buf.lerp_(grad, 1 - mu)
         update = grad.lerp(buf, mu) if g["nesterov"] else buf
-        update = newton_schulz(update, g["ns_steps"], g["eps"], dtype=self.ns_dtype)
+        layout = self.layout(p)  # whole matrices, also when `p` is a ZeRO partition (partition.py)
+        ortho = [newton_schulz(u, g["ns_steps"], g["eps"], dtype=self.ns_dtype).float() * scale(u.shape)
+                 for u in layout.gather(update)]
         p.mul_(1 - lr * g["weight_decay"])
-        p.add_(update, alpha=-lr * scale(p.shape))
+        p.add_(layout.scatter(ortho, like=p), alpha=-lr)
 
     def _adamw_update(self, p, grad, state, g, t) -> None:
         lr, (b1, b2), eps = g["lr"], g["betas"], g["adamw_eps"]
@@ -151,10 +139,21 @@ class Muon(ElementwiseOptimizer):
     def after_step(self, iteration: int, module: torch.nn.Module, replay: Callable[[], Iterable]) -> dict:
         if self.qk_clip is None:
             return {}
-        return self.qk_clip(module, replay)
+        return self.qk_clip(module, replay, self.scale_model_param)
 
 
 # ----------------------------------------------------------------------------- MuonClip's QK-clip
+def _replica_group():
+    """The ranks that hold the same heads (data parallel; with Ulysses SP sequence+data): the max
+    logit of a head is reduced over them, never across tensor-parallel ranks (other heads)."""
+    from megatron.core import parallel_state  # noqa: PLC0415
+
+    try:
+        return parallel_state.get_sequence_data_parallel_group()
+    except RuntimeError:  # no Megatron groups (a single process): the default group
+        return None
+
+
 def _attention_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if hasattr(m, "query_key_value") and hasattr(m, "n_kv")]
 
@@ -181,52 +180,64 @@ def max_logits(attn: torch.nn.Module, x: torch.Tensor, rope, mask: torch.Tensor 
 
 
 class QKClip:
-    """MuonClip's QK-clip on the fused QKV weight: for each head whose max logit exceeds `t`
-    (max over the last micro-batch, all-reduced over ranks), scale its logits by eta = t/max:
-    its query rows by eta^alpha and its KV group's key rows by eta^(1-alpha) (with grouped
-    query attention the key of a group takes the smallest eta of its heads and each query head
-    makes up the rest, so every head's logits scale by exactly its own eta)."""
+    """MuonClip's QK-clip on the fused QKV weight (Kimi K2): each training forward records, per
+    head, the largest attention logit it computed; after the optimizer step every head whose max
+    over the step's micro-batches (and over the data-parallel ranks) exceeds `t` has its logits
+    scaled by eta = t/max: its query rows by eta^alpha and its KV group's key rows by
+    eta^(1-alpha) (with grouped query attention the key of a group takes the smallest eta of its
+    heads and each query head makes up the rest, so every head's logits scale by exactly its own
+    eta). `attach(model)` installs the recording hooks (the loop does it at start-up); the max is
+    a per-head vector, so recording costs one extra QK product per layer and no stored activations."""
 
     def __init__(self, t: float, alpha: float) -> None:
         self.t, self.alpha = float(t), float(alpha)
-        self.inputs: dict[torch.nn.Module, tuple] = {}
+        self.maxes: dict[torch.nn.Module, torch.Tensor] = {}
         self.handles: list = []
         self.fired = 0  # number of (step, head) clips so far
 
+    @torch.no_grad()
     def _record(self, attn, inputs) -> None:
         if attn.training:
             x, rope, *mask = inputs  # (x, rope[, mask]) as Attention.forward takes them
-            self.inputs[attn] = (x.detach(), rope, mask[0] if mask else None)
+            m = max_logits(attn, x.detach(), rope, mask[0] if mask else None)
+            prev = self.maxes.get(attn)
+            self.maxes[attn] = m if prev is None else torch.maximum(prev, m)
 
     def attach(self, module: torch.nn.Module) -> None:
-        for attn in _attention_modules(module):
-            self.handles.append(attn.register_forward_pre_hook(lambda m, inp: self._record(m, inp)))
+        if not self.handles:
+            for attn in _attention_modules(module):
+                self.handles.append(attn.register_forward_pre_hook(lambda m, inp: self._record(m, inp)))
 
     @torch.no_grad()
-    def __call__(self, module: torch.nn.Module, replay: Callable[[], Iterable]) -> dict:
+    def __call__(self, module: torch.nn.Module, replay: Callable[[], Iterable],
+                 scale_param: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> dict:
+        """`scale_param(w, factor)` multiplies weight `w` by `factor` (the optimizer's, which also
+        scales its master copy under ZeRO/bf16); default: in place on the model's weight. Not
+        attached during the step: the step's micro-batches (`replay()`) are measured now."""
         if not self.handles:
             self.attach(module)
             was_training = module.training
             module.train()
-            for tokens, _mask in replay():  # record this step's attention inputs once
+            for tokens, _mask in replay():
                 module(tokens)
             module.train(was_training)
+        group = _replica_group()
         clipped, worst = 0, 0.0
         for attn in _attention_modules(module):
-            if attn not in self.inputs:
+            m = self.maxes.pop(attn, None)
+            if m is None:
                 continue
-            m = max_logits(attn, *self.inputs[attn])
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            if dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
             worst = max(worst, float(m.max()))
             eta = torch.where(m > self.t, self.t / m, torch.ones_like(m)).clamp(max=1.0)
             if bool((eta < 1).any()):
                 clipped += int((eta < 1).sum())
-                self._scale(attn, eta)
+                self._scale(attn, eta, scale_param or (lambda w, f: w.mul_(f.to(w.dtype))))
         self.fired += clipped
         return {"muonclip_heads_clipped": clipped, "muonclip_max_logit": worst, "muonclip_fired_total": self.fired}
 
-    def _scale(self, attn, eta: torch.Tensor) -> None:
+    def _scale(self, attn, eta: torch.Tensor, scale_param) -> None:
         g, d, n_kv = attn.group, attn.d, attn.n_kv
         eta = eta.view(n_kv, g)
         eta_k = eta.min(dim=1).values ** (1 - self.alpha)  # [n_kv]
@@ -235,30 +246,25 @@ class QKClip:
         rows[:, :g] = eta_q
         rows[:, g] = eta_k
         rows = rows.repeat_interleave(d, dim=1).view(-1)  # [(n_kv*(g+2))*d]
-        attn.query_key_value.weight.mul_(rows[:, None].to(attn.query_key_value.weight.device))
+        weight = attn.query_key_value.weight
+        scale_param(weight, rows[:, None].to(weight.device))
         if attn.query_key_value.bias is not None:
-            attn.query_key_value.bias.mul_(rows.to(attn.query_key_value.bias.device))
+            scale_param(attn.query_key_value.bias, rows.to(weight.device))
 
 
 # ----------------------------------------------------------------------------- registry entries
 def muon_groups(named, args) -> list[dict]:
-    """Muon half (one group per update scale when DeepSpeed runs it) + AdamW half (decay / no decay)."""
+    """Muon half (2-D hidden matrices, key ``muon=True``) + AdamW half (decay / no decay).
+    (Not ``use_muon``: DeepSpeed's bf16 optimizer reads that key and would run its own Muon.)"""
     named = [(n, p) for n, p in named if p.requires_grad]
-    muon = [(n, p) for n, p in named if is_muon_param(n, p)]
+    muon = [p for n, p in named if is_muon_param(n, p)]
     other = [(n, p) for n, p in named if not is_muon_param(n, p)]
     groups: list[dict] = []
-    if uses_deepspeed_muon(args):
-        by_factor: dict[float, list] = defaultdict(list)
-        for _n, p in muon:
-            by_factor[round(rms_scale(p.shape) / keller_scale(p.shape), 12)].append(p)
-        for i, (f, ps) in enumerate(sorted(by_factor.items())):
-            groups.append({"params": ps, "name": f"muon{i}", "use_muon": True, "lr_mult": f, "wd_mult": 1.0 / f})
-    elif muon:
-        groups.append({"params": [p for _, p in muon], "name": "muon", "use_muon": True,
-                       "lr_mult": 1.0, "wd_mult": 1.0})
+    if muon:
+        groups.append({"params": muon, "name": "muon", "muon": True, "lr_mult": 1.0, "wd_mult": 1.0})
     for g in get_param_groups(other):
         g["name"] = "adamw_" + g["name"]
-        g["use_muon"] = False
+        g["muon"] = False
         groups.append(g)
     return groups
 
@@ -267,59 +273,29 @@ def _muon_kwargs(args) -> dict:
     return dict(lr=args.lr, weight_decay=args.weight_decay, momentum=arg(args, "muon_momentum", 0.95),
                 nesterov=arg(args, "muon_nesterov", True), ns_steps=arg(args, "muon_ns_steps", DEEPSPEED_NS_STEPS),
                 adamw_betas=(arg(args, "muonadamw_beta1", 0.9), arg(args, "muonadamw_beta2", 0.999)),
-                adamw_eps=arg(args, "muonadamw_eps", 1e-12))
+                adamw_eps=arg(args, "muonadamw_eps", 1e-12),
+                # Newton-Schulz in the training precision: bf16 matmuls (as torch.optim.Muon) for bf16/fp16
+                # runs; fp32 for fp32 runs, whose update then does not depend on how ZeRO partitions it
+                ns_dtype=torch.bfloat16 if arg(args, "bf16", False) or arg(args, "fp16", False) else torch.float32)
 
 
 def check_muon(args) -> list[str]:
-    errs = []
-    if int(arg(args, "zero_stage", 0)) == 3:
-        errs.append(f"--optimizer {args.optimizer} does not run under ZeRO-3 here (DeepSpeed's stage-3 Muon is "
-                    "untested on this stack); use --zero-stage 1 or 2 (DeepSpeed's ZeRO-aware Muon) or 0")
-    if uses_deepspeed_muon(args) and args.optimizer == "muon":
-        if arg(args, "muon_ns_steps", DEEPSPEED_NS_STEPS) != DEEPSPEED_NS_STEPS:
-            errs.append(f"--muon-ns-steps {args.muon_ns_steps}: DeepSpeed's ZeRO Muon always runs "
-                        f"{DEEPSPEED_NS_STEPS} Newton-Schulz steps; drop the flag or use --zero-stage 0 without --bf16")
-        if not arg(args, "muon_nesterov", True):
-            errs.append("--muon-nesterov false: DeepSpeed's ZeRO Muon always uses Nesterov momentum; "
-                        "drop the flag or use --zero-stage 0 without --bf16")
-    if args.optimizer == "muonclip" and uses_deepspeed_muon(args):
-        errs.append("--optimizer muonclip rescales the QKV weights in place, which needs the optimizer to hold the "
-                    "model's weights: use --zero-stage 0 without --bf16 (or --optimizer muon under ZeRO)")
-    return errs
+    if args.optimizer == "muonclip" and int(arg(args, "zero_stage", 0)) == 3:
+        return ["--optimizer muonclip measures each head's attention logits on the model's whole QKV weights after "
+                "the step, which ZeRO-3 keeps partitioned: use --zero-stage 1 or 2 (or --optimizer muon at ZeRO-3)"]
+    return []
 
 
 @register_optimizer("muon", check=check_muon, groups=muon_groups,
-                    help="Muon on 2-D hidden matrices (0.2*sqrt(max(A,B)) scale), AdamW on the rest; "
-                         "DeepSpeed's ZeRO-aware Muon under ZeRO 1/2 or bf16")
+                    help="Muon on 2-D hidden matrices (0.2*sqrt(max(A,B)) scale), AdamW on the rest; every ZeRO "
+                         "stage and precision (Newton-Schulz on whole gathered matrices)")
 def build_muon(groups: list[dict], args):
-    if not uses_deepspeed_muon(args):
-        return Muon(groups, **_muon_kwargs(args))
-    clip = float(arg(args, "clip_grad", 0.0))
-    if clip > 0:
-        warn_once("muon-clip", f"--clip-grad {clip} is not applied with DeepSpeed's ZeRO Muon: DeepSpeed would clip "
-                  "the orthogonalized update, not the gradient (Muon's update has a fixed scale anyway)")
-    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # noqa: PLC0415 (compiles kernels)
-
-    k = _muon_kwargs(args)
-    ds_groups = []
-    for g in groups:
-        g = dict(g)
-        if g["use_muon"]:  # DeepSpeed fixes Nesterov and 5 Newton-Schulz steps (checked at start-up)
-            g.update(momentum=k["momentum"], ns_method="standard")
-        else:
-            g["betas"] = tuple(k["adamw_betas"])
-            g.setdefault("eps", k["adamw_eps"])  # a MuP/CompleteP group carries its own eps
-        ds_groups.append(g)
-    # torch's AdamW for the auxiliary half (as DeepSpeed's "torch_adam": true), elementwise on ZeRO's partitions
-    opt = MuonWithAuxAdam(ds_groups, adam_optimizer=torch.optim.AdamW, adam_optimizer_kwargs={"foreach": False},
-                          adam_w_mode=True)
-    attrs = {p: {"use_muon": bool(g["use_muon"])} for g in groups for p in g["params"]}
-    return DeepSpeedOptimizer(optimizer=opt, ds_config={"gradient_clipping": 0.0}, param_attrs=attrs)
+    return Muon(groups, **_muon_kwargs(args))
 
 
 @register_optimizer("muonclip", check=check_muon, groups=muon_groups,
                     help="Muon with QK-clip: heads whose max attention logit exceeds --muonclip-t get W_q, W_k "
-                         "rescaled (ZeRO 0, fp32)")
+                         "rescaled (ZeRO 0/1/2)")
 def build_muonclip(groups: list[dict], args):
     return Muon(groups, **_muon_kwargs(args), adjust_lr="original",
                 qk_clip_t=arg(args, "muonclip_t", 100.0), qk_clip_alpha=arg(args, "muonclip_alpha", 0.5))

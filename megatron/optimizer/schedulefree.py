@@ -4,7 +4,10 @@ The loop switches the optimizer to its averaged weights (``optimizer.eval()``) a
 evaluation and checkpoint save and back (``optimizer.train()``) afterwards (upstream never did,
 so evaluation and checkpoints used the wrong point). Warmup is the package's own
 (``warmup_steps = --lr-warmup-iters``); ``--schedulefree-for-each`` selects its foreach kernels.
-The swap changes the model's weights in place, so it needs ZeRO 0 without --bf16.
+The swap changes the optimizer's weights in place; under ZeRO 1/2 and DeepSpeed's bf16/fp16
+optimizers those are the fp32 master partitions, so the loop then copies them into the model's
+weights (`OptimizerHooks`, megatron/optimizer/partition.py). ZeRO-3 is refused: its client
+optimizer holds no parameters between steps, so there is nothing to swap.
 """
 from __future__ import annotations
 
@@ -15,9 +18,9 @@ _need = needs_module("schedulefree", "pip install schedulefree", "the schedulefr
 
 def check_schedulefree(args) -> list[str]:
     errs = _need(args)
-    if int(arg(args, "zero_stage", 0)) >= 1 or arg(args, "bf16", False):
-        errs.append(f"--optimizer {args.optimizer} swaps the model's weights for evaluation and checkpoints, which "
-                    "needs the optimizer to hold them: use --zero-stage 0 without --bf16")
+    if int(arg(args, "zero_stage", 0)) == 3:
+        errs.append(f"--optimizer {args.optimizer} swaps to its averaged weights for evaluation and checkpoints, "
+                    "which ZeRO-3's optimizer cannot do between steps: use --zero-stage 1 or 2")
     return errs
 
 

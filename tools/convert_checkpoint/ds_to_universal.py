@@ -22,10 +22,9 @@ from it (DeepSpeed's converter has no stage 0 path). For ZeRO 1/2/3 checkpoints 
    state tensor of the flat ZeRO group is extracted and merged under its own name (SGD/Muon
    `momentum_buffer`, Lion `exp_avg`, Adafactor-style factors are not per-element and are refused
    with a message). DeepSpeed's universal loader already restores any `<state>.pt` it finds.
-   DeepSpeed's ZeRO-1/2 Muon keeps its momentum per whole parameter (concatenated over the
-   parameters a rank's partition touches), not per partition element: it is re-laid out per
-   element here, and `megatron.checkpointing.restore_zero_muon_momentum` rebuilds DeepSpeed's
-   layout after a universal load.
+   Checkpoints of DeepSpeed's ZeRO-1/2 Muon (used here before our Muon ran under ZeRO) keep the
+   momentum per whole parameter (concatenated over the parameters a rank's partition touches), not
+   per partition element: it is re-laid out per element here, which is the layout our Muon keeps.
    Scalar states other than `step` cannot be represented by DeepSpeed's loader: refused by name.
 3. **Vocabulary padding kept by default**: DeepSpeed strips the padded rows of the embedding and
    output layer and refills them with zeros at load, which changes the logits of a resumed run.
