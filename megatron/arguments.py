@@ -561,7 +561,7 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
     its checkpoints convert to universal as ZeRO ones do); `args.zero_stage_requested` keeps what was asked.
 
     Kept as asked: --keep-zero-stage, PP > 1, a universal load (DeepSpeed loads those into its ZeRO
-    optimizer), fp32 Muon (DeepSpeed's ZeRO Muon and ours are different code), bf16 with gradient
+    optimizer), bf16 with gradient
     accumulation (DeepSpeed's stage 0 would accumulate the micro-batches' gradients in bf16, ZeRO in
     fp32), optimizer or parameter offload (--cpu-optimizer, `offload_*` in the DeepSpeed config: ZeRO's),
     and a resume of a checkpoint written at stage 1 or 2 (its optimizer state is in ZeRO's files)."""
@@ -569,7 +569,7 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
         return
     if args.data_parallel_size * args.ds_sequence_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
         return
-    if (args.optimizer in ("muon", "muonclip") and not args.bf16) or (args.bf16 and args.num_micro_batches > 1):
+    if args.bf16 and args.num_micro_batches > 1:
         return
     if args.cpu_optimizer or _zero_offload(args.deepspeed_config):  # offloading needs ZeRO's optimizer
         return
