@@ -109,7 +109,10 @@ def build_ds_config(args) -> dict:
         zero["overlap_comm"] = True
     if getattr(args, "ddp_bucket_size", None):
         zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = int(args.ddp_bucket_size)
-    cfg["bf16"] = {**cfg.get("bf16", cfg.get("bfloat16", {})), "enabled": bool(args.bf16)}
+    # upstream's fp16 launch config has "bfloat16": {"enabled": false, "loss_scale": 1.0}; DeepSpeed's bf16
+    # block refuses a loss_scale (bf16 has no loss scaling)
+    bf16 = {k: v for k, v in cfg.get("bf16", cfg.get("bfloat16", {})).items() if k != "loss_scale"}
+    cfg["bf16"] = {**bf16, "enabled": bool(args.bf16)}
     cfg.pop("bfloat16", None)
     cfg["fp16"] = fp16_block(args, cfg.get("fp16", {}))  # --fp16 and the loss-scaling flags (megatron/fp16.py)
     cfg.setdefault("zero_allow_untested_optimizer", True)
