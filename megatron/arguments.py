@@ -566,15 +566,16 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
     Kept as asked: --keep-zero-stage, PP > 1, a universal load (DeepSpeed loads those into its ZeRO
     optimizer), fp32 Muon (DeepSpeed's ZeRO Muon and ours are different code), bf16 with gradient
     accumulation (DeepSpeed's stage 0 would accumulate the micro-batches' gradients in bf16, ZeRO in
-    fp32), fp16 (ZeRO's dynamic loss scaler honours --hysteresis, stage 0's has none), optimizer or parameter offload (--cpu-optimizer, `offload_*` in the DeepSpeed config: ZeRO's),
-    and a resume of a checkpoint written at stage 1 or 2 (its optimizer state is in ZeRO's files)."""
+    fp32), fp16 (refused at stage 0: megatron/fp16.py), optimizer or parameter offload (--cpu-optimizer,
+    `offload_*` in the DeepSpeed config: ZeRO's), and a resume of a checkpoint written at stage 1 or 2
+    (its optimizer state is in ZeRO's files)."""
     if args.zero_stage not in (1, 2) or args.keep_zero_stage or args.universal_checkpoint:
         return
     if args.data_parallel_size * args.ds_sequence_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
         return
     if (args.optimizer in ("muon", "muonclip") and not args.bf16) or (args.bf16 and args.num_micro_batches > 1):
         return
-    if args.fp16:  # ZeRO's loss scaler has hysteresis; DeepSpeed's stage 0 fp16 optimizer has none
+    if args.fp16:  # DeepSpeed's stage 0 fp16 optimizer is broken (megatron/fp16.py)
         return
     if args.cpu_optimizer or _zero_offload(args.deepspeed_config):  # offloading needs ZeRO's optimizer
         return

@@ -1,9 +1,9 @@
 """fp16 mixed precision: DeepSpeed's fp16 engine path with its (dynamic or static) loss scaler.
 
 With ``--fp16`` DeepSpeed casts the model's parameters to float16, keeps float32 master weights
-in its fp16 optimizer (ZeRO stage 0: ``FP16_UnfusedOptimizer``; stages 1/2/3: the ZeRO optimizer),
-multiplies the loss by the loss scale before the backward, unscales the gradients, and skips
-the update of a step whose gradients overflowed (inf/NaN) -- no weight change, no LR-scheduler
+and optimizer state in its ZeRO optimizer (stages 1, 2, 3; stage 0 is refused, see below),
+multiplies the loss by the loss scale before the backward, unscales the gradients, and skips the
+update of a step whose gradients overflowed (inf/NaN) -- no weight change, no LR-scheduler
 step (``DeepSpeedEngine._take_model_step`` steps the scheduler only when the step was applied),
 ``engine.skipped_steps`` incremented -- and then lowers the scale.
 
@@ -57,7 +57,8 @@ def add_arguments(g) -> None:
                    help="fp16 dynamic: initial loss scale, a power of two (DeepSpeed initial_scale_power = log2; "
                         "default: the DeepSpeed config's, else 2**16)")
     g.add_argument("--min-loss-scale", type=float, default=None,
-                   help="fp16 dynamic: minimum loss scale, a whole number >= 1 (default: the DeepSpeed config's, else 1)")
+                   help="fp16 dynamic: minimum loss scale, a whole number >= 1 "
+                        "(default: the DeepSpeed config's, else 1)")
     g.add_argument("--loss-scale-window", type=float, default=None,
                    help="fp16 dynamic: overflow-free iterations before the scale doubles "
                         "(default: the DeepSpeed config's, else 1000)")
@@ -143,7 +144,8 @@ def fp16_problems(args, zero_stage: int) -> list[str]:
     if errs:
         return errs
     # the values DeepSpeed will use (flag > launcher JSON > DeepSpeed default)
-    eff = {**DS_DEFAULTS, **{k: v for k, v in fp16_block(args, _file_block(args.deepspeed_config)).items() if k in DS_DEFAULTS}}
+    block = fp16_block(args, _file_block(args.deepspeed_config))
+    eff = {**DS_DEFAULTS, **{k: v for k, v in block.items() if k in DS_DEFAULTS}}
     where = f"the fp16 block of {args.deepspeed_config}" if args.deepspeed_config else "DeepSpeed's default"
     try:
         dynamic = float(eff["loss_scale"]) == 0
@@ -177,7 +179,8 @@ def grow_scale_after_step(optimizer) -> None:
     clip the gradients with the (now doubled) scale, so every growth step applies half the gradient
     (and clips and reports the norm against the wrong scale). Megatron's scaler unscales first.
     Here a no-overflow update is deferred until `step()` has applied the update; an overflow is
-    handled at once, as before. Tested by tests/test_fp16.py (a growth step equals fp32)."""
+    handled at once, as before. Tested by tests/test_fp16.py (unit, and a run whose scale grows
+    equals one whose scale stays constant)."""
     update, step = optimizer._update_scale, optimizer.step
     pending: list[bool] = []
 
