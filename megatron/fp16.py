@@ -109,6 +109,21 @@ def fp16_block(args, from_file: dict) -> dict:
     return block
 
 
+def effective_settings(args) -> dict:
+    """The loss-scaler values DeepSpeed will use: flag > the DeepSpeed config's fp16 block > its default."""
+    block = fp16_block(args, _file_block(args.deepspeed_config))
+    return {**DS_DEFAULTS, **{k: v for k, v in block.items() if k in DS_DEFAULTS}}
+
+
+def describe(args) -> str:
+    """One line for the start-up configuration table."""
+    eff = effective_settings(args)
+    if float(eff["loss_scale"]):
+        return f"static {float(eff['loss_scale']):g}"
+    return (f"dynamic: initial 2**{eff['initial_scale_power']}, window {eff['loss_scale_window']}, "
+            f"hysteresis {eff['hysteresis']}, min {eff['min_loss_scale']}")
+
+
 def fp16_problems(args, zero_stage: int) -> list[str]:
     """Loss-scaling flags and the effective fp16 block, one line per problem naming the fix."""
     given = [flag for dest, (flag, _) in SCALER_FLAGS.items() if getattr(args, dest, None) is not None]
@@ -144,8 +159,7 @@ def fp16_problems(args, zero_stage: int) -> list[str]:
     if errs:
         return errs
     # the values DeepSpeed will use (flag > launcher JSON > DeepSpeed default)
-    block = fp16_block(args, _file_block(args.deepspeed_config))
-    eff = {**DS_DEFAULTS, **{k: v for k, v in block.items() if k in DS_DEFAULTS}}
+    eff = effective_settings(args)
     where = f"the fp16 block of {args.deepspeed_config}" if args.deepspeed_config else "DeepSpeed's default"
     try:
         dynamic = float(eff["loss_scale"]) == 0

@@ -67,6 +67,12 @@ def test_flags_map_to_the_deepspeed_block_and_override_the_launcher_json(tmp_pat
     assert fp16_block(ns(fp16=False), launcher) == {**launcher, "enabled": False}  # bf16/fp32 run, fp16 JSON
     for a in (args, ns(loss_scale=1024.0), ns()):
         assert fp16_problems(a, zero_stage=1) == []
+    # the start-up table's line: flag > the launcher JSON > DeepSpeed's default
+    from megatron.fp16 import describe
+
+    json_args = ns(deepspeed_config=write_json(tmp_path, {"fp16": {**launcher, "loss_scale_window": 500}}), hysteresis=1)
+    assert describe(json_args) == "dynamic: initial 2**16, window 500, hysteresis 1, min 1"
+    assert describe(ns(loss_scale=1024.0)) == "static 1024"
 
 
 def test_build_ds_config_takes_the_fp16_block_and_drops_the_bf16_loss_scale(tmp_path):
