@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Sequence
 
+from megatron.fp16 import add_arguments as fp16_arguments, fp16_problems
 from megatron.optimizer import optimizer_help, optimizer_names, optimizer_problems
 from megatron.optimizer_param_scheduler import LR_SCHEDULES, build_schedule_spec
 from megatron.lr_finder import configure_lr_finder
@@ -98,8 +99,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="accepted; attention scaling is always 1/sqrt(d_head) (what this flag selects upstream)")
     g.add_argument("--attention-softmax-in-fp32", action="store_true", help="accepted; sdpa handles precision")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 weights under DeepSpeed's fp16 optimizer with loss scaling (megatron/fp16.py)")
     g.add_argument("--bf16", action="store_true")
+    fp16_arguments(g)  # --loss-scale, --initial-loss-scale, --min-loss-scale, --loss-scale-window, --hysteresis
     g.add_argument("--use-flash-attn", "--use-flash-attn-v1", dest="use_flash_attn_v1", action="store_true")
     g.add_argument("--use-flash-attn-v2", action="store_true")
     g.add_argument("--use-flash-attn-triton", action="store_true")
@@ -488,6 +491,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     errs.extend(parallel_problems(args))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
     errs.extend(pipeline_problems(args))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/pipeline_parallel.py)
     errs.extend(ulysses_problems(args))  # Ulysses SP: heads / seq divisible by SP (megatron/core/sequence_parallel.py)
+    errs.extend(fp16_problems(args, args.zero_stage))  # loss-scaling flags and the fp16 block (megatron/fp16.py)
 
     if args.reset_attention_mask and (pp > 1 or sp > 1):
         errs.append("--reset-attention-mask is not supported with pipeline (PP > 1) or Ulysses (SP > 1) parallelism "
@@ -497,7 +501,6 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     unsupported = {
         "squared_relu": (args.squared_relu, "--squared-relu"),
         "apply_layernorm_1p": (args.apply_layernorm_1p, "--apply-layernorm-1p"),
-        "fp16": (args.fp16, "--fp16 (use --bf16 or fp32)"),
     }
     for _, (bad, what) in unsupported.items():
         if bad:
@@ -563,13 +566,16 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
     Kept as asked: --keep-zero-stage, PP > 1, a universal load (DeepSpeed loads those into its ZeRO
     optimizer), bf16 with gradient
     accumulation (DeepSpeed's stage 0 would accumulate the micro-batches' gradients in bf16, ZeRO in
-    fp32), optimizer or parameter offload (--cpu-optimizer, `offload_*` in the DeepSpeed config: ZeRO's),
-    and a resume of a checkpoint written at stage 1 or 2 (its optimizer state is in ZeRO's files)."""
+    fp32), fp16 (refused at stage 0: megatron/fp16.py), optimizer or parameter offload (--cpu-optimizer,
+    `offload_*` in the DeepSpeed config: ZeRO's), and a resume of a checkpoint written at stage 1 or 2
+    (its optimizer state is in ZeRO's files)."""
     if args.zero_stage not in (1, 2) or args.keep_zero_stage or args.universal_checkpoint:
         return
     if args.data_parallel_size * args.ds_sequence_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
         return
     if args.bf16 and args.num_micro_batches > 1:
+        return
+    if args.fp16:  # DeepSpeed's stage 0 fp16 optimizer is broken (megatron/fp16.py)
         return
     if args.cpu_optimizer or _zero_offload(args.deepspeed_config):  # offloading needs ZeRO's optimizer
         return
@@ -617,7 +623,7 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
     elif args.start_weight_decay is None or args.end_weight_decay is None:
         raise ArgumentError("--start-weight-decay and --end-weight-decay are required when "
                             f"--weight-decay-incr-style is {args.weight_decay_incr_style}")
-    args.params_dtype = "bf16" if args.bf16 else "fp32"
+    args.params_dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     if args.lr_finder and (errs := configure_lr_finder(args)):  # outputs to {save}/lr_finder/, no checkpoint
         raise ArgumentError("\n".join(errs))
     if args.save is not None and args.save_interval is None:

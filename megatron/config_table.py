@@ -102,7 +102,11 @@ def config_rows(args, num_params: int | None, parser: argparse.ArgumentParser | 
     add("model", "sequence length", "seq_length")
     add("model", "vocabulary (padded)", "padded_vocab_size",
         f"{getattr(args, 'padded_vocab_size', '?')} (tokenizer {getattr(args, 'vocab_size_orig', '?')})")
-    add("model", "dtype", "bf16", args.params_dtype)
+    add("model", "dtype", "fp16" if args.fp16 else "bf16", args.params_dtype)
+    if args.fp16:
+        from megatron.fp16 import describe  # noqa: PLC0415
+
+        add("model", "loss scaling", None, describe(args))  # flags > the DeepSpeed config > its defaults
     add("parallel", "world size", "world_size")
     add("parallel", "TP / PP / SP", "tensor_model_parallel_size",
         f"{args.tensor_model_parallel_size} / {args.pipeline_model_parallel_size} / {args.ds_sequence_parallel_size}")

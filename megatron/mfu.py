@@ -121,7 +121,7 @@ def resolve_peak(peak_tflops: float | None, device_type: str, dtype: str, *, mea
     peak = table_peak(name, dtype, cus) if name else None
     if peak is not None:
         return PeakFlops(peak, f"table: {name} {dtype}")
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
     device = device_type if device_type != "cpu" else "cpu"
     measured = measure_matmul_tflops(torch_dtype, min_seconds=measure_seconds, device=device)
     if reduce_mean is not None:

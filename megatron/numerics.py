@@ -10,6 +10,17 @@ counted in ``number_of_nan_iterations``). Steps DeepSpeed's ZeRO optimizer skips
 grad-overflow check) count as skipped too. As upstream Megatron, a skipped iteration consumes its
 batch and does not advance the LR schedule.
 
+fp16 (megatron/fp16.py): DeepSpeed's loss scaler owns the skip decision. Every step goes to
+DeepSpeed, which skips a step whose gradients overflowed, lowers the loss scale, and does not
+step the LR scheduler. The guard does not scan the gradients (an fp16 gradient overflow is the
+scaler's normal working, e.g. while it comes down from its initial scale) and only classifies
+the skip: a skipped iteration whose loss was finite on every rank is a gradient *overflow*
+(counted in ``overflows``, the log line's number_of_skipped_iterations and metrics.jsonl's
+skipped_iterations; it does not count toward --max-skipped-iterations, nor does it end a run of
+faults); a skipped iteration with a non-finite loss is a numerical fault as in fp32/bf16. When the
+gradients still overflow at the minimum loss scale, DeepSpeed's ZeRO scaler gives up; that is
+reported as a `NumericalFaultError`.
+
 ``--max-skipped-iterations K``: after K skipped iterations in a row `end_iteration` returns True;
 the loop saves a checkpoint (the weights are those of the last good step) and raises
 `NumericalFaultError`. ``--loss-spike-factor F``: a loss above F x its running mean is logged.
@@ -18,9 +29,10 @@ Test hook (used only by tests): ``MEGATRON_TEST_FAULTS="nan@3,inf@5,spike@7,drop
 the loss of every micro-batch of that iteration by NaN / Inf / 100, or (``drop``) discards that
 iteration's batches before it starts, so iteration k trains on batch k+1 (a run "whose batch k
 was dropped"). Process and storage faults: ``kill@k`` / ``stop@k`` send the process SIGKILL /
-SIGSTOP (a dead / hung rank) in iteration k's forward; ``enospc@k`` makes the checkpoint save of
-iteration k fail with "No space left on device" (megatron/checkpoint_io.py). ``kind@k:r`` limits
-an entry to rank r.
+SIGSTOP (a dead / hung rank) in iteration k's forward; ``overflow@k`` multiplies the loss by 1e30:
+finite in float32, but under fp16 its gradients overflow (a forced loss-scaler overflow);
+``enospc@k`` makes the checkpoint save of iteration k fail with "No space left on device"
+(megatron/checkpoint_io.py). ``kind@k:r`` limits an entry to rank r.
 """
 from __future__ import annotations
 
@@ -37,7 +49,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 FAULTS_ENV = "MEGATRON_TEST_FAULTS"
-_FACTORS = {"nan": float("nan"), "inf": float("inf"), "spike": 100.0}
+_FACTORS = {"nan": float("nan"), "inf": float("inf"), "spike": 100.0, "overflow": 1e30}
 _SIGNALS = {"kill": "SIGKILL", "stop": "SIGSTOP"}
 _KINDS = (*_FACTORS, *_SIGNALS, "drop", "enospc")
 
@@ -47,8 +59,8 @@ class NumericalFaultError(RuntimeError):
 
 
 def parse_faults(spec: str, rank: int | None = None) -> dict[int, str]:
-    """{iteration: kind} from ``"nan@3,inf@5,kill@4:1"`` (kinds: nan, inf, spike, drop, kill, stop,
-    enospc; ``:r`` = on rank r only, dropped here when `rank` is another one)."""
+    """{iteration: kind} from ``"nan@3,inf@5,kill@4:1"`` (kinds: nan, inf, spike, overflow, drop, kill,
+    stop, enospc; ``:r`` = on rank r only, dropped here when `rank` is another one)."""
     out: dict[int, str] = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
         kind, _, where = item.partition("@")
@@ -87,18 +99,22 @@ class NumericsGuard:
     max_skipped: int | None = None
     spike_factor: float = 5.0
     faults: dict[int, str] = field(default_factory=dict)
+    fp16: bool = False  # DeepSpeed's loss scaler decides the skips (see the module)
     skipped_in_a_row: int = 0
+    overflows: int = 0  # fp16 steps skipped on a gradient overflow with a finite loss
     skipped_total: int = 0
     mean: float | None = None  # running mean of finite losses (for spike detection)
     finite_seen: int = 0
     _iteration_losses: list = field(default_factory=list)
     _last_skipped: bool = False
+    _last_overflow: bool = False
 
     @classmethod
     def create(cls, args) -> "NumericsGuard":
         return cls(max_skipped=getattr(args, "max_skipped_iterations", None),
                    spike_factor=float(getattr(args, "loss_spike_factor", 5.0) or 0.0),
-                   faults=parse_faults(os.environ.get(FAULTS_ENV, ""), int(getattr(args, "rank", 0) or 0)))
+                   faults=parse_faults(os.environ.get(FAULTS_ENV, ""), int(getattr(args, "rank", 0) or 0)),
+                   fp16=bool(getattr(args, "fp16", False)))
 
     # ------------------------------------------------------------------ test hooks
     def wrap_data(self, data_iter: Iterator, start_iteration: int, micro_batches: int) -> Iterator:
@@ -130,16 +146,21 @@ class NumericsGuard:
         if not engine.is_gradient_accumulation_boundary():
             step_fn()
             return
-        finite = bool(torch.isfinite(torch.stack(self._iteration_losses)).all()) and local_grads_finite(engine.module)
+        finite = bool(torch.isfinite(torch.stack(self._iteration_losses)).all())
+        finite = finite and (self.fp16 or local_grads_finite(engine.module))  # fp16: DeepSpeed checks the grads
         self._iteration_losses = []
         if dist.is_initialized() and dist.get_world_size() > 1:  # every rank skips, or none does
             flag = torch.tensor([0 if finite else 1], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             finite = not flag.item()
         before = int(getattr(engine, "skipped_steps", 0))
-        if finite:
-            step_fn()
+        if finite or self.fp16:
+            if self.fp16:
+                self._fp16_step(step_fn)
+            else:
+                step_fn()
             self._last_skipped = int(getattr(engine, "skipped_steps", 0)) > before  # DeepSpeed's own overflow skip
+            self._last_overflow = self.fp16 and self._last_skipped and finite
             return
         inner, sched = _innermost_optimizer(engine.optimizer), engine.lr_scheduler
         patched = [(obj, obj.__dict__.get("step")) for obj in (inner, sched) if obj is not None]
@@ -157,9 +178,27 @@ class NumericsGuard:
             engine.skipped_steps = before + 1
         self._last_skipped = True
 
+    @staticmethod
+    def _fp16_step(step_fn: Callable[[], None]) -> None:
+        """DeepSpeed's step; its ZeRO loss scaler raises a bare Exception when the gradients overflow
+        at the minimum scale: that is this module's fault, with the fix."""
+        try:
+            step_fn()
+        except Exception as e:
+            if "loss scale already at minimum" not in str(e):
+                raise
+            raise NumericalFaultError(
+                "fp16: the gradients overflow even at the minimum loss scale (--min-loss-scale); lower --lr, "
+                "check the data, lower --min-loss-scale, or train in bf16 (DTYPE=bf16)") from None
+
     def end_iteration(self, iteration: int, loss: float, rank: int = 0) -> bool:
         """Count skips and watch for spikes; True when --max-skipped-iterations is reached."""
-        if self._last_skipped:
+        if self._last_overflow:  # fp16: the loss scaler's own skip, not a numerical fault
+            self.overflows += 1
+            if rank == 0:
+                log.info("iteration %d: fp16 gradient overflow, step skipped by DeepSpeed's loss scaler "
+                         "(%d overflows so far)", iteration, self.overflows)
+        elif self._last_skipped:
             self.skipped_in_a_row += 1
             self.skipped_total += 1
             if rank == 0:
@@ -174,5 +213,5 @@ class NumericsGuard:
                                 iteration, loss, self.spike_factor, self.mean)
                 self.finite_seen += 1
                 self.mean = loss if self.mean is None else 0.9 * self.mean + 0.1 * loss
-        self._last_skipped = False
+        self._last_skipped = self._last_overflow = False
         return bool(self.max_skipped and self.skipped_in_a_row >= self.max_skipped)

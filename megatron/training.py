@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 from megatron.core import sequence_parallel as ulysses
 from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
 from megatron.exits import ExitConditions
+from megatron.fp16 import allow_fp16_on_cpu, fp16_block, grow_scale_after_step
 from megatron.initialize import initialize_megatron
 from megatron.model import GPTConfig, GPTModel
 from megatron.deepspeed_compat import exact_grad_norm
@@ -110,15 +111,19 @@ def build_ds_config(args) -> dict:
         zero["overlap_comm"] = True
     if getattr(args, "ddp_bucket_size", None):
         zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = int(args.ddp_bucket_size)
-    if args.bf16:
-        # Megatron's --accumulate-allreduce-grads-in-fp32, always: the gradients of the micro-batches
-        # are reduced across ranks in fp32 (DeepSpeed's default for bf16 is to sum them in bf16)
+    if args.bf16 or args.fp16:
+        # Megatron's --accumulate-allreduce-grads-in-fp32, always: the gradients are averaged across ranks
+        # and accumulated over micro-batches in fp32 (DeepSpeed's default sums them in bf16/fp16). Stage 0's
+        # half-precision optimizer cannot accumulate in fp32: arguments.py refuses it where it would sum.
         cfg["communication_data_type"] = "fp32"
-        if args.zero_stage >= 1:  # and kept in fp32 until the step (stage 0's bf16 optimizer does so itself)
+        if args.zero_stage >= 1:
             cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
-    cfg["bf16"] = {**cfg.get("bf16", cfg.get("bfloat16", {})), "enabled": bool(args.bf16)}
+    # upstream's fp16 launch config has "bfloat16": {"enabled": false, "loss_scale": 1.0}; DeepSpeed's bf16
+    # block refuses a loss_scale (bf16 has no loss scaling)
+    bf16 = {k: v for k, v in cfg.get("bf16", cfg.get("bfloat16", {})).items() if k != "loss_scale"}
+    cfg["bf16"] = {**bf16, "enabled": bool(args.bf16)}
     cfg.pop("bfloat16", None)
-    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": False}
+    cfg["fp16"] = fp16_block(args, cfg.get("fp16", {}))  # --fp16 and the loss-scaling flags (megatron/fp16.py)
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("wall_clock_breakdown", False)
@@ -279,6 +284,9 @@ def setup_model_and_optimizer(args, before_engine=None):
     `before_engine(model)` (optional) sees the freshly initialized model (benchmarks copy its weights)."""
     import deepspeed  # noqa: PLC0415  (after initialize_megatron: it picks DeepSpeed's accelerator)
 
+    if args.fp16:
+        allow_fp16_on_cpu()
+
     if args.pipeline_model_parallel_size > 1:  # this rank's stage, cut from the same GPTModel
         return pipeline.setup_pipeline_engine(args, model_config(args), build_ds_config(args),
                                               lambda optimizer: build_lr_scheduler(optimizer, args), before_engine)
@@ -297,6 +305,8 @@ def setup_model_and_optimizer(args, before_engine=None):
     param_names = [[names[id(p)] for p in g["params"]] for g in groups]  # before ZeRO swaps in its partitions
     engine, _, _, _ = deepspeed.initialize(model=model, mpu=parallel_state.DeepSpeedMPU(), **kwargs)
     engine.optimizer_param_names = param_names
+    if args.fp16:  # DeepSpeed's ZeRO loss scaler grew the scale before unscaling (megatron/fp16.py)
+        grow_scale_after_step(engine.optimizer)
     if args.zero_stage == 0 and engine.seq_dp_world_size == 1:
         engine.enable_backward_allreduce = False  # one replica: DeepSpeed would flatten and "all-reduce" every gradient
     exact_grad_norm(engine)  # the fp64 gradient norm at every stage and precision (deepspeed_compat)
@@ -334,7 +344,8 @@ def pretrain(args) -> dict:
 
 def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.LoadedState) -> dict:
     iteration, samples, tokens = state.iteration, state.consumed_train_samples, state.consumed_train_tokens
-    logger = TrainLogger.create(args, corpus_names=getattr(train_ds, "corpus_names", None), resumed=iteration > 0)
+    logger = TrainLogger.create(args, corpus_names=getattr(train_ds, "corpus_names", None), resumed=iteration > 0,
+                                skipped_steps=int(getattr(engine, "skipped_steps", 0) or 0))
     timers = logger.timers
     profiler = Profiler.create(args)  # --profile pt|pt-full over --profile_steps
     exits = ExitConditions(args)

@@ -37,6 +37,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron.fp16 import loss_scale as fp16_loss_scale
 from megatron.mfu import PeakFlops, flops_per_iteration, resolve_peak
 from megatron.timers import Timers
 
@@ -148,9 +149,11 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ set-up
     @classmethod
-    def create(cls, args, corpus_names: Iterable[str] | None = None, resumed: bool = False) -> "TrainLogger":
+    def create(cls, args, corpus_names: Iterable[str] | None = None, resumed: bool = False,
+               skipped_steps: int = 0) -> "TrainLogger":
         """Open the sinks (rank 0) and find the device's peak FLOPS (all ranks, once).
-        `resumed`: append to an existing metrics.jsonl; a run that starts from iteration 0 replaces it."""
+        `resumed`: append to an existing metrics.jsonl; a run that starts from iteration 0 replaces it.
+        `skipped_steps`: the engine's skipped-step count at the start (restored from a checkpoint)."""
         writer = metrics = run = None
         if args.rank == 0:
             if args.tensorboard_dir:
@@ -171,7 +174,7 @@ class TrainLogger:
                   "set --peak-tflops to use another peak", flush=True)
         names = list(corpus_names or [])
         timers = Timers(log_level=args.timing_log_level, log_option=args.timing_log_option)
-        return cls(args, writer, metrics, run, timers, peak, names,
+        return cls(args, writer, metrics, run, timers, peak, names, last_skipped=skipped_steps,
                    corpus_interval=[0.0] * len(names), corpus_total=[0.0] * len(names))
 
     def count_corpora(self, batches: Iterator[dict]) -> Iterator[dict]:
@@ -246,7 +249,7 @@ class TrainLogger:
         lr = float(engine.lr_scheduler.get_lr()) if engine.lr_scheduler is not None else float("nan")
         gn = engine.get_global_grad_norm()
         grad_norm = float(gn) if gn is not None else float("nan")
-        loss_scale = float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0) if a.fp16 else 1.0
+        loss_scale = fp16_loss_scale(engine)  # 1.0 without fp16
         samples_s = a.global_batch_size / elapsed
         tokens_s = samples_s * a.seq_length
         tgs = tokens_s / a.world_size
@@ -334,7 +337,7 @@ class TrainLogger:
             "loss_scale": loss_scale, "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
             "ms_per_iter": elapsed * 1e3, "samples_per_sec": samples_s, "tokens_per_sec": tokens_s,
             "tokens_per_gpu_per_sec": tgs, "tflops": tflops, "mfu": mfu, "eta_seconds": eta,
-            "skipped_iterations": n_skipped, "nan_iterations": n_nan, "memory": mem, "optimizer": opt_stats,
+            "skipped_iterations": n_skipped, "skipped_iterations_total": skipped_total, "nan_iterations": n_nan, "memory": mem, "optimizer": opt_stats,
             "timers_ms": timer_ms, "excluded_seconds": excluded,
             "corpus_samples": dict(zip(self.corpus_names, self.corpus_total)),
             "time": time.time(),
