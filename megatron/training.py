@@ -111,6 +111,8 @@ def build_ds_config(args) -> dict:
     cfg["bf16"] = {**cfg.get("bf16", cfg.get("bfloat16", {})), "enabled": bool(args.bf16)}
     cfg.pop("bfloat16", None)
     cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": False}
+    if args.accumulate_allreduce_grads_in_fp32 and (args.bf16 or args.fp16):  # else DeepSpeed reduces in bf16/fp16
+        cfg["communication_data_type"] = "fp32"
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("wall_clock_breakdown", False)
@@ -152,13 +154,14 @@ def build_datasets(args):
         rank=rank, world_size=world, barrier=dist.barrier if distributed else None)
 
 
-def build_loader(dataset, args, consumed_samples: int):
-    from megatron.data.samplers import MegatronPretrainingSampler  # noqa: PLC0415
+def build_loader(dataset, args, consumed_samples: int, dataloader_type: str = "single"):
+    """Validation reads in order (the same samples every time); training as --dataloader-type says."""
+    from megatron.data.samplers import build_sampler  # noqa: PLC0415
 
     if dataset is None:
         return None
-    sampler = MegatronPretrainingSampler(
-        total_samples=len(dataset), consumed_samples=consumed_samples,
+    sampler = build_sampler(
+        dataloader_type, total_samples=len(dataset), consumed_samples=consumed_samples,
         micro_batch_size=args.micro_batch_size,
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size())
@@ -363,9 +366,10 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     if args.eval_on_start and iteration == 0:
         summary["initial_val_loss"] = validate()
 
-    data_iter = guard.wrap_data(logger.count_corpora(iter(build_loader(train_ds, args, samples))),
+    data_iter = guard.wrap_data(logger.count_corpora(iter(build_loader(train_ds, args, samples, args.dataloader_type))),
                                 iteration, args.num_micro_batches)
     engine.train()
+    logger.watch(engine)  # --log-num-zeros-in-grad reads the gradient inside the step
     last_saved = iteration
     while iteration < args.train_iters and not (args.train_tokens and tokens >= args.train_tokens):
         batches: list = []

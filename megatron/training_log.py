@@ -143,6 +143,7 @@ class TrainLogger:
     corpus_interval: list[float] = field(default_factory=list)
     corpus_total: list[float] = field(default_factory=list)
     model_numel: int | None = None
+    zeros: dict = field(default_factory=dict)  # --log-num-zeros-in-grad: the last count (weight_stats)
     totals: RunTotals = field(default_factory=RunTotals)
     _wandb_pending: dict = field(default_factory=dict)
 
@@ -173,6 +174,17 @@ class TrainLogger:
         timers = Timers(log_level=args.timing_log_level, log_option=args.timing_log_option)
         return cls(args, writer, metrics, run, timers, peak, names,
                    corpus_interval=[0.0] * len(names), corpus_total=[0.0] * len(names))
+
+    def is_report(self, iteration: int) -> bool:
+        """Iterations that print a line: every --log-interval and the last one."""
+        return iteration % self.args.log_interval == 0 or iteration == self.args.train_iters
+
+    def watch(self, engine) -> None:
+        """Hook what must be read inside the step (--log-num-zeros-in-grad: the gradient before the update)."""
+        if getattr(self.args, "log_num_zeros_in_grad", False):
+            from megatron.weight_stats import watch_zeros_in_grad  # noqa: PLC0415
+
+            self.zeros = watch_zeros_in_grad(engine, self.is_report)
 
     def count_corpora(self, batches: Iterator[dict]) -> Iterator[dict]:
         """Wrap the training data iterator: count the samples each corpus contributes."""
@@ -221,7 +233,7 @@ class TrainLogger:
             self.totals.start_iteration = iteration - 1
             self.totals.start_tokens = consumed_tokens - a.global_batch_size * a.seq_length
         self.window.append(loss.detach())
-        if iteration % a.log_interval and iteration != a.train_iters:
+        if not self.is_report(iteration):
             return
         losses = torch.stack(self.window).float().tolist()  # one host sync per log interval
         first_iter = iteration - len(losses) + 1
@@ -263,6 +275,13 @@ class TrainLogger:
         self.corpus_interval = [0.0] * len(self.corpus_names)
         mem = memory_stats(getattr(a, "device_type", "cpu"))
         mem = dict(zip(mem, _all_reduce(list(mem.values()), op=dist.ReduceOp.MAX if dist.is_initialized() else None)))
+        extra = {}  # optional fields of the line, upstream's names
+        if self.zeros.get("iteration") == iteration:
+            extra["num_zeros"] = self.zeros["num_zeros"]
+        if getattr(a, "log_params_norm", False):
+            from megatron.weight_stats import params_norm  # noqa: PLC0415
+
+            extra["params_norm"] = params_norm(engine.module)
         opt_stats = {}
         if a.log_optimizer_states_to_tensorboard:
             from megatron.optimizer_stats import optimizer_state_stats  # noqa: PLC0415
@@ -275,7 +294,9 @@ class TrainLogger:
             print(f" iteration={iteration:8d}/{a.train_iters:8d} | consumed_samples={consumed_samples:12d} | "
                   f"consumed_tokens={consumed_tokens:14d} | elapsed_time_per_iteration_ms={elapsed * 1e3:.1f} | "
                   f"learning_rate={lr:.6e} | global_batch_size={a.global_batch_size:5d} | lm loss={loss_avg:.6f} | "
-                  f"loss_scale={loss_scale:.1f} | grad_norm={grad_norm:.6f} | actual_seqlen={a.seq_length:5d} | "
+                  f"loss_scale={loss_scale:.1f} | grad_norm={grad_norm:.6f} | "
+                  + "".join(f"{k}={v} | " if isinstance(v, int) else f"{k}={v:.6f} | " for k, v in extra.items())
+                  + f"actual_seqlen={a.seq_length:5d} | "
                   f"number_of_skipped_iterations={n_skipped:3d} | number_of_nan_iterations={n_nan:3d} | "
                   f"samples_per_second={samples_s:.3f} | tokens_per_gpu_per_second_tgs={tgs:.3f} | "
                   f"TFLOPs={_fmt_tflops(tflops)} | MFU={mfu * 100:.2f}% | ETA={format_duration(eta)} |", flush=True)
@@ -320,7 +341,12 @@ class TrainLogger:
             "throughput/mfu": mfu,
             "throughput/eta_hours": eta / 3600,
         }
-        scalars.update({f"memory/{k}": v for k, v in mem.items()})
+        if a.log_memory_to_tensorboard:
+            scalars.update({f"memory/{k}": v for k, v in mem.items()})
+        if "num_zeros" in extra:
+            scalars["training/num-zeros"] = extra["num_zeros"]
+        if "params_norm" in extra:
+            scalars["training/params-norm"] = extra["params_norm"]
         scalars.update({f"optimizer/{k}": v for k, v in opt_stats.items()})
         scalars.update({f"corpus/{n}": t for n, t in zip(self.corpus_names, self.corpus_total)})
         if a.log_timers_to_tensorboard:
@@ -331,7 +357,7 @@ class TrainLogger:
         self._flush_wandb()
         self._record({
             "iteration": iteration, "lm_loss": loss_avg, "losses": losses, "lr": lr, "grad_norm": grad_norm,
-            "loss_scale": loss_scale, "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
+            "loss_scale": loss_scale, **extra, "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
             "ms_per_iter": elapsed * 1e3, "samples_per_sec": samples_s, "tokens_per_sec": tokens_s,
             "tokens_per_gpu_per_sec": tgs, "tflops": tflops, "mfu": mfu, "eta_seconds": eta,
             "skipped_iterations": n_skipped, "nan_iterations": n_nan, "memory": mem, "optimizer": opt_stats,
@@ -350,10 +376,11 @@ class TrainLogger:
         if consumed_samples is None:
             consumed_samples = consumed_tokens // self.args.seq_length
         self._scalar("lm-loss-validation/lm loss validation", loss, iteration)
-        self._scalar("lm-loss-validation/lm loss validation ppl", ppl, iteration)
         self._scalar("lm-loss-validation/lm loss validation vs samples", loss, consumed_samples, wandb=False)
         self._scalar("lm-loss-validation/lm loss validation vs tokens", loss, consumed_tokens, wandb=False)
-        self._scalar("lm-loss-validation/lm loss validation ppl vs tokens", ppl, consumed_tokens, wandb=False)
+        if self.args.log_validation_ppl_to_tensorboard:
+            self._scalar("lm-loss-validation/lm loss validation ppl", ppl, iteration)
+            self._scalar("lm-loss-validation/lm loss validation ppl vs tokens", ppl, consumed_tokens, wandb=False)
         self._flush_wandb()
         self._record({"iteration": iteration, "val_loss": loss, "val_ppl": ppl, "consumed_tokens": consumed_tokens,
                       "time": time.time()})
