@@ -698,8 +698,10 @@ alcf_build_train_args() {
     [[ -n "${MUP_BASE_WIDTH:-}" ]] && TRAIN_ARGS+=(--enable-mup "--mup-base-width=${MUP_BASE_WIDTH}")
     [[ -n "${DEPTH_BASE:-}" ]] && TRAIN_ARGS+=(--enable-depth-scale "--depth-base=${DEPTH_BASE}"
         "--depth-alpha=${DEPTH_ALPHA:-1.0}")
-    # fp32 gradient reduction: what ZeRO does with it; DeepSpeed's 16-bit stage 0 cannot (the trainer refuses it)
-    [[ "$ZERO_STAGE" != 0 || "$DTYPE" == fp32 ]] && TRAIN_ARGS+=(--accumulate-allreduce-grads-in-fp32)
+    # fp32 gradient accumulation and reduction; DeepSpeed's 16-bit stage 0 accumulates micro-batches in
+    # 16 bits (the trainer refuses the flag there), so it is not passed in that case
+    [[ "$ZERO_STAGE" != 0 || "$DTYPE" == fp32 || "$GRAD_ACC_STEPS" == 1 ]] \
+        && TRAIN_ARGS+=(--accumulate-allreduce-grads-in-fp32)
     TRAIN_ARGS+=(
         --adjust-word-embedding-init
         "--adam-beta1=${ADAM_BETA1}"

@@ -710,15 +710,14 @@ def ds_optimizer_block_problems(args: argparse.Namespace) -> list[str]:
 
 
 def fp32_grads_problem(args: argparse.Namespace) -> str | None:
-    """--accumulate-allreduce-grads-in-fp32 holds under ZeRO (fp32 gradient partitions) and in fp32 runs;
-    DeepSpeed's bf16/fp16 stage 0 accumulates and all-reduces the gradients in the 16-bit dtype."""
-    sixteen = args.bf16 or args.fp16
-    several = args.data_parallel_size * args.ds_sequence_parallel_size > 1 or args.num_micro_batches > 1
-    if (args.accumulate_allreduce_grads_in_fp32 and sixteen and args.zero_stage == 0 and several
+    """--accumulate-allreduce-grads-in-fp32: the reduction is fp32 (build_ds_config sets DeepSpeed's
+    communication_data_type); the accumulation over micro-batches is fp32 under ZeRO (its fp32 gradient
+    partitions) but 16-bit in DeepSpeed's bf16/fp16 stage 0, which is refused."""
+    dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+    if (args.accumulate_allreduce_grads_in_fp32 and dtype and args.zero_stage == 0 and args.num_micro_batches > 1
             and args.pipeline_model_parallel_size == 1):
-        return ("--accumulate-allreduce-grads-in-fp32: DeepSpeed's ZeRO stage 0 accumulates and all-reduces "
-                f"{'bf16' if args.bf16 else 'fp16'} gradients in {'bf16' if args.bf16 else 'fp16'}; use --zero-stage 1 "
-                "or higher, or drop the flag")
+        return (f"--accumulate-allreduce-grads-in-fp32: DeepSpeed's ZeRO stage 0 accumulates the micro-batches' "
+                f"{dtype} gradients in {dtype}; use --zero-stage 1 or higher, one micro-batch per step, or drop the flag")
     return None
 
 
