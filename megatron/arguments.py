@@ -105,7 +105,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-rotary-position-embeddings", action="store_true")
     g.add_argument("--rotary-position-embeddings-theta", dest="rope_theta", type=float, default=10000.0)
     g.add_argument("--rotary-percent", type=float, default=1.0)
-    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false")
+    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
+                   help="no learned absolute positions (what --use-rotary-position-embeddings already gives here)")
     g.add_argument("--normalization", choices=["layernorm", "rmsnorm"], default="layernorm")
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
     g.add_argument("--apply-layernorm-1p", action="store_true")
@@ -137,7 +138,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _init_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("initialization")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--data-parallel-random-init", action="store_true", help="refused: DeepSpeed broadcasts rank 0's weights")
+    g.add_argument("--data-parallel-random-init", action="store_true",
+                   help="refused: DeepSpeed broadcasts rank 0's weights")
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--adjust-word-embedding-init", action="store_true",
                    help="initialize word embeddings with --word-embedding-init-std (really applied here)")
@@ -174,7 +176,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--eval-on-start", action="store_true", help="evaluate once before the first step")
-    g.add_argument("--skip-train", action="store_true")
+    g.add_argument("--skip-train", action="store_true",
+                   help="no training iteration: load (--load), evaluate on the validation set once and exit")
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
     g.add_argument("--exit-signal-handler", action="store_true")
@@ -533,6 +536,9 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
             errs.append(message)
     if args.log_num_zeros_in_grad and pp > 1:
         errs.append("--log-num-zeros-in-grad is not supported with pipeline parallelism (PP > 1) yet; drop the flag")
+    if not args.add_position_embedding and not args.use_rotary_position_embeddings:
+        errs.append("--no-position-embedding without --use-rotary-position-embeddings (a model without position "
+                    "information) is not supported; add --use-rotary-position-embeddings or drop the flag")
     if args.use_checkpoint_args and not args.load:
         errs.append("--use-checkpoint-args needs --load (the checkpoint whose model arguments to use); add LOAD / "
                     "--load or drop the flag")
@@ -717,7 +723,8 @@ def fp32_grads_problem(args: argparse.Namespace) -> str | None:
     if (args.accumulate_allreduce_grads_in_fp32 and dtype and args.zero_stage == 0 and args.num_micro_batches > 1
             and args.pipeline_model_parallel_size == 1):
         return (f"--accumulate-allreduce-grads-in-fp32: DeepSpeed's ZeRO stage 0 accumulates the micro-batches' "
-                f"{dtype} gradients in {dtype}; use --zero-stage 1 or higher, one micro-batch per step, or drop the flag")
+                f"{dtype} gradients in {dtype}; use --zero-stage 1 or higher, one micro-batch per step, "
+                "or drop the flag")
     return None
 
 

@@ -366,12 +366,14 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     if args.eval_on_start and iteration == 0:
         summary["initial_val_loss"] = validate()
 
-    data_iter = guard.wrap_data(logger.count_corpora(iter(build_loader(train_ds, args, samples, args.dataloader_type))),
-                                iteration, args.num_micro_batches)
+    data_iter = None if args.skip_train else guard.wrap_data(  # --skip-train: a finished run's data is used up
+        logger.count_corpora(iter(build_loader(train_ds, args, samples, args.dataloader_type))),
+        iteration, args.num_micro_batches)
     engine.train()
     logger.watch(engine)  # --log-num-zeros-in-grad reads the gradient inside the step
     last_saved = iteration
-    while iteration < args.train_iters and not (args.train_tokens and tokens >= args.train_tokens):
+    while (not args.skip_train and iteration < args.train_iters  # --skip-train: only the evaluation below
+           and not (args.train_tokens and tokens >= args.train_tokens)):
         batches: list = []
         profiler.step(iteration + 1)
         loss = train_step(engine, data_iter, args, eod, device, timers, seen=batches, guard=guard,
