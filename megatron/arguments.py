@@ -216,7 +216,8 @@ def _optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--sgd-momentum", type=float, default=0.9)
-    g.add_argument("--cpu-optimizer", action="store_true")
+    g.add_argument("--cpu-optimizer", action="store_true",
+                   help="ZeRO optimizer offload to the CPU (offload_optimizer in the DeepSpeed config; ZeRO 1-3)")
     g.add_argument("--cpu_torch_adam", action="store_true", help="refused: use --optimizer adamw")
     g.add_argument("--ds_fused_adam", action="store_true", help="refused: use --optimizer ds.adamw")
     # per-optimizer flags (ALCF/notes/optimizers.md); `type=bool` upstream flags take true/false here
@@ -539,6 +540,8 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     if not args.add_position_embedding and not args.use_rotary_position_embeddings:
         errs.append("--no-position-embedding without --use-rotary-position-embeddings (a model without position "
                     "information) is not supported; add --use-rotary-position-embeddings or drop the flag")
+    if args.cpu_optimizer and args.zero_stage == 0:
+        errs.append("--cpu-optimizer offloads the optimizer with ZeRO: use --zero-stage 1, 2 or 3, or drop the flag")
     if args.use_checkpoint_args and not args.load:
         errs.append("--use-checkpoint-args needs --load (the checkpoint whose model arguments to use); add LOAD / "
                     "--load or drop the flag")

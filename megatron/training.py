@@ -45,7 +45,8 @@ def build_tokenizer_and_vocab(args):
         raise ArgumentError("no tokenizer: give --tokenizer-type/--tokenizer-model (TOKENIZER_TYPE/TOKENIZER_MODEL) "
                          "or --vocab-size")
     tok = build_tokenizer(ttype, args.tokenizer_model, vocab_size=args.vocab_size,
-                          vocab_file=args.vocab_file, merge_file=args.merge_file)
+                          vocab_file=args.vocab_file, merge_file=args.merge_file,
+                          trust_remote_code=args.trust_remote_code)
     args.vocab_size_orig = tok.vocab_size
     args.padded_vocab_size = pad_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by,
                                             args.tensor_model_parallel_size)
@@ -104,6 +105,8 @@ def build_ds_config(args) -> dict:
     if args.data_parallel_size * args.ds_sequence_parallel_size == 1:
         # one rank reduces nothing: contiguous gradients would only copy every gradient into a bucket
         zero.setdefault("contiguous_gradients", False)
+    if args.cpu_optimizer:  # --cpu-optimizer (CPU_OPTIMIZER=1 writes the same into the launcher's config)
+        zero.setdefault("offload_optimizer", {"device": "cpu"})
     if getattr(args, "overlap_grad_reduce", None):
         zero["overlap_comm"] = True
     if getattr(args, "ddp_bucket_size", None):
