@@ -629,7 +629,7 @@ alcf_ds_config_json() {
         ds.adamw)
             printf '  "optimizer": {\n    "type": "AdamW",\n    "params": {\n'
             # torch_adam: torch.optim.AdamW without an accelerator (DeepSpeed's FusedAdam is a GPU kernel)
-            local torch_adam=false; (( ${ACCEL_COUNT:-0} == 0 )) && torch_adam=true
+            local torch_adam=false; (( ACCEL_COUNT == 0 )) && torch_adam=true
             printf '      "lr": %s,\n      "betas": [%s, %s],\n      "eps": %s,\n      "weight_decay": %s,\n      "torch_adam": %s\n' \
                 "$(_alcf_json_number "$LR")" "$(_alcf_json_number "$ADAM_BETA1")" "$(_alcf_json_number "$ADAM_BETA2")" \
                 "$(_alcf_json_number "$ADAM_EPS")" "$(_alcf_json_number "$WEIGHT_DECAY")" "$torch_adam"

@@ -20,6 +20,8 @@ in upstream's order (upstream-spec §11.1) followed by `MFU` and `ETA`:
 * TFLOPs = `megatron.mfu.flops_per_iteration` / elapsed / 1e12 / world size (per device);
 * MFU = TFLOPs / the device's peak (`--peak-tflops`, a table, or a matmul measured at start-up);
 * ETA = iterations left × elapsed per iteration;
+* num_zeros / params_norm (after grad_norm, with --log-num-zeros-in-grad / --log-params-norm):
+  megatron/weight_stats.py;
 * lm loss = mean over the interval's iterations with a finite loss; NaN/inf iterations are
   counted in number_of_nan_iterations; skipped = optimizer steps DeepSpeed skipped in the interval.
 """

@@ -397,7 +397,6 @@ UPSTREAM_ENV = ("LAUNCH_WITH", "GPUS_PER_NODE", "TORCH_PROFILER_ENABLE", "DUMP_T
                 "PYINSTRUMENT_PROFILER", "WANDB_DISABLED")
 # read with a default by the launcher, but not a user setting: name -> who sets it
 NOT_SETTINGS = {
-    "ACCEL_COUNT": "the launcher (_alcf_detect_job counts the accelerators)",
     "MACHINE": "the launcher (alcf_machine_name)",
     "ORIG_PWD": "the launcher (alcf_main, the directory it was started from)",
     "PYTHON": "ALCF/env.sh (setup_python_env exports the interpreter)",
