@@ -535,6 +535,9 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     for dest, message in REFUSED_FLAGS.items():  # upstream flags whose promise cannot be kept here
         if getattr(args, dest, None) not in (None, False):
             errs.append(message)
+    if args.log_params_norm and pp > 1 and not args.untie_embeddings_and_output_weights:
+        errs.append("--log-params-norm with pipeline parallelism needs --untie-embeddings-and-output-weights (the "
+                    "tied embedding is held by the first and the last stage); add it or drop --log-params-norm")
     if args.log_num_zeros_in_grad and pp > 1:
         errs.append("--log-num-zeros-in-grad is not supported with pipeline parallelism (PP > 1) yet; drop the flag")
     if not args.add_position_embedding and not args.use_rotary_position_embeddings:

@@ -4,7 +4,8 @@ Both count every element of the model exactly once, whatever the layout:
 
 * tensor parallelism: a split tensor (`tensor_model_parallel=True`) is summed on every TP rank,
   a replicated one (norm weights) on TP rank 0 only;
-* pipeline parallelism: each stage sums its own layers;
+* pipeline parallelism: each stage sums its own layers (tied embeddings, held by two stages, are
+  refused with --log-params-norm; --log-num-zeros-in-grad is refused with PP > 1);
 * data / Ulysses-sequence parallelism: every replica holds the same numbers, so the world-wide
   sum is divided by the number of replicas, except for ZeRO-3 weights, where each rank sums only
   its own partition (`ds_tensor`, without the padding of the last one).
