@@ -837,3 +837,16 @@ def test_skip_train_save_and_reset_flags(tmp_path):
     run_trainer(argv(skip, "--load", str(save), "--no-load-optim", "--skip-train"))
     recs = records(skip)
     assert [r for r in recs if "lm_loss" in r] == [] and len([r for r in recs if "val_loss" in r]) == 1
+
+
+def test_weight_stats_flags_where_they_cannot_count_right():
+    """--log-num-zeros-in-grad is refused with PP > 1 (DeepSpeed's pipeline engine steps inside train_batch),
+    --log-params-norm with PP > 1 and tied embeddings (two stages hold the embedding)."""
+    pp = ["--pipeline-model-parallel-size", "2"]
+    tied = [t for t in BASE if t != "--untie-embeddings-and-output-weights"]
+    parse_args(BASE + pp + ["--log-params-norm"], env={"WORLD_SIZE": "2"})
+    with pytest.raises(ArgumentError, match="--log-params-norm with pipeline parallelism needs "
+                                            "--untie-embeddings-and-output-weights"):
+        parse_args(tied + pp + ["--log-params-norm"], env={"WORLD_SIZE": "2"})
+    with pytest.raises(ArgumentError, match="--log-num-zeros-in-grad is not supported with pipeline parallelism"):
+        parse_args(BASE + pp + ["--log-num-zeros-in-grad"], env={"WORLD_SIZE": "2"})
