@@ -637,11 +637,10 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
 
 
 # Environment variables of upstream's Python side that cannot be honoured: `name -> message`
-# (tests/test_flag_audit.py). TORCH_PROFILER_ENABLE and WANDB_DISABLED are honoured.
+# (tests/test_flag_audit.py). TORCH_PROFILER_ENABLE, WANDB_DISABLED and DUMP_TOKENS are honoured.
 REFUSED_ENV = {
-    "DUMP_TOKENS": "DUMP_TOKENS: dumping the token ids of every batch is not supported; unset DUMP_TOKENS",
-    "DUMP_SKIPPED_ITERS": "DUMP_SKIPPED_ITERS: not supported (skipped iterations are counted in the log line and "
-                          "metrics.jsonl); unset DUMP_SKIPPED_ITERS",
+    "DUMP_SKIPPED_ITERS": "DUMP_SKIPPED_ITERS: not supported (it prints the batches of upstream's "
+                          "--train-range-to-skip, which does not exist here); unset DUMP_SKIPPED_ITERS",
     "PYINSTRUMENT_PROFILER": "PYINSTRUMENT_PROFILER: not supported; unset it and use TORCH_PROFILER_ENABLE=1 "
                              "(or --profile pt)",
 }

@@ -50,6 +50,8 @@ TIMER_LEVELS = {"forward-backward": 1, "optimizer": 1, "batch-generator": 2, "fo
 # Level-0 timers whose time is kept out of the training throughput.
 EXCLUDED_TIMERS = ("evaluate", "save-checkpoint")
 
+DUMP_TOKENS_ITERATIONS = 10  # DUMP_TOKENS prints the batches of this many iterations
+
 __all__ = ["TrainLogger", "flops_per_iteration", "format_duration", "memory_stats", "TIMER_LEVELS"]
 
 
@@ -146,6 +148,7 @@ class TrainLogger:
     corpus_total: list[float] = field(default_factory=list)
     model_numel: int | None = None
     zeros: dict = field(default_factory=dict)  # --log-num-zeros-in-grad: the last count (weight_stats)
+    dump_tokens: bool = False  # DUMP_TOKENS (upstream's debug variable): print the first iterations' tokens
     totals: RunTotals = field(default_factory=RunTotals)
     _wandb_pending: dict = field(default_factory=dict)
 
@@ -174,8 +177,9 @@ class TrainLogger:
                   "set --peak-tflops to use another peak", flush=True)
         names = list(corpus_names or [])
         timers = Timers(log_level=args.timing_log_level, log_option=args.timing_log_option)
+        dump = os.environ.get("DUMP_TOKENS", "").strip().lower() not in ("", "0", "false", "no", "off")
         return cls(args, writer, metrics, run, timers, peak, names,
-                   corpus_interval=[0.0] * len(names), corpus_total=[0.0] * len(names))
+                   corpus_interval=[0.0] * len(names), corpus_total=[0.0] * len(names), dump_tokens=dump)
 
     def is_report(self, iteration: int) -> bool:
         """Iterations that print a line: every --log-interval and the last one."""
@@ -189,8 +193,14 @@ class TrainLogger:
             self.zeros = watch_zeros_in_grad(engine, self.is_report)
 
     def count_corpora(self, batches: Iterator[dict]) -> Iterator[dict]:
-        """Wrap the training data iterator: count the samples each corpus contributes."""
-        for batch in batches:
+        """Wrap the training data iterator: count the samples each corpus contributes; with DUMP_TOKENS,
+        rank 0 prints the first 10 samples of each micro-batch of the run's first 10 iterations (as upstream)."""
+        per_iteration = max(int(getattr(self.args, "num_micro_batches", 1) or 1), 1)
+        for k, batch in enumerate(batches):
+            if self.dump_tokens and self.args.rank == 0 and k < DUMP_TOKENS_ITERATIONS * per_iteration:
+                rows = torch.as_tensor(batch["text"])[:10].tolist()
+                print(f" DUMP_TOKENS iteration {k // per_iteration + 1} of this run, micro-batch "
+                      f"{k % per_iteration + 1}: text[:10] = {rows}", flush=True)
             idx = batch.get("dataset_idx") if isinstance(batch, dict) else None
             if idx is not None and self.corpus_names:
                 for d, n in zip(*torch.as_tensor(idx).long().flatten().unique(return_counts=True)):

@@ -396,3 +396,28 @@ def test_wandb_disabled_env_var(monkeypatch, tmp_path):
     for value in ("true", "1", "yes"):
         assert init_wandb(args, env={"WANDB_MODE": "offline", "WANDB_DISABLED": value}) is None
     assert init_wandb(args, env={"WANDB_MODE": "offline", "WANDB_DISABLED": "false"}) is not None
+
+
+def test_dump_tokens(monkeypatch, capsys):
+    """DUMP_TOKENS (upstream's debug variable): rank 0 prints the first 10 samples of every micro-batch of the
+    first 10 iterations; the batches pass through unchanged."""
+    from megatron.arguments import parse_args
+    from megatron.training_log import TrainLogger
+
+    args = parse_args(TINY_MODEL + ["--lr", "0.1", "--train-iters", "20", "--data-path", "x", "--peak-tflops", "1",
+                                    "--micro-batch-size", "12", "--global-batch-size", "24"], env={})
+    args.rank = 0
+    batches = [{"text": torch.arange(12 * 3).reshape(12, 3) + 100 * k} for k in range(30)]  # 2 per iteration
+    for value, printed in (("1", 20), ("", 0)):
+        monkeypatch.setenv("DUMP_TOKENS", value)
+        logger = TrainLogger.create(args)
+        assert list(logger.count_corpora(iter(batches))) == batches
+        logger.close()
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if "DUMP_TOKENS" in ln]
+        assert len(lines) == printed
+    assert lines == [] and printed == 0
+    monkeypatch.setenv("DUMP_TOKENS", "1")
+    TrainLogger.create(args).count_corpora(iter(batches[:3])).__next__()
+    first = [ln for ln in capsys.readouterr().out.splitlines() if "DUMP_TOKENS" in ln][0]
+    assert first == (" DUMP_TOKENS iteration 1 of this run, micro-batch 1: text[:10] = "
+                     f"{batches[0]['text'][:10].tolist()}")
