@@ -28,7 +28,9 @@
 #              ADAM_BETA1 [0.9], ADAM_BETA2 [0.95], ADAM_EPS [0.00001], CLIP_GRAD [1.0],
 #              DTYPE [machine; bf16 with an accelerator, fp32 on CPU], OVERRIDE_CKPT_OPT_PARAM
 #   logging    LOG_INTERVAL [1], EVAL_INTERVAL [100], EVAL_ITERS [20], SAVE_INTERVAL [50],
-#              TIMING_LOG_LEVEL [1], NO_TENSORBOARD, FLOPS_PROFILER, COMMS_LOGGER [false]
+#              TIMING_LOG_LEVEL [1], NO_TENSORBOARD, FLOPS_PROFILER, COMMS_LOGGER [false];
+#              read by the trainer: TORCH_PROFILER_ENABLE (1: torch profiler over the whole run,
+#              2: over --profile_steps), WANDB_DISABLED / WANDB_MODE=disabled (no W&B)
 #   data       DATA_FILE_LIST [demo list outside a job], TRAIN_SPLIT/VAL_SPLIT/TEST_SPLIT
 #              [990/10/0], TOKENIZER_TYPE [HFTokenizer], TOKENIZER_MODEL [google/gemma-7B, or a
 #              tokenizer.model next to the list], DEMO_DATA_DIR [WORKING_DIR/.cache/demo-data],
@@ -37,9 +39,9 @@
 #   MuP        MUP_BASE_WIDTH [unset: off], DEPTH_BASE [unset: off], DEPTH_ALPHA [1.0]
 #   paths      WORKING_DIR [PBS_O_WORKDIR, SLURM_SUBMIT_DIR, the repo], CKPT_DIR
 #              [checkpoints/<run name>], LOAD, SAVE [CKPT_DIR], EXEC [pretrain_gpt.py], VENV_DIR
-#   launch     NPROC [accelerators or 1], LAUNCHER [torchrun|mpiexec], HOSTFILE|PBS_NODEFILE,
-#              NGPU_PER_HOST, WORLD_SIZE, CPU_BIND, MPIEXEC, MASTER_ADDR [127.0.0.1], MASTER_PORT
-#              [a free port], OMP_NUM_THREADS,
+#   launch     NPROC [accelerators or 1], LAUNCHER|LAUNCH_WITH [torchrun; LAUNCH_WITH=MPICH is mpiexec],
+#              HOSTFILE|PBS_NODEFILE, NGPU_PER_HOST|GPUS_PER_NODE (ranks per node), WORLD_SIZE,
+#              CPU_BIND, MPIEXEC, MASTER_ADDR [127.0.0.1], MASTER_PORT [a free port], OMP_NUM_THREADS,
 #              BE|CCL|NCCL (backend), DRY_RUN, DEBUG, ALCF_HOSTNAME (host name used for machine
 #              detection and the log directory), CHECK_ARGS [1: run pretrain_gpt.py --check-args
 #              (flags, tokenizer, data files) before anything is written; 0: skip]
@@ -319,6 +321,16 @@ alcf_setup_params() {
     _alcf_alias TRAIN_ITERS TRAIN_ITER
     _alcf_alias HEADS NHEADS
     _alcf_alias NLAYERS NUM_LAYERS
+    _alcf_alias NGPU_PER_HOST GPUS_PER_NODE
+    # LAUNCH_WITH (upstream: MPICH or deepspeed) names the launcher too
+    case "${LAUNCH_WITH:-}" in
+        "") ;;
+        MPICH|mpich|mpiexec) LAUNCH_WITH=mpiexec ;;
+        torchrun) ;;
+        deepspeed) _alcf_err "LAUNCH_WITH=deepspeed is not supported (the deepspeed launcher); use LAUNCH_WITH=MPICH (mpiexec) or LAUNCHER=torchrun"; LAUNCH_WITH="" ;;
+        *) _alcf_err "LAUNCH_WITH='${LAUNCH_WITH}' is unknown; set LAUNCH_WITH=MPICH (mpiexec) or torchrun (or use LAUNCHER)"; LAUNCH_WITH="" ;;
+    esac
+    _alcf_alias LAUNCHER LAUNCH_WITH
     OPT="${OPT:-${OPTIMIZER:-${OPTIM:-}}}"
     _ALCF_USER_TOKENIZER_TYPE="${TOKENIZER_TYPE:-}"
     _ALCF_USER_TOKENIZER_MODEL="${TOKENIZER_MODEL:-}"
@@ -616,9 +628,11 @@ alcf_ds_config_json() {
             printf '    }\n  },\n' ;;
         ds.adamw)
             printf '  "optimizer": {\n    "type": "AdamW",\n    "params": {\n'
-            printf '      "lr": %s,\n      "betas": [%s, %s],\n      "eps": %s,\n      "weight_decay": %s,\n      "torch_adam": true\n' \
+            # torch_adam: torch.optim.AdamW without an accelerator (DeepSpeed's FusedAdam is a GPU kernel)
+            local torch_adam=false; (( ACCEL_COUNT == 0 )) && torch_adam=true
+            printf '      "lr": %s,\n      "betas": [%s, %s],\n      "eps": %s,\n      "weight_decay": %s,\n      "torch_adam": %s\n' \
                 "$(_alcf_json_number "$LR")" "$(_alcf_json_number "$ADAM_BETA1")" "$(_alcf_json_number "$ADAM_BETA2")" \
-                "$(_alcf_json_number "$ADAM_EPS")" "$(_alcf_json_number "$WEIGHT_DECAY")"
+                "$(_alcf_json_number "$ADAM_EPS")" "$(_alcf_json_number "$WEIGHT_DECAY")" "$torch_adam"
             printf '    }\n  },\n' ;;
     esac
     if [[ "$ZERO_STAGE" == 3 ]]; then
@@ -684,8 +698,9 @@ alcf_build_train_args() {
     [[ -n "${MUP_BASE_WIDTH:-}" ]] && TRAIN_ARGS+=(--enable-mup "--mup-base-width=${MUP_BASE_WIDTH}")
     [[ -n "${DEPTH_BASE:-}" ]] && TRAIN_ARGS+=(--enable-depth-scale "--depth-base=${DEPTH_BASE}"
         "--depth-alpha=${DEPTH_ALPHA:-1.0}")
+    # fp32 gradient accumulation and reduction (as upstream; always on in the trainer)
+    TRAIN_ARGS+=(--accumulate-allreduce-grads-in-fp32)
     TRAIN_ARGS+=(
-        --accumulate-allreduce-grads-in-fp32
         --adjust-word-embedding-init
         "--adam-beta1=${ADAM_BETA1}"
         "--adam-beta2=${ADAM_BETA2}"

@@ -31,6 +31,29 @@ from megatron.core.sequence_parallel import ulysses_problems
 
 FLASH_ATTN_FLAGS = ("use_flash_attn_v1", "use_flash_attn_v2", "use_flash_attn_triton", "use_flash_attn_builder")
 
+# Upstream flags accepted for command-line compatibility but refused when given, because what they
+# promise cannot happen here: one entry per flag, `dest -> the one-line message naming the fix`.
+# tests/test_flag_audit.py runs each through validate_args and asserts its message.
+REFUSED_FLAGS = {
+    "DDP_impl": "--DDP-impl: DeepSpeed is the data-parallel engine here (no Megatron or torch DDP); drop the flag",
+    "cpu_torch_adam": "--cpu_torch_adam: the optimizer is chosen by --optimizer (torch AdamW: --optimizer adamw; "
+                      "offloaded to the CPU: CPU_OPTIMIZER=1 / --cpu-optimizer); drop the flag",
+    "ds_fused_adam": "--ds_fused_adam: for DeepSpeed's own Adam use --optimizer ds.adamw (OPT=ds.adamw); drop the flag",
+    "mmap_warmup": "--mmap-warmup: not supported (the .bin/.idx files are memory-mapped and paged in on demand); "
+                   "drop the flag",
+    "data_parallel_random_init": "--data-parallel-random-init: DeepSpeed broadcasts rank 0's weights to every "
+                                 "data-parallel replica when it starts, so a per-replica initialization cannot "
+                                 "survive; drop the flag",
+    "no_initialization": "--no-initialization: not supported (the weights are always initialized, then replaced "
+                         "by --load); drop the flag",
+    "openai_gelu": "--openai-gelu: the tanh-approximated GELU is not implemented (GELU is the exact erf form; "
+                   "Llama models use --swiglu); drop the flag",
+    "embedding_weights_in_fp32": "--embedding-weights-in-fp32: not supported (embeddings are in the training "
+                                 "dtype); drop the flag",
+    "attention_softmax_in_fp32": "--attention-softmax-in-fp32: not selectable here "
+                                 "(scaled_dot_product_attention picks the softmax precision); drop the flag",
+}
+
 
 class ArgumentError(ValueError):
     """Invalid configuration; the message lists every problem, one per line."""
@@ -83,21 +106,22 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-rotary-position-embeddings", action="store_true")
     g.add_argument("--rotary-position-embeddings-theta", dest="rope_theta", type=float, default=10000.0)
     g.add_argument("--rotary-percent", type=float, default=1.0)
-    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false")
+    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
+                   help="no learned absolute positions (what --use-rotary-position-embeddings already gives here)")
     g.add_argument("--normalization", choices=["layernorm", "rmsnorm"], default="layernorm")
     g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
     g.add_argument("--apply-layernorm-1p", action="store_true")
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--squared-relu", action="store_true")
-    g.add_argument("--openai-gelu", action="store_true", help="accepted; GELU uses the exact erf form")
+    g.add_argument("--openai-gelu", action="store_true", help="refused: GELU is the exact erf form")
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--embedding-weights-in-fp32", action="store_true", help="accepted; no effect")
+    g.add_argument("--embedding-weights-in-fp32", action="store_true", help="refused")
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--no-query-key-layer-scaling", dest="apply_query_key_layer_scaling", action="store_false",
                    help="accepted; attention scaling is always 1/sqrt(d_head) (what this flag selects upstream)")
-    g.add_argument("--attention-softmax-in-fp32", action="store_true", help="accepted; sdpa handles precision")
+    g.add_argument("--attention-softmax-in-fp32", action="store_true", help="refused: sdpa picks the precision")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--fp16", action="store_true",
                    help="fp16 weights under DeepSpeed's fp16 optimizer with loss scaling (megatron/fp16.py)")
@@ -109,21 +133,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-flash-attn-builder", action="store_true")
     # CUDA fusion switches of upstream: accepted so launcher command lines work unchanged.
     for flag in ("--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-masked-softmax-fusion",
-                 "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
-                 "--accumulate-allreduce-grads-in-fp32"):
+                 "--no-gradient-accumulation-fusion", "--no-persist-layer-norm"):
         g.add_argument(flag, action="store_true", help="accepted; no fused kernels on this path")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="always on here: bf16/fp16 gradients are averaged across ranks and accumulated over "
+                        "micro-batches in fp32")
 
 
 def _init_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("initialization")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--data-parallel-random-init", action="store_true")
+    g.add_argument("--data-parallel-random-init", action="store_true",
+                   help="refused: DeepSpeed broadcasts rank 0's weights")
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--adjust-word-embedding-init", action="store_true",
                    help="initialize word embeddings with --word-embedding-init-std (really applied here)")
     g.add_argument("--word-embedding-init-std", type=float, default=0.02)
     g.add_argument("--init-method-xavier-uniform", action="store_true")
-    g.add_argument("--no-initialization", dest="perform_initialization", action="store_false")
+    g.add_argument("--no-initialization", action="store_true", help="refused (see --help of validate_args)")
 
 
 def _mup_args(p: argparse.ArgumentParser) -> None:
@@ -154,7 +181,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=1000)
     g.add_argument("--eval-iters", type=int, default=100)
     g.add_argument("--eval-on-start", action="store_true", help="evaluate once before the first step")
-    g.add_argument("--skip-train", action="store_true")
+    g.add_argument("--skip-train", action="store_true",
+                   help="no training iteration: load (--load), evaluate on the validation set once and exit")
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
     g.add_argument("--exit-signal-handler", action="store_true")
@@ -193,9 +221,10 @@ def _optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--sgd-momentum", type=float, default=0.9)
-    g.add_argument("--cpu-optimizer", action="store_true")
-    g.add_argument("--cpu_torch_adam", action="store_true")
-    g.add_argument("--ds_fused_adam", action="store_true")
+    g.add_argument("--cpu-optimizer", action="store_true",
+                   help="ZeRO optimizer offload to the CPU (offload_optimizer in the DeepSpeed config; ZeRO 1-3)")
+    g.add_argument("--cpu_torch_adam", action="store_true", help="refused: use --optimizer adamw")
+    g.add_argument("--ds_fused_adam", action="store_true", help="refused: use --optimizer ds.adamw")
     # per-optimizer flags (ALCF/notes/optimizers.md); `type=bool` upstream flags take true/false here
     g.add_argument("--sophiag-beta1", type=float, default=0.9)
     g.add_argument("--sophiag-beta2", type=float, default=0.95)
@@ -278,7 +307,9 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-load-lr-state", action="store_true")
     g.add_argument("--finetune", action="store_true")
-    g.add_argument("--use-checkpoint-args", action="store_true")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model-shape arguments (layers, hidden size, heads, FFN, sequence length...) from "
+                        "the checkpoint --load resumes, instead of the command line")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
     g.add_argument("--universal-checkpoint", action="store_true")
     g.add_argument("--reset-iteration", action="store_true")
@@ -299,9 +330,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", type=str, default="969, 30, 1")
     g.add_argument("--data-cache-path", type=str, default=None)
     g.add_argument("--data-impl", choices=["mmap", "infer"], default="infer")
-    g.add_argument("--mmap-warmup", action="store_true")
+    g.add_argument("--mmap-warmup", action="store_true", help="refused: pages are read on demand")
     g.add_argument("--num-workers", type=int, default=2)
-    g.add_argument("--dataloader-type", choices=["single", "cyclic"], default="single")
+    g.add_argument("--dataloader-type", choices=["single", "cyclic"], default="single",
+                   help="single: samples in order, each once; cyclic: a new random order of the whole training "
+                        "set every epoch (upstream's random sampler; megatron/data/samplers.py)")
     g.add_argument("--tokenizer-type", default=None,
                    choices=["BertWordPieceLowerCase", "BertWordPieceCase", "GPT2BPETokenizer", "SentencePieceTokenizer",
                             "GPTSentencePieceTokenizer", "HFTokenizer", "NullTokenizer", "Llama2Tokenizer"])
@@ -340,7 +373,7 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
                    help="a collective that waits longer than this (a rank died or hangs) fails, and the run "
                         "stops with one ERROR line naming the unresponsive rank(s) (fractions allowed: 0.1 = 6 s)")
     g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
-    g.add_argument("--DDP-impl", default="local", choices=["local", "torch"])
+    g.add_argument("--DDP-impl", default=None, choices=["local", "torch"], help="refused: DeepSpeed is the engine")
     g.add_argument("--overlap-grad-reduce", action="store_true", default=None,
                    help="ZeRO: overlap the gradient reduction with the backward (DeepSpeed overlap_comm; "
                         "default: the DeepSpeed config's value)")
@@ -362,10 +395,17 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-log-interval", type=int, default=1)
     g.add_argument("--tensorboard-queue-size", type=int, default=1000)
     for flag in ("--log-timers-to-tensorboard", "--log-batch-size-to-tensorboard",
-                 "--log-validation-ppl-to-tensorboard", "--log-optimizer-states-to-tensorboard",
-                 "--log-memory-to-tensorboard", "--log-world-size-to-tensorboard", "--log-params-norm",
-                 "--log-num-zeros-in-grad"):
+                 "--log-optimizer-states-to-tensorboard", "--log-world-size-to-tensorboard"):
         g.add_argument(flag, action="store_true")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
+                   help="also write the validation perplexity (exp of the loss) to TensorBoard")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="write the memory counters (max over ranks) to TensorBoard (metrics.jsonl always has them)")
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="params_norm= in the log line: L2 norm of all weights after the step, each element once "
+                        "over TP/PP/ZeRO-3 ranks (fp64 sums)")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true",
+                   help="num_zeros= in the log line: zero elements of the reduced gradient before the step")
     g.add_argument("--no-log-learnig-rate-to-tensorboard", dest="log_learning_rate_to_tensorboard", action="store_false")
     g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard", action="store_false")
     g.add_argument("--wandb-project", type=str, default=None)
@@ -487,6 +527,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
              f"size = {args.micro_batch_size} x {dp}; set GLOBAL_BATCH accordingly or change MICRO_BATCH")
 
     errs.extend(optimizer_problems(args))  # missing package, unsupported ZeRO stage (megatron/optimizer)
+    errs.extend(ds_optimizer_block_problems(args))  # a DeepSpeed config "optimizer" block DeepSpeed would ignore
     errs.extend(mup_problems(args))  # MuP / CompleteP flags (megatron/model/mup.py)
     errs.extend(parallel_problems(args))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
     errs.extend(pipeline_problems(args))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/pipeline_parallel.py)
@@ -496,6 +537,23 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     if args.reset_attention_mask and (pp > 1 or sp > 1):
         errs.append("--reset-attention-mask is not supported with pipeline (PP > 1) or Ulysses (SP > 1) parallelism "
                     "yet; drop it or use PP = SP = 1")
+
+    for dest, message in REFUSED_FLAGS.items():  # upstream flags whose promise cannot be kept here
+        if getattr(args, dest, None) not in (None, False):
+            errs.append(message)
+    if args.log_params_norm and pp > 1 and not args.untie_embeddings_and_output_weights:
+        errs.append("--log-params-norm with pipeline parallelism needs --untie-embeddings-and-output-weights (the "
+                    "tied embedding is held by the first and the last stage); add it or drop --log-params-norm")
+    if args.log_num_zeros_in_grad and pp > 1:
+        errs.append("--log-num-zeros-in-grad is not supported with pipeline parallelism (PP > 1) yet; drop the flag")
+    if not args.add_position_embedding and not args.use_rotary_position_embeddings:
+        errs.append("--no-position-embedding without --use-rotary-position-embeddings (a model without position "
+                    "information) is not supported; add --use-rotary-position-embeddings or drop the flag")
+    if args.cpu_optimizer and args.zero_stage == 0:
+        errs.append("--cpu-optimizer offloads the optimizer with ZeRO: use --zero-stage 1, 2 or 3, or drop the flag")
+    if args.use_checkpoint_args and not args.load:
+        errs.append("--use-checkpoint-args needs --load (the checkpoint whose model arguments to use); add LOAD / "
+                    "--load or drop the flag")
 
     # Upstream flags whose behaviour is not implemented here yet: refuse rather than ignore.
     unsupported = {
@@ -586,12 +644,96 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
     args.zero_stage_requested, args.zero_stage = args.zero_stage, 0
 
 
+# Environment variables of upstream's Python side that cannot be honoured: `name -> message`
+# (tests/test_flag_audit.py). TORCH_PROFILER_ENABLE, WANDB_DISABLED and DUMP_TOKENS are honoured.
+REFUSED_ENV = {
+    "DUMP_SKIPPED_ITERS": "DUMP_SKIPPED_ITERS: not supported (it prints the batches of upstream's "
+                          "--train-range-to-skip, which does not exist here); unset DUMP_SKIPPED_ITERS",
+    "PYINSTRUMENT_PROFILER": "PYINSTRUMENT_PROFILER: not supported; unset it and use TORCH_PROFILER_ENABLE=1 "
+                             "(or --profile pt)",
+}
+_OFF = ("", "0", "false", "no", "off")
+
+
+def env_problems(env) -> list[str]:
+    errs = [msg for name, msg in REFUSED_ENV.items() if env.get(name, "").strip().lower() not in _OFF]
+    tpe = env.get("TORCH_PROFILER_ENABLE", "").strip()
+    if tpe not in ("", "0", "1", "2"):
+        errs.append(f"TORCH_PROFILER_ENABLE={tpe!r}: use 1 (profile the whole run), 2 (the --profile_steps "
+                    "window) or 0")
+    return errs
+
+
+def apply_profiler_env(args: argparse.Namespace, env) -> None:
+    """TORCH_PROFILER_ENABLE (upstream): 1 = torch profiler over the whole run, 2 = over --profile_steps;
+    the same profiler as --profile pt, which wins when given."""
+    tpe = env.get("TORCH_PROFILER_ENABLE", "").strip()
+    if tpe in ("1", "2") and args.profile is None:
+        args.profile = "pt"
+        if tpe == "1":
+            args.profile_steps = f"1,{args.train_iters}"
+
+
+# Model-shape arguments --use-checkpoint-args takes from the checkpoint (upstream's list, as recorded here).
+CHECKPOINT_MODEL_ARGS = ("seq_length", "max_position_embeddings", "layernorm_epsilon", "rope_theta", "rotary_percent",
+                         "make_vocab_size_divisible_by")
+
+
+def apply_checkpoint_args(args: argparse.Namespace) -> list[str]:
+    """--use-checkpoint-args: set the model-shape arguments to those saved with the checkpoint --load
+    resumes (they replace the command line's). Returns problems."""
+    if not (args.use_checkpoint_args and args.load):
+        return []
+    from megatron.checkpointing import ARCH_FIELDS, read_saved_args, read_tag  # noqa: PLC0415
+
+    tag = (args.load_tag or read_tag(args.load, bool(args.universal_checkpoint))) if os.path.isdir(args.load) else None
+    saved = read_saved_args(os.path.join(args.load, tag)) if tag else None
+    if not saved:
+        return [f"--use-checkpoint-args: no checkpoint with saved arguments in {args.load} (tag {tag}); check "
+                "LOAD / --load, or drop the flag and give the model flags"]
+    args.checkpoint_args_used = {}
+    for k in ARCH_FIELDS + CHECKPOINT_MODEL_ARGS:
+        if saved.get(k) is not None:
+            if getattr(args, k, None) != saved[k]:
+                args.checkpoint_args_used[k] = saved[k]
+            setattr(args, k, saved[k])
+    return []
+
+
+# Registry names that DeepSpeed builds from an "optimizer" block of the DeepSpeed config -> that block's type.
+DS_BLOCK_TYPES = {"ds.adamw": "adamw", "ds.onebitlamb": "onebitlamb"}
+
+
+def ds_optimizer_block_problems(args: argparse.Namespace) -> list[str]:
+    """An "optimizer" block in the DeepSpeed config must be the one --optimizer builds: DeepSpeed silently
+    ignores the block when given a client optimizer (every other registry name)."""
+    path = args.deepspeed_config
+    if not path or not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            block = json.load(f).get("optimizer")
+    except (OSError, ValueError, AttributeError):
+        return []  # an unreadable config is reported where it is read
+    if not block:
+        return []
+    kind = str(block.get("type", "")).lower()
+    want = DS_BLOCK_TYPES.get(args.optimizer)
+    if want == kind:
+        return []
+    alt = [n for n, t in DS_BLOCK_TYPES.items() if t == kind]
+    fix = f"use --optimizer {alt[0]} (OPT={alt[0]}) or remove the block" if alt else "remove the block"
+    builds = f"builds DeepSpeed's {want}" if want else "builds its own optimizer and DeepSpeed would ignore the block"
+    return [f"--deepspeed_config {path} has an \"optimizer\" block of type {block.get('type')!r}, but --optimizer "
+            f"{args.optimizer} {builds}: {fix}"]
+
+
 def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespace:
     """Check the configuration and fill derived fields. Raises ArgumentError listing all problems."""
     world_size = int(env.get("WORLD_SIZE") or env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE")
                      or env.get("SLURM_NTASKS") or 1)
     args.world_size = world_size
-    errs = _problems(args, world_size)
+    errs = apply_checkpoint_args(args) + env_problems(env) + _problems(args, world_size)
     if errs:
         raise ArgumentError("\n".join(errs))
 
@@ -610,6 +752,7 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
             "default)")
     if args.train_iters is None:
         args.train_iters = args.train_samples // args.global_batch_size
+    apply_profiler_env(args, env)
     if args.num_key_value_heads is None:
         args.num_key_value_heads = args.num_attention_heads
     if args.max_position_embeddings is None:

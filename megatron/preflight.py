@@ -25,7 +25,8 @@ def tokenizer_vocab(args: argparse.Namespace) -> tuple[int | None, list[str]]:
                       "or --vocab-size"]
     try:
         tok = build_tokenizer(ttype, args.tokenizer_model, vocab_size=args.vocab_size,
-                              vocab_file=args.vocab_file, merge_file=args.merge_file)
+                              vocab_file=args.vocab_file, merge_file=args.merge_file,
+                              trust_remote_code=args.trust_remote_code)
         return pad_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by,
                               args.tensor_model_parallel_size), []
     except (OSError, ValueError, RuntimeError, TypeError) as e:  # sentencepiece raises RuntimeError on a bad file

@@ -48,7 +48,8 @@ def build_tokenizer_and_vocab(args):
         raise ArgumentError("no tokenizer: give --tokenizer-type/--tokenizer-model (TOKENIZER_TYPE/TOKENIZER_MODEL) "
                          "or --vocab-size")
     tok = build_tokenizer(ttype, args.tokenizer_model, vocab_size=args.vocab_size,
-                          vocab_file=args.vocab_file, merge_file=args.merge_file)
+                          vocab_file=args.vocab_file, merge_file=args.merge_file,
+                          trust_remote_code=args.trust_remote_code)
     args.vocab_size_orig = tok.vocab_size
     args.padded_vocab_size = pad_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by,
                                             args.tensor_model_parallel_size)
@@ -107,6 +108,8 @@ def build_ds_config(args) -> dict:
     if args.data_parallel_size * args.ds_sequence_parallel_size == 1:
         # one rank reduces nothing: contiguous gradients would only copy every gradient into a bucket
         zero.setdefault("contiguous_gradients", False)
+    if args.cpu_optimizer:  # --cpu-optimizer (CPU_OPTIMIZER=1 writes the same into the launcher's config)
+        zero.setdefault("offload_optimizer", {"device": "cpu"})
     if getattr(args, "overlap_grad_reduce", None):
         zero["overlap_comm"] = True
     if getattr(args, "ddp_bucket_size", None):
@@ -165,13 +168,14 @@ def build_datasets(args):
         rank=rank, world_size=world, barrier=dist.barrier if distributed else None)
 
 
-def build_loader(dataset, args, consumed_samples: int):
-    from megatron.data.samplers import MegatronPretrainingSampler  # noqa: PLC0415
+def build_loader(dataset, args, consumed_samples: int, dataloader_type: str = "single"):
+    """Validation reads in order (the same samples every time); training as --dataloader-type says."""
+    from megatron.data.samplers import build_sampler  # noqa: PLC0415
 
     if dataset is None:
         return None
-    sampler = MegatronPretrainingSampler(
-        total_samples=len(dataset), consumed_samples=consumed_samples,
+    sampler = build_sampler(
+        dataloader_type, total_samples=len(dataset), consumed_samples=consumed_samples,
         micro_batch_size=args.micro_batch_size,
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size())
@@ -370,11 +374,14 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     if args.eval_on_start and iteration == 0:
         summary["initial_val_loss"] = validate()
 
-    data_iter = guard.wrap_data(logger.count_corpora(iter(build_loader(train_ds, args, samples))),
-                                iteration, args.num_micro_batches)
+    data_iter = None if args.skip_train else guard.wrap_data(  # --skip-train: a finished run's data is used up
+        logger.count_corpora(iter(build_loader(train_ds, args, samples, args.dataloader_type))),
+        iteration, args.num_micro_batches)
     engine.train()
+    logger.watch(engine)  # --log-num-zeros-in-grad reads the gradient inside the step
     last_saved = iteration
-    while iteration < args.train_iters and not (args.train_tokens and tokens >= args.train_tokens):
+    while (not args.skip_train and iteration < args.train_iters  # --skip-train: only the evaluation below
+           and not (args.train_tokens and tokens >= args.train_tokens)):
         batches: list = []
         profiler.step(iteration + 1)
         loss = train_step(engine, data_iter, args, eod, device, timers, seen=batches, guard=guard,

@@ -20,6 +20,8 @@ in upstream's order (upstream-spec §11.1) followed by `MFU` and `ETA`:
 * TFLOPs = `megatron.mfu.flops_per_iteration` / elapsed / 1e12 / world size (per device);
 * MFU = TFLOPs / the device's peak (`--peak-tflops`, a table, or a matmul measured at start-up);
 * ETA = iterations left × elapsed per iteration;
+* num_zeros / params_norm (after grad_norm, with --log-num-zeros-in-grad / --log-params-norm):
+  megatron/weight_stats.py;
 * lm loss = mean over the interval's iterations with a finite loss; NaN/inf iterations are
   counted in number_of_nan_iterations; skipped = optimizer steps DeepSpeed skipped in the interval.
 """
@@ -48,6 +50,8 @@ TIMER_LEVELS = {"forward-backward": 1, "optimizer": 1, "batch-generator": 2, "fo
                 "backward-compute": 2}
 # Level-0 timers whose time is kept out of the training throughput.
 EXCLUDED_TIMERS = ("evaluate", "save-checkpoint")
+
+DUMP_TOKENS_ITERATIONS = 10  # DUMP_TOKENS prints the batches of this many iterations
 
 __all__ = ["TrainLogger", "flops_per_iteration", "format_duration", "memory_stats", "TIMER_LEVELS"]
 
@@ -144,6 +148,8 @@ class TrainLogger:
     corpus_interval: list[float] = field(default_factory=list)
     corpus_total: list[float] = field(default_factory=list)
     model_numel: int | None = None
+    zeros: dict = field(default_factory=dict)  # --log-num-zeros-in-grad: the last count (weight_stats)
+    dump_tokens: bool = False  # DUMP_TOKENS (upstream's debug variable): print the first iterations' tokens
     totals: RunTotals = field(default_factory=RunTotals)
     _wandb_pending: dict = field(default_factory=dict)
 
@@ -174,12 +180,30 @@ class TrainLogger:
                   "set --peak-tflops to use another peak", flush=True)
         names = list(corpus_names or [])
         timers = Timers(log_level=args.timing_log_level, log_option=args.timing_log_option)
+        dump = os.environ.get("DUMP_TOKENS", "").strip().lower() not in ("", "0", "false", "no", "off")
         return cls(args, writer, metrics, run, timers, peak, names, last_skipped=skipped_steps,
-                   corpus_interval=[0.0] * len(names), corpus_total=[0.0] * len(names))
+                   corpus_interval=[0.0] * len(names), corpus_total=[0.0] * len(names), dump_tokens=dump)
+
+    def is_report(self, iteration: int) -> bool:
+        """Iterations that print a line: every --log-interval and the last one."""
+        return iteration % self.args.log_interval == 0 or iteration == self.args.train_iters
+
+    def watch(self, engine) -> None:
+        """Hook what must be read inside the step (--log-num-zeros-in-grad: the gradient before the update)."""
+        if getattr(self.args, "log_num_zeros_in_grad", False):
+            from megatron.weight_stats import watch_zeros_in_grad  # noqa: PLC0415
+
+            self.zeros = watch_zeros_in_grad(engine, self.is_report)
 
     def count_corpora(self, batches: Iterator[dict]) -> Iterator[dict]:
-        """Wrap the training data iterator: count the samples each corpus contributes."""
-        for batch in batches:
+        """Wrap the training data iterator: count the samples each corpus contributes; with DUMP_TOKENS,
+        rank 0 prints the first 10 samples of each micro-batch of the run's first 10 iterations (as upstream)."""
+        per_iteration = max(int(getattr(self.args, "num_micro_batches", 1) or 1), 1)
+        for k, batch in enumerate(batches):
+            if self.dump_tokens and self.args.rank == 0 and k < DUMP_TOKENS_ITERATIONS * per_iteration:
+                rows = torch.as_tensor(batch["text"])[:10].tolist()
+                print(f" DUMP_TOKENS iteration {k // per_iteration + 1} of this run, micro-batch "
+                      f"{k % per_iteration + 1}: text[:10] = {rows}", flush=True)
             idx = batch.get("dataset_idx") if isinstance(batch, dict) else None
             if idx is not None and self.corpus_names:
                 for d, n in zip(*torch.as_tensor(idx).long().flatten().unique(return_counts=True)):
@@ -224,7 +248,7 @@ class TrainLogger:
             self.totals.start_iteration = iteration - 1
             self.totals.start_tokens = consumed_tokens - a.global_batch_size * a.seq_length
         self.window.append(loss.detach())
-        if iteration % a.log_interval and iteration != a.train_iters:
+        if not self.is_report(iteration):
             return
         losses = torch.stack(self.window).float().tolist()  # one host sync per log interval
         first_iter = iteration - len(losses) + 1
@@ -266,6 +290,13 @@ class TrainLogger:
         self.corpus_interval = [0.0] * len(self.corpus_names)
         mem = memory_stats(getattr(a, "device_type", "cpu"))
         mem = dict(zip(mem, _all_reduce(list(mem.values()), op=dist.ReduceOp.MAX if dist.is_initialized() else None)))
+        extra = {}  # optional fields of the line, upstream's names
+        if self.zeros.get("iteration") == iteration:
+            extra["num_zeros"] = self.zeros["num_zeros"]
+        if getattr(a, "log_params_norm", False):
+            from megatron.weight_stats import params_norm  # noqa: PLC0415
+
+            extra["params_norm"] = params_norm(engine.module)
         opt_stats = {}
         if a.log_optimizer_states_to_tensorboard:
             from megatron.optimizer_stats import optimizer_state_stats  # noqa: PLC0415
@@ -278,7 +309,9 @@ class TrainLogger:
             print(f" iteration={iteration:8d}/{a.train_iters:8d} | consumed_samples={consumed_samples:12d} | "
                   f"consumed_tokens={consumed_tokens:14d} | elapsed_time_per_iteration_ms={elapsed * 1e3:.1f} | "
                   f"learning_rate={lr:.6e} | global_batch_size={a.global_batch_size:5d} | lm loss={loss_avg:.6f} | "
-                  f"loss_scale={loss_scale:.1f} | grad_norm={grad_norm:.6f} | actual_seqlen={a.seq_length:5d} | "
+                  f"loss_scale={loss_scale:.1f} | grad_norm={grad_norm:.6f} | "
+                  + "".join(f"{k}={v} | " if isinstance(v, int) else f"{k}={v:.6f} | " for k, v in extra.items())
+                  + f"actual_seqlen={a.seq_length:5d} | "
                   f"number_of_skipped_iterations={n_skipped:3d} | number_of_nan_iterations={n_nan:3d} | "
                   f"samples_per_second={samples_s:.3f} | tokens_per_gpu_per_second_tgs={tgs:.3f} | "
                   f"TFLOPs={_fmt_tflops(tflops)} | MFU={mfu * 100:.2f}% | ETA={format_duration(eta)} |", flush=True)
@@ -323,7 +356,12 @@ class TrainLogger:
             "throughput/mfu": mfu,
             "throughput/eta_hours": eta / 3600,
         }
-        scalars.update({f"memory/{k}": v for k, v in mem.items()})
+        if a.log_memory_to_tensorboard:
+            scalars.update({f"memory/{k}": v for k, v in mem.items()})
+        if "num_zeros" in extra:
+            scalars["training/num-zeros"] = extra["num_zeros"]
+        if "params_norm" in extra:
+            scalars["training/params-norm"] = extra["params_norm"]
         scalars.update({f"optimizer/{k}": v for k, v in opt_stats.items()})
         scalars.update({f"corpus/{n}": t for n, t in zip(self.corpus_names, self.corpus_total)})
         if a.log_timers_to_tensorboard:
@@ -334,7 +372,7 @@ class TrainLogger:
         self._flush_wandb()
         self._record({
             "iteration": iteration, "lm_loss": loss_avg, "losses": losses, "lr": lr, "grad_norm": grad_norm,
-            "loss_scale": loss_scale, "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
+            "loss_scale": loss_scale, **extra, "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
             "ms_per_iter": elapsed * 1e3, "samples_per_sec": samples_s, "tokens_per_sec": tokens_s,
             "tokens_per_gpu_per_sec": tgs, "tflops": tflops, "mfu": mfu, "eta_seconds": eta,
             "skipped_iterations": n_skipped, "skipped_iterations_total": skipped_total, "nan_iterations": n_nan, "memory": mem, "optimizer": opt_stats,
@@ -353,10 +391,11 @@ class TrainLogger:
         if consumed_samples is None:
             consumed_samples = consumed_tokens // self.args.seq_length
         self._scalar("lm-loss-validation/lm loss validation", loss, iteration)
-        self._scalar("lm-loss-validation/lm loss validation ppl", ppl, iteration)
         self._scalar("lm-loss-validation/lm loss validation vs samples", loss, consumed_samples, wandb=False)
         self._scalar("lm-loss-validation/lm loss validation vs tokens", loss, consumed_tokens, wandb=False)
-        self._scalar("lm-loss-validation/lm loss validation ppl vs tokens", ppl, consumed_tokens, wandb=False)
+        if self.args.log_validation_ppl_to_tensorboard:
+            self._scalar("lm-loss-validation/lm loss validation ppl", ppl, iteration)
+            self._scalar("lm-loss-validation/lm loss validation ppl vs tokens", ppl, consumed_tokens, wandb=False)
         self._flush_wandb()
         self._record({"iteration": iteration, "val_loss": loss, "val_ppl": ppl, "consumed_tokens": consumed_tokens,
                       "time": time.time()})

@@ -1,4 +1,5 @@
-"""Weights & Biases, optional: used when `wandb` is importable and `WANDB_MODE` is not `disabled`.
+"""Weights & Biases, optional: used when `wandb` is importable, `WANDB_MODE` is not `disabled` and
+`WANDB_DISABLED` (the name upstream's docs give) is not set to true/1/yes.
 
 Project: `--wandb-project`, else `WB_PROJECT`, else `WANDB_PROJECT`, else "AuroraGPT" (upstream's
 order). Run name: `--wandb-exp-name` (else W&B's own). Files: `--wandb-save-dir`, else the run's
@@ -19,9 +20,15 @@ def wandb_project(args, env=os.environ) -> str:
     return getattr(args, "wandb_project", None) or env.get("WB_PROJECT") or env.get("WANDB_PROJECT") or "AuroraGPT"
 
 
+def wandb_disabled(env=os.environ) -> bool:
+    """WANDB_MODE=disabled, or WANDB_DISABLED=true/1/yes (upstream documented the latter, read the former)."""
+    return (env.get("WANDB_MODE", "").lower() == "disabled"
+            or env.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes", "on"))
+
+
 def init_wandb(args, env=os.environ):
     """A wandb run on rank 0 (or None: other ranks, not installed, WANDB_MODE=disabled, or failure)."""
-    if getattr(args, "rank", 0) != 0 or env.get("WANDB_MODE", "").lower() == "disabled":
+    if getattr(args, "rank", 0) != 0 or wandb_disabled(env):
         return None
     try:
         import wandb  # noqa: PLC0415

@@ -135,7 +135,8 @@ def ref_run(data_list, tmp_path_factory):
     """1 rank, ZeRO-1 fp32, 2N iterations, checkpoint at N and 2N (keep-last-n 1 -> only the last)."""
     out = str(tmp_path_factory.mktemp("ref1"))
     save = os.path.join(out, "ckpt")
-    run_trainer(trainer_args(data_list, out, extra=("--save", save, "--save-interval", "1", "--keep-last-n", "2")))
+    run_trainer(trainer_args(data_list, out, extra=("--save", save, "--save-interval", "1", "--keep-last-n", "2",
+                                                    "--log-optimizer-states-to-tensorboard")))
     return out, save, metrics(out)
 
 
@@ -168,14 +169,24 @@ def test_no_load_flags_and_finetune(ref_run, data_list, tmp_path):
     got = {}
     for name, flags in cases.items():
         out = str(tmp_path / name)
-        run_trainer(trainer_args(data_list, out, iters=2 * N, extra=("--load", ckpt, *flags)))
+        run_trainer(trainer_args(data_list, out, iters=2 * N,
+                                 extra=("--load", ckpt, "--log-optimizer-states-to-tensorboard", *flags)))
         got[name] = metrics(out)
     # full resume: the step after `start` equals the uninterrupted run
     assert_same_run(got["full"], want, [2 * N])
     # the loss of the first step depends on weights only: same for every variant that resumes there
     assert got["no-optim"][2 * N]["lm_loss"] == pytest.approx(want[2 * N]["lm_loss"], abs=1e-6)
     assert got["no-lr"][2 * N]["lm_loss"] == pytest.approx(want[2 * N]["lm_loss"], abs=1e-6)
-    # ... but the optimizer step differs (fresh moments) -> the logged step count and LR tell
+    # ... but the optimizer step differs: the Adam moments after step 2N (logged statistics of the real state)
+    # continue the saved ones in the full resume and start from zero with --no-load-optim
+    # (after one step from zero: |m| = (1 - beta1) |g| and v = (1 - beta2) g^2, far below the resumed ones)
+    for stat in ("momentum_l2", "variance_l2"):
+        full, fresh = (got[k][2 * N]["optimizer"][stat] for k in ("full", "no-optim"))
+        ref = want[2 * N]["optimizer"][stat]
+        assert full == pytest.approx(ref, rel=1e-5), stat
+        assert fresh < 0.7 * ref, (stat, fresh, ref)
+    assert got["no-optim"][2 * N]["optimizer"]["weight_l2"] != pytest.approx(want[2 * N]["optimizer"]["weight_l2"],
+                                                                           rel=1e-7)
     assert got["no-optim"][2 * N]["lr"] == pytest.approx(want[2 * N]["lr"], rel=1e-12)
     # --no-load-lr-state: the scheduler restarts from 0 samples (warmup of 2 iterations: LR/2 after 1 step)
     assert got["no-lr"][2 * N]["lr"] == pytest.approx(0.003 * 1 / 2, rel=1e-9)

@@ -57,6 +57,7 @@ def test_skips_counted_in_a_row_and_abort(caplog):
 
 
 def test_loss_spike_logged(caplog):
+    """--loss-spike-factor F (NumericsGuard.spike_factor): a loss above F x its running mean is logged."""
     g = NumericsGuard(spike_factor=3.0)
     with caplog.at_level(logging.WARNING, logger="megatron.numerics"):
         for it in range(1, 7):

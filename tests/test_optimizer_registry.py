@@ -27,7 +27,7 @@ BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 # upstream's spellings (ALCF guide) plus the names users ask for
 UPSTREAM = ["adam", "adamw", "adam8bit", "adamwschedulefree", "sgdschedulefree", "apex.adam", "apex.sgd",
             "ds.fusedlamb", "ds.onebitlamb", "galoreadamw", "galoreadamw8bit", "galoreadamw8bitperlayer",
-            "ipex.fusedlamb", "ipex.lamb", "dshampooadamw", "sophiag", "adopt", "muon", "muonclip"]
+            "ipex.fusedlamb", "ipex.lamb", "dshampooadamw", "sophiag", "adopt", "muon", "muonclip", "ds.adamw"]
 EXTRA = ["sgd", "lamb", "lion", "ademamix"]
 
 SHAMPOO = ("--optimizer dshampooadamw needs Distributed Shampoo (facebookresearch/optimizers) (python module "
@@ -36,6 +36,11 @@ SHAMPOO = ("--optimizer dshampooadamw needs Distributed Shampoo (facebookresearc
 
 def runs(lr: float, warns: str | None = None, first_step_moves: bool = True) -> dict:
     return {"lr": lr, "warns": warns, "first_step_moves": first_step_moves}
+
+
+def deepspeed_block(kind: str) -> dict:
+    """Built by DeepSpeed from an "optimizer" block (its math: tests/test_launcher_optimizers.py)."""
+    return {"ds_block": kind}
 
 
 def refused(module: str | None, *lines: str) -> dict:
@@ -76,6 +81,7 @@ TABLE: dict[str, dict] = {
     "muonclip": runs(1e-2),
     "lion": runs(1e-3),
     "ademamix": runs(1e-2),
+    "ds.adamw": deepspeed_block("AdamW"),
 }
 
 
@@ -97,7 +103,7 @@ def test_choices_and_help_come_from_the_registry(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'adamx'" in err and "ademamix" in err and "muonclip" in err
-    with pytest.raises(ValueError, match=r"unknown optimizer .adamx.; valid names: adamw, adam, sgd, apex.adam, "):
+    with pytest.raises(ValueError, match=r"unknown optimizer .adamx.; valid names: adamw, adam, sgd, ds.adamw, apex.adam, "):
         get_entry("adamx")
 
 
@@ -115,6 +121,11 @@ def test_every_name_steps_or_is_refused_at_startup(name, caplog, monkeypatch):
     monkeypatch.setattr(registry, "_warned", set())  # warn_once remembers across tests
     args = parse_args(argv + ["--sophiag-hessian-interval", "1"])
     model = tiny_model()
+    if "ds_block" in row:
+        built = build_optimizer(model, args)
+        assert isinstance(built, registry.DeepSpeedOptimizer) and built.config["type"] == row["ds_block"]
+        assert [p for g in built.param_groups for p in g["params"]] and built.config["params"]["lr"] == args.lr
+        return
     with caplog.at_level(logging.WARNING, logger="megatron.optimizer"):
         opt = build_optimizer(model, args)
         build_optimizer(tiny_model(), args)  # a second build does not warn again

@@ -1,7 +1,9 @@
 """Optimizer state through our checkpoints, for EVERY optimizer of the registry that runs here.
 
 For each registry name (at ZeRO 0, where every client optimizer runs on the real weights) and for
-the ZeRO-1 paths (DeepSpeed's ZeRO Muon, a client optimizer on flat partitions): run 3 iterations
+the ZeRO-1 paths (DeepSpeed's ZeRO Muon, a client optimizer on flat partitions; --keep-zero-stage, so
+the single replica really runs DeepSpeed's ZeRO-1 optimizer and not stage 0, which the test asserts
+from the engine): run 3 iterations
 saving at 2 (`checkpointing.save_checkpoint`, the uninterrupted reference), resume the iteration-2
 checkpoint (`checkpointing.load_checkpoint`) and run iteration 3. Iteration 3's loss, the weights
 and every optimizer state tensor after it must equal the reference (<= 1e-6, fp32). A third run
@@ -51,6 +53,7 @@ def base_argv(name: str, zero: int) -> list[str]:
         "--clip-grad", "1.0", "--lr-decay-style", "constant", "--lr-warmup-iters", "1", "--sgd-momentum", "0.9",
         "--sophiag-hessian-interval", "2", "--muonclip-t", "0.5", "--log-interval", "1",
         "--eval-interval", "1000", "--eval-iters", "0", "--num-workers", "0", "--deepspeed", "--seed", "1234",
+        *(["--keep-zero-stage"] if zero else []),  # one replica would otherwise run ZeRO-1 as stage 0
     ]
 
 
@@ -94,7 +97,8 @@ def _run(name: str, zero: int, data_list: str, out: str, extra: list[str]) -> di
     opt_state = client_optimizer(engine).state_dict()["state"]
     tensors = {f"{k}.{s}": v.detach().clone().float() for k, st in opt_state.items()
                for s, v in st.items() if torch.is_tensor(v)}
-    return {"losses": losses, "start": state.iteration,
+    return {"losses": losses, "start": state.iteration, "stage": engine.zero_optimization_stage(),
+            "zero_optimizer": type(engine.optimizer).__name__,
             "weights": {n: p.detach().clone() for n, p in engine.module.named_parameters()}, "state": tensors}
 
 
@@ -150,6 +154,9 @@ def test_save_load_next_step_equals_uninterrupted(name, zero, results):
         pytest.skip(f"{name} is refused at start-up here (see test_skipped_names_are_exactly_the_refused_ones)")
     r = results[(name, zero)]
     ref, res, fresh = r["ref"], r["res"], r["fresh"]
+    assert ref["stage"] == res["stage"] == fresh["stage"] == zero  # the stage the case is named after
+    if zero:
+        assert ref["zero_optimizer"] == "DeepSpeedZeroOptimizer", ref["zero_optimizer"]
     assert sorted(ref["losses"]) == [1, 2, 3] and res["start"] == STOP and sorted(res["losses"]) == [END]
     assert abs(res["losses"][END] - ref["losses"][END]) <= TOL, (res["losses"], ref["losses"])
     assert ref["state"], "the optimizer keeps no state tensors"

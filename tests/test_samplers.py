@@ -1,4 +1,4 @@
-"""MegatronPretrainingSampler: block walk, DP slices, resume, drop_last."""
+"""Batch samplers: MegatronPretrainingSampler (block walk, DP slices, resume, drop_last) and the cyclic one."""
 import pytest
 import torch
 
@@ -51,3 +51,41 @@ def test_works_as_dataloader_batch_sampler():
 def test_argument_errors(args, message):
     with pytest.raises(ValueError, match=message):
         MegatronPretrainingSampler(*args)
+
+
+# ----------------------------------------------------------------------------- --dataloader-type cyclic
+def _take(sampler, n):
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def test_cyclic_epochs_are_seeded_permutations_of_each_rank_bucket():
+    import torch
+
+    from megatron.data.samplers import build_sampler
+
+    total, mb, dp = 23, 2, 2  # block 4 -> 5 blocks: bucket of 10 per rank, 3 samples unused
+    for rank in range(dp):
+        s = build_sampler("cyclic", total, 0, mb, rank, dp)
+        assert len(s) == 5
+        batches = _take(s, 15)  # three epochs
+        assert all(len(b) == mb for b in batches)
+        for epoch in range(3):
+            seen = [i for b in batches[5 * epoch:5 * epoch + 5] for i in b]
+            # upstream's order: randperm(bucket) with a generator seeded by the epoch, offset by the rank's bucket
+            want = [10 * rank + j for j in torch.randperm(10, generator=torch.Generator().manual_seed(epoch)).tolist()]
+            assert seen == want, (rank, epoch)
+        first, second = ([i for b in batches[k:k + 5] for i in b] for k in (0, 5))
+        assert first != second and sorted(first) == sorted(second) == list(range(10 * rank, 10 * rank + 10))
+
+
+def test_cyclic_resume_continues_the_same_stream_and_differs_from_single():
+    from megatron.data.samplers import build_sampler
+
+    full = _take(build_sampler("cyclic", 40, 0, 2, 1, 2), 14)  # 10 per epoch for this rank
+    for done in (4, 20, 36):  # mid-epoch, epoch boundary, in the second epoch (consumed counts both ranks)
+        assert _take(build_sampler("cyclic", 40, done, 2, 1, 2), 14 - done // 4) == full[done // 4:]
+    single = [b for b in build_sampler("single", 40, 0, 2, 1, 2)]
+    assert full[:10] != single and sorted(i for b in full[:10] for i in b) != sorted(i for b in single for i in b)
+    with pytest.raises(ValueError, match="not a multiple"):
+        build_sampler("cyclic", 40, 3, 2, 0, 2)

@@ -43,6 +43,7 @@ def run(tmp_path_factory):
         "--log-optimizer-states-to-tensorboard", "--log-timers-to-tensorboard", "--timing-log-level", "2",
         "--profile", "pt", "--profile_steps", "2,3", "--trace-dir", os.path.join(out, "trace"),
         "--flops-profiler-step", "2", "--wandb-save-dir", os.path.join(out, "wandb"),
+        "--log-memory-to-tensorboard", "--log-validation-ppl-to-tensorboard",
     ]
     proc = run_trainer(args, nproc=WORLD, launcher="mpiexec",
                        env_extra={"WANDB_MODE": "offline" if HAVE_WANDB else "disabled", "WANDB_SILENT": "true"})
@@ -324,3 +325,99 @@ def test_metrics_file_replaced_by_a_fresh_run_and_appended_on_resume(tmp_path):
     assert path.read_text().count("\n") == 1
     TrainLogger.create(args, resumed=False).metrics.close()
     assert path.read_text() == ""
+
+
+# ----------------------------------------------------------------------------- TensorBoard flags, one each
+class _Writer:
+    def __init__(self):
+        self.steps: dict[str, list[int]] = {}
+
+    def add_scalar(self, key, value, step):
+        self.steps.setdefault(key, []).append(step)
+
+    def close(self):
+        pass
+
+
+def _logged_tags(flags: list[str]) -> dict[str, list[int]]:
+    """Tags and steps a TrainLogger writes for 4 iterations (log every 2) and one evaluation."""
+    from megatron.arguments import parse_args
+    from megatron.training_log import TrainLogger
+
+    args = parse_args(TINY_MODEL + ["--lr", "0.1", "--train-iters", "4", "--log-interval", "2", "--data-path", "x",
+                                    *flags], env={})
+    args.rank, args.padded_vocab_size = 0, 512
+    logger = TrainLogger(args, writer=_Writer())
+    engine = types.SimpleNamespace(lr_scheduler=types.SimpleNamespace(get_lr=lambda: 0.1), skipped_steps=0,
+                                   get_global_grad_norm=lambda: 1.0, optimizer=None, module=torch.nn.Linear(2, 2))
+    for it in range(1, 5):
+        logger.train(it, torch.tensor(2.0), engine, it * args.global_batch_size, it * args.global_batch_size * 32)
+    logger.validation(4, 1.5, 4 * 32)
+    return logger.writer.steps
+
+
+@pytest.mark.parametrize("flag,tag,when_given", [
+    ("--log-memory-to-tensorboard", "memory/max_rss_gb", True),
+    ("--log-validation-ppl-to-tensorboard", "lm-loss-validation/lm loss validation ppl", True),
+    ("--log-batch-size-to-tensorboard", "training/batch-size", True),
+    ("--log-world-size-to-tensorboard", "training/world-size", True),
+    ("--no-log-learnig-rate-to-tensorboard", "learning-rate/learning-rate", False),
+    ("--no-log-loss-scale-to-tensorboard", "loss/loss_scale", False),
+])
+def test_tensorboard_flag_adds_or_removes_its_scalar(flag, tag, when_given):
+    assert (tag in _logged_tags([flag])) == when_given
+    assert (tag in _logged_tags([])) == (not when_given)
+
+
+def test_tensorboard_log_interval_and_queue_size(tmp_path):
+    assert _logged_tags([])["lm-loss-training/lm loss"] == [1, 2, 3, 4]
+    assert _logged_tags(["--tensorboard-log-interval", "2"])["lm-loss-training/lm loss"] == [2, 4]
+    from megatron.arguments import parse_args
+    from megatron.training_log import TrainLogger
+
+    args = parse_args(TINY_MODEL + ["--lr", "0.1", "--train-iters", "4", "--data-path", "x", "--peak-tflops", "1",
+                                    "--tensorboard-dir", str(tmp_path), "--tensorboard-queue-size", "7"], env={})
+    args.rank = 0
+    logger = TrainLogger.create(args)
+    assert logger.writer.max_queue == 7
+    logger.close()
+
+
+def test_wandb_disabled_env_var(monkeypatch, tmp_path):
+    """WANDB_DISABLED=true (the name upstream's docs give) turns W&B off like WANDB_MODE=disabled."""
+    from megatron.wandb_utils import init_wandb
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: types.SimpleNamespace(name="run", settings=kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = types.SimpleNamespace(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=str(tmp_path),
+                                 save=None)
+    assert init_wandb(args, env={"WANDB_MODE": "offline"}) is not None
+    for value in ("true", "1", "yes"):
+        assert init_wandb(args, env={"WANDB_MODE": "offline", "WANDB_DISABLED": value}) is None
+    assert init_wandb(args, env={"WANDB_MODE": "offline", "WANDB_DISABLED": "false"}) is not None
+
+
+def test_dump_tokens(monkeypatch, capsys):
+    """DUMP_TOKENS (upstream's debug variable): rank 0 prints the first 10 samples of every micro-batch of the
+    first 10 iterations; the batches pass through unchanged."""
+    from megatron.arguments import parse_args
+    from megatron.training_log import TrainLogger
+
+    args = parse_args(TINY_MODEL + ["--lr", "0.1", "--train-iters", "20", "--data-path", "x", "--peak-tflops", "1",
+                                    "--micro-batch-size", "12", "--global-batch-size", "24"], env={})
+    args.rank = 0
+    batches = [{"text": torch.arange(12 * 3).reshape(12, 3) + 100 * k} for k in range(30)]  # 2 per iteration
+    for value, printed in (("1", 20), ("", 0)):
+        monkeypatch.setenv("DUMP_TOKENS", value)
+        logger = TrainLogger.create(args)
+        assert list(logger.count_corpora(iter(batches))) == batches
+        logger.close()
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if "DUMP_TOKENS" in ln]
+        assert len(lines) == printed
+    assert lines == [] and printed == 0
+    monkeypatch.setenv("DUMP_TOKENS", "1")
+    TrainLogger.create(args).count_corpora(iter(batches[:3])).__next__()
+    first = [ln for ln in capsys.readouterr().out.splitlines() if "DUMP_TOKENS" in ln][0]
+    assert first == (" DUMP_TOKENS iteration 1 of this run, micro-batch 1: text[:10] = "
+                     f"{batches[0]['text'][:10].tolist()}")

@@ -1,4 +1,4 @@
-"""Megatron's sequential pretraining sampler (dataloader type ``single``)."""
+"""Megatron's pretraining batch samplers: ``single`` (sequential) and ``cyclic`` (random per epoch)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -52,3 +52,54 @@ class MegatronPretrainingSampler:
                                                        self.total_samples)))
             if last:
                 yield last
+
+
+class MegatronPretrainingRandomSampler:
+    """Batch sampler of dataloader type ``cyclic`` (upstream's random sampler with data sharding).
+
+    An epoch is the ``(total_samples // (micro_batch_size * data_parallel_size)) * micro_batch_size``
+    samples of each data-parallel rank's contiguous bucket (rank r owns ``[r * bucket, (r + 1) * bucket)``;
+    the remainder is not used). Each epoch visits the bucket in the order of
+    ``torch.randperm(bucket, generator seeded with the epoch number)`` (upstream's seed), in
+    micro-batches; after the last one the next epoch starts with a new order, without end.
+    ``consumed_samples`` counts all ranks' samples, so a resume continues the same stream.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int) -> None:
+        self.block = micro_batch_size * data_parallel_size
+        self.bucket = (total_samples // self.block) * micro_batch_size
+        if self.bucket <= 0:
+            raise ValueError(f"total_samples = {total_samples} is less than one global micro-batch ({self.block})")
+        if consumed_samples < 0 or consumed_samples % self.block:
+            raise ValueError(f"consumed_samples = {consumed_samples} is not a multiple of micro_batch_size x "
+                             f"data_parallel_size = {self.block}")
+        if not 0 <= data_parallel_rank < data_parallel_size:
+            raise ValueError(f"data_parallel_rank = {data_parallel_rank} is outside [0, {data_parallel_size})")
+        self.consumed_samples, self.micro_batch_size = int(consumed_samples), int(micro_batch_size)
+        self.data_parallel_rank, self.data_parallel_size = int(data_parallel_rank), int(data_parallel_size)
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch for this rank."""
+        return self.bucket // self.micro_batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        import torch  # noqa: PLC0415
+
+        epoch_samples = self.bucket * self.data_parallel_size
+        consumed = self.consumed_samples
+        start = self.data_parallel_rank * self.bucket
+        while True:
+            epoch, done = divmod(consumed, epoch_samples)
+            order = torch.randperm(self.bucket, generator=torch.Generator().manual_seed(epoch)).tolist()
+            for i in range(done // self.data_parallel_size, self.bucket, self.micro_batch_size):
+                yield [start + j for j in order[i:i + self.micro_batch_size]]
+                consumed += self.block
+
+
+def build_sampler(dataloader_type: str, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                  data_parallel_rank: int, data_parallel_size: int):
+    """The batch sampler `--dataloader-type` names: ``single`` (in order, once) or ``cyclic``."""
+    cls = {"single": MegatronPretrainingSampler, "cyclic": MegatronPretrainingRandomSampler}[dataloader_type]
+    return cls(total_samples=total_samples, consumed_samples=consumed_samples, micro_batch_size=micro_batch_size,
+               data_parallel_rank=data_parallel_rank, data_parallel_size=data_parallel_size)

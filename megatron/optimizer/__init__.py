@@ -224,8 +224,12 @@ def deepspeed_initialize_kwargs(model: torch.nn.Module, args, ds_config: dict,
     cfg = {**ds_config, **built.ds_config}
     if built.optimizer is not None:
         return {"optimizer": built.optimizer, "config": cfg, "lr_scheduler": scheduler_factory(built.optimizer)}
-    # DeepSpeed builds it: the scheduler is built on what it built (a callable lr_scheduler)
-    return {"model_parameters": built.param_groups, "config": {**cfg, "optimizer": built.config},
+    # DeepSpeed builds it: the scheduler is built on what it built (a callable lr_scheduler). A DS config
+    # file's block of the same type (the launcher's; another type is refused by validate_args) keeps its
+    # other settings (e.g. torch_adam); the flags give the hyper-parameters.
+    ours, theirs = built.config.get("params", {}), (ds_config.get("optimizer") or {}).get("params") or {}
+    params = {**ours, **theirs, **{k: ours[k] for k in ("lr", "betas", "eps", "weight_decay") if k in ours}}
+    return {"model_parameters": built.param_groups, "config": {**cfg, "optimizer": {**built.config, "params": params}},
             "lr_scheduler": scheduler_factory}
 
 

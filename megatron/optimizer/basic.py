@@ -31,3 +31,14 @@ def build_adam(groups: list[dict], args) -> torch.optim.Optimizer:
 def build_sgd(groups: list[dict], args) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay,
                            foreach=True)
+
+
+@register_optimizer("ds.adamw", help="DeepSpeed's AdamW, built by DeepSpeed from an \"optimizer\" block (torch AdamW "
+                    "on CPU, FusedAdam on CUDA; the launcher writes the block for OPT=ds.adamw); same math as adamw")
+def build_ds_adamw(groups: list[dict], args):
+    from megatron.optimizer import DeepSpeedOptimizer  # noqa: PLC0415
+
+    # torch_adam: torch.optim.AdamW (DeepSpeed's FusedAdam is a CUDA kernel; on a CPU it would be JIT-built)
+    params = {"lr": args.lr, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_eps,
+              "weight_decay": args.weight_decay, "torch_adam": not torch.cuda.is_available()}
+    return DeepSpeedOptimizer(config={"type": "AdamW", "params": params}, param_groups=groups)

@@ -82,11 +82,13 @@ class HFTokenizer(MegatronTokenizer):
     uses the tokenizer's own special-token handling (e.g. a leading bos for Llama tokenizers).
     """
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, trust_remote_code: bool = False) -> None:
         path = _require_file(path, "--tokenizer-model (a local Hugging Face tokenizer directory)", "HFTokenizer")
         from transformers import AutoTokenizer  # noqa: PLC0415
 
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="right")
+        # --trust-remote-code: run the tokenizer's own Python code shipped in its directory
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="right",
+                                                  trust_remote_code=trust_remote_code)
         missing = {key: tok for key, tok in (("pad_token", "[PAD]"), ("eos_token", "</s>"),
                                              ("bos_token", "<s>"), ("unk_token", "<unk>"))
                    if getattr(self._tok, key) is None}
@@ -156,7 +158,8 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, vocab_size: int | None = None,
-                    vocab_file: str | None = None, merge_file: str | None = None) -> MegatronTokenizer:
+                    vocab_file: str | None = None, merge_file: str | None = None,
+                    trust_remote_code: bool = False) -> MegatronTokenizer:
     """The tokenizer named ``tokenizer_type`` (upstream spelling)."""
     if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer"):
         cls = {"SentencePieceTokenizer": SentencePieceTokenizer,
@@ -164,7 +167,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, voc
                "Llama2Tokenizer": Llama2Tokenizer}[tokenizer_type]
         return cls(tokenizer_model)
     if tokenizer_type == "HFTokenizer":
-        return HFTokenizer(tokenizer_model)
+        return HFTokenizer(tokenizer_model, trust_remote_code=trust_remote_code)
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(vocab_file, merge_file)
     if tokenizer_type == "NullTokenizer":

@@ -1,0 +1,107 @@
+"""Whole-model statistics for the log line: `--log-params-norm` and `--log-num-zeros-in-grad`.
+
+Both count every element of the model exactly once, whatever the layout:
+
+* tensor parallelism: a split tensor (`tensor_model_parallel=True`) is summed on every TP rank,
+  a replicated one (norm weights) on TP rank 0 only;
+* pipeline parallelism: each stage sums its own layers (tied embeddings, held by two stages, are
+  refused with --log-params-norm; --log-num-zeros-in-grad is refused with PP > 1);
+* data / Ulysses-sequence parallelism: every replica holds the same numbers, so the world-wide
+  sum is divided by the number of replicas, except for ZeRO-3 weights, where each rank sums only
+  its own partition (`ds_tensor`, without the padding of the last one).
+
+Sums are in fp64 and all-reduced over the whole world (one collective per statistic).
+
+params norm = sqrt(sum of squares) of the model's weights as they are after the step (the
+working weights: bf16 in a bf16 run). num zeros = number of exactly-zero elements of the
+reduced gradient that the optimizer is about to apply (DeepSpeed's `safe_get_full_grad` view of it:
+the fp32 accumulation buffer under ZeRO and bf16, `param.grad` otherwise), taken just before the
+optimizer step of the iterations that are logged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _layout() -> tuple[int, int]:
+    """(tensor-parallel rank, number of replicas of each element over data x sequence parallelism)."""
+    if not dist.is_initialized():
+        return 0, 1
+    from megatron.core import parallel_state as ps  # noqa: PLC0415
+
+    return ps.get_tensor_model_parallel_rank(), ps.get_sequence_data_parallel_world_size()
+
+
+def _counted_here(p: torch.nn.Parameter, tp_rank: int) -> bool:
+    return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
+
+
+def _zero3_local(p: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's elements of a ZeRO-3 parameter (its partition without the last one's padding)."""
+    part = p.ds_tensor
+    size = part.ds_numel
+    rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
+    valid = max(0, min(size, p.ds_numel - rank * size))
+    return part.reshape(-1).narrow(0, 0, valid)
+
+
+def _world_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def params_norm(model: torch.nn.Module) -> float:
+    """L2 norm of all weights of the model (every rank must call it: one all-reduce)."""
+    tp_rank, replicas = _layout()
+    full = part = 0.0
+    for p in model.parameters():
+        if not _counted_here(p, tp_rank):
+            continue
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition only
+            part += float(_zero3_local(p).detach().double().square().sum())
+        else:
+            full += float(p.detach().double().square().sum())
+    full, part = _world_sum([full, part])
+    return (full / replicas + part) ** 0.5
+
+
+def _full_grad(p: torch.nn.Parameter):
+    from deepspeed.utils import safe_get_full_grad  # noqa: PLC0415
+
+    if getattr(p, "_hp_mapping", None) is not None and getattr(p, "ds_id", None) is None:
+        return p.get_full_hp_grad()  # ZeRO-1/2 and the bf16 optimizer: the reduced fp32 gradient
+    return safe_get_full_grad(p)
+
+
+def num_zeros_in_grad(model: torch.nn.Module) -> int:
+    """Zero elements of the reduced gradient (call between the last backward and the step, on every rank)."""
+    tp_rank, replicas = _layout()
+    zeros = 0.0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        g = _full_grad(p)  # a collective under ZeRO: every rank, same order
+        if g is not None and _counted_here(p, tp_rank):
+            zeros += float(g.numel() - torch.count_nonzero(g))
+    (zeros,) = _world_sum([zeros])
+    return int(round(zeros / replicas))
+
+
+def watch_zeros_in_grad(engine, should_count) -> dict:
+    """Make `engine.step` count the gradient's zeros first, at the gradient-accumulation boundary of
+    the iterations `should_count(iteration)` selects. Returns the dict where the last count lands
+    (`{"iteration": i, "num_zeros": n}`)."""
+    last: dict = {}
+    step = engine.step
+
+    def counting_step(*a, **kw):
+        iteration = int(engine.global_steps) + 1
+        if engine.is_gradient_accumulation_boundary() and should_count(iteration):
+            last.update(iteration=iteration, num_zeros=num_zeros_in_grad(engine.module))
+        return step(*a, **kw)
+
+    engine.step = counting_step
+    return last
