@@ -171,3 +171,24 @@ def test_muonclip_fires_and_bounds_max_logit():
         under = before[a] <= 5.0  # heads under the threshold keep their logits
         assert torch.allclose(after[under], before[a][under], rtol=1e-4)
         assert torch.allclose(after[~under], torch.full_like(after[~under], 5.0), rtol=1e-4)  # clipped land on t
+
+
+def test_ns_steps_and_nesterov_flags_reach_the_update():
+    """--muon-ns-steps and --muon-nesterov (muon_ns_steps, muon_nesterov) set the groups and change the step."""
+    def two_updates(**kw):
+        model = tiny_model()
+        opt = build_optimizer(model, make_args(**kw))
+        qkv = model.language_model.encoder.layers[0].self_attention.query_key_value.weight
+        before = qkv.detach().clone()
+        for tokens in batches(2):  # two steps: from zero momentum, Nesterov's first direction is the plain one
+            opt.zero_grad()
+            loss_of(model, tokens).backward()
+            opt.step()
+        return opt.param_groups[0], qkv.detach() - before
+
+    group, base = two_updates()
+    assert group["ns_steps"] == 5 and group["nesterov"] is True
+    group, fewer = two_updates(muon_ns_steps=2)
+    assert group["ns_steps"] == 2 and (fewer - base).abs().max() > 1e-3 * base.abs().max()
+    group, plain = two_updates(muon_nesterov=False)
+    assert group["nesterov"] is False and (plain - base).abs().max() > 1e-3 * base.abs().max()
