@@ -77,7 +77,8 @@ def batches(vocab: int) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- the reference
-def reference(args, model, rows: list[torch.Tensor], dtype: torch.dtype | None = None) -> dict:
+def reference(args, model, rows: list[torch.Tensor], dtype: torch.dtype | None = None,
+              scales: list[float] | None = None) -> dict:
     """Plain PyTorch in one process, no DeepSpeed: the same optimizer class on the real (fp32)
     tensors, the whole global batch (the mean of the two ranks' micro-batch losses), the fp64
     gradient norm and the clip rule. With `dtype` (bf16/fp16) it is mixed precision as Megatron
@@ -96,13 +97,19 @@ def reference(args, model, rows: list[torch.Tensor], dtype: torch.dtype | None =
         opt.train()
     if getattr(opt, "qk_clip", None) is not None:
         opt.qk_clip.attach(lp)
-    losses, norms, clips = [], [], []
+    losses, norms, clips, skipped = [], [], [], []
     for it, batch in enumerate(rows, start=1):
         tokens, labels = batch[:, :-1], batch[:, 1:]
+        scale = scales[it - 1] if scales else 1.0
         halves = [lp(tokens[i:i + 2], labels=labels[i:i + 2]).float().mean() for i in (0, 2)]
-        grads = [torch.autograd.grad(h, list(lp.parameters())) for h in halves]
+        grads = [torch.autograd.grad(h * scale, list(lp.parameters())) for h in halves]
         for p, g0, g1 in zip(master.parameters(), *grads):
-            p.grad = (g0.float() + g1.float()) / 2
+            p.grad = (g0.float() + g1.float()) / 2 / scale
+        losses.append(float((halves[0] + halves[1]) / 2))
+        if not all(torch.isfinite(p.grad).all() for p in master.parameters()):  # fp16 overflow: no step
+            skipped.append(it)
+            norms.append(float("inf"))
+            continue
         norm = torch.sqrt(sum(torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2 for p in master.parameters()))
         coef = min(1.0, args.clip_grad / (float(norm) + 1e-6))
         for p in master.parameters():
@@ -129,9 +136,8 @@ def reference(args, model, rows: list[torch.Tensor], dtype: torch.dtype | None =
                     twin[id(w)].mul_(f)
             out = opt.qk_clip(lp, replay, scale)
             clips.append(out["muonclip_heads_clipped"])
-        losses.append(float((halves[0] + halves[1]) / 2))
         norms.append(float(norm))
-    return {"losses": losses, "grad_norm": norms[0], "clips": clips,
+    return {"losses": losses, "grad_norm": norms[0], "clips": clips, "skipped": skipped,
             "weights": {n: p.detach().clone() for n, p in master.named_parameters()}}
 
 
@@ -142,6 +148,7 @@ def run_cell(name: str, zero: int, precision: str, rank: int, rows: list[torch.T
     from megatron import training
     from megatron.arguments import ArgumentError, parse_args
     from megatron.core import tensor_parallel
+    from megatron.fp16 import loss_scale
     from megatron.initialize import set_seeds
     from megatron.optimizer import OptimizerHooks
 
@@ -158,11 +165,15 @@ def run_cell(name: str, zero: int, precision: str, rank: int, rows: list[torch.T
         args, before_engine=lambda m: initial.setdefault("model", copy.deepcopy(m)))
     hooks = OptimizerHooks(engine, args)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    losses, norm, clips = [], None, []
+    losses, norm, clips, scales, skipped = [], None, [], [], []
     engine.train()
     for it, batch in enumerate(rows, start=1):
         mine = {"text": batch[2 * rank:2 * rank + 2]}
+        scales.append(loss_scale(engine))
+        before = engine.skipped_steps
         loss = training.train_step(engine, iter([mine]), args, None, engine.device, iteration=it)
+        if engine.skipped_steps != before:
+            skipped.append(it)
         if it == 1:
             norm = engine.get_global_grad_norm()
         out = hooks.after_step(it, lambda m=mine: training.replay_batches([m], args, None, engine.device))
@@ -170,11 +181,12 @@ def run_cell(name: str, zero: int, precision: str, rank: int, rows: list[torch.T
             clips.append(out["muonclip_heads_clipped"])
         losses.append(float(loss))
     weights = master_weights(engine, zero)
-    ref = reference(args, initial["model"], rows, dtype)
+    ref = reference(args, initial["model"], rows, dtype, scales if precision == "fp16" else None)
     fp32 = reference(args, initial["model"], rows) if dtype is not None else ref
     engine.destroy()
     init = {n: p.detach().to(dtype or torch.float32).float() for n, p in initial["model"].named_parameters()}
     return {"losses": losses, "grad_norm": None if norm is None else float(norm), "weights": weights, "clips": clips,
+            "skipped": skipped, "scales": scales,
             "ref": ref, "init": init, "expect_norm": ref["grad_norm"],
             "fp32_loss_gap": max(abs(a - b) for a, b in zip(losses, fp32["losses"]))}
 
@@ -307,6 +319,8 @@ def test_every_cell_equals_its_reference_or_is_refused_with_a_fix(matrix):
             failures.append(f"{cell}: losses {r['losses']} vs the reference's {r['ref']['losses']}")
         if norm_err > GRAD_NORM_BOUND:
             failures.append(f"{cell}: gradient norm {r['grad_norm']!r} vs fp64 {r['expect_norm']!r}")
+        if r["skipped"] != r["ref"]["skipped"]:
+            failures.append(f"{cell}: overflow steps {r['skipped']}, the reference's {r['ref']['skipped']}")
         if r["clips"] != r["ref"]["clips"]:
             failures.append(f"{cell}: MuonClip clipped {r['clips']} heads, the reference {r['ref']['clips']}")
     print("\n".join(report))
