@@ -86,13 +86,17 @@ def reference(args, model, rows: list[torch.Tensor], dtype: torch.dtype | None =
     gradients are averaged in fp32 on fp32 master weights (initialized from the rounded `dtype`
     weights, as Megatron and DeepSpeed do), which the optimizer updates and which are copied
     (rounded) into the `dtype` copy after each step."""
-    from megatron.optimizer import build_optimizer
+    from megatron.optimizer import DeepSpeedOptimizer, build_optimizer
     from megatron.optimizer.sophia import SophiaG, sampled_label_gradient
 
     lp = copy.deepcopy(model).to(dtype) if dtype is not None else None
     master = copy.deepcopy(lp if lp is not None else model).float()  # masters start from the rounded weights
     lp = master if lp is None else lp
     opt = build_optimizer(master, args)  # the cell's optimizer, on real tensors
+    if isinstance(opt, DeepSpeedOptimizer):  # ds.adamw: DeepSpeed builds torch's AdamW from the block (torch_adam)
+        params = opt.config["params"]
+        opt = torch.optim.AdamW(opt.param_groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
+                                weight_decay=params["weight_decay"])
     if callable(getattr(opt, "train", None)):
         opt.train()
     if getattr(opt, "qk_clip", None) is not None:

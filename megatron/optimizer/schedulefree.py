@@ -24,6 +24,16 @@ def check_schedulefree(args) -> list[str]:
     return errs
 
 
+def _training(opt):
+    """The optimizer in train mode. `train()` touches `state[p]` of every parameter it holds now (the
+    model's); under ZeRO DeepSpeed then hands it flat partitions instead, and those empty entries keyed
+    by parameters it no longer holds would break `state_dict()` at the first checkpoint: drop them."""
+    opt.train()
+    for p in [p for p, st in opt.state.items() if not st]:
+        del opt.state[p]
+    return opt
+
+
 def _common(args) -> dict:
     return dict(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=int(arg(args, "lr_warmup_iters", 0)),
                 foreach=bool(arg(args, "schedulefree_for_each", False)))
@@ -34,10 +44,8 @@ def _common(args) -> dict:
 def build_adamw_sf(groups: list[dict], args):
     import schedulefree  # noqa: PLC0415
 
-    opt = schedulefree.AdamWScheduleFree(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                                         **_common(args))
-    opt.train()
-    return opt
+    return _training(schedulefree.AdamWScheduleFree(groups, betas=(args.adam_beta1, args.adam_beta2),
+                                                    eps=args.adam_eps, **_common(args)))
 
 
 @register_optimizer("sgdschedulefree", check=check_schedulefree,
@@ -45,6 +53,4 @@ def build_adamw_sf(groups: list[dict], args):
 def build_sgd_sf(groups: list[dict], args):
     import schedulefree  # noqa: PLC0415
 
-    opt = schedulefree.SGDScheduleFree(groups, momentum=args.sgd_momentum, **_common(args))
-    opt.train()
-    return opt
+    return _training(schedulefree.SGDScheduleFree(groups, momentum=args.sgd_momentum, **_common(args)))
