@@ -117,11 +117,11 @@ def sampled_label_gradient(module: torch.nn.Module, params: list, replay: Callab
             logits = module(tokens).float()
             y = sample_labels(logits, seed, iteration, first + m)
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-            loss = (ce * mask).sum() / mask.sum().clamp(min=1.0) / len(batches)
+            loss = (ce * mask).sum() / mask.sum().clamp(min=1.0)
             gs = torch.autograd.grad(loss, params, allow_unused=True)
-        for acc, gp in zip(grads, gs):
-            if gp is not None:
-                acc.add_(gp.float())
+        for acc, gp in zip(grads, gs):  # averaged in fp32 (dividing the loss first would push fp16 gradients
+            if gp is not None:          # towards underflow, and differently for another micro-batch split)
+                acc.add_(gp.float(), alpha=1.0 / len(batches))
     if distributed:
         group = parallel_state.get_sequence_data_parallel_group()
         n = dist.get_world_size(group)
