@@ -131,9 +131,8 @@ def test_flags_and_refusals():
     assert optimizer_problems(make_args(zero_stage=1, muon_ns_steps=6, muon_nesterov=False)) == []
     assert optimizer_problems(make_args(optimizer="muonclip", zero_stage=1)) == []
     errs = optimizer_problems(make_args(optimizer="muonclip", zero_stage=3))
-    assert errs == ["--optimizer muonclip measures each head's attention logits on the model's whole QKV weights "
-                    "after the step, which ZeRO-3 keeps partitioned: use --zero-stage 1 or 2 (or --optimizer muon "
-                    "at ZeRO-3)"]
+    assert errs == ["--optimizer muonclip rescales rows of the model's whole QKV weights after the step, which "
+                    "ZeRO-3 keeps partitioned: use --zero-stage 1 or 2 (or --optimizer muon at ZeRO-3)"]
 
 
 # ----------------------------------------------------------------------------- MuonClip

@@ -281,8 +281,8 @@ def _muon_kwargs(args) -> dict:
 
 def check_muon(args) -> list[str]:
     if args.optimizer == "muonclip" and int(arg(args, "zero_stage", 0)) == 3:
-        return ["--optimizer muonclip measures each head's attention logits on the model's whole QKV weights after "
-                "the step, which ZeRO-3 keeps partitioned: use --zero-stage 1 or 2 (or --optimizer muon at ZeRO-3)"]
+        return ["--optimizer muonclip rescales rows of the model's whole QKV weights after the step, which ZeRO-3 "
+                "keeps partitioned: use --zero-stage 1 or 2 (or --optimizer muon at ZeRO-3)"]
     return []
 
 
