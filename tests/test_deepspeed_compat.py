@@ -1,0 +1,68 @@
+"""What megatron/deepspeed_compat.py and megatron/optimizer/partition.py rely on in DeepSpeed, checked by
+name (so a DeepSpeed upgrade that moves one of them fails here, not silently in a run), and the fp64
+norms against a case where a plain fp32 norm is measurably off. The behaviour end to end (every stage and
+precision, 2 ranks) is tests/test_optimizer_matrix.py."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from megatron import deepspeed_compat as compat
+
+
+def test_the_deepspeed_internals_we_replace_or_read_exist():
+    import deepspeed.runtime.bf16_optimizer as bf16
+    import deepspeed.runtime.fp16.fused_optimizer as fused
+    from deepspeed.runtime import utils
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    # module-level names the half-precision optimizers call (replaced by the fp64 versions)
+    assert bf16.get_global_norm_of_tensors is utils.get_global_norm_of_tensors or \
+        bf16.get_global_norm_of_tensors.__module__ == "megatron.deepspeed_compat"
+    assert callable(fused.get_weight_norm)
+    assert list(inspect.signature(utils.get_global_norm_of_tensors).parameters)[:4] == [
+        "input_tensors", "norm_type", "mpu", "moe_ep_group"]
+    assert list(inspect.signature(utils.get_weight_norm).parameters)[:3] == ["parameters", "norm_type", "mpu"]
+    # methods overridden per engine / optimizer instance
+    assert list(inspect.signature(DeepSpeedZeroOptimizer.get_grad_norm_direct).parameters)[1:4] == [
+        "gradients", "params", "norm_type"]
+    for name in ("clip_fp32_gradients", "_take_model_step", "zero_optimization_stage", "bfloat16_enabled",
+                 "fp16_enabled", "gradient_clipping"):
+        assert callable(getattr(DeepSpeedEngine, name)), name
+    # partition bookkeeping read by the layouts (ZeRO 1/2, bf16, ZeRO-3)
+    src12 = inspect.getsource(DeepSpeedZeroOptimizer)
+    for attr in ("single_partition_of_fp32_groups", "bit16_groups", "real_dp_process_group", "update_lp_params"):
+        assert attr in src12, attr
+    assert "fp32_groups_flat_partition" in inspect.getsource(bf16.BF16_Optimizer)
+    src3 = inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
+    for attr in ("fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "_get_sub_group_process_group"):
+        assert attr in src3, attr
+    from deepspeed.utils.tensor_fragment import tensor_fragment
+    assert {"lp_fragment_address", "hp_fragment_address"} <= set(tensor_fragment.__dataclass_fields__)
+
+
+def test_fp64_norms_where_fp32_drifts():
+    """Many small terms after a large one: the fp64 sum of squares is exact to the last digit."""
+    torch.manual_seed(0)
+    tensors = [torch.full((1,), 1000.0), torch.randn(3_000_000) * 1e-3, torch.randn(1000, 77)]
+    want = float(sum((t.double() ** 2).sum() for t in tensors)) ** 0.5
+    got = float(compat.fp64_sq_norm(tensors).sqrt())
+    assert abs(got - want) / want < 1e-15
+    assert float(compat.fp64_global_norm_of_tensors(tensors)) == torch.tensor(want, dtype=torch.float32).item()
+    assert abs(compat.fp64_weight_norm(tensors) - want) / want < 1e-15
+    # non-finite: -1 (DeepSpeed's convention for "skip this step")
+    assert float(compat.fp64_global_norm_of_tensors([torch.tensor([float("inf")])])) == -1.0
+
+
+def test_clip_uses_the_fp64_norm_and_deepspeeds_rule():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    norm = compat.fp64_clip_grad_norm_([p], max_norm=1.0)
+    assert float(norm) == 5.0
+    torch.testing.assert_close(p.grad, torch.tensor([3.0, 4.0, 0.0, 0.0]) / (5.0 + 1e-6))
+    p.grad = torch.tensor([0.3, 0.4, 0.0, 0.0])
+    compat.fp64_clip_grad_norm_([p], max_norm=1.0)  # under the threshold: unchanged
+    torch.testing.assert_close(p.grad, torch.tensor([0.3, 0.4, 0.0, 0.0]))
