@@ -84,7 +84,7 @@ def test_build_ds_config_takes_the_fp16_block_and_drops_the_bf16_loss_scale(tmp_
     args = SimpleNamespace(**vars(ns(deepspeed_config=write_json(tmp_path, cfg), hysteresis=1)),
                            global_batch_size=8, micro_batch_size=2, num_micro_batches=2, clip_grad=1.0,
                            zero_stage=1, data_parallel_size=2, ds_sequence_parallel_size=1, universal_checkpoint=False,
-                           rank=0, flops_profiler_step=None)
+                           rank=0, flops_profiler_step=None, cpu_optimizer=False)
     out = build_ds_config(args)
     assert out["fp16"] == {**cfg["fp16"], "hysteresis": 1}  # the flag wins, the rest from the file
     assert out["bf16"] == {"enabled": False}  # DeepSpeed's bf16 block refuses a loss_scale

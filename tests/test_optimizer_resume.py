@@ -1,7 +1,7 @@
 """Optimizer state through our checkpoints, for EVERY optimizer of the registry that runs here.
 
 For each registry name (at ZeRO 0, where every client optimizer runs on the real weights) and for
-the ZeRO-1 paths (DeepSpeed's ZeRO Muon, a client optimizer on flat partitions; --keep-zero-stage, so
+the ZeRO-1 cases below (client optimizers on flat partitions, per-tensor ones included; --keep-zero-stage, so
 the single replica really runs DeepSpeed's ZeRO-1 optimizer and not stage 0, which the test asserts
 from the engine): run 3 iterations
 saving at 2 (`checkpointing.save_checkpoint`, the uninterrupted reference), resume the iteration-2
@@ -34,11 +34,13 @@ STOP, END = 2, 3
 TOL = 1e-6
 
 # name -> python module whose absence makes the registry refuse it (None: needs hardware absent here)
-REFUSED_HERE = {"adam8bit": "bitsandbytes", "galoreadamw": "galore_torch", "galoreadamw8bit": "galore_torch",
+REFUSED_HERE = {"adam8bit": None, "galoreadamw8bit": None,  # bitsandbytes' 8-bit kernels need CUDA
                 "galoreadamw8bitperlayer": None, "dshampooadamw": "distributed_shampoo", "ds.onebitlamb": None}
-# ZeRO-1 cases on top of every name at ZeRO 0: DeepSpeed's own Muon (momentum on flat partitions and
-# its auxiliary AdamW), torch's AdamW and one of our element-wise optimizers on ZeRO's flat partitions
-ZERO1 = ("muon", "adamw", "lion")
+# ZeRO-1 cases (real partitions, --keep-zero-stage) on top of every name at ZeRO 0: torch's AdamW, one of our
+# element-wise optimizers, and the per-tensor ones whose state lives on ZeRO's flat partitions through
+# megatron/optimizer/partition.py (Muon's momentum, LAMB, GaLore's whole-matrix state, SophiaG's Hessian,
+# schedule-free's averaged point saved as the weights)
+ZERO1 = ("muon", "adamw", "lion", "lamb", "galoreadamw", "sophiag", "adamwschedulefree")
 LR = {"sgd": 0.1, "apex.sgd": 0.1, "sgdschedulefree": 0.1, "sophiag": 1e-3, "lion": 1e-3}
 
 
