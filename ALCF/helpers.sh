@@ -15,7 +15,8 @@
 #
 # Variables (default in brackets; "machine" = per-machine table, "preset" = MODEL_ARCH):
 #   model      MODEL_ARCH [7B; 7M in the demo] (tiny 7M/demo 30M 2B 7B 33B 70B llama3-3B
-#              smollm3-3B phi4-mini), HEADS|NHEADS, NLAYERS|NUM_LAYERS, HIDDEN, NUM_KV_HEAD,
+#              smollm3-3B phi4-mini; any other name is a custom shape and needs all six of
+#              HEADS NLAYERS HIDDEN NUM_KV_HEAD FFN_HIDDEN_SIZE SEQ, else it is refused), HEADS|NHEADS, NLAYERS|NUM_LAYERS, HIDDEN, NUM_KV_HEAD,
 #              FFN_HIDDEN_SIZE, SEQ|SEQ_LEN [preset], ROPE_THETA [50000], INIT_METHOD_STD
 #              [sqrt(2/(5*HIDDEN))], NO_LLAMA, NO_FLASH_ATTN
 #   parallel   TP [machine, 1], PP [1], SP [1], ZERO_STAGE [1], CPU_OPTIMIZER,
@@ -257,6 +258,8 @@ _alcf_detect_job() {
 # ----------------------------------------------------------------------------------------------
 # model presets (MODEL_ARCH)
 # ----------------------------------------------------------------------------------------------
+ALCF_PRESETS="tiny 7M demo 30M 2B 7B 33B 70B llama3-3B smollm3-3B phi4-mini"
+
 _alcf_apply_preset() {
     case "$MODEL_ARCH" in
         2B|AuroraGPT-2B|AuroraGPT_2B|Aurora-GPT-2B|AuroraGPT2B|Aurora_GPT_2B|aurora-gpt-2b|aurora_gpt_2b)
@@ -295,14 +298,24 @@ _alcf_apply_preset() {
         30M)
             _alcf_default HEADS 8; _alcf_default NLAYERS 6; _alcf_default HIDDEN 512
             _alcf_default NUM_KV_HEAD 4; _alcf_default FFN_HIDDEN_SIZE 1408; _alcf_default SEQ 512 ;;
-        *)
-            case "$MODEL_ARCH" in
-                7B|AuroraGPT-7B|aurora-gpt-7b|llama-3.1-7B|llama-3.1-7b|llama-3.2-7B|llama-3.2-7b) ;;
-                *) _alcf_warn "unknown MODEL_ARCH=${MODEL_ARCH}: using the 7B preset (known: tiny 7M 30M 2B 7B 33B 70B llama3-3B smollm3-3B phi4-mini)" ;;
-            esac
+        7B|AuroraGPT-7B|aurora-gpt-7b|llama-3.1-7B|llama-3.1-7b|llama-3.2-7B|llama-3.2-7b)
             MODEL_ARCH=AuroraGPT-7B
             _alcf_default HEADS 32; _alcf_default NLAYERS 32; _alcf_default HIDDEN 4096
             _alcf_default NUM_KV_HEAD 8; _alcf_default FFN_HIDDEN_SIZE 11008; _alcf_default SEQ 4096 ;;
+        *)
+            # Any other name is a custom shape (the name becomes the run-name prefix) when every
+            # shape variable is given; otherwise it is a typo of a preset (upstream would silently
+            # train the 7B preset, which on a small machine runs out of memory minutes later).
+            local v missing=()
+            for v in HEADS NLAYERS HIDDEN NUM_KV_HEAD FFN_HIDDEN_SIZE SEQ; do
+                [[ -n "${!v:-}" ]] || missing+=("$v")
+            done
+            if (( ${#missing[@]} )); then
+                _ALCF_SHAPE_MISSING=" ${missing[*]} "
+                _alcf_err "unknown MODEL_ARCH='${MODEL_ARCH}'; use a preset (${ALCF_PRESETS}), or for a custom shape also set ${missing[*]}"
+            elif [[ ! "$MODEL_ARCH" =~ ^[A-Za-z0-9._+-]+$ ]]; then
+                _alcf_err "MODEL_ARCH='${MODEL_ARCH}' cannot name a run (letters, digits, . _ + - only); rename the custom shape"
+            fi ;;
     esac
 }
 
@@ -311,6 +324,7 @@ _alcf_apply_preset() {
 # ----------------------------------------------------------------------------------------------
 alcf_setup_params() {
     ALCF_ERRORS=()
+    _ALCF_SHAPE_MISSING=""
     ORIG_PWD="${ORIG_PWD:-$PWD}"
 
     # Alternative spellings (the documented and the actually-read ones).
@@ -431,6 +445,8 @@ alcf_setup_params() {
     fi
     local ok_ints=1
     for v in MICRO_BATCH GRAD_ACC_STEPS SEQ TP PP SP HEADS NLAYERS HIDDEN NUM_KV_HEAD FFN_HIDDEN_SIZE; do
+        # (a shape variable the unknown-MODEL_ARCH error already names is not reported twice)
+        [[ "${_ALCF_SHAPE_MISSING:-}" == *" $v "* ]] && { ok_ints=0; continue; }
         _alcf_check_posint "$v" || ok_ints=0
     done
     for v in EVAL_INTERVAL EVAL_ITERS SAVE_INTERVAL LOG_INTERVAL ACT_CKPT_NUM_LAYERS ZERO_HPZ_PARTITION_SIZE; do
