@@ -927,7 +927,7 @@ alcf_main() {
     # The trainer's own checks (flags, tokenizer, data files, --load/--save) before anything is written
     # (pretrain_gpt.py --check-args; CHECK_ARGS=0 skips them; a custom EXEC is not asked).
     if [[ "${CHECK_ARGS:-1}" != 0 && "$EXEC" -ef "${ALCF_REPO_DIR}/pretrain_gpt.py" ]]; then
-        WORLD_SIZE="$WORLD_SIZE" "$PYTHON" "$EXEC" "${TRAIN_ARGS[@]}" "${USER_ARGS[@]}" --check-args \
+        WORLD_SIZE="$WORLD_SIZE" LOCAL_WORLD_SIZE="$NPROC_LOCAL" "$PYTHON" "$EXEC" "${TRAIN_ARGS[@]}" "${USER_ARGS[@]}" --check-args \
             || { printf '[train_alcf] the trainer refused the configuration (see ERROR lines above); nothing was started.\n' >&2; return 2; }
     fi
 
@@ -950,6 +950,7 @@ alcf_main() {
     local rc
     "${LAUNCH_CMD[@]}" "${TRAIN_ARGS[@]}" "${USER_ARGS[@]}" 2>&1 | tee -a "$OUTPUT_LOG"
     rc=${PIPESTATUS[0]}
+    (( rc != 0 )) && _alcf_oom_note "$rc"
 
     {
         printf '[train_alcf] finished with exit status %s\n' "$rc"
@@ -959,6 +960,17 @@ alcf_main() {
         printf '[train_alcf]   DeepSpeed config: %s\n' "${WORKING_DIR}/${DS_CONFIG}"
     } | tee -a "$OUTPUT_LOG"
     return "$rc"
+}
+
+# After a failed run: a rank killed by signal 9 (the kernel's out-of-memory killer, usually) is said
+# in one line, with the trainer's memory estimate from the log.
+_alcf_oom_note() {
+    local rc="$1" est
+    if (( rc == 137 )) || grep -qE 'Signal 9 \(SIGKILL\)|exitcode *: -9|Killed \(signal 9\)' "$OUTPUT_LOG" 2>/dev/null; then
+        est="$(grep -o 'memory estimate: .*' "$OUTPUT_LOG" | tail -n 1)"
+        printf '[train_alcf] a rank was killed by signal 9 (SIGKILL), most likely out of memory (the kernel OOM killer; check dmesg); %s\n' \
+            "${est:-no memory estimate was logged}" | tee -a "$OUTPUT_LOG"
+    fi
 }
 
 _alcf_abs() { if [[ "$1" == /* ]]; then echo "$1"; else echo "${WORKING_DIR}/$1"; fi; }

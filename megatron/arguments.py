@@ -165,6 +165,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--check-args", action="store_true",
                    help="validate the flags, the tokenizer and the data files (headers, token ids vs vocabulary), "
                         "print OK or one ERROR line per problem, and exit (0 or 2) without starting anything")
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="start even when the memory estimate (weights, gradients, optimizer state, activations per "
+                        "rank) exceeds what the device or host has (ALCF/notes/reliability.md)")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="activation checkpointing: recompute whole layers in the backward (= --recompute-granularity full)")
     g.add_argument("--checkpoint-num-layers", type=int, default=1, help="layers per checkpointed chunk")
