@@ -110,9 +110,9 @@ class MemoryEstimate:
         return self.model_states + self.activations + self.runtime
 
     def describe(self) -> str:
-        return (f"{self.total / GIB:.1f} GiB per rank (weights {self.weights / GIB:.2f}, gradients "
+        return (f"{self.total / GIB:.2f} GiB per rank (weights {self.weights / GIB:.2f}, gradients "
                 f"{self.grads / GIB:.2f}, optimizer {self.optimizer / GIB:.2f}, activations "
-                f"{self.activations / GIB:.2f}, runtime {self.runtime / GIB:.1f}; {self.notes})")
+                f"{self.activations / GIB:.2f}, runtime {self.runtime / GIB:.2f}; {self.notes})")
 
 
 def parameters_per_rank(args, vocab: int) -> int:

@@ -131,7 +131,7 @@ def test_refuse_warn_skip():
     assert probs == [] and warns == [f"memory is tight: the estimate is {est.total / GIB:.1f} GiB per rank, 90% of "
                                      f"the {est.total / 0.9 / GIB:.1f} GiB available (fake)"]
     probs, warns, _ = pf.memory_problems(a, 512, limit=(int(est.total * 0.5), "fake"))
-    assert len(probs) == 1 and probs[0].startswith(f"not enough memory: the estimate is {est.total / GIB:.1f} GiB "
+    assert len(probs) == 1 and probs[0].startswith(f"not enough memory: the estimate is {est.total / GIB:.2f} GiB "
                                                    "per rank (weights ")
     assert "above the" in probs[0] and "--skip-memory-check" in probs[0]
     a.skip_memory_check = True
