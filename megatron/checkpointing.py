@@ -394,12 +394,14 @@ def _damage_message(load: str, tag: str, errs: list[str], good: str | None) -> s
     return f"checkpoint {os.path.join(load, tag)} is damaged: {errs[0]}{more}; {fix}"
 
 
-def newest_intact_tag(load: str, exclude: str, verify=None) -> str | None:
-    """The newest `global_step<N>` other than `exclude` that `verify(tag_dir)` finds no problem with
+def newest_intact_tag(load: str, damaged: str, verify=None) -> str | None:
+    """The newest `global_step<N>` older than `damaged` that `verify(tag_dir)` finds no problem with
     (default: sizes against its manifest; a checkpoint without a manifest counts as intact)."""
     verify = verify or checkpoint_manifest.problems
-    for _, name in reversed(checkpoint_tags(load)):
-        if name != exclude and not verify(os.path.join(load, name)):
+    m = TAG_RE.match(damaged)
+    below = int(m.group(1)) if m else None
+    for it, name in reversed(checkpoint_tags(load)):
+        if name != damaged and (below is None or it < below) and not verify(os.path.join(load, name)):
             return name
     return None
 

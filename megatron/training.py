@@ -321,6 +321,12 @@ def check_memory(args) -> None:
     from megatron.preflight import memory_problems, process_rss  # noqa: PLC0415
 
     problems, warnings, est = memory_problems(args, args.padded_vocab_size)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank short of memory stops them all
+        refused = torch.tensor([float(bool(problems))])
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+        if refused.item() and not problems:
+            problems = ["another rank has not enough memory for this configuration (see rank 0's line, or "
+                        "MEGATRON_LOG_ALL_RANKS=1)"]
     args._memory_estimate = est.describe() if est else None
     if est and args.rank == 0:
         log.info("memory estimate: %s; this process uses %.2f GiB now", est.describe(), process_rss() / 2**30)
