@@ -8,7 +8,8 @@
 * --verify-checkpoint --fallback-to-intact-checkpoint with a bit-flipped newest checkpoint: the
   trainer loads the previous one (warning) and its losses from there equal the uninterrupted run's.
 * A checkpoint without a manifest (written before manifests) still loads.
-* A 2-rank save writes one complete manifest (rank 1's ZeRO shard, hashed by rank 1).
+* A 2-rank save writes one complete manifest (rank 1's ZeRO shard, hashed by rank 1); a 2-rank
+  --verify-checkpoint finds one flipped byte in rank 1's shard and both ranks stop.
 """
 from __future__ import annotations
 
@@ -256,3 +257,16 @@ def test_two_rank_save_writes_one_complete_manifest(data_list, tmp_path):
         with open(os.path.join(tag_dir, name), "rb") as f:
             data = f.read()
         assert (e["size"], e["digest"]) == (len(data), xxhash.xxh3_64(data).hexdigest()), name
+    # --verify-checkpoint with 2 ranks (each checks half of the files, the problems are exchanged):
+    # one byte of rank 1's shard flipped is found, and both ranks stop with the same line
+    flip_byte(os.path.join(tag_dir, shards[1]))
+    p = run_trainer(trainer_args(data_list, str(tmp_path / "load"), iters=4,
+                                 extra=("--load", save, "--verify-checkpoint")), nproc=2, launcher="torchrun",
+                    check=False)
+    errors = [ln for ln in p.stderr.splitlines() if "ERROR:" in ln]
+    assert p.returncode != 0 and errors, p.stderr[-3000:]
+    assert errors[0].endswith(f"ERROR: checkpoint {save}/global_step2 is damaged: {shards[1]} has checksum "
+                              f"{cm.hash_file(os.path.join(tag_dir, shards[1]), 'xxh3_64')}, the manifest says "
+                              f"{m['files'][shards[1]]['digest']} (damaged or replaced); no other intact checkpoint "
+                              f"in {save}: restore the files from a copy, or start from scratch"), errors
+    assert "exitcode  : 2" in p.stderr  # (torchrun's summary: the rank's own exit status, no rank traceback)
