@@ -52,3 +52,36 @@ def test_state_dict_without_counters_still_loads():
     opt.hessian_updates = 0
     opt.load_state_dict(old)
     assert opt.hessian_updates == 0
+
+
+def test_muonclip_total_continues_through_a_trainer_resume(tmp_path):
+    """The trainer (ZeRO 0, fp32, --muonclip-t low enough to clip every step): 4 iterations saving at 2,
+    then a resume of the iteration-2 checkpoint to 4. The logged running total at iteration 4 equals
+    the uninterrupted run's (it restarted at 0 before)."""
+    import re  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from distributed import TINY_MODEL, make_dataset, run_trainer  # noqa: PLC0415
+
+    data = make_dataset(str(tmp_path / "data"))
+
+    def args(out: str, extra: tuple) -> list[str]:
+        return TINY_MODEL + ["--data-file-list", data, "--split", "98,2,0", "--data-cache-path", f"{out}/cache",
+                             "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "4",
+                             "--lr", "0.01", "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0",
+                             "--zero-stage", "0", "--deepspeed", "--seed", "1", "--optimizer", "muonclip",
+                             "--muonclip-t", "1e-5", "--metrics-file", f"{out}/metrics.jsonl", *extra]
+
+    def totals(stderr: str) -> dict[int, int]:
+        return {int(i): int(n) for i, n in re.findall(r"iteration (\d+) optimizer: .*muonclip_fired_total=(\d+)",
+                                                       stderr)}
+
+    ref = str(tmp_path / "ref")
+    want = totals(run_trainer(args(ref, ("--save", f"{ref}/ckpt", "--save-interval", "2"))).stderr)
+    assert sorted(want) == [1, 2, 3, 4] and want[2] > 0 and want[4] > want[2], want
+    ckpt = str(tmp_path / "res" / "ckpt")
+    shutil.copytree(f"{ref}/ckpt/global_step2", f"{ckpt}/global_step2")
+    with open(f"{ckpt}/latest", "w") as f:
+        f.write("global_step2")
+    got = totals(run_trainer(args(str(tmp_path / "res"), ("--load", ckpt))).stderr)
+    assert got == {3: want[3], 4: want[4]}
