@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
               f"({args.save}) and --metrics-file ({args.metrics_file}) write; the last checkpoint is intact: free "
               "space and resume with --load", file=sys.stderr, flush=True)
         return 4
-    except RuntimeError as e:
+    except RuntimeError as e:  # (torch.OutOfMemoryError is one)
+        from megatron.preflight import OOM_EXIT_CODE, is_out_of_memory, oom_message
+
+        if is_out_of_memory(e):  # a device (or the CPU allocator) refused an allocation: one line, exit 6
+            print(f"ERROR: {oom_message(e, rank, getattr(args, '_memory_estimate', None))}", file=sys.stderr,
+                  flush=True)
+            return OOM_EXIT_CODE
         if not dist_faults.is_collective_failure(e):
             raise
         # another rank died or hangs (megatron/dist_faults.py): every survivor names it, exit 5

@@ -27,6 +27,7 @@ setup(
         "safetensors",
         "packaging",
         "matplotlib",
+        "xxhash",  # checkpoint manifests' checksum (zlib's crc32 without it)
     ],
     extras_require={
         # reference implementations the optimizer tests compare against

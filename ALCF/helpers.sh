@@ -15,7 +15,8 @@
 #
 # Variables (default in brackets; "machine" = per-machine table, "preset" = MODEL_ARCH):
 #   model      MODEL_ARCH [7B; 7M in the demo] (tiny 7M/demo 30M 2B 7B 33B 70B llama3-3B
-#              smollm3-3B phi4-mini), HEADS|NHEADS, NLAYERS|NUM_LAYERS, HIDDEN, NUM_KV_HEAD,
+#              smollm3-3B phi4-mini; any other name is a custom shape and needs all six of
+#              HEADS NLAYERS HIDDEN NUM_KV_HEAD FFN_HIDDEN_SIZE SEQ, else it is refused), HEADS|NHEADS, NLAYERS|NUM_LAYERS, HIDDEN, NUM_KV_HEAD,
 #              FFN_HIDDEN_SIZE, SEQ|SEQ_LEN [preset], ROPE_THETA [50000], INIT_METHOD_STD
 #              [sqrt(2/(5*HIDDEN))], NO_LLAMA, NO_FLASH_ATTN
 #   parallel   TP [machine, 1], PP [1], SP [1], ZERO_STAGE [1], CPU_OPTIMIZER,
@@ -259,6 +260,8 @@ _alcf_detect_job() {
 # ----------------------------------------------------------------------------------------------
 # model presets (MODEL_ARCH)
 # ----------------------------------------------------------------------------------------------
+ALCF_PRESETS="tiny 7M demo 30M 2B 7B 33B 70B llama3-3B smollm3-3B phi4-mini"
+
 _alcf_apply_preset() {
     case "$MODEL_ARCH" in
         2B|AuroraGPT-2B|AuroraGPT_2B|Aurora-GPT-2B|AuroraGPT2B|Aurora_GPT_2B|aurora-gpt-2b|aurora_gpt_2b)
@@ -297,14 +300,24 @@ _alcf_apply_preset() {
         30M)
             _alcf_default HEADS 8; _alcf_default NLAYERS 6; _alcf_default HIDDEN 512
             _alcf_default NUM_KV_HEAD 4; _alcf_default FFN_HIDDEN_SIZE 1408; _alcf_default SEQ 512 ;;
-        *)
-            case "$MODEL_ARCH" in
-                7B|AuroraGPT-7B|aurora-gpt-7b|llama-3.1-7B|llama-3.1-7b|llama-3.2-7B|llama-3.2-7b) ;;
-                *) _alcf_warn "unknown MODEL_ARCH=${MODEL_ARCH}: using the 7B preset (known: tiny 7M 30M 2B 7B 33B 70B llama3-3B smollm3-3B phi4-mini)" ;;
-            esac
+        7B|AuroraGPT-7B|aurora-gpt-7b|llama-3.1-7B|llama-3.1-7b|llama-3.2-7B|llama-3.2-7b)
             MODEL_ARCH=AuroraGPT-7B
             _alcf_default HEADS 32; _alcf_default NLAYERS 32; _alcf_default HIDDEN 4096
             _alcf_default NUM_KV_HEAD 8; _alcf_default FFN_HIDDEN_SIZE 11008; _alcf_default SEQ 4096 ;;
+        *)
+            # Any other name is a custom shape (the name becomes the run-name prefix) when every
+            # shape variable is given; otherwise it is a typo of a preset (upstream would silently
+            # train the 7B preset, which on a small machine runs out of memory minutes later).
+            local v missing=()
+            for v in HEADS NLAYERS HIDDEN NUM_KV_HEAD FFN_HIDDEN_SIZE SEQ; do
+                [[ -n "${!v:-}" ]] || missing+=("$v")
+            done
+            if (( ${#missing[@]} )); then
+                _ALCF_SHAPE_MISSING=" ${missing[*]} "
+                _alcf_err "unknown MODEL_ARCH='${MODEL_ARCH}'; use a preset (${ALCF_PRESETS}), or for a custom shape also set ${missing[*]}"
+            elif [[ ! "$MODEL_ARCH" =~ ^[A-Za-z0-9._+-]+$ ]]; then
+                _alcf_err "MODEL_ARCH='${MODEL_ARCH}' cannot name a run (letters, digits, . _ + - only); rename the custom shape"
+            fi ;;
     esac
 }
 
@@ -313,6 +326,7 @@ _alcf_apply_preset() {
 # ----------------------------------------------------------------------------------------------
 alcf_setup_params() {
     ALCF_ERRORS=()
+    _ALCF_SHAPE_MISSING=""
     ORIG_PWD="${ORIG_PWD:-$PWD}"
 
     # Alternative spellings (the documented and the actually-read ones).
@@ -443,6 +457,8 @@ alcf_setup_params() {
     fi
     local ok_ints=1
     for v in MICRO_BATCH GRAD_ACC_STEPS SEQ TP PP SP HEADS NLAYERS HIDDEN NUM_KV_HEAD FFN_HIDDEN_SIZE; do
+        # (a shape variable the unknown-MODEL_ARCH error already names is not reported twice)
+        [[ "${_ALCF_SHAPE_MISSING:-}" == *" $v "* ]] && { ok_ints=0; continue; }
         _alcf_check_posint "$v" || ok_ints=0
     done
     for v in EVAL_INTERVAL EVAL_ITERS SAVE_INTERVAL LOG_INTERVAL ACT_CKPT_NUM_LAYERS ZERO_HPZ_PARTITION_SIZE; do
@@ -926,7 +942,7 @@ alcf_main() {
     # The trainer's own checks (flags, tokenizer, data files, --load/--save) before anything is written
     # (pretrain_gpt.py --check-args; CHECK_ARGS=0 skips them; a custom EXEC is not asked).
     if [[ "${CHECK_ARGS:-1}" != 0 && "$EXEC" -ef "${ALCF_REPO_DIR}/pretrain_gpt.py" ]]; then
-        WORLD_SIZE="$WORLD_SIZE" "$PYTHON" "$EXEC" "${TRAIN_ARGS[@]}" "${USER_ARGS[@]}" --check-args \
+        WORLD_SIZE="$WORLD_SIZE" LOCAL_WORLD_SIZE="$NPROC_LOCAL" "$PYTHON" "$EXEC" "${TRAIN_ARGS[@]}" "${USER_ARGS[@]}" --check-args \
             || { printf '[train_alcf] the trainer refused the configuration (see ERROR lines above); nothing was started.\n' >&2; return 2; }
     fi
 
@@ -949,6 +965,7 @@ alcf_main() {
     local rc
     "${LAUNCH_CMD[@]}" "${TRAIN_ARGS[@]}" "${USER_ARGS[@]}" 2>&1 | tee -a "$OUTPUT_LOG"
     rc=${PIPESTATUS[0]}
+    (( rc != 0 )) && _alcf_oom_note "$rc"
 
     {
         printf '[train_alcf] finished with exit status %s\n' "$rc"
@@ -958,6 +975,17 @@ alcf_main() {
         printf '[train_alcf]   DeepSpeed config: %s\n' "${WORKING_DIR}/${DS_CONFIG}"
     } | tee -a "$OUTPUT_LOG"
     return "$rc"
+}
+
+# After a failed run: a rank killed by signal 9 (the kernel's out-of-memory killer, usually) is said
+# in one line, with the trainer's memory estimate from the log.
+_alcf_oom_note() {
+    local rc="$1" est
+    if (( rc == 137 )) || grep -qE 'Signal 9 \(SIGKILL\)|exitcode *: -9|Killed \(signal 9\)' "$OUTPUT_LOG" 2>/dev/null; then
+        est="$(grep -o 'memory estimate: .*' "$OUTPUT_LOG" | tail -n 1)"
+        printf '[train_alcf] a rank was killed by signal 9 (SIGKILL), most likely out of memory (the kernel OOM killer; check dmesg); %s\n' \
+            "${est:-no memory estimate was logged}" | tee -a "$OUTPUT_LOG"
+    fi
 }
 
 _alcf_abs() { if [[ "$1" == /* ]]; then echo "$1"; else echo "${WORKING_DIR}/$1"; fi; }

@@ -20,6 +20,16 @@ if ROOT not in sys.path:  # `python bench/x.py` from anywhere
     sys.path.insert(0, ROOT)
 
 
+def llama_flags(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, seq: int, vocab: int) -> list[str]:
+    """Trainer flags of a Llama-style model (SwiGLU, RMSNorm, RoPE, untied, no bias, no dropout) with a
+    NullTokenizer vocabulary."""
+    return ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
+            "--num-key-value-heads", str(kv_heads), "--ffn-hidden-size", str(ffn), "--seq-length", str(seq),
+            "--max-position-embeddings", str(seq), "--swiglu", "--normalization", "rmsnorm", "--disable-bias-linear",
+            "--use-rotary-position-embeddings", "--untie-embeddings-and-output-weights", "--hidden-dropout", "0",
+            "--attention-dropout", "0", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

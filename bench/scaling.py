@@ -21,13 +21,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import machine_line, median, print_table, write_corpus  # noqa: E402
+from bench.common import llama_flags, machine_line, median, print_table, write_corpus  # noqa: E402
 
-MODEL = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--num-key-value-heads", "8",
-         "--ffn-hidden-size", "704", "--seq-length", "256", "--max-position-embeddings", "256", "--swiglu",
-         "--normalization", "rmsnorm", "--disable-bias-linear", "--use-rotary-position-embeddings",
-         "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
-         "--tokenizer-type", "NullTokenizer", "--vocab-size", "2048"]
+MODEL = llama_flags(4, 256, 8, 8, 704, 256, 2048)
 VOCAB, SEQ = 2048, 256
 
 

@@ -196,6 +196,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--check-args", action="store_true",
                    help="validate the flags, the tokenizer and the data files (headers, token ids vs vocabulary), "
                         "print OK or one ERROR line per problem, and exit (0 or 2) without starting anything")
+    g.add_argument("--skip-memory-check", action="store_true",
+                   help="start even when the memory estimate (weights, gradients, optimizer state, activations per "
+                        "rank) exceeds what the device or host has (ALCF/notes/reliability.md)")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="activation checkpointing: recompute whole layers in the backward (= --recompute-granularity full)")
     g.add_argument("--checkpoint-num-layers", type=int, default=1, help="layers per checkpointed chunk")
@@ -319,6 +322,12 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unsafe-checkpoint-load", action="store_true",
                    help="load checkpoint files with full pickle (torch.load weights_only=False) instead of the "
                         "tensor-only loader with an allowlist; only for files you trust (it can run their code)")
+    g.add_argument("--verify-checkpoint", action="store_true",
+                   help="before loading, check every file's checksum against the checkpoint's manifest (reads "
+                        "every file once more); sizes are always checked")
+    g.add_argument("--fallback-to-intact-checkpoint", action="store_true",
+                   help="if the checkpoint to load is damaged (manifest check), load the newest intact "
+                        "global_step<N> instead, with a warning; default: refuse and name it")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -779,8 +788,11 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
         build_schedule_spec(args)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
-    from megatron.checkpointing import load_problems  # noqa: PLC0415  (--load checked before DeepSpeed starts)
+    from megatron.checkpointing import check_checkpoint_files, load_problems  # noqa: PLC0415  (before DeepSpeed)
 
+    load_errs = check_checkpoint_files(args)  # sizes vs the manifest; may pick the intact tag (--fallback-...)
+    if load_errs:
+        raise ArgumentError("\n".join(load_errs))
     single_replica_zero_stage(args)
     load_errs = load_problems(args)
     if load_errs:

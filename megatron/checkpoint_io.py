@@ -37,6 +37,8 @@ import re
 
 import torch
 
+from megatron import checkpoint_manifest
+
 log = logging.getLogger(__name__)
 
 INJECTED_WRITE_LIMIT = 64 * 1024  # bytes a save with an injected ENOSPC writes before failing
@@ -118,10 +120,11 @@ class _RecordingFile(io.RawIOBase):
     """A binary file that remembers the OSError of a failed write (torch.save turns it into an
     opaque RuntimeError) and can simulate a full disk after `limit` bytes."""
 
-    def __init__(self, path: str, limit: int | None = None):
+    def __init__(self, path: str, limit: int | None = None, hasher=None):
         super().__init__()
         self._f = open(path, "wb")  # noqa: SIM115  (closed in close())
         self.path, self.limit, self.written, self.error = path, limit, 0, None
+        self.hasher = hasher  # fed every block written (the checkpoint manifest's checksum, no read-back)
 
     def writable(self) -> bool:
         return True
@@ -135,6 +138,8 @@ class _RecordingFile(io.RawIOBase):
                               self.path)
             n = self._f.write(b)
             self.written += n
+            if self.hasher is not None:
+                self.hasher.update(memoryview(b)[:n] if n != len(b) else b)
             return n
         except OSError as e:
             self.error = self.error or e
@@ -167,6 +172,8 @@ class GuardedCheckpointEngine:
         self.unsafe_load = unsafe_load
         self.failure: str | None = None  # "<file>: <reason>" of the first failed write of this save
         self.inject_enospc = False
+        self.algorithm = checkpoint_manifest.default_algorithm()
+        self.written: dict[str, tuple[int, str | None]] = {}  # path -> (size, checksum) of this save's files
         self._reuse: tuple | None = None  # (key, object) of the last load, handed out once more
 
     def __getattr__(self, name):
@@ -180,7 +187,7 @@ class GuardedCheckpointEngine:
         return type(self._inner) is TorchCheckpointEngine
 
     def start_save(self, inject_enospc: bool = False) -> None:
-        self.failure, self.inject_enospc = None, inject_enospc
+        self.failure, self.inject_enospc, self.written = None, inject_enospc, {}
 
     def save(self, state_dict, path: str) -> None:
         if self.failure:  # this checkpoint is lost already: do not fill the disk further
@@ -188,21 +195,35 @@ class GuardedCheckpointEngine:
         if not self._plain_torch() and not self.inject_enospc:
             try:
                 self._inner.save(state_dict, path)
+                self.written[path] = (-1, None)  # hashed from the file (checkpoint_manifest.entry)
             except (OSError, RuntimeError) as e:
                 self._record(path, e)
             return
         f = None
         try:
-            f = _RecordingFile(path, INJECTED_WRITE_LIMIT if self.inject_enospc else None)
+            f = _RecordingFile(path, INJECTED_WRITE_LIMIT if self.inject_enospc else None,
+                               checkpoint_manifest.new_hasher(self.algorithm))
             torch.save(state_dict, f, _use_new_zipfile_serialization=getattr(self._inner, "zipfile_serialization",
                                                                              True))
             f.close()
             if f.error:
                 raise f.error
+            self.written[path] = (f.written, f.hasher.hexdigest())
         except (OSError, RuntimeError) as e:
             if f is not None:
                 f.close()
             self._record(path, f.error if f is not None and f.error else e)
+
+    def manifest_entries(self, tag_dir: str, rank: int) -> dict:
+        """{name relative to tag_dir: manifest entry} of the files this rank wrote in this save."""
+        out = {}
+        for path, (size, digest) in self.written.items():
+            rel = os.path.relpath(path, tag_dir).replace(os.sep, "/")
+            e = checkpoint_manifest.entry(path, self.algorithm, digest, rank)
+            if size >= 0 and e["size"] != size:  # changed since it was written: hash what is there
+                e = checkpoint_manifest.entry(path, self.algorithm, None, rank)
+            out[rel] = e
+        return out
 
     def _record(self, path: str, e: BaseException) -> None:
         reason = f"[Errno {e.errno}] {e.strerror}" if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 
@@ -40,7 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron import checkpoint_io
+from megatron import checkpoint_io, checkpoint_manifest
+from megatron.checkpoint_manifest import LATEST, LATEST_UNIVERSAL, TAG_RE, checkpoint_tags, read_tag  # noqa: F401
 from megatron.arguments import ArgumentError
 from megatron.core.tensor_parallel import get_rng_tracker
 from megatron.numerics import injected_fault
@@ -49,11 +49,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
-LATEST = "latest"
-LATEST_UNIVERSAL = "latest_universal"
 ARGS_FILE = "megatron_args.json"
 PARTIAL_SUFFIX = ".partial"
-TAG_RE = re.compile(r"^global_step(\d+)$")
 # Model arguments a checkpoint must agree with (vocabulary handled separately: TP changes padding).
 ARCH_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "ffn_hidden_size",
                "kv_channels", "swiglu", "normalization", "untie_embeddings_and_output_weights", "add_bias_linear",
@@ -106,27 +103,6 @@ def write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def read_tag(load_dir: str, universal: bool = False) -> str | None:
-    """The tag named by `latest` (or `latest_universal`), None if the file is missing or empty."""
-    path = os.path.join(load_dir, LATEST_UNIVERSAL if universal else LATEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return f.read().strip() or None
-
-
-def checkpoint_tags(save_dir: str) -> list[tuple[int, str]]:
-    """Complete `global_step<N>` directories (not partial, not universal), oldest first."""
-    if not os.path.isdir(save_dir):
-        return []
-    tags = []
-    for name in os.listdir(save_dir):
-        m = TAG_RE.match(name)
-        if m and os.path.isdir(os.path.join(save_dir, name)):
-            tags.append((int(m.group(1)), name))
-    return sorted(tags)
 
 
 def universal_checkpoint_info(args) -> dict:
@@ -243,14 +219,19 @@ def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, c
         if skip_optim:
             engine.save_zero_checkpoint = saved_flag
     failure = failure or (guard.failure if guard is not None else None)
+    part_dir = os.path.join(args.save, partial)
+    entries = _gather_manifest_entries(guard, part_dir, _rank(args), failure)  # collective
     if _rank(args) == 0 and failure is None:
         record = model_args_record(args)
         record.update(iteration=iteration, optimizer_states_saved=not skip_optim)
         try:
-            with open(os.path.join(args.save, partial, ARGS_FILE), "w") as f:
+            with open(os.path.join(part_dir, ARGS_FILE), "w") as f:
                 json.dump(record, f, indent=1)
+            # after every rank's files and the args: what no rank claimed is hashed here
+            checkpoint_manifest.write_manifest(part_dir, entries, guard.algorithm if guard else
+                                               checkpoint_manifest.default_algorithm(), tag, iteration)
         except OSError as e:
-            failure = f"{os.path.join(args.save, partial, ARGS_FILE)}: [Errno {e.errno}] {e.strerror}"
+            failure = f"{e.filename or part_dir}: [Errno {e.errno}] {e.strerror}" if e.errno else str(e)
     _raise_if_save_failed(args, tag, failure)  # collective: instead of a barrier
     if _rank(args) == 0:
         try:
@@ -263,6 +244,21 @@ def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, c
                 log.info("--keep-last-n %s: deleted %s", getattr(args, "keep_last_n", None), ", ".join(deleted))
     _raise_if_save_failed(args, tag, failure)
     return os.path.join(args.save, tag)
+
+
+def _gather_manifest_entries(guard, part_dir: str, rank: int, failure: str | None) -> dict:
+    """Rank 0 gets every rank's {file: manifest entry} of this save (the others get {})."""
+    mine = {}
+    if guard is not None and failure is None:
+        try:
+            mine = guard.manifest_entries(part_dir, rank)
+        except OSError:  # a file gone already: rank 0 lists the directory and finds out
+            mine = {}
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return mine
+    gathered = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return {k: v for part in gathered for k, v in part.items()} if rank == 0 else {}
 
 
 def _raise_if_save_failed(args, tag: str, failure: str | None) -> None:
@@ -387,6 +383,85 @@ def load_problems(args) -> list[str]:
     return errs
 
 
+def _damage_message(load: str, tag: str, errs: list[str], good: str | None) -> str:
+    more = f" (and {len(errs) - 1} more problem(s): python tools/verify_checkpoint.py {load} --tag {tag})" \
+        if len(errs) > 1 else ""
+    if good:
+        fix = (f"load the newest intact checkpoint with --load-tag {good} (or add --fallback-to-intact-checkpoint), "
+               "or restore the files from a copy")
+    else:
+        fix = f"no other intact checkpoint in {load}: restore the files from a copy, or start from scratch"
+    return f"checkpoint {os.path.join(load, tag)} is damaged: {errs[0]}{more}; {fix}"
+
+
+def newest_intact_tag(load: str, damaged: str, verify=None) -> str | None:
+    """The newest `global_step<N>` older than `damaged` that `verify(tag_dir)` finds no problem with
+    (default: sizes against its manifest; a checkpoint without a manifest counts as intact)."""
+    verify = verify or checkpoint_manifest.problems
+    m = TAG_RE.match(damaged)
+    below = int(m.group(1)) if m else None
+    for it, name in reversed(checkpoint_tags(load)):
+        if name != damaged and (below is None or it < below) and not verify(os.path.join(load, name)):
+            return name
+    return None
+
+
+def check_checkpoint_files(args) -> list[str]:
+    """Sizes (and missing / foreign files) of the checkpoint `--load` resumes, against its manifest:
+    one stat per file, before DeepSpeed starts. A damaged checkpoint is a problem naming the file and
+    the newest intact tag, or, with --fallback-to-intact-checkpoint, `args.load_tag` becomes that tag
+    (and `args._checkpoint_fallback` says why, for the warning at load time)."""
+    load = getattr(args, "load", None)
+    if not load or args.universal_checkpoint or not os.path.isdir(load):
+        return []
+    tag = args.load_tag or read_tag(load)
+    if not tag or not os.path.isdir(os.path.join(load, tag)):
+        return []  # load_problems says what is missing
+    errs = checkpoint_manifest.problems(os.path.join(load, tag))
+    if not errs:
+        return []
+    good = newest_intact_tag(load, tag)
+    if good and getattr(args, "fallback_to_intact_checkpoint", False):
+        args._checkpoint_fallback = f"{tag} is damaged ({errs[0]}): loading {good} instead"
+        args.load_tag = good
+        return []
+    return [_damage_message(load, tag, errs, good)]
+
+
+def _verify_checksums(tag_dir: str) -> list[str]:
+    """Checksums of every file of `tag_dir` (with sizes etc.), the files split over the ranks; every
+    rank gets every problem. Collective."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return checkpoint_manifest.problems(tag_dir, checksums=True)
+    try:
+        manifest = checkpoint_manifest.read_manifest(tag_dir)
+    except checkpoint_manifest.ManifestError:
+        manifest = None
+    names = sorted(manifest["files"]) if manifest else []
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = checkpoint_manifest.problems(tag_dir, checksums=True, only=set(names[rank::world]))
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return list(dict.fromkeys(p for part in gathered for p in part))  # the size problems are found by all
+
+
+def verify_before_load(args, tag: str) -> str:
+    """--verify-checkpoint: every checksum of the checkpoint about to be loaded (collective). Returns
+    the tag to load: `tag`, or with --fallback-to-intact-checkpoint the newest intact one."""
+    errs = _verify_checksums(os.path.join(args.load, tag))
+    if not errs:
+        return tag
+    good = newest_intact_tag(args.load, tag, verify=_verify_checksums)
+    if not (good and args.fallback_to_intact_checkpoint):
+        raise ArgumentError(_damage_message(args.load, tag, errs, good))
+    args._checkpoint_fallback = f"{tag} is damaged ({errs[0]}): loading {good} instead"
+    args.load_tag = good
+    errs = load_problems(args)  # the architecture checks, for the tag now loaded
+    if errs:
+        raise ArgumentError("\n".join(errs))
+    return good
+
+
 def check_architecture(saved: dict, args, universal: bool = False) -> None:
     """Raise with every mismatch between the checkpoint's model arguments and ours (incl. vocabulary)."""
     vocab = ("vocab_size_orig",) if universal else ("padded_vocab_size",)
@@ -453,12 +528,24 @@ def load_checkpoint(engine, args) -> LoadedState:
     errs = load_problems(args)
     if errs:
         raise ArgumentError("\n".join(errs))
+    errs = check_checkpoint_files(args)  # (again: the files may have changed since the start-up checks)
+    if errs:
+        raise ArgumentError("\n".join(errs))
     universal = bool(args.universal_checkpoint)
     tag = args.load_tag or read_tag(args.load, universal)
     if tag is None:
         if _rank(args) == 0:
             log.warning("no checkpoint found in %s; starting from scratch", args.load)
         return LoadedState()
+    if getattr(args, "verify_checkpoint", False) and not universal:
+        tag = verify_before_load(args, tag)
+    if _rank(args) == 0:
+        if getattr(args, "_checkpoint_fallback", None):
+            log.warning("--fallback-to-intact-checkpoint: %s", args._checkpoint_fallback)
+            print(f"WARNING: --fallback-to-intact-checkpoint: {args._checkpoint_fallback}", flush=True)
+        if not universal and not checkpoint_manifest.has_manifest(os.path.join(args.load, tag)):
+            log.info("checkpoint %s/%s has no manifest (written before manifests existed): its files are not "
+                     "verified", args.load, tag)
     saved = read_saved_args(os.path.join(args.load, tag))
     if saved:
         check_architecture(saved, args, universal=universal)

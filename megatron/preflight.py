@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 
 from megatron.data.data_list import DataListError, DataSource, parse_data_file_list, validate_sources
 
@@ -76,4 +77,235 @@ def data_problems(args: argparse.Namespace, vocab_size: int | None) -> list[str]
 def preflight_problems(args: argparse.Namespace) -> list[str]:
     """Every problem found by reading the tokenizer and the data (after `parse_args` succeeded)."""
     vocab, errs = tokenizer_vocab(args)
-    return errs + data_problems(args, vocab)
+    errs += data_problems(args, vocab)
+    mem_errs, warnings, _est = memory_problems(args, vocab)
+    for w in warnings:
+        print(f"WARNING: {w}", flush=True)
+    return errs + mem_errs
+
+
+# ----------------------------------------------------------------------------- memory
+GIB = 2**30
+RUNTIME_BYTES = int(0.3 * GIB)  # a rank's Python + torch + DeepSpeed + process group before any model (measured 0.26 GiB)
+NEAR_FRACTION = 0.85  # above this share of the limit: a warning
+OOM_EXIT_CODE = 6
+FIXES = "ZeRO-3, activation recompute, a smaller micro-batch, more ranks, a smaller model"
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes per rank, by part (see `estimate_memory`)."""
+    weights: float
+    grads: float
+    optimizer: float  # optimizer states + fp32 master copies
+    activations: float
+    runtime: float = RUNTIME_BYTES
+    notes: str = ""
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.activations + self.runtime
+
+    def describe(self) -> str:
+        return (f"{self.total / GIB:.2f} GiB per rank (weights {self.weights / GIB:.2f}, gradients "
+                f"{self.grads / GIB:.2f}, optimizer {self.optimizer / GIB:.2f}, activations "
+                f"{self.activations / GIB:.2f}, runtime {self.runtime / GIB:.2f}; {self.notes})")
+
+
+def parameters_per_rank(args, vocab: int) -> int:
+    """Parameters one rank holds (TP splits matrices and the vocabulary, PP the layers; the first
+    pipeline stage, which also holds the embedding, is the largest)."""
+    h, tp = args.hidden_size, args.tensor_model_parallel_size
+    heads, kv = args.num_attention_heads, args.num_key_value_heads or args.num_attention_heads
+    d = args.kv_channels or h // heads
+    ffn = args.ffn_hidden_size
+    bias = bool(getattr(args, "add_bias_linear", False))
+    attn = h * (heads + 2 * kv) * d + heads * d * h + (bias * ((heads + 2 * kv) * d + h))
+    mlp = h * ffn * (3 if args.swiglu else 2) + bias * (ffn * (2 if args.swiglu else 1) + h)
+    norms = 2 * h * (2 if getattr(args, "normalization", "LayerNorm") == "LayerNorm" else 1)
+    layers = -(-args.num_layers // args.pipeline_model_parallel_size)
+    embed = vocab * h * (2 if args.untie_embeddings_and_output_weights else 1)
+    if not getattr(args, "use_rotary_position_embeddings", True):
+        embed += args.max_position_embeddings * h * tp  # replicated, not split
+    return int(layers * ((attn + mlp) / tp + norms) + embed / tp + h)
+
+
+def on_cpu() -> bool:
+    import torch  # noqa: PLC0415
+
+    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
+def activation_bytes(args, vocab: int, cpu: bool = True) -> float:
+    """Activations one micro-batch keeps for the backward (summed over the layers of a pipeline stage,
+    times the micro-batches 1F1B keeps in flight), plus the logits and the loss's float32 copies."""
+    e = 2 if (args.bf16 or args.fp16) else 4
+    tp, sp = args.tensor_model_parallel_size, args.ds_sequence_parallel_size
+    s, b = args.seq_length // sp, args.micro_batch_size
+    t = s * b  # tokens of one micro-batch on this rank
+    h, ffn = args.hidden_size, args.ffn_hidden_size
+    heads, kv = args.num_attention_heads, args.num_key_value_heads or args.num_attention_heads
+    d = args.kv_channels or h // heads
+    seq_par = tp if getattr(args, "sequence_parallel", False) else 1
+    # per layer: norm inputs/outputs and residuals (h-wide, split by sequence parallelism), q/k/v and
+    # rotated q/k, the attention output (split by TP), the MLP's gate/up/act/product (split by TP)
+    per_layer = t * (5 * h / seq_par + (2 * heads + 3 * kv) * d / tp + h / tp + ffn * (4 if args.swiglu else 2) / tp)
+    if (args.bf16 or args.fp16) and cpu:  # explicit attention keeps the s x s probabilities
+        per_layer += b * (heads / tp) * s * s * sp  # (Ulysses: whole sequence, heads / SP)
+    layers = -(-args.num_layers // args.pipeline_model_parallel_size)
+    full = getattr(args, "recompute_granularity", None) == "full"
+    stored = layers * t * h / seq_par + per_layer if full else layers * per_layer  # full: layer inputs + one layer
+    in_flight = min(args.pipeline_model_parallel_size, args.num_micro_batches) if args.pipeline_model_parallel_size > 1 \
+        else 1
+    logits = t * vocab / tp * (e + 3 * 4)  # logits, their float32 copy, log-softmax and its gradient
+    return stored * e * in_flight + logits
+
+
+def estimate_memory(args, vocab: int, optimizer_copies: float | None = None, cpu: bool | None = None
+                    ) -> MemoryEstimate:
+    """Peak memory of one rank: weights, gradients, optimizer state and fp32 masters by ZeRO stage and
+    precision, activations by micro-batch, sequence, recompute and TP/SP/PP, plus the runtime."""
+    if optimizer_copies is None:
+        from megatron.optimizer import get_entry  # noqa: PLC0415
+
+        optimizer_copies = get_entry(args.optimizer).state_copies
+    p = parameters_per_rank(args, vocab)
+    half = bool(args.bf16 or args.fp16)
+    w = 2 if half else 4
+    stage = args.zero_stage
+    dp = max(1, args.data_parallel_size * args.ds_sequence_parallel_size)  # ZeRO partitions over DP x SP
+    states = optimizer_copies * 4 * p
+    # float32 master weights: bf16 always; fp32 at ZeRO 1-3 too (ZeRO keeps a float32 copy of its partition)
+    master = 4 * p if (half or stage > 0) else 0
+    # the float32 gradient partition the optimizer steps on: with bf16 weights, and at ZeRO-3 (at ZeRO-1/2
+    # in fp32 the gradients are moved into it, not copied: measured, bench/memory_preflight.py)
+    fp32_grads = 4 * p if (half or stage == 3) else 0
+    part = dp if stage >= 1 else 1
+    weights = w * p / (dp if stage == 3 else 1)
+    if stage == 3:  # the layers being computed are gathered whole, up to stage3_max_live_parameters (1e9)
+        weights += w * min(p, 1e9)
+    grads = w * p / (dp if stage >= 2 else 1)
+    optimizer = (states + master + fp32_grads) / part
+    notes = (f"{p / 1e6:.0f}M parameters per rank, {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}, "
+             f"ZeRO-{stage} over {dp} rank(s), {args.optimizer} ({optimizer_copies:g} state copies), micro-batch "
+             f"{args.micro_batch_size} x {args.seq_length} tokens, recompute "
+             f"{getattr(args, 'recompute_granularity', None) or 'off'}")
+    cpu = on_cpu() if cpu is None else cpu
+    return MemoryEstimate(weights, grads, optimizer, activation_bytes(args, vocab, cpu), notes=notes)
+
+
+def process_rss() -> int:
+    """Resident memory of this process now (bytes; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def local_ranks(env=os.environ, world_size: int = 1) -> int:
+    """Ranks sharing this node's memory (host RAM on CPU)."""
+    for var in ("LOCAL_WORLD_SIZE", "PALS_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                "SLURM_NTASKS_PER_NODE"):
+        if env.get(var, "").isdigit() and int(env[var]) > 0:
+            return int(env[var])
+    return max(1, world_size)
+
+
+def meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def device_memory_limit(args, env=os.environ) -> tuple[int | None, str]:
+    """(bytes one rank may use, where the number comes from). Accelerators: the free memory of this
+    rank's device (torch.cuda / torch.xpu mem_get_info); CPU: host MemAvailable / ranks on the node."""
+    import torch  # noqa: PLC0415
+
+    local = int(env.get("LOCAL_RANK") or 0)
+    for name in ("cuda", "xpu"):
+        mod = getattr(torch, name, None)
+        if mod is not None and mod.is_available() and hasattr(mod, "mem_get_info"):
+            free, _total = mod.mem_get_info(local % max(1, mod.device_count()))
+            return int(free), f"free memory of {name}:{local % max(1, mod.device_count())}"
+    avail = meminfo_available()
+    if avail is None:
+        return None, "unknown"
+    n = local_ranks(env, args.world_size)
+    return avail // n, f"host MemAvailable {avail / GIB:.1f} GiB / {n} rank(s) on this node"
+
+
+def _fixes(args, vocab: int, limit: float, copies: float) -> list[str]:
+    """The cheapest changes that bring the estimate under the limit, in the order users try them."""
+    tried = []
+
+    def fits(label: str, **changes) -> None:
+        a = argparse.Namespace(**{**vars(args), **changes})
+        est = estimate_memory(a, vocab, copies)
+        if est.total <= limit:
+            tried.append(f"{label} ({est.total / GIB:.1f} GiB)")
+
+    if args.zero_stage < 3 and args.pipeline_model_parallel_size == 1:
+        fits("ZERO_STAGE=3 (--zero-stage 3)", zero_stage=3)
+    if getattr(args, "recompute_granularity", None) != "full":
+        fits("USE_ACTIVATION_CHECKPOINTING=1 (--recompute-granularity full)", recompute_granularity="full")
+    if args.micro_batch_size > 1:
+        fits("MICRO_BATCH=1 (--micro-batch-size 1, GRAD_ACC_STEPS up to keep the global batch)", micro_batch_size=1)
+    for k in (2, 4, 8):
+        fits(f"{k}x the ranks on more nodes (data parallel {args.data_parallel_size * k}) with ZeRO-3",
+             data_parallel_size=args.data_parallel_size * k, zero_stage=3)
+        if len(tried) and tried[-1].startswith(f"{k}x"):
+            break
+    return tried or ["a smaller model (MODEL_ARCH / --num-layers / --hidden-size)"]
+
+
+def memory_problems(args, vocab: int | None, env=os.environ, limit: tuple[int | None, str] | None = None
+                    ) -> tuple[list[str], list[str], MemoryEstimate | None]:
+    """(problems, warnings, estimate) of the memory check; ([], [], None) when it cannot be made."""
+    if vocab is None or getattr(args, "skip_memory_check", False):
+        return [], [], None
+    from megatron.optimizer import get_entry  # noqa: PLC0415
+
+    try:
+        copies = get_entry(args.optimizer).state_copies
+    except ValueError:
+        return [], [], None
+    est = estimate_memory(args, vocab, copies)
+    cap, source = limit or device_memory_limit(args, env)
+    if cap is None:
+        return [], [], est
+    if est.total > cap:
+        fixes = "; ".join(_fixes(args, vocab, cap, copies))
+        return [f"not enough memory: the estimate is {est.describe()}, above the {cap / GIB:.1f} GiB available "
+                f"({source}); cheapest fixes: {fixes}; or --skip-memory-check to try anyway"], [], est
+    if est.total > NEAR_FRACTION * cap:
+        return [], [f"memory is tight: the estimate is {est.total / GIB:.1f} GiB per rank, "
+                    f"{100 * est.total / cap:.0f}% of the {cap / GIB:.1f} GiB available ({source})"], est
+    return [], [], est
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: torch.OutOfMemoryError (CUDA), XPU's and the CPU allocator's RuntimeError."""
+    import torch  # noqa: PLC0415
+
+    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(e)
+    return "out of memory" in text.lower() or "can't allocate memory" in text
+
+
+def oom_message(e: BaseException, rank: int, estimate: str | None) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    est = f"the memory estimate was {estimate}" if estimate else "no memory estimate was made"
+    return (f"rank {rank} ran out of memory ({first}); {est}; cheapest fixes: {FIXES} "
+            "(ALCF/notes/reliability.md, 'Memory')")

@@ -325,10 +325,34 @@ def setup_model_and_optimizer(args, before_engine=None):
 
 
 # ----------------------------------------------------------------------------- main entry
+def check_memory(args) -> None:
+    """Refuse (ArgumentError) a configuration whose memory estimate exceeds what this rank has; warn
+    near it. The estimate is kept in `args._memory_estimate` for the out-of-memory message."""
+    from megatron.preflight import memory_problems, process_rss  # noqa: PLC0415
+
+    problems, warnings, est = memory_problems(args, args.padded_vocab_size)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank short of memory stops them all
+        refused = torch.tensor([float(bool(problems))])
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+        if refused.item() and not problems:
+            problems = ["another rank has not enough memory for this configuration (see rank 0's line, or "
+                        "MEGATRON_LOG_ALL_RANKS=1)"]
+    args._memory_estimate = est.describe() if est else None
+    if est and args.rank == 0:
+        log.info("memory estimate: %s; this process uses %.2f GiB now", est.describe(), process_rss() / 2**30)
+    for w in warnings:
+        if args.rank == 0:
+            log.warning("%s", w)
+            print(f"WARNING: {w}", flush=True)
+    if problems:
+        raise ArgumentError("\n".join(problems))
+
+
 def pretrain(args) -> dict:
     """Train as configured by the validated `args`; returns a summary dict."""
     initialize_megatron(args)  # before DeepSpeed is imported: it picks DeepSpeed's accelerator
     tokenizer = build_tokenizer_and_vocab(args)
+    check_memory(args)  # the estimate vs the device / host memory, before any model or data is built
     train_ds, valid_ds, _test_ds = build_datasets(args)
 
     model, engine = setup_model_and_optimizer(args)

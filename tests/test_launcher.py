@@ -336,6 +336,56 @@ def test_overridable_vs_fixed_presets(env):
     assert "/llama3-3B-nLayers10-ws1-" in "/" + d.last("--save").split("/", 1)[1]
 
 
+SHAPE = {"HEADS": "6", "NLAYERS": "3", "HIDDEN": "96", "NUM_KV_HEAD": "2", "FFN_HIDDEN_SIZE": "200", "SEQ": "48"}
+
+
+def test_unknown_model_arch_is_refused_before_anything_is_written(wd):
+    # a real run (not DRY_RUN), outside the demo: refused in the launcher's checks, nothing created
+    e = base_env(WORKING_DIR=str(wd), DATA_FILE_LIST=str(wd / "lists" / "books.txt"), MODEL_ARCH="nosucharch",
+                 HIDDEN="64")
+    before = sorted(p.relative_to(wd) for p in wd.rglob("*"))
+    p = run(e, dry_run=False)
+    assert p.returncode == 2
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("ERROR")]
+    # one line: the name, every preset, and the shape variables still missing (HIDDEN was given)
+    assert errors == ["ERROR: unknown MODEL_ARCH='nosucharch'; use a preset (tiny 7M demo 30M 2B 7B 33B 70B "
+                      "llama3-3B smollm3-3B phi4-mini), or for a custom shape also set HEADS NLAYERS "
+                      "NUM_KV_HEAD FFN_HIDDEN_SIZE SEQ"]
+    assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before
+    # in the demo too (no DATA_FILE_LIST): the demo's 7M default does not replace a typo either
+    p = run(base_env(WORKING_DIR=str(wd), MODEL_ARCH="7m_typo"), dry_run=False)
+    assert p.returncode == 2 and "unknown MODEL_ARCH='7m_typo'" in p.stderr
+    assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before
+
+
+def test_model_arch_unset_or_empty_is_the_7b_preset(env):
+    for e in (env, {**env, "MODEL_ARCH": ""}):
+        d = dry(e)
+        assert [d.last(f) for f in ("--num-layers", "--hidden-size", "--seq-length")] == ["32", "4096", "4096"]
+        assert d.last("--save").startswith("checkpoints/AuroraGPT-7B-ws1-")
+
+
+def test_custom_model_arch_with_every_shape_variable(env):
+    d = dry({**env, "MODEL_ARCH": "custom", **SHAPE})
+    got = [d.last(f) for f in ("--num-attention-heads", "--num-layers", "--hidden-size", "--num-key-value-heads",
+                               "--ffn-hidden-size", "--seq-length", "--max-position-embeddings")]
+    assert got == ["6", "3", "96", "2", "200", "48", str(16 * 48)]
+    assert d.last("--save").startswith("checkpoints/custom-ws1-ds-stage1-nl3-hs96-")
+    assert "WARNING" not in d.stderr
+    # any name works the same way, with the aliases of the shape variables
+    alias = {**SHAPE, "NHEADS": SHAPE["HEADS"], "NUM_LAYERS": SHAPE["NLAYERS"], "SEQ_LEN": SHAPE["SEQ"]}
+    for k in ("HEADS", "NLAYERS", "SEQ"):
+        del alias[k]
+    d = dry({**env, "MODEL_ARCH": "my-model_v2.1", **alias})
+    assert d.last("--save").startswith("checkpoints/my-model_v2.1-ws1-") and d.last("--num-layers") == "3"
+    # one missing variable is named; a name that cannot be a directory name is refused
+    p = run({**env, "MODEL_ARCH": "custom", **{k: v for k, v in SHAPE.items() if k != "NUM_KV_HEAD"}})
+    assert p.returncode == 2 and p.stderr.count("ERROR") == 1
+    assert "custom shape also set NUM_KV_HEAD\n" in p.stderr
+    p = run({**env, "MODEL_ARCH": "a/b", **SHAPE})
+    assert p.returncode == 2 and "MODEL_ARCH='a/b' cannot name a run" in p.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # user arguments come last and win
 # ------------------------------------------------------------------------------------------------

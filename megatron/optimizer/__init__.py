@@ -69,6 +69,20 @@ class OptimizerEntry:
     help: str
     check: Check | None = None
     groups: GroupFn | None = None
+    # optimizer state kept per parameter, in fp32 copies of the parameter (Adam: exp_avg + exp_avg_sq = 2);
+    # the memory preflight (megatron/preflight.py) counts 4 bytes x this per parameter
+    state_copies: float = 2.0
+
+
+# `state_copies` of the entries that differ from Adam's 2 (one table, not a field in every module). Upper
+# bounds where it depends on the model: Muon keeps 1 copy for hidden matrices and AdamW's 2 for the rest.
+STATE_COPIES = {
+    "sgd": 1.0, "apex.sgd": 1.0, "sgdschedulefree": 1.0,  # momentum buffer / z
+    "lion": 1.0,  # exp_avg
+    "adam8bit": 0.5, "galoreadamw8bit": 0.5,  # two 1-byte states
+    "ademamix": 3.0,  # exp_avg, exp_avg_slow, exp_avg_sq
+    "dshampooadamw": 3.0,  # Adam grafting + preconditioner factors (approximate)
+}
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {}
@@ -85,7 +99,7 @@ def register_optimizer(name: str, *, help: str = "", check: Check | None = None,
     def deco(builder: Builder) -> Builder:
         if name in OPTIMIZERS:
             raise ValueError(f"optimizer {name!r} is registered twice")
-        OPTIMIZERS[name] = OptimizerEntry(name, builder, help, check, groups)
+        OPTIMIZERS[name] = OptimizerEntry(name, builder, help, check, groups, STATE_COPIES.get(name, 2.0))
         return builder
 
     return deco

@@ -18,6 +18,32 @@ import torch
 class ElementwiseOptimizer(torch.optim.Optimizer):
     buffers: tuple[str, ...] = ()
     counts_steps: bool = True  # Lion keeps no step counter
+    # attributes (dotted paths; a missing object is skipped) saved in state_dict()["counters"] so that a
+    # resumed run continues them (SophiaG's Hessian refreshes, MuonClip's clipped heads). Kept at ZeRO-0,
+    # where DeepSpeed saves this state_dict whole; ZeRO-1/2 keep only the per-parameter state.
+    counters: tuple[str, ...] = ()
+
+    def _counter_owner(self, path: str):
+        *owners, name = path.split(".")
+        obj = self
+        for o in owners:
+            obj = getattr(obj, o, None)
+        return obj, name
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        owned = [(path, *self._counter_owner(path)) for path in self.counters]
+        sd["counters"] = {path: getattr(obj, name) for path, obj, name in owned if obj is not None}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("counters", {})  # (absent in checkpoints written before counters were kept)
+        super().load_state_dict(state_dict)
+        for path, value in saved.items():
+            obj, name = self._counter_owner(path)
+            if obj is not None:
+                setattr(obj, name, value)
 
     def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, t: int) -> None:
         raise NotImplementedError

@@ -85,6 +85,7 @@ class Muon(PartitionedWeights, ElementwiseOptimizer):
     (sqrt(max(1, A/B)), Keller). `qk_clip_t`: if set, `after_step` applies MuonClip's QK-clip.
     `ns_dtype`: the Newton-Schulz precision (bf16 as torch and DeepSpeed; fp32 for exact comparisons).
     """
+    counters = ("qk_clip.fired",)  # MuonClip's clipped-head count continues on resume
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = DEEPSPEED_NS_STEPS, eps: float = 1e-7,

@@ -28,6 +28,7 @@ from megatron.optimizer.partition import PartitionedWeights
 class SophiaG(PartitionedWeights, ElementwiseOptimizer):
     buffers = ("exp_avg", "hessian")
     counts_steps = False
+    counters = ("hessian_updates",)
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99), rho: float = 0.04,
                  weight_decay: float = 1e-1, bs: int = 5120, hessian_interval: int = 10, seed: int = 1234) -> None:
