@@ -745,7 +745,14 @@ alcf_build_launcher() {
         pbs)
             _alcf_lp "${_ALCF_MPIEXEC:-mpiexec}"; _alcf_lp --envall
             _alcf_lp -n "$WORLD_SIZE"; _alcf_lp -ppn "$NGPU_PER_HOST"; _alcf_lp --hostfile "$HOSTFILE"
-            if [[ -n "${CPU_BIND:-}" ]]; then
+            if _alcf_mpiexec_is_hydra "${_ALCF_MPIEXEC:-mpiexec}"; then
+                # MPICH's own mpiexec (hydra, e.g. the pip one): -bind-to instead of PALS' --cpu-bind
+                case "${CPU_BIND:-depth}" in
+                    none) ;;
+                    depth) _alcf_lp -bind-to "core:$(_alcf_bind_depth)" ;;
+                    *) _alcf_lp -bind-to "$CPU_BIND" ;;
+                esac
+            elif [[ -n "${CPU_BIND:-}" ]]; then
                 if [[ "$CPU_BIND" == depth ]]; then _alcf_lp --cpu-bind=depth; _alcf_lp -d "$(_alcf_bind_depth)"
                 else _alcf_lp "--cpu-bind=${CPU_BIND}"; fi
             elif [[ "$MACHINE" == aurora || "$MACHINE" == sunspot ]]; then
@@ -771,6 +778,12 @@ alcf_build_launcher() {
             fi ;;
     esac
     _alcf_lp "$EXEC"
+}
+
+# Is this mpiexec MPICH's hydra (not Cray PALS / Open MPI)? Its --version says HYDRA.
+_alcf_mpiexec_is_hydra() {
+    [[ -x "$1" || -n "$(command -v "$1" 2>/dev/null)" ]] || return 1
+    "$1" --version 2>/dev/null | grep -q HYDRA
 }
 
 # cores per rank for --cpu-bind=depth: (cores / 2) / ranks per node, at least 1

@@ -23,6 +23,7 @@ SCRIPT = ROOT / "train_alcf.sh"
 GENERIC_HOST = "testbox"  # a host name no machine rule matches
 AURORA_HOST = "x4102c0s0b0n0"
 POLARIS_HOST = "x3005c0s7b0n0"
+PALS_MPIEXEC = "/opt/cray/pals/1.4/bin/mpiexec"
 
 
 @dataclass
@@ -55,6 +56,8 @@ def base_env(**extra: str) -> dict:
         "HOME": os.environ.get("HOME", "/tmp"),
         "LANG": "C.UTF-8",
         "ALCF_HOSTNAME": GENERIC_HOST,
+        # the machines' own mpiexec (Cray PALS), not the venv's MPICH hydra, which gets -bind-to instead
+        "MPIEXEC": PALS_MPIEXEC,
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
