@@ -370,7 +370,7 @@ alcf_setup_params() {
             _alcf_default GRAD_ACC_STEPS "$(alcf_aurora_grad_acc_steps "$NHOSTS")"
             FLASH_FLAG=--use-flash-attn-builder ;;
         polaris|sirius)
-            _alcf_default BE "${NCCL:-nccl}"; _alcf_default DTYPE fp16; _alcf_default GRAD_ACC_STEPS 8
+            _alcf_default BE "${NCCL:-nccl}"; _alcf_default DTYPE bf16; _alcf_default GRAD_ACC_STEPS 8  # upstream fp16: not supported by the trainer (yet); A100s run bf16
             _alcf_default MICRO_BATCH "$(alcf_polaris_micro_batch "$NHOSTS")"
             FLASH_FLAG=--use-flash-attn-v2 ;;
         sophia)

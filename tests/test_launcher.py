@@ -445,10 +445,12 @@ def test_pbs_polaris_and_cpu_bind(env, tmp_path):
     d = dry({**env, "ALCF_HOSTNAME": POLARIS_HOST, "PBS_NODEFILE": hf, "NGPU_PER_HOST": "4", "TRAIN_ITERS": "10"})
     assert ["-n", "12"] in d.lines and ["-ppn", "4"] in d.lines
     assert ["--cpu-bind=depth"] in d.lines and any(t[0] == "-d" and int(t[1]) >= 1 for t in d.lines)
-    assert d.last("--distributed-backend") == "nccl" and d.has("--fp16") and d.has("--use-flash-attn-v2")
+    # bf16, not upstream's fp16, which the trainer refuses (so the default launch would be refused)
+    assert d.last("--distributed-backend") == "nccl" and d.has("--bf16") and d.has("--use-flash-attn-v2")
+    assert not d.has("--fp16")
     assert d.last("--micro-batch-size") == "2"  # 3-7 nodes
     assert d.config["gradient_accumulation_steps"] == 8
-    assert d.config["fp16"]["enabled"] is True and d.config["communication_data_type"] == "fp16"
+    assert d.config["bfloat16"] == {"enabled": True}
     d = dry({**env, "ALCF_HOSTNAME": POLARIS_HOST, "PBS_NODEFILE": hf, "NGPU_PER_HOST": "4",
              "CPU_BIND": "list:0-7:8-15:16-23:24-31", "NCCL": "mynccl", "TRAIN_ITERS": "10"})
     assert ["--cpu-bind=list:0-7:8-15:16-23:24-31"] in d.lines and ["--cpu-bind=depth"] not in d.lines
