@@ -241,6 +241,19 @@ def test_universal_across_tp(phase1, data_list, tmp_path, src, dst):
         save, it, plain = copy_ckpt(phase1[0], str(tmp_path / "ckpt"), f"global_step{N}"), N, ("--no-load-optim",)
     want = logits_after_load(src, save, str(tmp_path / "want.pt"), *plain)
     assert want["iteration"] == it and want["logits"].shape == (2, 32, 512)
+    if src == 2:  # to_hf.py merges the TP shards: HF LlamaForCausalLM gives the TP=2 model's logits
+        from transformers import AutoModelForCausalLM
+
+        hf_dir = str(tmp_path / "hf")
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools/convert_checkpoint/to_hf.py"), "--load",
+                               save, "--output", hf_dir], env={**env_for(1), "HF_HUB_OFFLINE": "1"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not os.path.exists(os.path.join(save, "latest_universal"))  # the merge used a temporary folder
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+        tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(5))  # _logits_worker's
+        with torch.no_grad():
+            torch.testing.assert_close(hf(tokens).logits, want["logits"], rtol=0, atol=1e-5)
     d2u.convert(os.path.join(save, f"global_step{it}"), os.path.join(save, f"global_step{it}_universal"))
     got = logits_after_load(dst, save, str(tmp_path / "got.pt"), "--universal-checkpoint")
     assert got["iteration"] == it
