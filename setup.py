@@ -32,15 +32,26 @@ setup(
     extras_require={
         # reference implementations the optimizer tests compare against
         # (+ wandb, so its offline-mode test runs; it is never activated unless WANDB_MODE or a login says so)
-        # (galore-torch brings bitsandbytes: adam8bit and the GaLore names run in the tests)
+        # (galore-torch, for galoreadamw and its parity test; it brings bitsandbytes, whose 8-bit kernels need CUDA)
         "test": ["pytest", "lion-pytorch", "schedulefree", "torch-optimizer", "pytorch-optimizer", "wandb",
                  "galore-torch"],
+        # mpiexec on a workstation / in CI (MPICH's mpiexec lands in the environment's bin). On a
+        # cluster use the site's MPI instead: `pip install mpi4py` builds against the loaded module.
         "mpi": ["mpi4py", "mpich"],
         "wandb": ["wandb"],
         "schedulefree": ["schedulefree"],
-        # Aurora: torch with XPU support, intel-extension-for-pytorch and oneCCL bindings come from
-        # the site's frameworks module (they are not on PyPI for this torch); nothing to install here.
-        "xpu": [],
+        # Aurora / Sunspot: torch with XPU support, intel-extension-for-pytorch and the oneCCL bindings
+        # come from the site's frameworks module (`module load frameworks`); they are not on PyPI for
+        # these torch builds, so this extra installs only what the module lacks: mpi4py for the
+        # MASTER_ADDR exchange under mpiexec (PALS), built against the module's MPI.
+        "xpu": ["mpi4py"],
+        # NVIDIA machines (Polaris, Sophia, Perlmutter): a CUDA build of torch comes from the site
+        # module or from `pip install torch` on Linux x86-64 (PyPI's default wheel is the CUDA one);
+        # nccl ships inside it. mpi4py for launching under mpiexec / srun without torchrun.
+        "cuda": ["mpi4py"],
+        # ALCF's ezpz (used for the distributed set-up when importable). It is not on PyPI: the PyPI
+        # package named "ezpz" is an unrelated project, which the trainer detects and ignores.
+        "ezpz": ["ezpz @ git+https://github.com/saforem2/ezpz"],
     },
     entry_points={
         "console_scripts": [

@@ -396,7 +396,7 @@ alcf_setup_params() {
             _alcf_default GRAD_ACC_STEPS "$(alcf_aurora_grad_acc_steps "$NHOSTS")"
             FLASH_FLAG=--use-flash-attn-builder ;;
         polaris|sirius)
-            _alcf_default BE "${NCCL:-nccl}"; _alcf_default DTYPE fp16; _alcf_default GRAD_ACC_STEPS 8
+            _alcf_default BE "${NCCL:-nccl}"; _alcf_default DTYPE fp16; _alcf_default GRAD_ACC_STEPS 8  # as upstream
             _alcf_default MICRO_BATCH "$(alcf_polaris_micro_batch "$NHOSTS")"
             FLASH_FLAG=--use-flash-attn-v2 ;;
         sophia)
@@ -628,7 +628,7 @@ alcf_ds_config_json() {
             printf '    "hysteresis": 2,\n    "min_loss_scale": 1\n  },\n'
             printf '  "bfloat16": {\n    "enabled": true\n  },\n' ;;
         fp16)
-            printf '  "communication_data_type": "fp16",\n'
+            printf '  "communication_data_type": "fp32",\n'  # gradients reduced in fp32 (the trainer always does)
             printf '  "fp16": {\n    "enabled": true,\n    "loss_scale": 0,\n    "loss_scale_window": 1000,\n'
             printf '    "hysteresis": 2,\n    "min_loss_scale": 1\n  },\n'
             printf '  "bfloat16": {\n    "enabled": false,\n    "loss_scale": 1.0\n  },\n' ;;
@@ -776,7 +776,14 @@ alcf_build_launcher() {
         pbs)
             _alcf_lp "${_ALCF_MPIEXEC:-mpiexec}"; _alcf_lp --envall
             _alcf_lp -n "$WORLD_SIZE"; _alcf_lp -ppn "$NGPU_PER_HOST"; _alcf_lp --hostfile "$HOSTFILE"
-            if [[ -n "${CPU_BIND:-}" ]]; then
+            if _alcf_mpiexec_is_hydra "${_ALCF_MPIEXEC:-mpiexec}"; then
+                # MPICH's own mpiexec (hydra, e.g. the pip one): -bind-to instead of PALS' --cpu-bind
+                case "${CPU_BIND:-depth}" in
+                    none) ;;
+                    depth) _alcf_lp -bind-to "core:$(_alcf_bind_depth)" ;;
+                    *) _alcf_lp -bind-to "$CPU_BIND" ;;
+                esac
+            elif [[ -n "${CPU_BIND:-}" ]]; then
                 if [[ "$CPU_BIND" == depth ]]; then _alcf_lp --cpu-bind=depth; _alcf_lp -d "$(_alcf_bind_depth)"
                 else _alcf_lp "--cpu-bind=${CPU_BIND}"; fi
             elif [[ "$MACHINE" == aurora || "$MACHINE" == sunspot ]]; then
@@ -802,6 +809,12 @@ alcf_build_launcher() {
             fi ;;
     esac
     _alcf_lp "$EXEC"
+}
+
+# Is this mpiexec MPICH's hydra (not Cray PALS / Open MPI)? Its --version says HYDRA.
+_alcf_mpiexec_is_hydra() {
+    [[ -x "$1" || -n "$(command -v "$1" 2>/dev/null)" ]] || return 1
+    "$1" --version 2>/dev/null | grep -q HYDRA
 }
 
 # cores per rank for --cpu-bind=depth: (cores / 2) / ranks per node, at least 1

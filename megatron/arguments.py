@@ -28,6 +28,7 @@ from megatron.model.mup import mup_problems
 from megatron.core.parallel_config import finalize_parallel_args, parallel_problems
 from megatron.pipeline_parallel import pipeline_problems
 from megatron.core.sequence_parallel import ulysses_problems
+from megatron.launch_env import world_size_from_env
 
 FLASH_ATTN_FLAGS = ("use_flash_attn_v1", "use_flash_attn_v2", "use_flash_attn_triton", "use_flash_attn_builder")
 
@@ -739,8 +740,7 @@ def ds_optimizer_block_problems(args: argparse.Namespace) -> list[str]:
 
 def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespace:
     """Check the configuration and fill derived fields. Raises ArgumentError listing all problems."""
-    world_size = int(env.get("WORLD_SIZE") or env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE")
-                     or env.get("SLURM_NTASKS") or 1)
+    world_size = world_size_from_env(env)  # the launcher's own count (megatron/launch_env.py)
     args.world_size = world_size
     errs = apply_checkpoint_args(args) + env_problems(env) + _problems(args, world_size)
     if errs:

@@ -1,20 +1,27 @@
 """Distributed set-up: ranks from any launcher, device and backend from the hardware, seeds.
 
-Uses `ezpz.setup_torch()` when ezpz is importable (as upstream does); otherwise does the same
-job itself:
+Uses `ezpz.setup_torch()` when ezpz is importable (as upstream does), handing it the backend and
+the timeout chosen here; otherwise does the same job itself:
 
-* rank / world size / local rank from the first variable set among torchrun's (`RANK`...),
-  MPICH/PALS (`PMI_RANK`, `PALS_LOCAL_RANKID`, `MPI_LOCALRANKID`...), Open MPI
-  (`OMPI_COMM_WORLD_*`) and SLURM (`SLURM_PROCID`...), then mpi4py, then a single process;
+* rank / world size / local rank from the launcher's variables (megatron/launch_env.py: torchrun,
+  MPICH/PALS, Open MPI, SLURM, then mpi4py, then a single process; inconsistent ones are an error);
 * `MASTER_ADDR`/`MASTER_PORT`: used when set; otherwise rank 0 picks its host name and a free
   port and shares them through mpi4py (127.0.0.1 on a single host);
-* device and backend: XPU -> xccl (or ccl with oneCCL bindings), CUDA -> nccl, CPU -> gloo;
-  the local device is selected before the process group is created;
+* device: TORCH_DEVICE if set, else xpu > cuda > cpu. intel_extension_for_pytorch (when installed)
+  is imported *before* asking `torch.xpu.is_available()`: on the frameworks modules that ship it,
+  XPU may register only on that import;
+* backend: `--distributed-backend` (the launcher's BE/CCL/NCCL) if given, else xpu -> xccl (torch's
+  own oneCCL backend) or ccl (oneccl_bindings_for_pytorch, older torch), cuda -> nccl, cpu -> gloo;
+  a backend that cannot work on the device is refused with the fix, never replaced by gloo;
+* the local device (index = local rank) is selected before the process group is created;
 * then DeepSpeed adopts the process group, and the Megatron TP/PP/DP groups are built.
 """
 from __future__ import annotations
 
 import datetime
+import importlib
+import importlib.util
+import inspect
 import logging
 import os
 import random
@@ -25,67 +32,121 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state, tensor_parallel
+from megatron.launch_env import LaunchEnvError, launch_env
 
 log = logging.getLogger(__name__)
 
-RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
-WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
-LOCAL_RANK_VARS = ("LOCAL_RANK", "PALS_LOCAL_RANKID", "PMIX_LOCAL_RANK", "PMI_LOCAL_RANK",
-                   "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MPICH_LOCALRANKID", "SLURM_LOCALID")
-LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "PALS_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
-                   "SLURM_NTASKS_PER_NODE")
+DEVICES = ("cpu", "cuda", "xpu")
 
 
-def _first_env(names, env) -> str | None:
-    for n in names:
-        if env.get(n) not in (None, ""):
-            return env[n]
-    return None
+class DeviceSetupError(RuntimeError):
+    """The device / backend / precision asked for cannot work here; the message names the fix."""
 
 
 def dist_env(env=os.environ) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as the launcher described them; (0, 1, 0) when alone."""
-    rank, world, local = (_first_env(v, env) for v in (RANK_VARS, WORLD_VARS, LOCAL_RANK_VARS))
-    if rank is None and world is None:
-        try:  # launched by an MPI that sets none of the variables above
-            from mpi4py import MPI  # noqa: PLC0415
+    e = launch_env(env)
+    return e.rank, e.world_size, e.local_rank
 
-            comm = MPI.COMM_WORLD
-            rank, world = str(comm.Get_rank()), str(comm.Get_size())
-        except ImportError:
-            rank, world = "0", "1"
-    rank_i, world_i = int(rank or 0), int(world or 1)
-    if local is None:
-        per_node = int(_first_env(LOCAL_SIZE_VARS, env) or world_i)
-        local = str(rank_i % max(per_node, 1))
-    return rank_i, world_i, int(local)
+
+def _import_xpu_extensions() -> None:
+    """Import IPEX when it is installed: it registers the XPU device on older frameworks modules."""
+    if importlib.util.find_spec("intel_extension_for_pytorch") is None:
+        return
+    try:
+        importlib.import_module("intel_extension_for_pytorch")
+    except Exception as e:  # noqa: BLE001  (a broken install raises anything from OSError to RuntimeError)
+        raise DeviceSetupError(
+            f"intel_extension_for_pytorch is installed but does not import ({type(e).__name__}: {e}); load the "
+            "frameworks module it was built for, or uninstall it (torch >= 2.5 has XPU support built in)") from e
+
+
+def _xpu_available() -> bool:
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 
 def device_type() -> str:
-    """xpu > cuda > cpu, overridable with TORCH_DEVICE."""
+    """xpu > cuda > cpu, overridable with TORCH_DEVICE (IPEX imported first when installed)."""
     forced = os.environ.get("TORCH_DEVICE")
     if forced:
+        forced = forced.split(":", 1)[0].lower()
+        if forced not in DEVICES:
+            raise DeviceSetupError(f"TORCH_DEVICE={os.environ['TORCH_DEVICE']} is not one of {', '.join(DEVICES)}; "
+                                   "unset it to pick the device from the hardware")
+        if forced == "xpu":
+            _import_xpu_extensions()
         return forced
-    if hasattr(torch, "xpu") and torch.xpu.is_available():
+    _import_xpu_extensions()
+    if _xpu_available():
         return "xpu"
     if torch.cuda.is_available():
         return "cuda"
     return "cpu"
 
 
-def default_backend(device: str) -> str:
-    if device == "cuda":
-        return "nccl"
-    if device == "xpu":
-        if getattr(dist, "is_xccl_available", lambda: False)():
-            return "xccl"
-        try:  # oneCCL bindings register the "ccl" backend on import
-            import oneccl_bindings_for_pytorch  # noqa: F401, PLC0415
+def _xccl_available() -> bool:
+    return bool(getattr(dist, "is_xccl_available", lambda: False)())
 
+
+def _ccl_bindings() -> bool:
+    """Import oneccl_bindings_for_pytorch (it registers the "ccl" backend on import)."""
+    if importlib.util.find_spec("oneccl_bindings_for_pytorch") is None:
+        return False
+    importlib.import_module("oneccl_bindings_for_pytorch")
+    return True
+
+
+def default_backend(device: str) -> str:
+    return resolve_backend(None, device)
+
+
+def resolve_backend(requested: str | None, device: str) -> str:
+    """The process-group backend for `device`: the one asked for, or the device's own."""
+    if requested is None:
+        if device == "cuda":
+            return "nccl"
+        if device != "xpu":
+            return "gloo"
+        if _xccl_available():
+            return "xccl"
+        if _ccl_bindings():
             return "ccl"
-        except ImportError:
-            log.warning("XPU found but neither xccl nor oneCCL bindings are available; using gloo")
-    return "gloo"
+        raise DeviceSetupError("XPU found but torch has no xccl backend and oneccl_bindings_for_pytorch is not "
+                               "installed: use torch >= 2.8 with XPU support, or load a frameworks module that "
+                               "ships the oneCCL bindings")
+    if requested == "ccl":
+        if _ccl_bindings():
+            return "ccl"
+        if device == "xpu" and _xccl_available():
+            # the same oneCCL library, reached through torch's own backend (bindings absent in new modules)
+            log.info("backend: ccl asked for; oneccl_bindings_for_pytorch is not installed, using torch's xccl "
+                     "(the same oneCCL library)")
+            return "xccl"
+        raise DeviceSetupError("--distributed-backend ccl (BE=ccl) needs oneccl_bindings_for_pytorch, which is not "
+                               "installed: load the frameworks module that ships it, or set BE=xccl (torch >= 2.8 "
+                               f"with XPU) or BE=gloo (device {device})")
+    if requested == "xccl" and not (device == "xpu" and _xccl_available()):
+        raise DeviceSetupError(f"--distributed-backend xccl needs an XPU and a torch with xccl (device {device}, "
+                               f"xccl {'available' if _xccl_available() else 'absent'}); set BE=gloo on CPU or "
+                               "BE=ccl with the oneCCL bindings")
+    if requested == "nccl" and device != "cuda":
+        own = {"cpu": "gloo", "xpu": "xccl or ccl"}.get(device, "its own")
+        raise DeviceSetupError(f"--distributed-backend nccl needs CUDA GPUs, but the device is {device}; "
+                               f"unset BE/NCCL to use the device's backend ({own})")
+    return requested
+
+
+def precision_problem(device: str, bf16: bool) -> str | None:
+    """bf16 on a device that cannot run it, as one line naming the fix (None when fine).
+
+    fp16 runs on every CUDA GPU and XPU (whether the trainer accepts --fp16 is megatron/arguments.py's call).
+    """
+    if device == "cuda" and bf16 and not torch.cuda.is_bf16_supported():
+        return ("--bf16 on a GPU without bf16 support (compute capability < 8.0): set DTYPE=fp32 "
+                "(drop --bf16)")
+    if device == "xpu" and bf16 and hasattr(torch.xpu, "is_bf16_supported") and not torch.xpu.is_bf16_supported():
+        return "--bf16 on an XPU without bf16 support: set DTYPE=fp32 (drop --bf16)"
+    return None
 
 
 def _free_port() -> int:
@@ -117,15 +178,17 @@ def _share_master_address(rank: int, world: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, port
 
 
-def _setup_torch_builtin(backend: str | None, timeout_minutes: int) -> tuple[int, int, int, str]:
-    rank, world, local = dist_env()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-    dev = device_type()
+def _set_device(dev: str, local: int) -> None:
     if dev == "cuda":
         torch.cuda.set_device(local)
     elif dev == "xpu":
         torch.xpu.set_device(local)  # before the process group: load-bearing on XPU
-    backend = backend or default_backend(dev)
+
+
+def _setup_torch_builtin(backend: str, timeout_minutes: float, dev: str) -> tuple[int, int, int, str]:
+    rank, world, local = dist_env()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    _set_device(dev, local)
     _share_master_address(rank, world)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
@@ -133,17 +196,64 @@ def _setup_torch_builtin(backend: str | None, timeout_minutes: int) -> tuple[int
     return rank, world, local, dev
 
 
-def _setup_torch_ezpz() -> tuple[int, int, int, str] | None:
+def _ezpz():
+    """The ezpz module when it is the ALCF one (PyPI's "ezpz" is an unrelated package without setup_torch)."""
     if os.environ.get("MEGATRON_NO_EZPZ"):
         return None
     try:
         import ezpz  # noqa: PLC0415
-
-        setup = ezpz.setup_torch
-    except (ImportError, AttributeError):  # PyPI's "ezpz" is an unrelated package without setup_torch
+    except ImportError:
         return None
-    rank = setup()
-    return rank, ezpz.get_world_size(), ezpz.get_local_rank(), ezpz.get_torch_device_type()
+    return ezpz if callable(getattr(ezpz, "setup_torch", None)) else None
+
+
+def _setup_torch_ezpz(ezpz, backend: str, timeout_minutes: float) -> tuple[int, int, int, str]:
+    """ezpz.setup_torch with this run's backend and timeout (its timeout is in seconds).
+
+    Newer ezpz takes `framework=` and the torch backend as `backend=`; older ones take the framework
+    as `backend=` and read the torch backend from TORCH_BACKEND, which is set for both.
+    """
+    os.environ["TORCH_BACKEND"] = backend
+    params = inspect.signature(ezpz.setup_torch).parameters
+    kwargs = {"timeout": int(round(timeout_minutes * 60))}
+    if "framework" in params:
+        kwargs.update(framework="ddp", backend=backend)
+    else:
+        kwargs["backend"] = "DDP"
+    rank = int(ezpz.setup_torch(**kwargs))
+    world, local = int(ezpz.get_world_size()), int(ezpz.get_local_rank())
+    dev = str(ezpz.get_torch_device_type())
+    if world > 1 and dist.is_initialized() and dist.get_backend() != backend:
+        raise DeviceSetupError(f"ezpz started the process group with {dist.get_backend()}, not {backend} as asked; "
+                               "update ezpz, or set MEGATRON_NO_EZPZ=1 to use the built-in set-up")
+    return rank, world, local, dev
+
+
+def setup_distributed(backend: str | None, timeout_minutes: float, *,
+                      bf16: bool = False) -> tuple[int, int, int, str, str]:
+    """Device, backend and the default process group: (rank, world, local_rank, device, backend).
+
+    Raises DeviceSetupError / LaunchEnvError (one line naming the fix) before any process group starts.
+    """
+    dev = device_type()
+    problem = precision_problem(dev, bf16)
+    if problem:
+        raise DeviceSetupError(problem)
+    backend = resolve_backend(backend, dev)
+    os.environ.setdefault("DS_ACCELERATOR", dev)  # DeepSpeed picks the same device (and no alarming warning)
+    ezpz = _ezpz()
+    if ezpz is not None:
+        rank, world, local, dev_ezpz = _setup_torch_ezpz(ezpz, backend, timeout_minutes)
+        if dev_ezpz != dev:
+            raise DeviceSetupError(f"ezpz chose device {dev_ezpz} but this process found {dev}; set TORCH_DEVICE "
+                                   "to the one you mean")
+        if not dist.is_initialized():  # ezpz leaves a single process without a process group
+            _setup_torch_builtin(backend, timeout_minutes, dev)
+    else:
+        rank, world, local, dev = _setup_torch_builtin(backend, timeout_minutes, dev)
+    log.info("distributed: rank %d/%d, local rank %d, device %s:%d, backend %s, timeout %s min%s", rank, world,
+             local, dev, local, dist.get_backend(), timeout_minutes, " (ezpz)" if ezpz is not None else "")
+    return rank, world, local, dev, dist.get_backend()
 
 
 def set_seeds(seed: int) -> None:
@@ -154,12 +264,13 @@ def set_seeds(seed: int) -> None:
 
 def initialize_megatron(args) -> parallel_state.ParallelState:
     """Process group, DeepSpeed's communication layer, Megatron groups; fills args.rank/local_rank/device."""
-    if device_type() == "cpu":  # DeepSpeed would find the same, with a warning that alarms users
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    got = _setup_torch_ezpz()
-    if got is None:
-        got = _setup_torch_builtin(args.distributed_backend, args.distributed_timeout_minutes)
-    args.rank, world, args.local_rank, args.device_type = got
+    from megatron.arguments import ArgumentError  # noqa: PLC0415
+
+    try:
+        args.rank, world, args.local_rank, args.device_type, _ = setup_distributed(
+            args.distributed_backend, args.distributed_timeout_minutes, bf16=bool(getattr(args, "bf16", False)))
+    except (DeviceSetupError, LaunchEnvError) as e:
+        raise ArgumentError(str(e)) from e
     if world != args.world_size:
         raise RuntimeError(f"the launcher started {world} processes but WORLD_SIZE said {args.world_size}")
     import deepspeed  # noqa: PLC0415  (heavy import; after argument checks)

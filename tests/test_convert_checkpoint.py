@@ -93,6 +93,29 @@ def test_universal_dp2_to_dp1(phase1, data_list, tmp_path, zero):
         assert got[i]["consumed_samples"] == want[i]["consumed_samples"]
 
 
+def test_universal_from_zero3(data_list, tmp_path):
+    """A ZeRO-3 DP=2 checkpoint of iteration N -> universal -> 1 rank at ZeRO-1: the following steps equal
+    the unconverted ZeRO-3 2-rank continuation (parameters and Adam moments gathered from the stage 3
+    partitions)."""
+    out3, save = str(tmp_path / "zero3"), str(tmp_path / "zero3" / "ckpt")
+    run_trainer(targs(data_list, out3, zero=3, extra=("--lr-decay-style", "constant", "--lr-warmup-iters", "2",
+                                                      "--save", save, "--save-interval", str(N))),
+                nproc=2, launcher="torchrun")
+    want = metrics(out3)
+    ckpt = copy_ckpt(save, str(tmp_path / "ckpt"), f"global_step{N}")
+    tag = d2u.convert(os.path.join(ckpt, f"global_step{N}"), os.path.join(ckpt, f"global_step{N}_universal"))
+    atoms = os.path.join(ckpt, tag, "zero", "language_model.encoder.layers.0.mlp.dense_h_to_4h.weight")
+    assert {"exp_avg.pt", "exp_avg_sq.pt", "fp32.pt"} <= set(os.listdir(atoms))
+    out = str(tmp_path / "run")
+    run_trainer(targs(data_list, out, zero=1, extra=("--lr-decay-style", "constant", "--lr-warmup-iters", "2",
+                                                     "--load", ckpt, "--universal-checkpoint")))
+    got = metrics(out)
+    assert sorted(got) == list(range(N + 1, 2 * N + 1))
+    for i in range(N + 1, 2 * N + 1):
+        assert abs(got[i]["lm_loss"] - want[i]["lm_loss"]) <= 1e-5, (i, got[i], want[i])
+        assert got[i]["consumed_samples"] == want[i]["consumed_samples"]
+
+
 @pytest.mark.parametrize("dtype,nproc,zero", [("fp32", 2, 1), ("bf16", 1, 2)])
 def test_universal_from_zero_stage0(data_list, tmp_path, dtype, nproc, zero):
     """A ZeRO stage 0 checkpoint (its optimizer state inside the model-states file: a torch
@@ -242,6 +265,19 @@ def test_universal_across_tp(phase1, data_list, tmp_path, src, dst):
         save, it, plain = copy_ckpt(phase1[0], str(tmp_path / "ckpt"), f"global_step{N}"), N, ("--no-load-optim",)
     want = logits_after_load(src, save, str(tmp_path / "want.pt"), *plain)
     assert want["iteration"] == it and want["logits"].shape == (2, 32, 512)
+    if src == 2:  # to_hf.py merges the TP shards: HF LlamaForCausalLM gives the TP=2 model's logits
+        from transformers import AutoModelForCausalLM
+
+        hf_dir = str(tmp_path / "hf")
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools/convert_checkpoint/to_hf.py"), "--load",
+                               save, "--output", hf_dir], env={**env_for(1), "HF_HUB_OFFLINE": "1"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not os.path.exists(os.path.join(save, "latest_universal"))  # the merge used a temporary folder
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+        tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(5))  # _logits_worker's
+        with torch.no_grad():
+            torch.testing.assert_close(hf(tokens).logits, want["logits"], rtol=0, atol=1e-5)
     d2u.convert(os.path.join(save, f"global_step{it}"), os.path.join(save, f"global_step{it}_universal"))
     got = logits_after_load(dst, save, str(tmp_path / "got.pt"), "--universal-checkpoint")
     assert got["iteration"] == it
@@ -459,3 +495,20 @@ def test_converter_refuses_unrepresentable_state():
         d2u._flat_states({"row_factor": torch.ones(2, 3)}, 6, "g0")
     with pytest.raises(d2u.ConversionError, match="'col' has shape \\(2,\\)"):
         d2u._flat_states({"col": torch.ones(2)}, 6, "g0")
+
+
+@pytest.mark.parametrize("files,match", [
+    (["layer_01-model_00-model_states.pt", "mp_rank_00_model_states.pt"],
+     "pipeline-parallel checkpoint .* supports PP=1 checkpoints only; resume it with the same PP size"),
+    (["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_01_model_states.pt",
+      "zero_pp_rank_0_mp_rank_00_optim_states.pt"], "ZeRO-3 checkpoint with TP=2: .* supports TP=1 only"),
+])
+def test_universal_refuses_pp_and_zero3_tp(tmp_path, files, match):
+    """Layouts the converter cannot handle are refused with the reason before anything is read or written."""
+    src = tmp_path / "global_step4"
+    src.mkdir()
+    for f in files:
+        (src / f).write_bytes(b"")
+    with pytest.raises(d2u.ConversionError, match=match):
+        d2u.convert(str(src), str(tmp_path / "global_step4_universal"))
+    assert not (tmp_path / "global_step4_universal").exists() and not (tmp_path / "latest_universal").exists()

@@ -23,6 +23,7 @@ SCRIPT = ROOT / "train_alcf.sh"
 GENERIC_HOST = "testbox"  # a host name no machine rule matches
 AURORA_HOST = "x4102c0s0b0n0"
 POLARIS_HOST = "x3005c0s7b0n0"
+PALS_MPIEXEC = "/opt/cray/pals/1.4/bin/mpiexec"
 
 
 @dataclass
@@ -55,6 +56,8 @@ def base_env(**extra: str) -> dict:
         "HOME": os.environ.get("HOME", "/tmp"),
         "LANG": "C.UTF-8",
         "ALCF_HOSTNAME": GENERIC_HOST,
+        # the machines' own mpiexec (Cray PALS), not the venv's MPICH hydra, which gets -bind-to instead
+        "MPIEXEC": PALS_MPIEXEC,
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -492,10 +495,12 @@ def test_pbs_polaris_and_cpu_bind(env, tmp_path):
     d = dry({**env, "ALCF_HOSTNAME": POLARIS_HOST, "PBS_NODEFILE": hf, "NGPU_PER_HOST": "4", "TRAIN_ITERS": "10"})
     assert ["-n", "12"] in d.lines and ["-ppn", "4"] in d.lines
     assert ["--cpu-bind=depth"] in d.lines and any(t[0] == "-d" and int(t[1]) >= 1 for t in d.lines)
+    # fp16 as upstream (DeepSpeed's loss scaling; tests/test_fp16.py trains this default on CPU)
     assert d.last("--distributed-backend") == "nccl" and d.has("--fp16") and d.has("--use-flash-attn-v2")
+    assert not d.has("--bf16")
     assert d.last("--micro-batch-size") == "2"  # 3-7 nodes
     assert d.config["gradient_accumulation_steps"] == 8
-    assert d.config["fp16"]["enabled"] is True and d.config["communication_data_type"] == "fp16"
+    assert d.config["fp16"]["enabled"] is True and d.config["communication_data_type"] == "fp32"
     d = dry({**env, "ALCF_HOSTNAME": POLARIS_HOST, "PBS_NODEFILE": hf, "NGPU_PER_HOST": "4",
              "CPU_BIND": "list:0-7:8-15:16-23:24-31", "NCCL": "mynccl", "TRAIN_ITERS": "10"})
     assert ["--cpu-bind=list:0-7:8-15:16-23:24-31"] in d.lines and ["--cpu-bind=depth"] not in d.lines
@@ -633,7 +638,7 @@ def test_ds_config(env, stage, dtype):
                              "min_loss_scale": 1}
         assert "communication_data_type" not in c and d.has("--bf16")
     elif dtype == "fp16":
-        assert c["communication_data_type"] == "fp16"
+        assert c["communication_data_type"] == "fp32"  # reduced in fp32 (the trainer does so for bf16 too)
         assert c["fp16"] == {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2,
                              "min_loss_scale": 1}
         assert c["bfloat16"] == {"enabled": False, "loss_scale": 1.0} and d.has("--fp16")

@@ -316,17 +316,62 @@ def _convert_stage0(ds, args, model_states: list[dict]) -> None:
     ds._merge_tp_slice_files(args, uc_info, tp_degree, shapes, temp_dir)
     first = model_states[0]
     opt = first["optimizer"]
-    inner = opt.get("optimizer_state_dict", opt)
-    global_state = {"ds_version": first.get("ds_version"), "param_groups": inner["param_groups"],
-                    "dynamic_loss_scale": False, "overflow": False,
-                    "clip_grad": float((first.get("args") or {}).get("clip_grad") or 0.0)}
-    os.makedirs(os.path.join(args.output_folder, "zero"), exist_ok=True)
-    torch.save(global_state, os.path.join(args.output_folder, "zero", "optimizer_state.pt"))
+    _write_global_optimizer_state(first, opt.get("optimizer_state_dict", opt)["param_groups"], args.output_folder)
     if not args.keep_temp_folder:
         shutil.rmtree(temp_dir, ignore_errors=True)
     for tp_index, sd in enumerate(model_states):  # the model files, without the optimizer state now in zero/
         out = {k: v for k, v in sd.items() if k != "optimizer"}
         torch.save(out, os.path.join(args.output_folder, f"mp_rank_{tp_index:02d}_model_states.pt"))
+
+
+def _write_global_optimizer_state(model_states: dict, param_groups: list, output_folder: str) -> None:
+    """zero/optimizer_state.pt as DeepSpeed's ZeRO-1/2 universal loader reads it (version, groups, clipping)."""
+    import torch  # noqa: PLC0415
+
+    global_state = {"ds_version": model_states.get("ds_version"), "param_groups": param_groups,
+                    "dynamic_loss_scale": False, "overflow": False,
+                    "clip_grad": float((model_states.get("args") or {}).get("clip_grad") or 0.0)}
+    os.makedirs(os.path.join(output_folder, "zero"), exist_ok=True)
+    torch.save(global_state, os.path.join(output_folder, "zero", "optimizer_state.pt"))
+
+
+def _write_zero3_model_states(ds, zero3_model_file: str, output_folder: str) -> None:
+    """Make DeepSpeed's conversion of a ZeRO-3 checkpoint loadable at ZeRO 1/2. Its model-states files
+    hold empty placeholders for the partitioned parameters and the converter writes no
+    mp_rank_00_model_states.pt, which the universal loader reads first (client state, then the module):
+    write it from rank 0's file with the module rebuilt from the merged fp32 atoms. Its atoms are flat
+    tensors without the step: rewrite them as the shaped {param: ...} files (and step.pt) of ZeRO 1/2
+    conversions. Stage 3 atoms keep every vocabulary row (no stripping)."""
+    import torch  # noqa: PLC0415
+
+    sd = torch_load(zero3_model_file, map_location="cpu")
+    shapes = {k: v for group in sd.get("param_shapes") or [] for k, v in group.items()}
+    # DeepSpeed's stage 3 converter copies rank 0's whole optimizer partition there, without ds_version
+    state_file = os.path.join(output_folder, "zero", "optimizer_state.pt")
+    rank0 = torch_load(state_file, map_location="cpu")
+    steps = {float(s["step"]): s["step"] for s in rank0["optimizer_state_dict"]["state"].values() if "step" in s}
+    if len(steps) > 1:
+        raise ConversionError(f"{zero3_model_file}: optimizer groups at different steps {sorted(steps)}")
+    steps = list(steps.values())
+    module = {}
+    for name, placeholder in sd["module"].items():
+        atom_dir = os.path.join(output_folder, "zero", name)
+        if name not in shapes or not os.path.isdir(atom_dir):
+            module[name] = placeholder  # a buffer or non-partitioned tensor: saved whole
+            continue
+        shape = tuple(shapes[name])
+        for f in os.listdir(atom_dir):  # stage 3 atoms are flat tensors; the ZeRO-1/2 loader reads shaped dicts
+            value = torch_load(os.path.join(atom_dir, f), map_location="cpu")
+            if torch.is_tensor(value):
+                torch.save({ds.PARAM: value.reshape(shape)}, os.path.join(atom_dir, f))
+        for step in steps:
+            torch.save(step, os.path.join(atom_dir, "step.pt"))
+        fp32 = torch_load(os.path.join(atom_dir, "fp32.pt"), map_location="cpu")[ds.PARAM]
+        module[name] = fp32.to(placeholder.dtype)
+    out = {k: v for k, v in sd.items() if k not in ("module", "optimizer")}
+    out["module"] = module
+    torch.save(out, os.path.join(output_folder, "mp_rank_00_model_states.pt"))
+    _write_global_optimizer_state(sd, rank0["param_groups"], output_folder)
 
 
 def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = False, num_extract_workers: int = 1,
@@ -342,6 +387,11 @@ def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = F
         raise ConversionError(f"{input_folder} is a pipeline-parallel checkpoint (layer_XX files): universal "
                               "conversion supports PP=1 checkpoints only; resume it with the same PP size")
     stage0 = not [f for f in os.listdir(input_folder) if f.endswith("optim_states.pt")]
+    zero3_models = sorted(f for f in os.listdir(input_folder)
+                          if re.fullmatch(r"zero_pp_rank_0_mp_rank_\d+_model_states\.pt", f))
+    if len(zero3_models) > 1:
+        raise ConversionError(f"{input_folder} is a ZeRO-3 checkpoint with TP={len(zero3_models)}: universal "
+                              "conversion of ZeRO-3 supports TP=1 only; resume it at the same TP size")
     model_files = sorted(f for f in os.listdir(input_folder) if re.fullmatch(r"mp_rank_\d+_model_states\.pt", f))
     for path in sorted(os.listdir(input_folder)):  # DeepSpeed reads them with weights_only=False: vet them first
         if path.endswith(".pt"):
@@ -375,6 +425,8 @@ def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = F
     finally:
         for k, v in originals.items():
             setattr(ds, k, v)
+    if zero3_models:
+        _write_zero3_model_states(ds, os.path.join(input_folder, zero3_models[0]), output_folder)
     parent, tag = os.path.split(output_folder)
     # our model-argument record travels with the checkpoint (checked before loading)
     src_args = os.path.join(input_folder, "megatron_args.json")

@@ -5,7 +5,8 @@
         [--dtype fp32|bf16] [--tokenizer NAME_OR_DIR]
 
 Reads any of: a DeepSpeed ZeRO-1/2/3 checkpoint (the fp32 master weights, merged over all
-data-parallel shards), a universal checkpoint (`--universal-checkpoint`, or a `*_universal` tag), or
+data-parallel shards; a TP > 1 checkpoint's tensor-parallel shards are merged through a temporary
+universal checkpoint, ds_to_universal.py), a pipeline-parallel checkpoint, a universal checkpoint (`--universal-checkpoint`, or a `*_universal` tag), or
 a weights-only checkpoint written by from_hf.py. Writes `config.json` (LlamaConfig),
 `model.safetensors`, `generation_config.json`, and the tokenizer files when the checkpoint's
 tokenizer is known (HFTokenizer name/dir, or a sentencepiece model), or `--tokenizer`.
@@ -81,6 +82,8 @@ def load_fp32_weights(load: str, tag: str) -> dict:
 
         sd = read_pipeline_checkpoint(tag_dir, args["num_layers"], bool(args.get("untie_embeddings_and_output_weights")))
         return {k: v.float() for k, v in sd.items()}  # the module weights (bf16 runs: bf16-rounded)
+    if (saved_args(tag_dir).get("tensor_model_parallel_size") or 1) > 1:
+        return _tp_merged_weights(load, tag)
     if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
@@ -98,6 +101,28 @@ def load_fp32_weights(load: str, tag: str) -> dict:
     for names, values in zip(state.get("optimizer_param_names") or [], masters or []):
         sd.update({name: value.float() for name, value in zip(names, values)})
     return sd
+
+
+def _tp_merged_weights(load: str, tag: str) -> dict:
+    """A TP > 1 checkpoint: its shards (one mp_rank_XX per TP rank) merged by the universal converter
+    (ds_to_universal.py: column-, row- and vocabulary-parallel layouts, replicated norms) into a
+    temporary universal checkpoint, which is then read like any universal checkpoint."""
+    import tempfile  # noqa: PLC0415
+
+    try:
+        from tools.convert_checkpoint import ds_to_universal  # noqa: PLC0415
+    except ImportError:  # run as a script
+        import ds_to_universal  # noqa: PLC0415
+
+    tag_dir = os.path.join(load, tag)
+    with tempfile.TemporaryDirectory(prefix="to_hf-tp-merge-") as tmp:
+        try:
+            ds_to_universal.convert(tag_dir, os.path.join(tmp, f"{tag}_universal"))
+        except ds_to_universal.ConversionError as e:
+            tp = saved_args(tag_dir).get("tensor_model_parallel_size")
+            raise ValueError(f"{tag_dir} is a tensor-parallel checkpoint (TP={tp}) and its shards cannot be "
+                             f"merged: {e}") from e
+        return load_fp32_weights(tmp, f"{tag}_universal")
 
 
 def _save_tokenizer(args: dict, out: str, override: str | None) -> str | None:
