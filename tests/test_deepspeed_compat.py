@@ -66,3 +66,39 @@ def test_clip_uses_the_fp64_norm_and_deepspeeds_rule():
     p.grad = torch.tensor([0.3, 0.4, 0.0, 0.0])
     compat.fp64_clip_grad_norm_([p], max_norm=1.0)  # under the threshold: unchanged
     torch.testing.assert_close(p.grad, torch.tensor([0.3, 0.4, 0.0, 0.0]))
+
+
+def _clip0_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    from distributed import TINY_MODEL
+
+    from megatron import training
+    from megatron.arguments import parse_args
+    from megatron.initialize import initialize_megatron
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    args = parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3", "--clip-grad", "0",
+                                    "--zero-stage", "0", "--data-path", "x", "--eval-iters", "0"], env={"WORLD_SIZE": "1"})
+    initialize_megatron(args)
+    training.build_tokenizer_and_vocab(args)
+    _model, engine = training.setup_model_and_optimizer(args)
+    seen = {}
+
+    def record(*_):  # the gradients as the optimizer receives them (nothing clipped them)
+        seen["norm"] = float(compat.fp64_sq_norm([p.grad for p in engine.module.parameters()]).sqrt())
+    engine.optimizer.register_step_pre_hook(record)
+    tokens = torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))
+    training.train_step(engine, iter([{"text": tokens}]), args, None, engine.device)
+    norm = engine.get_global_grad_norm()
+    torch.save({"norm": None if norm is None else float(norm), "seen": seen["norm"]}, os.path.join(out_dir, "rank0.pt"))
+
+
+def test_stage0_fp32_logs_the_fp64_norm_without_clipping(tmp_path):
+    """fp32 at ZeRO stage 0 with --clip-grad 0: DeepSpeed takes no norm at all (grad_norm was logged as
+    nan); the engine now reports the fp64 norm of the step's gradients, clipping nothing."""
+    from distributed import spawn_workers
+
+    (r,) = spawn_workers(_clip0_worker, 1, str(tmp_path))
+    assert r["norm"] is not None and abs(r["norm"] - r["seen"]) / r["seen"] < 1e-7
