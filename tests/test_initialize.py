@@ -20,6 +20,19 @@ import torch.distributed as dist
 from megatron import initialize
 from megatron.launch_env import FAMILIES, LaunchEnvError, launch_env, world_size_from_env
 
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """The start-up code writes RANK / WORLD_SIZE / LOCAL_RANK / DS_ACCELERATOR into os.environ (as it
+    must for DeepSpeed); under the fakes here that is this pytest process's environment: put it back, or
+    later tests see a 24-rank XPU job."""
+    import os  # noqa: PLC0415
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
 FAKE_MODULES = ("intel_extension_for_pytorch", "oneccl_bindings_for_pytorch", "ezpz", "_fake_hw")
 LAUNCH_VARS = sorted({v for f in FAMILIES for v in (f.rank, f.size, *f.local_rank, *f.local_size)})
 
