@@ -274,12 +274,17 @@ def test_format_duration():
 def test_memory_stats_on_cpu_reports_resident_memory():
     from megatron.training_log import memory_stats
 
+    import mmap
+
     before = memory_stats("cpu")
-    x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    # 64 MiB of fresh anonymous pages, touched (a tensor could reuse heap memory freed by earlier tests,
+    # and then the resident size would not grow)
+    x = mmap.mmap(-1, 64 * 1024 * 1024)
+    x.write(b"\x01" * len(x))
     after = memory_stats("cpu")
     assert after["rss_gb"] - before["rss_gb"] == pytest.approx(1 / 16, abs=0.02)
     assert after["max_rss_gb"] >= after["rss_gb"] - 0.01
-    del x
+    x.close()
 
 
 def test_wandb_absent_or_disabled_gives_no_run(monkeypatch):
