@@ -310,6 +310,9 @@ def test_padding_fix_large_padding_group(tmp_path):
         masters = {n: deepspeed.utils.safe_get_full_fp32_param(p).clone() for n, p in model.named_parameters()}
         if engine.global_rank == 0:
             torch.save(masters, sys.argv[1] + "/weights.pt")
+        # tear gloo down before the interpreter does (left to exit, its threads intermittently abort: SIGABRT)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """))
     ckpt = str(tmp_path / "ck")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
