@@ -10,7 +10,7 @@ Adding an optimizer is one decorated function in the module of its family (plus 
 A builder receives parameter groups (from `get_param_groups`, or the entry's own `groups`
 function) and the parsed arguments, and returns either a `torch.optim.Optimizer` (handed to
 `deepspeed.initialize(optimizer=...)`) or a `DeepSpeedOptimizer` (one of DeepSpeed's own
-optimizers plus the DS config entries and parameter attributes it needs, e.g. its ZeRO-aware Muon). An entry's `check(args)` lists start-up
+optimizers plus the DS config entries it needs, e.g. ds.adamw, ds.onebitlamb). An entry's `check(args)` lists start-up
 problems (a missing package, a ZeRO stage it cannot run under); `megatron.arguments` reports them
 before anything expensive starts, so a bad name never turns into a TypeError mid-run.
 
@@ -35,19 +35,14 @@ NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 class DeepSpeedOptimizer:
     """Builder result for an optimizer that needs DeepSpeed's cooperation, in one of two forms:
 
-    * `optimizer`: one of DeepSpeed's own classes built here (e.g. its ZeRO-aware
-      ``MuonWithAuxAdam``, which ZeRO 1/2 recognizes and orthogonalizes for), handed to
-      ``deepspeed.initialize(optimizer=...)``;
-    * `config` + `param_groups`: an ``"optimizer"`` block DeepSpeed builds from (for optimizers
-      that need the engine, e.g. OneBitLamb), with `param_groups` as ``model_parameters``.
+    * `optimizer`: one of DeepSpeed's own classes built here, handed to
+      ``deepspeed.initialize(optimizer=...)`` (no registry entry uses this form since Muon runs
+      as our own class at every stage);
+    * `config` + `param_groups`: an ``"optimizer"`` block DeepSpeed builds from (ds.adamw, and
+      optimizers that need the engine, e.g. OneBitLamb), with `param_groups` as ``model_parameters``.
 
-    `ds_config` entries override the rest of the DS config (e.g. ``{"gradient_clipping": 0.0}``);
-    `param_attrs` maps parameter -> attributes set on it before ``deepspeed.initialize`` (e.g.
-    ``use_muon``, which ZeRO reads to choose the Muon path).
-
-    Muon uses the first form: with an ``{"type": "Muon"}`` block, ``deepspeed.initialize``
-    re-tags every parameter by its own name rule (2-D and no "embed"/"lm_head" in the name ->
-    Muon), which would put our ``output_layer`` on Muon.
+    `ds_config` entries override the rest of the DS config; `param_attrs` maps parameter ->
+    attributes set on it before ``deepspeed.initialize``.
     """
     optimizer: torch.optim.Optimizer | None = None
     config: dict | None = None
