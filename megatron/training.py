@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from megatron import checkpointing
-from megatron.arguments import ArgumentError
+from megatron.arguments import ArgumentError, auto_compile
 from megatron.core import parallel_state
 from megatron.core import sequence_parallel as ulysses
 from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
@@ -283,6 +284,27 @@ def evaluate(engine, valid_dataset, args, eod, device) -> float:
     return float(dp_mean(total / max(n, 1)))
 
 
+def keep_compile_cache() -> str:
+    """Inductor's cache (compiled kernels, FX graph and autograd caches) kept between runs: in the
+    Python environment (next to DeepSpeed's torch_extensions) unless TORCHINDUCTOR_CACHE_DIR is set
+    or the environment is read-only (then torch's default in the temp directory). Returns the dir."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(sys.prefix, "torchinductor_cache")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # noqa: PLC0415
+
+    return cache_dir()
+
+
+def compile_report() -> str:
+    """Seconds torch.compile has spent so far (forward and backward graphs, wall time) and the cache use."""
+    from torch._dynamo.utils import calculate_time_spent, counters  # noqa: PLC0415
+
+    seconds = calculate_time_spent().get("total_wall_time", 0.0)
+    ind = counters["inductor"]
+    return (f"{seconds:.1f} s compiling (inductor FX graph cache: {ind['fxgraph_cache_hit']} hit(s), "
+            f"{ind['fxgraph_cache_miss']} miss(es); cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})")
+
+
 def setup_model_and_optimizer(args, before_engine=None):
     """GPTModel -> optimizer and LR scheduler -> `deepspeed.initialize`; returns (model, engine).
     `before_engine(model)` (optional) sees the freshly initialized model (benchmarks copy its weights)."""
@@ -291,13 +313,20 @@ def setup_model_and_optimizer(args, before_engine=None):
     if args.fp16:
         allow_fp16_on_cpu()
 
+    if getattr(args, "compile", None) is None:  # neither --compile nor --no-compile: the measured rule (megatron/arguments.py)
+        args.compile, args.compile_reason = auto_compile(args)
+    else:
+        args.compile_reason = "on (--compile)" if args.compile else "off (--no-compile)"
+    if args.rank == 0:
+        print(f"> torch.compile: {args.compile_reason}", flush=True)
     if args.pipeline_model_parallel_size > 1:  # this rank's stage, cut from the same GPTModel
         return pipeline.setup_pipeline_engine(args, model_config(args), build_ds_config(args),
                                               lambda optimizer: build_lr_scheduler(optimizer, args), before_engine)
     model = GPTModel(model_config(args))
     if before_engine is not None:
         before_engine(model)
-    if getattr(args, "compile", False):  # --compile: in place, so parameter and checkpoint names do not change
+    if args.compile:  # in place, so parameter and checkpoint names do not change
+        keep_compile_cache()
         model.compile()
     # the optimizer is a client one or DeepSpeed's own (e.g. its ZeRO Muon): megatron/optimizer decides
     # mpu: ZeRO works over the data-parallel group, clipping and checkpoints know the TP ranks
@@ -415,6 +444,8 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
         samples += args.global_batch_size
         tokens += args.global_batch_size * args.seq_length
         logger.train(iteration, loss, engine, samples, tokens)
+        if args.compile and iteration == state.iteration + 1 and args.rank == 0:  # the first step compiled the graphs
+            print(f"> torch.compile: {compile_report()}", flush=True)
         if guard.end_iteration(iteration, float(loss), args.rank):  # --max-skipped-iterations in a row
             save()  # the weights are those of the last good step
             raise NumericalFaultError(
