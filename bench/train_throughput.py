@@ -178,7 +178,8 @@ def profile_steps(step, steps: int = 2, top: int = 10) -> dict:
 
 def print_profile(name: str, prof: dict) -> None:
     print_table(f"profile {name}: top ops by self CPU time ({prof['step_ms']:.0f} ms of op time per step; "
-                f"matmul ops {prof['matmul_share'] * 100:.1f} %)", ["op", "ms/step", "share", "calls/step"],
+                f"matmul ops {prof['matmul_share'] * 100:.1f} % of it, running the model's FLOPs at "
+                f"{prof['matmul_rate_of_peak'] * 100:.0f} % of the matmul peak)", ["op", "ms/step", "share", "calls/step"],
                 [[k, f"{ms:.1f}", f"{share * 100:.1f}%", str(n)] for k, ms, share, n in prof["top"]])
 
 
@@ -230,7 +231,11 @@ def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: 
     profiles = {}
     if profile:  # after the timed rounds: the profiler's overhead does not touch the ratios
         profiles = {name: profile_steps(step) for name, step in sides.items()}
+        peak_now = matmul_peak_tflops(dtype, seconds=0.2)  # under the profiled steps' load
         for name, prof in profiles.items():
+            # the model's FLOPs over the time in matmul ops: how close the matmuls themselves run to the peak
+            prof["matmul_rate_of_peak"] = (flops_per_iteration(ours.args) / (prof["matmul_share"] * prof["step_ms"] / 1e3)
+                                           / 1e12 / peak_now)
             print_profile(f"{name} {dtype}", prof)
     return {
         "dtype": dtype, "tokens_per_iter": tokens, "flops_per_iter": flops, "peak_tflops": peak,
