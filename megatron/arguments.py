@@ -22,7 +22,7 @@ from typing import Sequence
 
 from megatron.fp16 import add_arguments as fp16_arguments, fp16_problems
 from megatron.optimizer import optimizer_help, optimizer_names, optimizer_problems
-from megatron.optimizer_param_scheduler import LR_SCHEDULES, build_schedule_spec
+from megatron.schedules import LR_SCHEDULES, build_schedule_spec
 from megatron.lr_finder import configure_lr_finder
 from megatron.model.mup import mup_problems
 from megatron.core.parallel_config import finalize_parallel_args, parallel_problems
@@ -260,7 +260,8 @@ def _lr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", default="linear", choices=list(LR_SCHEDULES),
-                   help="LR schedule after warmup (registry: megatron/optimizer_param_scheduler.py)")
+                   help="LR schedule after warmup (registry: megatron/schedules/styles.py): "
+                   + "; ".join(f"{name}: {style.description}" for name, style in LR_SCHEDULES.items()))
     g.add_argument("--lr-decay-iters", type=_int_like, default=None)
     g.add_argument("--lr-decay-samples", type=_int_like, default=None)
     g.add_argument("--lr-decay-tokens", type=_int_like, default=None)

@@ -104,21 +104,24 @@ def setup_pipeline_engine(args, config, ds_config: dict, scheduler_factory: Call
 
 def _bind_optimizer_step(engine, args) -> None:
     """Give the pipe schedule's optimizer step the LR increment and the NumericsGuard."""
-    from megatron.optimizer_param_scheduler import scheduler_increment  # noqa: PLC0415
+    from megatron.schedules import scheduler_increment  # noqa: PLC0415
 
-    take_model_step = engine._take_model_step
+    from megatron.deepspeed_compat.engine import wrap_model_step  # noqa: PLC0415
+
     increment = scheduler_increment(args)
 
-    def step(lr_kwargs=None):
-        do = lambda: take_model_step(lr_kwargs or {"increment": increment})  # noqa: E731
-        guard = engine.module.loss_fn.guard
-        if guard is None:
-            return do()
-        last = engine.is_last_stage() and engine.total_loss is not None
-        loss = engine.total_loss.detach().float() if last else torch.zeros((), device=engine.device)
-        guard.step(engine, loss, do)  # all ranks agree: skipped everywhere or nowhere
+    def make_step(take_model_step):
+        def step(lr_kwargs=None):
+            do = lambda: take_model_step(lr_kwargs or {"increment": increment})  # noqa: E731
+            guard = engine.module.loss_fn.guard
+            if guard is None:
+                return do()
+            last = engine.is_last_stage() and engine.total_loss is not None
+            loss = engine.total_loss.detach().float() if last else torch.zeros((), device=engine.device)
+            guard.step(engine, loss, do)  # all ranks agree: skipped everywhere or nowhere
+        return step
 
-    engine._take_model_step = step  # an instance attribute: the engine calls self._take_model_step
+    wrap_model_step(engine, make_step)
 
 
 def train_batch(engine, data_iter: Iterator, to_sample: Callable[[Any], tuple], guard=None,

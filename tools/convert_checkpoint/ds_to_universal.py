@@ -379,7 +379,9 @@ def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = F
             strip_vocab_padding: bool = False) -> str:
     """Convert `input_folder` (a global_step<N> directory) into `output_folder`; returns the tag
     written to `latest_universal` next to the output folder."""
-    import deepspeed.checkpoint.ds_to_universal as ds  # noqa: PLC0415
+    from megatron.deepspeed_compat.universal import converter  # noqa: PLC0415  (DeepSpeed's private helpers)
+
+    ds = converter()
 
     if not os.path.isdir(input_folder):
         raise ConversionError(f"--input_folder {input_folder}: no such directory")
