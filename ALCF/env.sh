@@ -60,7 +60,7 @@ _alcf_complete_site_env() {
     done
     local tv constraints
     tv="$("$py" -c 'import torch; print(torch.__version__)')" || return 1
-    constraints="$(mktemp "${TMPDIR:-/tmp}/alcf-constraints.XXXXXX")" || return 1
+    constraints="$(mktemp -t alcf-constraints.XXXXXX)" || return 1
     echo "torch==${tv}" > "${constraints}"
     _alcf_log "active environment lacks: ${missing[*]}; installing ${reqs[*]} (its torch ${tv} kept)"
     "$py" -m pip install --disable-pip-version-check -qq -c "${constraints}" "${reqs[@]}"
