@@ -13,12 +13,12 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron import checkpointing
+from megatron.checkpoint import checkpointing
 from megatron.arguments import ArgumentError
 from megatron.core import parallel_state
 from megatron.core import sequence_parallel as ulysses
 from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
-from megatron.exits import ExitConditions
+from megatron.resilience.exits import ExitConditions
 from megatron.fp16 import allow_fp16_on_cpu, fp16_block, grow_scale_after_step
 from megatron.initialize import initialize_megatron
 from megatron.model import GPTConfig, GPTModel
@@ -27,13 +27,13 @@ from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
 from megatron.optimizer.partition import attach_layouts
 from megatron.lr_finder import active_lr_finder, build_lr_scheduler
 from megatron.model.mup import model_fields as mup_model_fields
-from megatron.numerics import NumericalFaultError, NumericsGuard
-from megatron import pipeline_parallel as pipeline
+from megatron.observability.numerics import NumericalFaultError, NumericsGuard
+from megatron.core import pipeline_schedule as pipeline
 from megatron.optimizer_param_scheduler import scheduler_increment
-from megatron.config_table import print_config
-from megatron.profiling import Profiler, flops_profiler_config
-from megatron.timers import Timers
-from megatron.training_log import TrainLogger
+from megatron.observability.config_table import print_config
+from megatron.observability.profiling import Profiler, flops_profiler_config
+from megatron.observability.timers import Timers
+from megatron.observability.training_log import TrainLogger
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def setup_model_and_optimizer(args, before_engine=None):
 def check_memory(args) -> None:
     """Refuse (ArgumentError) a configuration whose memory estimate exceeds what this rank has; warn
     near it. The estimate is kept in `args._memory_estimate` for the out-of-memory message."""
-    from megatron.preflight import memory_problems, process_rss  # noqa: PLC0415
+    from megatron.resilience.preflight import memory_problems, process_rss  # noqa: PLC0415
 
     problems, warnings, est = memory_problems(args, args.padded_vocab_size)
     if dist.is_initialized() and dist.get_world_size() > 1:  # one rank short of memory stops them all

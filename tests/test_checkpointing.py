@@ -16,8 +16,8 @@ import pytest
 import torch
 from distributed import TINY_MODEL, env_for, launch_command, make_dataset, run_trainer
 
-from megatron import checkpoint_io
-from megatron import checkpointing as ck
+from megatron.checkpoint import io as checkpoint_io
+from megatron.checkpoint import checkpointing as ck
 
 N = 3  # stop at N, resume to 2N
 

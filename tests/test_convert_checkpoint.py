@@ -18,7 +18,7 @@ import pytest
 import torch
 from distributed import ROOT, TINY_MODEL, become_rank, env_for, free_port, make_dataset, run_trainer
 
-from megatron import checkpointing as ck
+from megatron.checkpoint import checkpointing as ck
 from tools.convert_checkpoint import ds_to_universal as d2u
 
 pytestmark = pytest.mark.slow

@@ -65,7 +65,7 @@ class OptimizerEntry:
     check: Check | None = None
     groups: GroupFn | None = None
     # optimizer state kept per parameter, in fp32 copies of the parameter (Adam: exp_avg + exp_avg_sq = 2);
-    # the memory preflight (megatron/preflight.py) counts 4 bytes x this per parameter
+    # the memory preflight (megatron/resilience/preflight.py) counts 4 bytes x this per parameter
     state_copies: float = 2.0
 
 

@@ -56,11 +56,11 @@ class ConversionError(RuntimeError):
 
 
 def _checkpoint_io():
-    """megatron.checkpoint_io (the project next to this tool when it is not installed)."""
+    """megatron.checkpoint.io (the project next to this tool when it is not installed)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if root not in sys.path:
         sys.path.append(root)
-    from megatron import checkpoint_io  # noqa: PLC0415
+    from megatron.checkpoint import io as checkpoint_io  # noqa: PLC0415
 
     return checkpoint_io
 

@@ -54,7 +54,7 @@ def _model_states_file(tag_dir: str) -> str:
 
 
 def saved_args(tag_dir: str) -> dict:
-    from megatron.checkpoint_io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
+    from megatron.checkpoint.io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
 
     state = torch_load(_model_states_file(tag_dir), map_location="cpu")
     args = state.get("args")
@@ -65,7 +65,7 @@ def saved_args(tag_dir: str) -> dict:
 
 def load_fp32_weights(load: str, tag: str) -> dict:
     """Full-precision weights under our parameter names (no 'module.' prefix)."""
-    from megatron.checkpoint_io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
+    from megatron.checkpoint.io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
 
     tag_dir = os.path.join(load, tag)
     if os.path.isdir(os.path.join(tag_dir, "zero")):  # universal checkpoint: one directory per parameter
@@ -97,7 +97,7 @@ def load_fp32_weights(load: str, tag: str) -> dict:
 
         # DeepSpeed's merger reads the shards with torch.load(weights_only=False): refuse foreign
         # pickles first (their pickles only are read, against our allowlist)
-        from megatron.checkpoint_io import check_pickle_globals  # noqa: PLC0415
+        from megatron.checkpoint.io import check_pickle_globals  # noqa: PLC0415
 
         for path in sorted(glob.glob(os.path.join(tag_dir, "*_states.pt"))):
             check_pickle_globals(path)

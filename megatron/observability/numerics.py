@@ -32,7 +32,7 @@ was dropped"). Process and storage faults: ``kill@k`` / ``stop@k`` send the proc
 SIGSTOP (a dead / hung rank) in iteration k's forward; ``overflow@k`` multiplies the loss by 1e30:
 finite in float32, but under fp16 its gradients overflow (a forced loss-scaler overflow);
 ``enospc@k`` makes the checkpoint save of iteration k fail with "No space left on device"
-(megatron/checkpoint_io.py). ``kind@k:r`` limits an entry to rank r.
+(megatron/checkpoint/io.py). ``kind@k:r`` limits an entry to rank r.
 """
 from __future__ import annotations
 

@@ -19,11 +19,11 @@ Writing. `torch.save` to a path reports a full disk as an opaque ``RuntimeError`
 pos ... vs ...") from its zip writer. The wrapped checkpoint engine saves through a file object
 that keeps the `OSError` (``[Errno 28] No space left on device``), removes the half-written file,
 and does not raise: DeepSpeed's save continues (its collectives stay matched on every rank) and
-`megatron.checkpointing.save_checkpoint` then reports the failure from every rank at once
+`megatron.checkpoint.checkpointing.save_checkpoint` then reports the failure from every rank at once
 (`CheckpointSaveError`).
 
 Test hook: ``MEGATRON_TEST_FAULTS=enospc@k`` makes the save of iteration k fail with ENOSPC after
-its first 64 KiB (megatron/numerics.py parses the variable).
+its first 64 KiB (megatron/observability/numerics.py parses the variable).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import re
 
 import torch
 
-from megatron import checkpoint_manifest
+from megatron.checkpoint import manifest as checkpoint_manifest
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ rank 0 renames it to `global_step<N>/` and then replaces `latest` and
 moment leaves `latest` pointing at the previous complete checkpoint. `--keep-last-n` prunes older
 `global_step<N>` directories after the commit, never the one `latest` names. A write that fails
 on any rank (disk full...) removes the partial directory and raises `CheckpointSaveError` on every
-rank, with `latest` untouched (megatron/checkpoint_io.py; the run then stops with exit status 4).
+rank, with `latest` untouched (megatron/checkpoint/io.py; the run then stops with exit status 4).
 
 Fixes of upstream: `--no-load-optim`, `--no-load-lr-state` and `--no-load-rng` work under
 DeepSpeed; `--finetune` also resets the optimizer state under `--universal-checkpoint` (DeepSpeed
@@ -39,11 +39,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron import checkpoint_io, checkpoint_manifest
-from megatron.checkpoint_manifest import LATEST, LATEST_UNIVERSAL, TAG_RE, checkpoint_tags, read_tag  # noqa: F401
+from megatron.checkpoint import io as checkpoint_io
+from megatron.checkpoint import manifest as checkpoint_manifest
+from megatron.checkpoint.manifest import LATEST, LATEST_UNIVERSAL, TAG_RE, checkpoint_tags, read_tag  # noqa: F401
 from megatron.arguments import ArgumentError
 from megatron.core.tensor_parallel import get_rng_tracker
-from megatron.numerics import injected_fault
+from megatron.observability.numerics import injected_fault
 
 log = logging.getLogger(__name__)
 
