@@ -30,7 +30,7 @@ import pytest
 import torch
 from distributed import TINY_MODEL, become_rank, free_port, make_dataset, read_metrics, run_trainer
 
-from megatron import checkpointing as ck
+from megatron.checkpoint import checkpointing as ck
 from tools.convert_checkpoint import ds_to_universal as d2u
 
 pytestmark = pytest.mark.slow
