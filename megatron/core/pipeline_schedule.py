@@ -56,8 +56,9 @@ def pipeline_problems(args) -> list[str]:
     if args.lr_finder:
         errs.append(f"--lr-finder is not supported {why}; run the LR range test with PP=1")
     if args.universal_checkpoint:
-        errs.append(f"--universal-checkpoint is not supported {why}: the converter and the loader handle "
-                    "tensor-parallel checkpoints only; load with PP=1 or resume the PP checkpoint as is")
+        errs.append(f"--universal-checkpoint is not supported {why}: a universal checkpoint (converted from any "
+                    "TP/PP/DP layout) loads at PP=1 only (DeepSpeed's universal loader fills the ZeRO-1/2 optimizer "
+                    "of a PP=1 engine); load it with PP=1, or resume the PP checkpoint as is")
     if getattr(args, "compile", False):
         errs.append(f"--compile is not supported {why}; drop --compile")
     recompute = args.checkpoint_activations or args.deepspeed_activation_checkpointing \
