@@ -188,3 +188,24 @@ def test_stage0_fp32_logs_the_fp64_norm_without_clipping(tmp_path):
 
     (r,) = spawn_workers(_clip0_worker, 1, str(tmp_path))
     assert r["norm"] is not None and abs(r["norm"] - r["seen"]) / r["seen"] < 1e-7
+
+
+def test_deepspeed_internals_are_reached_only_through_deepspeed_compat():
+    """The boundary itself: outside megatron/deepspeed_compat/ no module of megatron/ or tools/ names
+    DeepSpeed's runtime, checkpoint or utils packages (its internals)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pattern = re.compile(r"deepspeed\.(runtime|checkpoint|utils)\b")
+    offenders = []
+    for top in ("megatron", "tools"):
+        for dirpath, _, files in os.walk(os.path.join(root, top)):
+            if os.path.join("megatron", "deepspeed_compat") in dirpath:
+                continue
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    for i, line in enumerate(open(path), 1):
+                        if pattern.search(line):
+                            offenders.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
+    assert offenders == []

@@ -109,7 +109,7 @@ def write_atomic(path: str, text: str) -> None:
 
 def universal_checkpoint_info(args) -> dict:
     """What DeepSpeed's ds_to_universal needs to merge parameters across TP ranks (keys of
-    deepspeed.checkpoint.constants; patterns are `re.match`ed against full parameter names, and
+    DeepSpeed's checkpoint constants; patterns are `re.match`ed against full parameter names, and
     the converter's strict mode wants every pattern to match some parameter)."""
     vocab = [r"language_model\.embedding\.word_embeddings\.weight$"]
     if getattr(args, "untie_embeddings_and_output_weights", False):
