@@ -20,9 +20,10 @@ import os
 import sys
 from typing import Sequence
 
+from megatron.errors import ArgumentError  # noqa: F401  (raised here; imported from here by callers)
 from megatron.fp16 import add_arguments as fp16_arguments, fp16_problems
 from megatron.optimizer import optimizer_help, optimizer_names, optimizer_problems
-from megatron.optimizer_param_scheduler import LR_SCHEDULES, build_schedule_spec
+from megatron.schedules import LR_SCHEDULES, build_schedule_spec
 from megatron.lr_finder import configure_lr_finder
 from megatron.model.mup import mup_problems
 from megatron.core.parallel_config import finalize_parallel_args, parallel_problems
@@ -54,10 +55,6 @@ REFUSED_FLAGS = {
     "attention_softmax_in_fp32": "--attention-softmax-in-fp32: not selectable here "
                                  "(scaled_dot_product_attention picks the softmax precision); drop the flag",
 }
-
-
-class ArgumentError(ValueError):
-    """Invalid configuration; the message lists every problem, one per line."""
 
 
 def _str2bool(v: str) -> bool:
@@ -264,7 +261,8 @@ def _lr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", default="linear", choices=list(LR_SCHEDULES),
-                   help="LR schedule after warmup (registry: megatron/optimizer_param_scheduler.py)")
+                   help="LR schedule after warmup (registry: megatron/schedules/styles.py): "
+                   + "; ".join(f"{name}: {style.description}" for name, style in LR_SCHEDULES.items()))
     g.add_argument("--lr-decay-iters", type=_int_like, default=None)
     g.add_argument("--lr-decay-samples", type=_int_like, default=None)
     g.add_argument("--lr-decay-tokens", type=_int_like, default=None)

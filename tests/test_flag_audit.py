@@ -632,7 +632,7 @@ def test_schedulefree_for_each():
     ("--lr-wsd-decay-samples", "200", ["--lr-decay-style", "wsd", "--lr-wsd-decay-iters", "1"]),
 ])
 def test_schedule_flag_changes_the_lr_curve(flag, value, base):
-    from megatron.optimizer_param_scheduler import build_schedule_spec, lr_at
+    from megatron.schedules import build_schedule_spec, lr_at
 
     common = ["--train-iters", "100", "--global-batch-size", "4", *base]
 

@@ -32,7 +32,8 @@ import torch
 
 from distributed import ROOT, TINY_MODEL, env_for, make_dataset, run_trainer
 from megatron.checkpoint.io import torch_load
-from megatron.fp16 import SCALER_FLAGS, fp16_block, fp16_problems, grow_scale_after_step, loss_scale
+from megatron.deepspeed_compat.engine import defer_loss_scale_growth
+from megatron.fp16 import SCALER_FLAGS, fp16_block, fp16_problems, loss_scale
 from megatron.observability.numerics import NumericalFaultError, NumericsGuard
 
 U16 = 2.0 ** -11
@@ -182,7 +183,7 @@ def test_scale_grows_only_after_the_update():
             self.unscaled_by.append(self.loss_scaler.cur_scale)
 
     bare, fixed = ZeroLike(), ZeroLike()
-    grow_scale_after_step(fixed)
+    defer_loss_scale_growth(fixed)
     for opt in (bare, fixed):
         opt.step()  # cur_iter 0: no growth
         opt.step()  # cur_iter 1: one stable step -> the window of 1 is complete: the scale doubles

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import pkgutil
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -33,22 +34,13 @@ NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 
 @dataclass
 class DeepSpeedOptimizer:
-    """Builder result for an optimizer that needs DeepSpeed's cooperation, in one of two forms:
-
-    * `optimizer`: one of DeepSpeed's own classes built here, handed to
-      ``deepspeed.initialize(optimizer=...)`` (no registry entry uses this form since Muon runs
-      as our own class at every stage);
-    * `config` + `param_groups`: an ``"optimizer"`` block DeepSpeed builds from (ds.adamw, and
-      optimizers that need the engine, e.g. OneBitLamb), with `param_groups` as ``model_parameters``.
-
-    `ds_config` entries override the rest of the DS config; `param_attrs` maps parameter ->
-    attributes set on it before ``deepspeed.initialize``.
-    """
-    optimizer: torch.optim.Optimizer | None = None
-    config: dict | None = None
-    param_groups: list[dict] | None = None
+    """Builder result for an optimizer DeepSpeed builds itself from an ``"optimizer"`` block of its
+    config (ds.adamw, and optimizers that need the engine, e.g. OneBitLamb): `config` is that block,
+    `param_groups` go to ``deepspeed.initialize`` as ``model_parameters``, `ds_config` entries
+    override the rest of the DS config."""
+    config: dict
+    param_groups: list[dict]
     ds_config: dict = field(default_factory=dict)
-    param_attrs: dict = field(default_factory=dict)
 
 
 Built = "torch.optim.Optimizer | DeepSpeedOptimizer"
@@ -69,51 +61,46 @@ class OptimizerEntry:
     state_copies: float = 2.0
 
 
-# `state_copies` of the entries that differ from Adam's 2 (one table, not a field in every module). Upper
-# bounds where it depends on the model: Muon keeps 1 copy for hidden matrices and AdamW's 2 for the rest.
-STATE_COPIES = {
-    "sgd": 1.0, "apex.sgd": 1.0, "sgdschedulefree": 1.0,  # momentum buffer / z
-    "lion": 1.0,  # exp_avg
-    "adam8bit": 0.5, "galoreadamw8bit": 0.5,  # two 1-byte states
-    "ademamix": 3.0,  # exp_avg, exp_avg_slow, exp_avg_sq
-    "dshampooadamw": 3.0,  # Adam grafting + preconditioner factors (approximate)
-}
-
-
 OPTIMIZERS: dict[str, OptimizerEntry] = {}
 
 
 def register_optimizer(name: str, *, help: str = "", check: Check | None = None,
-                       groups: GroupFn | None = None) -> Callable[[Builder], Builder]:
+                       groups: GroupFn | None = None, state_copies: float = 2.0) -> Callable[[Builder], Builder]:
     """Decorator registering `builder(param_groups, args)` under `name`.
 
     `check(args) -> [problem lines]` runs in `validate_args`; `groups(named_params, args)` replaces
-    the default `get_param_groups` for this entry.
+    the default `get_param_groups` for this entry; `state_copies`: optimizer state per parameter in
+    fp32 copies of it (Adam 2; an upper bound where it depends on the model), for the memory preflight.
     """
 
     def deco(builder: Builder) -> Builder:
         if name in OPTIMIZERS:
             raise ValueError(f"optimizer {name!r} is registered twice")
-        OPTIMIZERS[name] = OptimizerEntry(name, builder, help, check, groups, STATE_COPIES.get(name, 2.0))
+        OPTIMIZERS[name] = OptimizerEntry(name, builder, help, check, groups, state_copies)
         return builder
 
     return deco
 
 
-# The family modules, in --help order (whatever order they happen to be imported in).
+# --help order of the family modules; a new module in this package is found on its own (listed after these)
 FAMILIES = ("basic", "fallbacks", "lamb", "schedulefree", "sophia", "adopt", "muon", "lion", "ademamix", "galore")
 
 
+def _family_modules() -> list[str]:
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return [f for f in FAMILIES if f in found] + [m for m in found if m not in FAMILIES]
+
+
 def _load_families() -> None:
-    """Import every family module (each registers its names). Cheap: heavy imports are lazy."""
-    for family in FAMILIES:
+    """Import every module of this package (each family registers its names). Cheap: heavy imports are lazy."""
+    for family in _family_modules():
         importlib.import_module(f"{__name__}.{family}")
 
 
 def _entries() -> list[OptimizerEntry]:
     """Every entry, by family (FAMILIES order), then in registration order within the family."""
     _load_families()
-    rank = {f"{__name__}.{family}": i for i, family in enumerate(FAMILIES)}
+    rank = {f"{__name__}.{family}": i for i, family in enumerate(_family_modules())}
     order = list(OPTIMIZERS)
     return sorted(OPTIMIZERS.values(),
                   key=lambda e: (rank.get(getattr(e.build, "__module__", ""), len(rank)), order.index(e.name)))
@@ -227,12 +214,7 @@ def deepspeed_initialize_kwargs(model: torch.nn.Module, args, ds_config: dict,
     built = build_optimizer(model, args)
     if not isinstance(built, DeepSpeedOptimizer):
         return {"optimizer": built, "config": ds_config, "lr_scheduler": scheduler_factory(built)}
-    for p, attrs in built.param_attrs.items():
-        for k, v in attrs.items():
-            setattr(p, k, v)
     cfg = {**ds_config, **built.ds_config}
-    if built.optimizer is not None:
-        return {"optimizer": built.optimizer, "config": cfg, "lr_scheduler": scheduler_factory(built.optimizer)}
     # DeepSpeed builds it: the scheduler is built on what it built (a callable lr_scheduler). A DS config
     # file's block of the same type (the launcher's; another type is refused by validate_args) keeps its
     # other settings (e.g. torch_adam); the flags give the hyper-parameters.
@@ -263,10 +245,10 @@ class OptimizerHooks:
     args: Any
 
     def __post_init__(self) -> None:
-        from megatron.optimizer.partition import layouts_of  # noqa: PLC0415
+        from megatron.deepspeed_compat.partitions import model_sync  # noqa: PLC0415
 
         # under ZeRO / DeepSpeed's bf16 optimizer a swap changes the fp32 masters: copy them to the model
-        self._sync = layouts_of(getattr(self.engine, "optimizer", None))[1] or (lambda: None)
+        self._sync = model_sync(getattr(self.engine, "optimizer", None)) or (lambda: None)
         # A checkpoint is saved with the averaged (eval) weights: a schedule-free optimizer loaded
         # from one starts in eval mode and must go back to its training point before stepping.
         opt = self.optimizer
