@@ -2,10 +2,11 @@
 
     python bench/zero_tax.py [--stage 1] [--dtypes fp32,bf16] [--rounds 8] [--zero-config '{"overlap_comm": true}']
 
-Both sides are our trainer in this process (bench/train_throughput.py's `Ours`: the same model,
+All sides are our trainer in this process (bench/train_throughput.py's `Ours`: the same model,
 data, optimizer and `train_step`), rank 0 of 1: stage 0, and ZeRO-`--stage` with
 --keep-zero-stage (DeepSpeed's ZeRO optimizer with one replica; without the flag the trainer would
-run it as stage 0). `--zero-config` is merged into the DeepSpeed config's `zero_optimization` block
+run it as stage 0), once as the trainer runs it and once "as is" (without
+megatron/deepspeed_compat.py's `skip_single_replica_reduction`). `--zero-config` is merged into the DeepSpeed config's `zero_optimization` block
 of the ZeRO side (a settings sweep). Timed alternately, iteration by iteration; ratio = the median
 of the per-round stage-0-time / ZeRO-time (1.0 = no tax). Final line: `ratio fp32=<x> bf16=<y>`.
 """
@@ -30,15 +31,26 @@ def compare(m: dict, dtype: str, stage: int, zero_config: dict, rounds: int, war
     ds_json = os.path.join(workdir, f"ds-{dtype}.json")
     with open(ds_json, "w") as f:
         json.dump({"zero_optimization": dict(zero_config)}, f)
+    from megatron import training
+
+    flags = trainer_flags(m, data_list, iters, dtype, stage, ["--keep-zero-stage", "--deepspeed_config", ds_json])
     base = Ours.build(trainer_flags(m, data_list, iters, dtype, 0, []))
-    zero = Ours.build(trainer_flags(m, data_list, iters, dtype, stage, ["--keep-zero-stage",
-                                                                        "--deepspeed_config", ds_json]))
+    zero = Ours.build(flags)
+    skip = training.skip_single_replica_reduction
+    training.skip_single_replica_reduction = lambda engine: False  # DeepSpeed's reduction over a group of one
+    try:
+        as_is = Ours.build(flags)
+    finally:
+        training.skip_single_replica_reduction = skip
     assert (base.args.zero_stage, zero.args.zero_stage) == (0, stage)
-    bench = Interleaved({"stage0": base.step, "zero": zero.step})
+    bench = Interleaved({"stage0": base.step, "zero": zero.step, "zero_as_is": as_is.step})
     bench.run(rounds, warmup=warmup)
     return {"dtype": dtype, "stage0_s": bench.median("stage0"), "zero_s": bench.median("zero"),
-            "ratio": bench.ratio("zero", "stage0"), "best_ratio": min(bench.samples["stage0"]) / min(bench.samples["zero"]),
-            "losses": [float(base.losses[0]), float(zero.losses[0])]}
+            "zero_as_is_s": bench.median("zero_as_is"), "ratio": bench.ratio("zero", "stage0"),
+            "ratio_as_is": bench.ratio("zero_as_is", "stage0"),
+            "best_ratio": min(bench.samples["stage0"]) / min(bench.samples["zero"]),
+            "losses": [float(base.losses[0]), float(zero.losses[0]), float(as_is.losses[0])],
+            "last_losses": [float(base.losses[-1]), float(zero.losses[-1]), float(as_is.losses[-1])]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -56,11 +68,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# zero_tax: {machine_line()}; zero_optimization {zc}", flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         results = [compare(m, d, opts.stage, zc, opts.rounds, opts.warmup, workdir) for d in opts.dtypes.split(",")]
-    print_table(f"ZeRO-{opts.stage} at one replica vs stage 0, medians of {opts.rounds} interleaved iterations",
-                ["dtype", "stage 0 s/iter", f"ZeRO-{opts.stage} s/iter", "ratio", "best/best", "loss@1 0/Z"],
+    print_table(f"ZeRO-{opts.stage} at one replica vs stage 0, medians of {opts.rounds} interleaved iterations "
+                "(as is = without skip_single_replica_reduction)",
+                ["dtype", "stage 0 s/iter", f"ZeRO-{opts.stage} s/iter", "ratio", "best/best", "as is s/iter",
+                 "as is ratio", "last loss 0/Z/as is"],
                 [[r["dtype"], f"{r['stage0_s']:.3f}", f"{r['zero_s']:.3f}", f"{r['ratio']:.3f}",
-                  f"{r['best_ratio']:.3f}", "%.4f/%.4f" % tuple(r["losses"])] for r in results])
-    print("ratio " + " ".join(f"{r['dtype']}={r['ratio']:.3f}" for r in results), flush=True)
+                  f"{r['best_ratio']:.3f}", f"{r['zero_as_is_s']:.3f}", f"{r['ratio_as_is']:.3f}",
+                  "%.6f/%.6f/%.6f" % tuple(r["last_losses"])] for r in results])
+    print("ratio " + " ".join(f"{r['dtype']}={r['ratio']:.3f}" for r in results)
+          + " as_is " + " ".join(f"{r['dtype']}={r['ratio_as_is']:.3f}" for r in results), flush=True)
     return results
 
 

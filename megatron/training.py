@@ -22,7 +22,7 @@ from megatron.exits import ExitConditions
 from megatron.fp16 import allow_fp16_on_cpu, fp16_block, grow_scale_after_step
 from megatron.initialize import initialize_megatron
 from megatron.model import GPTConfig, GPTModel
-from megatron.deepspeed_compat import exact_grad_norm
+from megatron.deepspeed_compat import exact_grad_norm, skip_single_replica_reduction
 from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
 from megatron.optimizer.partition import attach_layouts
 from megatron.lr_finder import active_lr_finder, build_lr_scheduler
@@ -334,6 +334,7 @@ def setup_model_and_optimizer(args, before_engine=None):
     if args.zero_stage == 0 and engine.seq_dp_world_size == 1:
         engine.enable_backward_allreduce = False  # one replica: DeepSpeed would flatten and "all-reduce" every gradient
     exact_grad_norm(engine)  # the fp64 gradient norm at every stage and precision (deepspeed_compat)
+    skip_single_replica_reduction(engine)  # ZeRO-1/2 at one replica: no all-reduce over a group of one
     attach_layouts(engine)  # per-tensor optimizers see whole tensors through ZeRO's partitions
     checker = getattr(engine.optimizer, "overflow_checker", None)
     if args.zero_stage == 0 and args.bf16 and checker is not None and hasattr(engine.optimizer, "_skip_invalid_grad_norm"):

@@ -102,3 +102,48 @@ def test_stage0_fp32_logs_the_fp64_norm_without_clipping(tmp_path):
 
     (r,) = spawn_workers(_clip0_worker, 1, str(tmp_path))
     assert r["norm"] is not None and abs(r["norm"] - r["seen"]) / r["seen"] < 1e-7
+
+
+def _single_replica_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    from distributed import TINY_MODEL
+
+    from megatron import training
+    from megatron.arguments import parse_args
+    from megatron.initialize import initialize_megatron
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    args = parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+                                    "--lr", "1e-2", "--clip-grad", "1.0", "--zero-stage", "1", "--keep-zero-stage",
+                                    "--data-path", "x", "--eval-iters", "0"], env={"WORLD_SIZE": "1"})
+    initialize_megatron(args)
+    training.build_tokenizer_and_vocab(args)
+    batches = [{"text": torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(i))} for i in range(6)]
+    out = {}
+    for name, skip in (("skipped", compat.skip_single_replica_reduction), ("as_is", lambda engine: False)):
+        training.skip_single_replica_reduction = skip
+        torch.manual_seed(1234)
+        _model, engine = training.setup_model_and_optimizer(args)
+        out[f"{name}_installed"] = "buffered_reduce_fallback" in vars(engine.optimizer)
+        data = iter(batches)
+        losses = [float(training.train_step(engine, data, args, None, engine.device)) for _ in range(3)]
+        out[name] = {"losses": losses, "params": [p.detach().clone() for p in engine.module.parameters()],
+                     "norm": float(engine.get_global_grad_norm())}
+    torch.save(out, os.path.join(out_dir, "rank0.pt"))
+
+
+def test_single_replica_zero1_skips_the_reduction_bit_for_bit(tmp_path):
+    """Real ZeRO-1 at one rank (--keep-zero-stage), 3 steps of 2 accumulated micro-batches with clipping:
+    without DeepSpeed's all-reduce over the group of one, the losses, gradient norm and weights are the
+    same bits as with it."""
+    from distributed import spawn_workers
+
+    (r,) = spawn_workers(_single_replica_worker, 1, str(tmp_path))
+    assert r["skipped_installed"] and not r["as_is_installed"]
+    assert r["skipped"]["losses"] == r["as_is"]["losses"] and r["skipped"]["norm"] == r["as_is"]["norm"]
+    assert len(r["skipped"]["params"]) == len(r["as_is"]["params"]) > 0
+    for a, b in zip(r["skipped"]["params"], r["as_is"]["params"]):
+        assert torch.equal(a, b)
+    assert r["skipped"]["losses"][2] != r["skipped"]["losses"][0]  # it trained
