@@ -34,8 +34,9 @@ def test_the_deepspeed_internals_we_replace_or_read_exist():
         assert callable(getattr(DeepSpeedEngine, name)), name
     # partition bookkeeping read by the layouts (ZeRO 1/2, bf16, ZeRO-3)
     src12 = inspect.getsource(DeepSpeedZeroOptimizer)
-    for attr in ("single_partition_of_fp32_groups", "bit16_groups", "real_dp_process_group", "update_lp_params"):
-        assert attr in src12, attr
+    for attr in ("single_partition_of_fp32_groups", "bit16_groups", "real_dp_process_group", "update_lp_params",
+                 "self.buffered_reduce_fallback(None, bucket.grads", "sequence_parallel_size", "contiguous_gradients"):
+        assert attr in src12, attr  # the last three: skip_single_replica_reduction
     assert "fp32_groups_flat_partition" in inspect.getsource(bf16.BF16_Optimizer)
     src3 = inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
     for attr in ("fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "_get_sub_group_process_group"):
