@@ -17,7 +17,7 @@ at the end (getrusage). ours = peak - baseline, the larger of the two ranks.
 
 Formula (Rajbhandari et al., ZeRO, section 3.1): mixed precision with Adam keeps 2 + 2 + K bytes per
 parameter, K = 12 (fp32 master weights, momentum, variance); ZeRO-1 divides K by DP, ZeRO-2 also
-the gradients' 2, ZeRO-3 all three terms. Activations: megatron/preflight.py's estimate for the same
+the gradients' 2, ZeRO-3 all three terms. Activations: megatron/resilience/preflight.py's estimate for the same
 arguments (`activation_bytes`). ratio = ours / (formula + activations); target <= 1.25 in every
 cell. Model states measured = ours - activation estimate; ZeRO-3's / ZeRO-0's, target <= 0.6.
 Final line: `ratio max=<x> zero3/zero0=<y>`.
@@ -59,7 +59,7 @@ def rss_bytes() -> int:
 def worker(out: str, trainer_args: list[str]) -> int:
     """One rank: the trainer, with its resident memory recorded at the memory check and at the end."""
     import megatron.training as training
-    from megatron.preflight import activation_bytes, parameters_per_rank
+    from megatron.resilience.preflight import activation_bytes, parameters_per_rank
     from pretrain_gpt import main as trainer_main
 
     rec: dict = {}

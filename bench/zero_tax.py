@@ -6,7 +6,7 @@ All sides are our trainer in this process (bench/train_throughput.py's `Ours`: t
 data, optimizer and `train_step`), rank 0 of 1: stage 0, and ZeRO-`--stage` with
 --keep-zero-stage (DeepSpeed's ZeRO optimizer with one replica; without the flag the trainer would
 run it as stage 0), once as the trainer runs it and once "as is" (without
-megatron/deepspeed_compat.py's `skip_single_replica_reduction`). `--zero-config` is merged into the DeepSpeed config's `zero_optimization` block
+megatron/deepspeed_compat's `skip_single_replica_reduction`). `--zero-config` is merged into the DeepSpeed config's `zero_optimization` block
 of the ZeRO side (a settings sweep). Timed alternately, iteration by iteration; ratio = the median
 of the per-round stage-0-time / ZeRO-time (1.0 = no tax). Final line: `ratio fp32=<x> bf16=<y>`.
 """
@@ -31,17 +31,17 @@ def compare(m: dict, dtype: str, stage: int, zero_config: dict, rounds: int, war
     ds_json = os.path.join(workdir, f"ds-{dtype}.json")
     with open(ds_json, "w") as f:
         json.dump({"zero_optimization": dict(zero_config)}, f)
-    from megatron import training
+    from megatron import deepspeed_compat
 
     flags = trainer_flags(m, data_list, iters, dtype, stage, ["--keep-zero-stage", "--deepspeed_config", ds_json])
     base = Ours.build(trainer_flags(m, data_list, iters, dtype, 0, []))
     zero = Ours.build(flags)
-    skip = training.skip_single_replica_reduction
-    training.skip_single_replica_reduction = lambda engine: False  # DeepSpeed's reduction over a group of one
+    skip = deepspeed_compat.skip_single_replica_reduction
+    deepspeed_compat.skip_single_replica_reduction = lambda engine: False  # DeepSpeed's reduction over a group of one
     try:
         as_is = Ours.build(flags)
     finally:
-        training.skip_single_replica_reduction = skip
+        deepspeed_compat.skip_single_replica_reduction = skip
     assert (base.args.zero_stage, zero.args.zero_stage) == (0, stage)
     bench = Interleaved({"stage0": base.step, "zero": zero.step, "zero_as_is": as_is.step})
     bench.run(rounds, warmup=warmup)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.checkpoint_io import torch_load
+from megatron.checkpoint.io import torch_load
 from megatron.optimizer.muon import Muon
 from megatron.optimizer.sophia import SophiaG
 

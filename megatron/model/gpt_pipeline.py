@@ -197,6 +197,24 @@ def _gpt_name(name: str, prefixes: dict[str, str]) -> str:
     raise KeyError(f"pipeline parameter {name} has no GPTModel name (prefixes {list(prefixes)})")
 
 
+def gpt_param_name(pipeline_name: str, num_layers: int, untied: bool) -> str:
+    """The GPTModel name of a pipeline module's parameter name as DeepSpeed records it in a
+    checkpoint's ZeRO shards (`<position>.<local name>`, or `tied_modules.embed.<local name>` for
+    the tied embedding), e.g. `1.layer.mlp.dense_h_to_4h.weight` ->
+    `language_model.encoder.layers.0.mlp.dense_h_to_4h.weight`."""
+    head, _, rest = pipeline_name.partition(".")
+    if head == "tied_modules":
+        key, _, rest = rest.partition(".")
+        if key != TIED_KEY:
+            raise KeyError(f"pipeline parameter {pipeline_name}: unknown tied module {key!r}")
+        return _gpt_name(rest, EmbeddingPipe.gpt_prefixes)
+    prefixes = layer_gpt_prefixes(num_layers, untied)
+    if not head.isdigit() or int(head) >= len(prefixes):
+        raise KeyError(f"pipeline parameter {pipeline_name} is not at a position of the layer sequence "
+                       f"({len(prefixes)} positions for {num_layers} layers)")
+    return _gpt_name(rest, prefixes[int(head)])
+
+
 def read_pipeline_checkpoint(tag_dir: str, num_layers: int, untied: bool, tp_rank: int = 0) -> dict[str, torch.Tensor]:
     """The module weights of a pipeline checkpoint directory (`global_step<N>`), one TP rank's
     shards, under GPTModel names (`untied`: --untie-embeddings-and-output-weights)."""

@@ -16,7 +16,7 @@ rank 0 renames it to `global_step<N>/` and then replaces `latest` and
 moment leaves `latest` pointing at the previous complete checkpoint. `--keep-last-n` prunes older
 `global_step<N>` directories after the commit, never the one `latest` names. A write that fails
 on any rank (disk full...) removes the partial directory and raises `CheckpointSaveError` on every
-rank, with `latest` untouched (megatron/checkpoint_io.py; the run then stops with exit status 4).
+rank, with `latest` untouched (megatron/checkpoint/io.py; the run then stops with exit status 4).
 
 Fixes of upstream: `--no-load-optim`, `--no-load-lr-state` and `--no-load-rng` work under
 DeepSpeed; `--finetune` also resets the optimizer state under `--universal-checkpoint` (DeepSpeed
@@ -39,11 +39,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron import checkpoint_io, checkpoint_manifest
-from megatron.checkpoint_manifest import LATEST, LATEST_UNIVERSAL, TAG_RE, checkpoint_tags, read_tag  # noqa: F401
+from megatron.checkpoint import io as checkpoint_io
+from megatron.checkpoint import manifest as checkpoint_manifest
+from megatron.deepspeed_compat.engine import without_optimizer_shards
+from megatron.checkpoint.manifest import LATEST, LATEST_UNIVERSAL, TAG_RE, checkpoint_tags, read_tag  # noqa: F401
 from megatron.arguments import ArgumentError
 from megatron.core.tensor_parallel import get_rng_tracker
-from megatron.numerics import injected_fault
+from megatron.observability.numerics import injected_fault
 
 log = logging.getLogger(__name__)
 
@@ -201,23 +203,18 @@ def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, c
         client_state["rng_state"] = _rng_state()
     if getattr(engine, "optimizer_param_names", None):  # what tools/convert_checkpoint needs at ZeRO stage 0
         client_state["optimizer_param_names"] = engine.optimizer_param_names
-    skip_optim = bool(getattr(args, "no_save_optim", False)) and hasattr(engine, "save_zero_checkpoint")
-    saved_flag = getattr(engine, "save_zero_checkpoint", None)
-    if skip_optim:
-        engine.save_zero_checkpoint = False
     # a failed write (disk full...) is recorded, not raised, so every rank finishes DeepSpeed's collectives
     guard = checkpoint_io.guard_engine(engine, args)
     if guard is not None:
         guard.start_save(inject_enospc=injected_fault(iteration, _rank(args)) == "enospc")
     failure = None
+    skip_optim = bool(getattr(args, "no_save_optim", False)) and hasattr(engine, "save_zero_checkpoint")
     try:
-        engine.save_checkpoint(args.save, tag=partial, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=False)
+        with without_optimizer_shards(engine, skip=skip_optim):
+            engine.save_checkpoint(args.save, tag=partial, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=False)
     except OSError as e:  # a file DeepSpeed writes itself (its zero_to_fp32.py copy)
         failure = f"{e.filename or args.save}: [Errno {e.errno}] {e.strerror}"
-    finally:
-        if skip_optim:
-            engine.save_zero_checkpoint = saved_flag
     failure = failure or (guard.failure if guard is not None else None)
     part_dir = os.path.join(args.save, partial)
     entries = _gather_manifest_entries(guard, part_dir, _rank(args), failure)  # collective
@@ -475,15 +472,15 @@ def check_architecture(saved: dict, args, universal: bool = False) -> None:
 def cooldown_warning(scheduler_state: dict | None) -> str | None:
     """A message when the checkpoint was saved inside a constant+cooldown schedule's cooldown (or
     with LR below its max for the constant style): phase-2 CPT must start from a checkpoint at LR_max."""
-    from megatron.optimizer_param_scheduler import _SPEC_KEYS, ScheduleSpec, _normalize_state, lr_at  # noqa: PLC0415
+    from megatron.schedules import SPEC_KEYS, ScheduleSpec, lr_at, normalize_state  # noqa: PLC0415
 
     if not scheduler_state:
         return None
-    sd = _normalize_state(scheduler_state)
+    sd = normalize_state(scheduler_state)
     if sd.get("lr_decay_style") != "constant" or sd.get("num_steps") is None:
         return None
     try:
-        spec = ScheduleSpec(**{field: sd[key] for key, field in _SPEC_KEYS.items() if key in sd},
+        spec = ScheduleSpec(**{field: sd[key] for key, field in SPEC_KEYS.items() if key in sd},
                             unit=sd.get("unit", "samples"))
     except (TypeError, ValueError):
         return None

@@ -1,18 +1,10 @@
-"""Where this code changes what DeepSpeed does, one named function per change.
+"""The gradient norm, accumulated in fp64 at every ZeRO stage and precision (`exact_grad_norm`).
 
-Each function says which DeepSpeed behaviour it replaces and why; tests/test_deepspeed_compat.py
-fails if DeepSpeed stops having the thing a function relies on.
-
-* `exact_grad_norm(engine)`: one gradient norm for every ZeRO stage and precision, accumulated
-  in fp64. DeepSpeed's stage 0 paths take each gradient's norm with ``tensor.float().norm()``
-  (torch's fp32 CPU kernel), which drops small terms on large tensors: on the tiny test model at
-  step 1 the fp32 stage 0 norm was 1.041400671 against 1.0414596947 in fp64 (the whole gap in the
-  output layer), and clipping used that norm. ZeRO 1/2 take each partition's norm in a wider type
-  but add the squares in fp32 (2.5e-7 relative off under bf16); ZeRO-3 is exact already.
-* `skip_single_replica_reduction(engine)`: ZeRO-1/2 with one data-parallel replica (a real ZeRO
-  run at one rank, --keep-zero-stage) still "all-reduces" every gradient over its group of one:
-  flatten, divide by 1, all-reduce, copy back into the gradients. The result is the gradient itself
-  (bit for bit), so the reduction is skipped.
+DeepSpeed's stage 0 paths take each gradient's norm with ``tensor.float().norm()`` (torch's fp32
+CPU kernel), which drops small terms on large tensors: on the tiny test model at step 1 the fp32
+stage 0 norm was 1.041400671 against 1.0414596947 in fp64 (the whole gap in the output layer), and
+clipping used that norm. ZeRO 1/2 take each partition's norm in a wider type but add the squares
+in fp32 (2.5e-7 relative off under bf16); ZeRO-3 is exact already.
 """
 from __future__ import annotations
 
@@ -155,23 +147,3 @@ def exact_grad_norm(engine) -> None:
             return step(*args, **kwargs)
 
         engine._take_model_step = take_model_step
-
-
-def skip_single_replica_reduction(engine) -> bool:
-    """ZeRO-1/2 over one data-parallel replica: DeepSpeed's `buffered_reduce_fallback` (the gradient
-    reduction without contiguous buckets) flattens every gradient, divides it by the group size 1,
-    all-reduces it over the group of one and copies it back; all of it returns the gradient unchanged.
-    Replaced by nothing there (True when installed). Kept where the reduction does more than that:
-    several replicas, sequence parallelism (DeepSpeed reduces over DP x SP), and the fp32 gradient
-    partition of bf16/fp16 runs (`_buffered_reduce_fallback_preserving_fp32`, which fills the partition
-    the optimizer steps on; not this function)."""
-    opt = getattr(engine, "optimizer", None)
-    if engine.zero_optimization_stage() not in (1, 2) or not hasattr(opt, "buffered_reduce_fallback"):
-        return False
-    groups = getattr(opt, "real_dp_process_group", None) or []
-    if not groups or any(dist.get_world_size(group=g) != 1 for g in groups):
-        return False
-    if getattr(opt, "sequence_parallel_size", 1) != 1 or getattr(opt, "contiguous_gradients", False):
-        return False
-    opt.buffered_reduce_fallback = lambda *args, **kwargs: None
-    return True

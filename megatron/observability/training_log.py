@@ -17,11 +17,11 @@ in upstream's order (upstream-spec §11.1) followed by `MFU` and `ETA`:
 * elapsed per iteration = wall time since the previous line, minus evaluation and checkpoint
   time, divided by the iterations in the interval (so throughput is the training throughput);
 * samples/s = GBS / elapsed; tgs = samples/s · seq / world size;
-* TFLOPs = `megatron.mfu.flops_per_iteration` / elapsed / 1e12 / world size (per device);
+* TFLOPs = `megatron.observability.mfu.flops_per_iteration` / elapsed / 1e12 / world size (per device);
 * MFU = TFLOPs / the device's peak (`--peak-tflops`, a table, or a matmul measured at start-up);
 * ETA = iterations left × elapsed per iteration;
 * num_zeros / params_norm (after grad_norm, with --log-num-zeros-in-grad / --log-params-norm):
-  megatron/weight_stats.py;
+  megatron/observability/weight_stats.py;
 * lm loss = mean over the interval's iterations with a finite loss; NaN/inf iterations are
   counted in number_of_nan_iterations; skipped = optimizer steps DeepSpeed skipped in the interval.
 """
@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 
 from megatron.fp16 import loss_scale as fp16_loss_scale
-from megatron.mfu import PeakFlops, flops_per_iteration, resolve_peak
-from megatron.timers import Timers
+from megatron.observability.mfu import PeakFlops, flops_per_iteration, resolve_peak
+from megatron.observability.timers import Timers
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class TrainLogger:
             if args.metrics_file:
                 os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
                 metrics = open(args.metrics_file, "a" if resumed else "w", buffering=1)
-            from megatron.wandb_utils import init_wandb  # noqa: PLC0415
+            from megatron.observability.wandb_utils import init_wandb  # noqa: PLC0415
 
             run = init_wandb(args)
         peak = resolve_peak(getattr(args, "peak_tflops", None), getattr(args, "device_type", "cpu"),
@@ -191,7 +191,7 @@ class TrainLogger:
     def watch(self, engine) -> None:
         """Hook what must be read inside the step (--log-num-zeros-in-grad: the gradient before the update)."""
         if getattr(self.args, "log_num_zeros_in_grad", False):
-            from megatron.weight_stats import watch_zeros_in_grad  # noqa: PLC0415
+            from megatron.observability.weight_stats import watch_zeros_in_grad  # noqa: PLC0415
 
             self.zeros = watch_zeros_in_grad(engine, self.is_report)
 
@@ -294,12 +294,12 @@ class TrainLogger:
         if self.zeros.get("iteration") == iteration:
             extra["num_zeros"] = self.zeros["num_zeros"]
         if getattr(a, "log_params_norm", False):
-            from megatron.weight_stats import params_norm  # noqa: PLC0415
+            from megatron.observability.weight_stats import params_norm  # noqa: PLC0415
 
             extra["params_norm"] = params_norm(engine.module)
         opt_stats = {}
         if a.log_optimizer_states_to_tensorboard:
-            from megatron.optimizer_stats import optimizer_state_stats  # noqa: PLC0415
+            from megatron.observability.optimizer_stats import optimizer_state_stats  # noqa: PLC0415
 
             if self.model_numel is None:
                 self.model_numel = _model_numel(engine)
