@@ -57,7 +57,8 @@ def rss_bytes() -> int:
 
 
 def worker(out: str, trainer_args: list[str]) -> int:
-    """One rank: the trainer, with its resident memory recorded at the memory check and at the end."""
+    """One rank: the trainer, with its resident memory recorded at the memory check (the baseline),
+    after the engine is built and after each forward, backward and step of the engine, and its peak."""
     import megatron.training as training
     from megatron.resilience.preflight import activation_bytes, parameters_per_rank
     from pretrain_gpt import main as trainer_main
@@ -74,7 +75,7 @@ def worker(out: str, trainer_args: list[str]) -> int:
         return check(args)
 
     training.check_memory = check_memory
-    setup, step = training.setup_model_and_optimizer, training.train_step
+    setup = training.setup_model_and_optimizer
 
     def mark(name: str) -> None:  # resident now and the peak so far, per phase
         rec.setdefault("phases", []).append(
@@ -91,11 +92,7 @@ def worker(out: str, trainer_args: list[str]) -> int:
             setattr(engine, phase, marked)
         return model, engine
 
-    def train_step(*a, **kw):
-        out = step(*a, **kw)
-        return out
-
-    training.setup_model_and_optimizer, training.train_step = setup_model_and_optimizer, train_step
+    training.setup_model_and_optimizer = setup_model_and_optimizer
     code = trainer_main(trainer_args)
     rec["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:

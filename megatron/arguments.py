@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Sequence
 
+from megatron.errors import ArgumentError  # noqa: F401  (raised here; imported from here by callers)
 from megatron.fp16 import add_arguments as fp16_arguments, fp16_problems
 from megatron.optimizer import optimizer_help, optimizer_names, optimizer_problems
 from megatron.schedules import LR_SCHEDULES, build_schedule_spec
@@ -54,10 +55,6 @@ REFUSED_FLAGS = {
     "attention_softmax_in_fp32": "--attention-softmax-in-fp32: not selectable here "
                                  "(scaled_dot_product_attention picks the softmax precision); drop the flag",
 }
-
-
-class ArgumentError(ValueError):
-    """Invalid configuration; the message lists every problem, one per line."""
 
 
 def _str2bool(v: str) -> bool:

@@ -254,3 +254,24 @@ def test_fp64_sq_norm_of_a_large_tensor_in_chunks():
     got = float(compat.fp64_sq_norm([x, x[:7]]))
     want += float(x[:7].double().pow(2).sum())
     assert abs(got - want) / want < 5e-15
+
+
+def test_deepspeed_internals_are_reached_only_through_deepspeed_compat():
+    """The boundary itself: outside megatron/deepspeed_compat/ no module of megatron/ or tools/ names
+    DeepSpeed's runtime, checkpoint or utils packages (its internals)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pattern = re.compile(r"deepspeed\.(runtime|checkpoint|utils)\b")
+    offenders = []
+    for top in ("megatron", "tools"):
+        for dirpath, _, files in os.walk(os.path.join(root, top)):
+            if os.path.join("megatron", "deepspeed_compat") in dirpath:
+                continue
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    for i, line in enumerate(open(path), 1):
+                        if pattern.search(line):
+                            offenders.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
+    assert offenders == []

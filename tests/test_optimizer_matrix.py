@@ -199,7 +199,7 @@ def master_weights(engine, zero: int) -> dict:
     """The fp32 weights the optimizer updates (DeepSpeed's masters under ZeRO / bf16 / fp16), whole."""
     import deepspeed
 
-    from megatron.deepspeed_compat.partitions import layouts_of
+    from megatron.optimizer.partition import layouts_of
 
     named = list(engine.module.named_parameters())
     layouts, _ = layouts_of(engine.optimizer)

@@ -65,11 +65,9 @@ def safe_globals() -> list:
     allowed.append(_reconstruct)
     allowed += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]  # numpy.dtypes.*DType
     try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
-        from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
-        from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+        from megatron.deepspeed_compat.universal import checkpoint_pickle_types  # noqa: PLC0415
 
-        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+        allowed += checkpoint_pickle_types()
     except ImportError:  # pragma: no cover - DeepSpeed is a dependency; tools may run without it
         pass
     return allowed

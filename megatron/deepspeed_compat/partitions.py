@@ -5,27 +5,35 @@ bookkeeping, not public API, and tests/test_deepspeed_compat.py checks they stil
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from megatron.optimizer.partition import Fragment, Layout
+
+class PartitionMap(NamedTuple):
+    """What one flat tensor of a DeepSpeed optimizer holds: pieces of `params` (whole `shapes`),
+    each piece (index into params, first element in the whole tensor, first element in the flat
+    tensor, numel); the other pieces live on the other ranks of `group` (None: all local)."""
+    params: list
+    shapes: list
+    fragments: list
+    group: Any
 
 
-def _hp_layout(params: list, group) -> Layout:
+def _hp_layout(params: list, group) -> PartitionMap:
     """ZeRO 1/2 and DeepSpeed's bf16 optimizer: each model parameter's `_hp_mapping` names the
     part of it (lp_fragment_address) and where it sits in the flat partition (hp_fragment_address)."""
     frags = []
     for i, p in enumerate(params):
         m = getattr(p, "_hp_mapping", None)
         if m is not None and m.lp_fragment_address.numel > 0:
-            frags.append(Fragment(i, m.lp_fragment_address.start, m.hp_fragment_address.start,
+            frags.append((i, m.lp_fragment_address.start, m.hp_fragment_address.start,
                                   m.lp_fragment_address.numel))
-    return Layout(list(params), [p.shape for p in params], frags, group)
+    return PartitionMap(list(params), [p.shape for p in params], frags, group)
 
 
-def _stage3_layout(zero, sub_group: int) -> Layout:
+def _stage3_layout(zero, sub_group: int) -> PartitionMap:
     """ZeRO-3: every parameter is split across the group on its own (`ds_tensor`, partition_numel
     elements each, the last one short); a sub-group's flat tensor is its parameters' local parts
     laid end to end."""
@@ -37,23 +45,23 @@ def _stage3_layout(zero, sub_group: int) -> Layout:
         start = rank * per
         n = max(0, min(per, p.ds_numel - start))
         if n:
-            frags.append(Fragment(i, start, offset, n))
+            frags.append((i, start, offset, n))
         offset += per
-    return Layout(list(params), [p.ds_shape for p in params], frags, zero._get_sub_group_process_group(sub_group))
+    return PartitionMap(list(params), [p.ds_shape for p in params], frags, zero._get_sub_group_process_group(sub_group))
 
 
-def _contiguous_layout(params: list) -> Layout:
+def _contiguous_layout(params: list) -> PartitionMap:
     """DeepSpeed's fp16 optimizer at stage 0: one unpartitioned flat fp32 copy of each group."""
     frags, offset = [], 0
     for i, p in enumerate(params):
-        frags.append(Fragment(i, 0, offset, p.numel()))
+        frags.append((i, 0, offset, p.numel()))
         offset += p.numel()
-    return Layout(list(params), [p.shape for p in params], frags, None)
+    return PartitionMap(list(params), [p.shape for p in params], frags, None)
 
 
-def layouts_of(zero) -> tuple[dict[int, Layout], Callable[[], None] | None]:
-    """({id(flat tensor): Layout}, sync) for the DeepSpeed optimizer `zero` (an engine's
-    `.optimizer`); ({}, None) when the client optimizer holds the model's tensors itself."""
+def partition_maps(zero) -> dict[int, PartitionMap]:
+    """{id(flat tensor): PartitionMap} for the DeepSpeed optimizer `zero` (an engine's `.optimizer`);
+    {} when the client optimizer holds the model's tensors itself."""
     if hasattr(zero, "single_partition_of_fp32_groups") and hasattr(zero, "bit16_groups"):  # ZeRO 1/2
         lay = {id(flat): _hp_layout(zero.bit16_groups[i], zero.real_dp_process_group[i])
                for i, flat in enumerate(zero.single_partition_of_fp32_groups)}
@@ -65,8 +73,8 @@ def layouts_of(zero) -> tuple[dict[int, Layout], Callable[[], None] | None]:
     elif hasattr(zero, "fp32_groups_flat") and hasattr(zero, "fp16_groups"):  # fp16 at stage 0
         lay = {id(flat): _contiguous_layout(zero.fp16_groups[i]) for i, flat in enumerate(zero.fp32_groups_flat)}
     else:
-        return {}, None
-    return lay, model_sync(zero)
+        return {}
+    return lay
 
 
 def model_sync(zero) -> Callable[[], None] | None:

@@ -1,4 +1,6 @@
-"""DeepSpeed's universal-checkpoint converter, as tools/convert_checkpoint/ds_to_universal.py uses it.
+"""DeepSpeed's checkpoint internals: the universal-checkpoint converter as
+tools/convert_checkpoint/ds_to_universal.py uses it, the ZeRO fp32 merger, the pipeline topology,
+the classes its checkpoints pickle.
 
 `deepspeed.checkpoint.ds_to_universal` is a script: its public entry point (`main(args)`) converts
 ZeRO-1/2 checkpoints of DeepSpeed's own layout only. Our converter also handles ZeRO stage 0, ZeRO-3
@@ -37,3 +39,30 @@ def converter():
     import deepspeed.checkpoint.ds_to_universal as ds  # noqa: PLC0415
 
     return ds
+
+
+def fp32_state_dict_from_zero(tag_dir: str) -> dict:
+    """The fp32 master weights of a ZeRO 1/2/3 checkpoint directory, merged by DeepSpeed's
+    `zero_to_fp32` (it reads the shards with ``torch.load(weights_only=False)``: check the files'
+    pickles first, megatron/checkpoint/io.py)."""
+    import os  # noqa: PLC0415
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+    return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(tag_dir), tag=os.path.basename(tag_dir))
+
+
+def pipeline_topology(pp: int, tp: int, dp: int):
+    """DeepSpeed's pipe/data/model topology object (not exported by `deepspeed.pipe`)."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: PLC0415
+
+    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+
+
+def checkpoint_pickle_types() -> list:
+    """DeepSpeed's classes that its ZeRO optimizer shards pickle (the restricted loader's allowlist)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
+    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

@@ -233,9 +233,9 @@ def read_pipeline_checkpoint(tag_dir: str, num_layers: int, untied: bool, tp_ran
 def pipeline_topology(pp: int, tp_size: int, dp: int):
     """DeepSpeed topology with the rank layout of megatron.core.parallel_state:
     rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank (axes pipe, data, model)."""
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: PLC0415
+    from megatron.deepspeed_compat.universal import pipeline_topology as topology  # noqa: PLC0415
 
-    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp_size, num_dp=dp)
+    return topology(pp, tp_size, dp)
 
 
 def build_pipeline_module(model: GPTModel, topology, loss_fn: PipelineLoss | None = None):

@@ -15,9 +15,8 @@ writes its fragments into a zero buffer, one all-reduce) and writes whole-tensor
 its fragments. A real, unpartitioned parameter is `Layout.whole(p)`: one fragment, no group, no
 communication, the same code path.
 
-`attach_layouts(engine)` builds the layouts from the DeepSpeed optimizer the engine wraps (this
-module and `megatron/optimizer/__init__.py` are the only places that read DeepSpeed's partition
-bookkeeping) and gives the client optimizer `layouts` and `sync_model_weights` (push the fp32
+`attach_layouts(engine)` builds the layouts from the DeepSpeed optimizer the engine wraps (read
+through megatron/deepspeed_compat/partitions.py) and gives the client optimizer `layouts` and `sync_model_weights` (push the fp32
 masters back into the model's weights after an in-place change such as a schedule-free swap).
 """
 from __future__ import annotations
@@ -27,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from megatron.deepspeed_compat.partitions import model_sync, partition_maps
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,15 @@ def attach_layouts(engine) -> None:
         client = getattr(zero, "optimizer", None)
     if not isinstance(client, PartitionedWeights):
         return
-    from megatron.deepspeed_compat.partitions import layouts_of  # noqa: PLC0415  (DeepSpeed's bookkeeping)
-
     client.layouts, client._sync = layouts_of(zero) if zero is not client else ({}, None)
+
+
+def layouts_of(zero) -> tuple[dict[int, Layout], Callable[[], None] | None]:
+    """({id(flat tensor): Layout}, sync) for the DeepSpeed optimizer `zero` (an engine's
+    `.optimizer`), from DeepSpeed's partition bookkeeping; ({}, None) when the client optimizer holds
+    the model's tensors itself."""
+    maps = partition_maps(zero)
+    if not maps:
+        return {}, None
+    return ({key: Layout(m.params, m.shapes, [Fragment(*f) for f in m.fragments], m.group) for key, m in maps.items()},
+            model_sync(zero))

@@ -10,7 +10,7 @@ Same command line as DeepSpeed's converter (and upstream's ALCF/ds_to_universal.
 ZeRO stage 0 checkpoints (also what a run with one data-parallel replica writes) convert too:
 their optimizer state sits in the model-states files, and `_convert_stage0` writes the same atoms
 from it (DeepSpeed's converter has no stage 0 path). For ZeRO 1/2/3 checkpoints it runs
-`deepspeed.checkpoint.ds_to_universal.main` with three changes:
+DeepSpeed's `ds_to_universal.main` (through megatron/deepspeed_compat/universal.py) with three changes:
 
 1. **Large-DP padding fix** (DeepSpeed PR 7426 / upstream ALCF note): ZeRO shards are read with
    `strip_tensor_paddings=False`. The fragment offsets already exclude the padding, so nothing is

@@ -93,7 +93,7 @@ def load_fp32_weights(load: str, tag: str) -> dict:
     if (saved_args(tag_dir).get("tensor_model_parallel_size") or 1) > 1:
         return _merged_weights(load, tag)
     if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+        from megatron.deepspeed_compat.universal import fp32_state_dict_from_zero  # noqa: PLC0415
 
         # DeepSpeed's merger reads the shards with torch.load(weights_only=False): refuse foreign
         # pickles first (their pickles only are read, against our allowlist)
@@ -101,7 +101,7 @@ def load_fp32_weights(load: str, tag: str) -> dict:
 
         for path in sorted(glob.glob(os.path.join(tag_dir, "*_states.pt"))):
             check_pickle_globals(path)
-        sd = get_fp32_state_dict_from_zero_checkpoint(load, tag=tag)
+        sd = fp32_state_dict_from_zero(os.path.join(load, tag))
         return {k: v.float() for k, v in sd.items()}
     state = torch_load(_model_states_file(tag_dir), map_location="cpu")
     sd = {(k[len("module."):] if k.startswith("module.") else k): v.float() for k, v in state["module"].items()}
