@@ -1,6 +1,6 @@
 """Data-parallel scaling on one machine: 1 rank x 2 threads vs 2 ranks x 1 thread (ZeRO 1, 2, 3).
 
-    python bench/scaling.py [--rounds 2] [--iters 10] [--stages 1,2,3]
+    python bench/scaling.py [--rounds 2] [--iters 10] [--stages 1,2,3] [--zero-config JSON]
 
 Every configuration runs the real trainer (`pretrain_gpt.py` under torchrun, gloo) with the same
 model, global batch, data and dtype; the 1-rank run takes the global batch as 2 micro-batches
@@ -28,7 +28,7 @@ VOCAB, SEQ = 2048, 256
 
 
 def run_config(nproc: int, zero: int, data_list: str, workdir: str, iters: int, gbs: int, tag: str,
-               dtype: str) -> float:
+               dtype: str, zero_config: dict | None = None) -> float:
     """tokens/s of one trainer run (median of the logged intervals after the first)."""
     from tests.distributed import run_trainer
 
@@ -40,6 +40,11 @@ def run_config(nproc: int, zero: int, data_list: str, workdir: str, iters: int, 
                      "--metrics-file", metrics, "--data-cache-path", os.path.join(workdir, "cache")]
     if dtype == "bf16":
         flags.append("--bf16")
+    if zero_config and nproc > 1:  # a settings experiment: the 2-rank runs' zero_optimization block
+        ds = os.path.join(workdir, f"{tag}.ds.json")
+        with open(ds, "w") as f:
+            json.dump({"zero_optimization": zero_config}, f)
+        flags += ["--deepspeed_config", ds]
     run_trainer(flags, nproc=nproc, launcher="torchrun" if nproc > 1 else "python", timeout=1800)
     with open(metrics) as f:
         rates = [r["tokens_per_sec"] for r in map(json.loads, f) if "tokens_per_sec" in r]
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--stages", default="1,2,3")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--zero-config", default="{}", help="JSON merged into the 2-rank runs' zero_optimization")
     opts = p.parse_args(argv)
     stages = [int(s) for s in opts.stages.split(",")]
     print(f"# scaling: {machine_line()}", flush=True)
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
             for name, nproc, zero in order:
                 tag = f"{name.replace(' ', '_')}_{r}"
                 rates.setdefault(name, []).append(
-                    run_config(nproc, zero, data_list, workdir, opts.iters, opts.global_batch, tag, opts.dtype))
+                    run_config(nproc, zero, data_list, workdir, opts.iters, opts.global_batch, tag, opts.dtype,
+                               json.loads(opts.zero_config)))
     base = rates["1x2 zero1"]
     eff = {z: median([t / b for t, b in zip(rates[f"2x1 zero{z}"], base)]) for z in stages}
     rows = [["1 rank x 2 threads", "1", f"{median(base):.0f}", "1.000"]]

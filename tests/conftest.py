@@ -1,4 +1,5 @@
-"""Shared pytest configuration: the repo root on sys.path, the `slow` marker, the `one_thread` fixture."""
+"""Shared pytest configuration: the repo root on sys.path, the `slow` marker, the `one_thread` fixture,
+the demo data built once per session (`demo_data`)."""
 import os
 import sys
 
@@ -23,3 +24,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> str:
+    """The launcher's demo dataset (tools/build_demo_data.py: Shakespeare, its BPE tokenizer, .bin/.idx),
+    built once for the whole session (a few seconds each time); tests only read it. Returns the data list."""
+    from tools.build_demo_data import build_demo_data  # noqa: PLC0415
+
+    return build_demo_data(str(tmp_path_factory.mktemp("demo-data")))

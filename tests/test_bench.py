@@ -95,7 +95,9 @@ def test_zero_overlap_and_bucket_flags_reach_the_deepspeed_config(tmp_path):
             "--lr", "1e-3", "--train-iters", "2", "--data-file-list", str(data), "--deepspeed_config", str(cfg_file)]
     env = {"WORLD_SIZE": "1"}
     kept = build_ds_config(parse_args(base, env=env))["zero_optimization"]
-    assert kept["overlap_comm"] is False and kept["reduce_bucket_size"] == 7 and "allgather_bucket_size" not in kept
+    # the file's reduce bucket wins; the all-gather bucket it leaves out is sized by the model (the floor here)
+    assert kept["overlap_comm"] is False and kept["reduce_bucket_size"] == 7
+    assert kept["allgather_bucket_size"] == 5_000_000
     zero = build_ds_config(parse_args(base + ["--overlap-grad-reduce", "--ddp-bucket-size", "5e7"],
                                       env=env))["zero_optimization"]
     assert zero["overlap_comm"] is True
@@ -104,3 +106,66 @@ def test_zero_overlap_and_bucket_flags_reach_the_deepspeed_config(tmp_path):
         parse_args(base + ["--ddp-bucket-size", "0"], env=env)
     with pytest.raises(ArgumentError, match="--compile is not supported with ZeRO-3"):
         parse_args(base + ["--compile", "--zero-stage", "3"], env=env)
+
+
+@pytest.mark.parametrize("layers,hidden,vocab,bucket", [
+    (2, 64, 512, 5_000_000),  # tiny: the 5e6 floor (one bucket, as DeepSpeed's default would be)
+    # 12 x (4 x 768^2 + 3 x 768 x 2048 + 2 x 768) + 2 x 32000 x 768 + 768 = 134,105,856 -> / 8
+    (12, 768, 32000, 16_763_232),
+    (96, 8192, 32000, 500_000_000),  # GPT-3 size: DeepSpeed's 5e8 cap
+])
+def test_zero_bucket_sizes_by_model_size(layers, hidden, vocab, bucket, tmp_path):
+    """Without a flag or a config value, ZeRO's reduce/all-gather buckets are an eighth of the
+    parameters within [5e6, 5e8] elements (bench/memory.py: DeepSpeed's 5e8 made a 134M model's
+    bucket a whole extra gradient copy)."""
+    from megatron.arguments import parse_args
+    from megatron.training import build_ds_config
+
+    data = tmp_path / "list.txt"
+    data.write_text("1.0 prefix corpus\n")
+    argv = ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", "4",
+            "--ffn-hidden-size", str(2048 if hidden == 768 else 4 * hidden), "--swiglu",
+            "--normalization", "rmsnorm", "--disable-bias-linear", "--use-rotary-position-embeddings",
+            "--untie-embeddings-and-output-weights", "--seq-length", "32", "--lr", "1e-3", "--train-iters", "2",
+            "--data-file-list", str(data), "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", str(vocab), "--zero-stage", "2"]
+    args = parse_args(argv, env={"WORLD_SIZE": "1"})
+    args.padded_vocab_size = vocab
+    zero = build_ds_config(args)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == bucket
+
+
+def test_memory_formula_by_hand():
+    """bench/memory.py's ZeRO-paper formula: 2 + 2 + 12 bytes per parameter, partitioned terms / DP."""
+    sys.path.insert(0, ROOT)
+    from bench.memory import formula
+
+    p = 1000
+    assert formula(p, 0, 2) == 16 * p
+    assert formula(p, 1, 2) == (2 + 2 + 6) * p
+    assert formula(p, 2, 2) == (2 + 1 + 6) * p
+    assert formula(p, 3, 2) == 8 * p
+    assert formula(p, 3, 4) == 4 * p
+
+
+@pytest.mark.slow
+def test_memory_bench_smoke(tmp_path):
+    """bench/memory.py end to end on the tiny model, ZeRO-3 on 2 ranks, one iteration: each rank
+    reports a baseline and a larger peak; the formula uses the model's parameter count worked out by
+    hand (2 x (4 x 64^2 + 3 x 64 x 176 + 2 x 64) + 2 x 512 x 64 + 64 = 166,208)."""
+    out = tmp_path / "memory.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "memory.py"), "--model", "tiny",
+                           "--configs", "z3", "--iters", "1", "--json", str(out)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["name"] == "z3" and row["ranks"] == 2 and row["stage"] == 3
+    assert row["parameters"] == 166_208
+    assert row["formula_states"] == 8 * 166_208  # (2 + 2 + 12) / 2 bytes per parameter
+    assert len(row["per_rank"]) == 2 and all(0 < x < 2**31 for x in row["per_rank"])
+    assert row["ours"] == max(row["per_rank"]) and row["activations"] > 0
+    assert [n for n, _, _ in row["phases"]][:4] == ["engine", "forward", "backward", "step"]
+    assert "ratio max=" in proc.stdout

@@ -15,13 +15,6 @@ from distributed import ROOT, env_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> str:
-    from tools.build_demo_data import build_demo_data
-
-    return build_demo_data(str(tmp_path_factory.mktemp("demo-data")))
-
-
 def run_launcher(workdir, env_extra: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = env_for(1)
     env.pop("DS_ACCELERATOR", None)

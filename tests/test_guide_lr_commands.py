@@ -30,13 +30,6 @@ SMALL = {"MODEL_ARCH": "tiny", "GRAD_ACC_STEPS": "1", "OMP_NUM_THREADS": "1", "E
 TINY_SEQ = 64  # the tiny preset's sequence length
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> str:
-    from tools.build_demo_data import build_demo_data
-
-    return build_demo_data(str(tmp_path_factory.mktemp("demo-data")))
-
-
 def run_dir(workdir) -> str:
     (path,) = glob.glob(os.path.join(str(workdir), "checkpoints", "tiny-ws1-*"))
     return path

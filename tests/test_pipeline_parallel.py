@@ -214,13 +214,12 @@ def test_pp2_skips_nan_iteration(data_list, tmp_path):
 
 
 @pytest.mark.slow
-def test_launcher_pp2(tmp_path):
+def test_launcher_pp2(demo_data, tmp_path):
     """PP=2 NPROC=2 bash train_alcf.sh: the launcher passes --pipeline-model-parallel-size=2, the run
     trains and writes pipeline checkpoints, and the loss is the same at every logged step on both stages."""
     from test_end_to_end import metrics_of, run_launcher
-    from tools.build_demo_data import build_demo_data
 
-    demo = build_demo_data(str(tmp_path / "demo"))
+    demo = demo_data
     work = tmp_path / "work"
     work.mkdir()
     proc = run_launcher(work, {"DATA_FILE_LIST": demo, "TRAIN_ITERS": "4", "MODEL_ARCH": "tiny", "NPROC": "2",

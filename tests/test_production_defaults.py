@@ -17,10 +17,8 @@ OPTS = {"muon": "0.02", "lamb": "0.02", "sophiag": "0.002", "adamwschedulefree":
 
 
 @pytest.fixture(scope="module")
-def demo_list(tmp_path_factory) -> str:
-    from tools.build_demo_data import build_demo_data
-
-    return build_demo_data(str(tmp_path_factory.mktemp("demo-data")))
+def demo_list(demo_data) -> str:
+    return demo_data  # the session's (conftest.py)
 
 
 def metrics(ckpt: str) -> dict[int, dict]:

@@ -309,13 +309,6 @@ def test_trainer_sp2_matches_sp1(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the launcher
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> str:
-    from tools.build_demo_data import build_demo_data
-
-    return build_demo_data(str(tmp_path_factory.mktemp("demo-data")))
-
-
 def _launch(demo_data: str, workdir, **env) -> tuple[dict, list, str]:
     from test_end_to_end import assert_clean, metrics_of, run_launcher
 

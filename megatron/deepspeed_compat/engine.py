@@ -57,6 +57,29 @@ def skip_single_replica_allreduce(engine) -> None:
     engine.enable_backward_allreduce = False
 
 
+def skip_single_replica_reduction(engine) -> bool:
+    """ZeRO-1/2 over one data-parallel replica (a real ZeRO run at one rank, --keep-zero-stage):
+    DeepSpeed's `buffered_reduce_fallback` (the gradient reduction without contiguous buckets)
+    flattens every gradient, divides it by the group size 1, all-reduces it over the group of one and
+    copies it back, which returns every gradient unchanged, bit for bit. Replaced by nothing there
+    (True when installed). Kept where the reduction does more: several replicas, sequence parallelism
+    (DeepSpeed reduces over DP x SP), contiguous gradient buckets, and the fp32 gradient partition of
+    bf16/fp16 runs (`_buffered_reduce_fallback_preserving_fp32`, which fills the partition the
+    optimizer steps on; not this function)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    opt = getattr(engine, "optimizer", None)
+    if engine.zero_optimization_stage() not in (1, 2) or not hasattr(opt, "buffered_reduce_fallback"):
+        return False
+    groups = getattr(opt, "real_dp_process_group", None) or []
+    if not groups or any(dist.get_world_size(group=g) != 1 for g in groups):
+        return False
+    if getattr(opt, "sequence_parallel_size", 1) != 1 or getattr(opt, "contiguous_gradients", False):
+        return False
+    opt.buffered_reduce_fallback = lambda *args, **kwargs: None
+    return True
+
+
 def skip_bf16_overflow_scan(engine) -> None:
     """DeepSpeed's bf16 stage 0 optimizer scans every gradient for inf/NaN (amax + amin per tensor),
     then computes their norm, which it checks again and skips the step on the same way: the scan is
