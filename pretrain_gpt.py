@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(e).splitlines():
             print(f"ERROR: {line}", file=sys.stderr)
         return 2
-    if args.check_args:  # --check-args: also read the tokenizer and data files, then stop (megatron/preflight.py)
-        from megatron.preflight import preflight_problems
+    if args.check_args:  # --check-args: also read the tokenizer and data files, then stop (megatron/resilience/preflight.py)
+        from megatron.resilience.preflight import preflight_problems
 
         problems = preflight_problems(args)
         for line in problems:
@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("LOG_LEVEL", "INFO") if rank == 0 else logging.ERROR,
         format="[%(asctime)s][%(levelname).1s][%(name)s] %(message)s",
     )
-    from megatron import dist_faults
-    from megatron.checkpoint_io import CheckpointSaveError
+    from megatron.resilience import dist_faults
+    from megatron.checkpoint.io import CheckpointSaveError
     from megatron.data.data_list import DataListError
-    from megatron.numerics import NumericalFaultError
+    from megatron.observability.numerics import NumericalFaultError
     from megatron.training import pretrain
 
     try:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
               "space and resume with --load", file=sys.stderr, flush=True)
         return 4
     except RuntimeError as e:  # (torch.OutOfMemoryError is one)
-        from megatron.preflight import OOM_EXIT_CODE, is_out_of_memory, oom_message
+        from megatron.resilience.preflight import OOM_EXIT_CODE, is_out_of_memory, oom_message
 
         if is_out_of_memory(e):  # a device (or the CPU allocator) refused an allocation: one line, exit 6
             print(f"ERROR: {oom_message(e, rank, getattr(args, '_memory_estimate', None))}", file=sys.stderr,
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return OOM_EXIT_CODE
         if not dist_faults.is_collective_failure(e):
             raise
-        # another rank died or hangs (megatron/dist_faults.py): every survivor names it, exit 5
+        # another rank died or hangs (megatron/resilience/dist_faults.py): every survivor names it, exit 5
         print(f"ERROR: {dist_faults.describe(e, rank, args.world_size, args.distributed_timeout_minutes)}",
               file=sys.stderr, flush=True)
         return dist_faults.EXIT_CODE

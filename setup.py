@@ -19,7 +19,7 @@ setup(
     py_modules=["pretrain_gpt", "mix_datasets"],
     install_requires=[
         "torch>=2.2",
-        "deepspeed>=0.16",
+        "deepspeed>=0.19,<0.20",  # megatron/deepspeed_compat.SUPPORTED: the range the tests ran on
         "numpy",
         "sentencepiece",
         "tensorboard",

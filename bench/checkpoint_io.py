@@ -1,10 +1,10 @@
-"""Checkpoint I/O: our save/load (DeepSpeed layout, megatron.checkpointing) vs raw torch.save/load.
+"""Checkpoint I/O: our save/load (DeepSpeed layout, megatron.checkpoint.checkpointing) vs raw torch.save/load.
 
     python bench/checkpoint_io.py [--rounds 3] [--zero-stage 1] [--bf16]
 
 The engine is built in this process as the trainer builds it (≈25M-parameter bench model, one
 optimizer step taken so the optimizer state exists). "ours" is
-`megatron.checkpointing.save_checkpoint` / `load_checkpoint` (model states, ZeRO optimizer
+`megatron.checkpoint.checkpointing.save_checkpoint` / `load_checkpoint` (model states, ZeRO optimizer
 states, client state, args record, atomic tag commit). "raw" is `torch.save` of the same tensors
 (the module's state dict and the optimizer's state dict) to one file, and `torch.load` of it
 restored into the module and the optimizer with `load_state_dict` (what resuming needs).
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from bench.train_throughput import DEFAULT_MODEL, SMALL_MODEL, Ours, trainer_flags
-    from megatron import checkpointing
+    from megatron.checkpoint import checkpointing
 
     print(f"# checkpoint_io: {machine_line()}", flush=True)
     m = SMALL_MODEL if opts.small else DEFAULT_MODEL

@@ -70,7 +70,7 @@ def matmul_peak_tflops(dtype: str, n: int = 1024, seconds: float = 0.25) -> floa
     """Practical peak of this device: repeated n x n matmuls (2 n^3 FLOPs each), TFLOPS."""
     import torch
 
-    from megatron.mfu import measure_matmul_tflops
+    from megatron.observability.mfu import measure_matmul_tflops
 
     return measure_matmul_tflops(torch.bfloat16 if dtype == "bf16" else torch.float32, n=n, min_seconds=seconds)
 

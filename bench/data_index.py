@@ -13,7 +13,9 @@ Times, in the same run and on the same files:
     python bench/data_index.py [--files 2419] [--samples 100000000] [--seq-length 128] [--workdir DIR]
 
 The last line is the ratio ours / megatron-core (goal <= 1.0). Both sides' top-level blend
-indices are compared (they must be identical).
+indices are compared (they must be identical). `--ours-only` skips megatron-core (no second venv):
+our cold and warm build times and the size of the index cache, for growth measurements
+(ALCF/notes/scale.md).
 """
 from __future__ import annotations
 
@@ -169,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--rounds", type=int, default=2, help="cold builds of each side, alternated")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temporary directory)")
+    p.add_argument("--ours-only", action="store_true", help="no megatron-core side: times and index size of ours")
     args = p.parse_args(argv)
     from mcore_venv import ensure_mcore_venv, isolated_env
 
-    mcore_python = ensure_mcore_venv()
+    mcore_python = None if args.ours_only else ensure_mcore_venv()
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_data_index_")
     try:
         t = time.time()
@@ -205,17 +208,24 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"{side} side failed:\n{res.stderr[-3000:]}")
             return json.loads(res.stdout.strip().splitlines()[-1])
 
-        runs: dict[str, list[dict]] = {"ours": [], "mcore": []}
+        runs: dict[str, list[dict]] = {"ours": []} if args.ours_only else {"ours": [], "mcore": []}
         for r in range(args.rounds):  # alternate (ours, mcore), (mcore, ours), ... so load drifts hit both
-            for side in (("ours", "mcore") if r % 2 == 0 else ("mcore", "ours")):
+            order = ("ours", "mcore") if r % 2 == 0 else ("mcore", "ours")
+            for side in (("ours",) if args.ours_only else order):
                 runs[side].append(cold(side))
                 x = runs[side][-1]
                 print(f"round {r + 1}: {side:5s} cold build {x['total']:7.2f} s wall, {x['cpu']:7.2f} s CPU", flush=True)
         best = {k: min(v, key=lambda x: x["total"]) for k, v in runs.items()}
         cpu = {k: min(x["cpu"] for x in v) for k, v in runs.items()}
-        ours, theirs = best["ours"]["total"], best["mcore"]["total"]
+        ours = best["ours"]["total"]
         print(f"ours, cold cache:             {ours:8.2f} s  (best of {args.rounds}; {best['ours']['samples']} samples, "
               f"{best['ours']['corpora']} corpora)")
+        if args.ours_only:
+            size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(spec["ours_cache"]) for f in fs)
+            print(f"index cache: {size} bytes ({size / best['ours']['samples']:.2f} bytes per sample), "
+                  f"CPU {cpu['ours']:.2f} s", flush=True)
+            return 0
+        theirs = best["mcore"]["total"]
         print(f"megatron-core helpers_cpp:    {theirs:8.2f} s  (best of {args.rounds}; build_sample_idx "
               f"{best['mcore']['sample_idx']:.2f} s, build_blending_indices {best['mcore']['blend']:.2f} s, "
               "numpy glue and saving the rest)", flush=True)

@@ -1,4 +1,4 @@
-"""The memory preflight's estimate (megatron/preflight.py) against the measured peak of real runs.
+"""The memory preflight's estimate (megatron/resilience/preflight.py) against the measured peak of real runs.
 
     python bench/memory_preflight.py [--configs z0,z1,z2,z3,z0r,z3r] [--iters 3]
 

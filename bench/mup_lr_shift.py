@@ -130,7 +130,7 @@ def train_one(spec: RunSpec) -> RunResult:
     from megatron.arguments import parse_args
     from megatron.model import GPTModel
     from megatron.optimizer import build_optimizer
-    from megatron.optimizer_param_scheduler import build_scheduler
+    from megatron.schedules import build_scheduler
     from megatron.training import build_tokenizer_and_vocab, model_config
 
     torch.set_num_threads(spec.threads)

@@ -66,7 +66,7 @@ def _probe(argv: list[str]) -> None:
     training.build_datasets = after(training.build_datasets, "data index")
     training.GPTModel = after(training.GPTModel, "model build")
     training.checkpointing.load_checkpoint = after(training.checkpointing.load_checkpoint, "checkpoint load")
-    from megatron import training_log  # noqa: PLC0415
+    from megatron.observability import training_log  # noqa: PLC0415
 
     training_log.resolve_peak = after(training_log.resolve_peak, "MFU peak")
     training.evaluate = after(training.evaluate, "eval on start")

@@ -18,7 +18,7 @@ Both are timed alternately, step by step (see bench/common.py), and compared by 
 the per-round ratios ("ours/hf"); "best/best" is the ratio of the fastest iterations, which a
 loaded machine disturbs least (load only ever adds time). "data wait" is the share of our
 iteration time spent waiting for the next batch (the trainer's batch-generator timer). MFU = model FLOPs per iteration (Megatron's formula,
-`megatron.mfu.flops_per_iteration`) / step time / the matmul peak measured between rounds.
+`megatron.observability.mfu.flops_per_iteration`) / step time / the matmul peak measured between rounds.
 Final line: `ratio <ours/hf tokens/s, fp32> <bf16>` (the smaller first is what CI checks).
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ class Ours:
         from megatron.arguments import parse_args
         from megatron.initialize import initialize_megatron
         from megatron.model.hf_convert import to_hf_state_dict
-        from megatron.timers import Timers
+        from megatron.observability.timers import Timers
         from megatron import training
 
         args = parse_args(flags)
@@ -156,7 +156,7 @@ class HFLoop:
 def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str,
             peak_every: int = 2) -> dict:
     """Interleaved ours vs hf for one dtype; returns the measured numbers."""
-    from megatron.mfu import flops_per_iteration
+    from megatron.observability.mfu import flops_per_iteration
 
     iters = warmup + rounds + 2
     n_tokens = (iters + 1) * m["mbs"] * (m["seq"] + 1) * 2

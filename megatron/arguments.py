@@ -20,13 +20,14 @@ import os
 import sys
 from typing import Sequence
 
+from megatron.errors import ArgumentError  # noqa: F401  (raised here; imported from here by callers)
 from megatron.fp16 import add_arguments as fp16_arguments, fp16_problems
 from megatron.optimizer import optimizer_help, optimizer_names, optimizer_problems
-from megatron.optimizer_param_scheduler import LR_SCHEDULES, build_schedule_spec
+from megatron.schedules import LR_SCHEDULES, build_schedule_spec
 from megatron.lr_finder import configure_lr_finder
 from megatron.model.mup import mup_problems
 from megatron.core.parallel_config import finalize_parallel_args, parallel_problems
-from megatron.pipeline_parallel import pipeline_problems
+from megatron.core.pipeline_schedule import pipeline_problems
 from megatron.core.sequence_parallel import ulysses_problems
 from megatron.launch_env import world_size_from_env
 
@@ -54,10 +55,6 @@ REFUSED_FLAGS = {
     "attention_softmax_in_fp32": "--attention-softmax-in-fp32: not selectable here "
                                  "(scaled_dot_product_attention picks the softmax precision); drop the flag",
 }
-
-
-class ArgumentError(ValueError):
-    """Invalid configuration; the message lists every problem, one per line."""
 
 
 def _str2bool(v: str) -> bool:
@@ -188,7 +185,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
     g.add_argument("--exit-signal-handler", action="store_true")
     g.add_argument("--kill-switch-file", type=str, default=None)
-    # numerical faults (megatron/numerics.py)
+    # numerical faults (megatron/observability/numerics.py)
     g.add_argument("--max-skipped-iterations", type=int, default=None,
                    help="abort after this many iterations in a row were skipped for a NaN/Inf loss or grad norm, "
                         "saving a checkpoint of the last good state first (default: never abort)")
@@ -260,7 +257,8 @@ def _lr_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", default="linear", choices=list(LR_SCHEDULES),
-                   help="LR schedule after warmup (registry: megatron/optimizer_param_scheduler.py)")
+                   help="LR schedule after warmup (registry: megatron/schedules/styles.py): "
+                   + "; ".join(f"{name}: {style.description}" for name, style in LR_SCHEDULES.items()))
     g.add_argument("--lr-decay-iters", type=_int_like, default=None)
     g.add_argument("--lr-decay-samples", type=_int_like, default=None)
     g.add_argument("--lr-decay-tokens", type=_int_like, default=None)
@@ -540,7 +538,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     errs.extend(ds_optimizer_block_problems(args))  # a DeepSpeed config "optimizer" block DeepSpeed would ignore
     errs.extend(mup_problems(args))  # MuP / CompleteP flags (megatron/model/mup.py)
     errs.extend(parallel_problems(args))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
-    errs.extend(pipeline_problems(args))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/pipeline_parallel.py)
+    errs.extend(pipeline_problems(args))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/core/pipeline_schedule.py)
     errs.extend(ulysses_problems(args))  # Ulysses SP: heads / seq divisible by SP (megatron/core/sequence_parallel.py)
     errs.extend(fp16_problems(args, args.zero_stage))  # loss-scaling flags and the fp16 block (megatron/fp16.py)
 
@@ -647,7 +645,7 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
         return
     if args.cpu_optimizer or _zero_offload(args.deepspeed_config):  # offloading needs ZeRO's optimizer
         return
-    from megatron.checkpointing import saved_zero_stage  # noqa: PLC0415
+    from megatron.checkpoint.checkpointing import saved_zero_stage  # noqa: PLC0415
 
     if saved_zero_stage(args) not in (None, 0):
         return
@@ -694,7 +692,7 @@ def apply_checkpoint_args(args: argparse.Namespace) -> list[str]:
     resumes (they replace the command line's). Returns problems."""
     if not (args.use_checkpoint_args and args.load):
         return []
-    from megatron.checkpointing import ARCH_FIELDS, read_saved_args, read_tag  # noqa: PLC0415
+    from megatron.checkpoint.checkpointing import ARCH_FIELDS, read_saved_args, read_tag  # noqa: PLC0415
 
     tag = (args.load_tag or read_tag(args.load, bool(args.universal_checkpoint))) if os.path.isdir(args.load) else None
     saved = read_saved_args(os.path.join(args.load, tag)) if tag else None
@@ -788,7 +786,7 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
         build_schedule_spec(args)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
-    from megatron.checkpointing import check_checkpoint_files, load_problems  # noqa: PLC0415  (before DeepSpeed)
+    from megatron.checkpoint.checkpointing import check_checkpoint_files, load_problems  # noqa: PLC0415  (before DeepSpeed)
 
     load_errs = check_checkpoint_files(args)  # sizes vs the manifest; may pick the intact tag (--fallback-...)
     if load_errs:

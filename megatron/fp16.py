@@ -28,7 +28,7 @@ A single-replica ZeRO-1/2 fp16 run therefore keeps its ZeRO stage (megatron/argu
 On a CPU whose oneDNN has no native fp16 arithmetic, DeepSpeed's CPU accelerator reports fp16 as
 unsupported and `deepspeed.initialize` refuses it. torch computes every fp16 op on such CPUs
 (converting to float32 inside the kernel: the same rounding of inputs and outputs as a GPU's fp16
-with fp32 accumulation), only more slowly, so `allow_fp16_on_cpu` lets DeepSpeed run it.
+with fp32 accumulation), only more slowly, so `deepspeed_compat.allow_fp16_on_cpu` lets DeepSpeed run it.
 """
 from __future__ import annotations
 
@@ -176,45 +176,6 @@ def fp16_problems(args, zero_stage: int) -> list[str]:
         errs.append(f"initial loss scale 2**{power} is below the minimum loss scale {floor:g}: raise "
                     "--initial-loss-scale or lower --min-loss-scale")
     return errs
-
-
-def allow_fp16_on_cpu() -> None:
-    """Let DeepSpeed's CPU accelerator run fp16 where oneDNN has no native fp16 (see the module)."""
-    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
-
-    acc = get_accelerator()
-    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
-        acc.is_fp16_supported = lambda: True
-
-
-def grow_scale_after_step(optimizer) -> None:
-    """DeepSpeed 0.19.8's ZeRO optimizers (stages 1, 2 and 3) call ``_update_scale(False)`` -- which
-    doubles the scale after `loss_scale_window` overflow-free steps -- *before* they unscale and
-    clip the gradients with the (now doubled) scale, so every growth step applies half the gradient
-    (and clips and reports the norm against the wrong scale). Megatron's scaler unscales first.
-    Here a no-overflow update is deferred until `step()` has applied the update; an overflow is
-    handled at once, as before. Tested by tests/test_fp16.py (unit, and a run whose scale grows
-    equals one whose scale stays constant)."""
-    update, step = optimizer._update_scale, optimizer.step
-    pending: list[bool] = []
-
-    def deferred_update(overflow=False):
-        if overflow:
-            return update(overflow)
-        pending.append(False)
-        return None
-
-    def step_then_grow(*args, **kwargs):
-        pending.clear()
-        try:
-            return step(*args, **kwargs)
-        finally:
-            if pending:
-                pending.clear()
-                update(False)
-
-    optimizer._update_scale = deferred_update  # instance attributes: DeepSpeed calls self._update_scale / .step
-    optimizer.step = step_then_grow
 
 
 def loss_scale(engine) -> float:

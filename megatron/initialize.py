@@ -273,6 +273,14 @@ def initialize_megatron(args) -> parallel_state.ParallelState:
         raise ArgumentError(str(e)) from e
     if world != args.world_size:
         raise RuntimeError(f"the launcher started {world} processes but WORLD_SIZE said {args.world_size}")
+    from megatron.deepspeed_compat import check_version  # noqa: PLC0415
+
+    try:
+        warning = check_version()  # a DeepSpeed the overrides were not tested with is refused
+    except RuntimeError as e:
+        raise ArgumentError(str(e)) from e
+    if warning and args.rank == 0:
+        log.warning(warning)
     import deepspeed  # noqa: PLC0415  (heavy import; after argument checks)
 
     timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)

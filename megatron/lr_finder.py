@@ -178,7 +178,7 @@ def build_lr_scheduler(optimizer: Any, args: Any) -> Any:
     """The LR scheduler of a run: the range test with ``--lr-finder``, else the regular schedule."""
     if getattr(args, "lr_finder", False):
         return build_lr_finder(optimizer, args)
-    from megatron.optimizer_param_scheduler import build_scheduler  # noqa: PLC0415
+    from megatron.schedules import build_scheduler  # noqa: PLC0415
 
     return build_scheduler(optimizer, args)
 

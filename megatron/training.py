@@ -13,27 +13,27 @@ import os
 import torch
 import torch.distributed as dist
 
-from megatron import checkpointing
+from megatron.checkpoint import checkpointing
 from megatron.arguments import ArgumentError
 from megatron.core import parallel_state
 from megatron.core import sequence_parallel as ulysses
 from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
-from megatron.exits import ExitConditions
-from megatron.fp16 import allow_fp16_on_cpu, fp16_block, grow_scale_after_step
+from megatron.resilience.exits import ExitConditions
+from megatron.fp16 import fp16_block
 from megatron.initialize import initialize_megatron
 from megatron.model import GPTConfig, GPTModel
-from megatron.deepspeed_compat import exact_grad_norm
+from megatron import deepspeed_compat as ds_compat
 from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
 from megatron.optimizer.partition import attach_layouts
 from megatron.lr_finder import active_lr_finder, build_lr_scheduler
 from megatron.model.mup import model_fields as mup_model_fields
-from megatron.numerics import NumericalFaultError, NumericsGuard
-from megatron import pipeline_parallel as pipeline
-from megatron.optimizer_param_scheduler import scheduler_increment
-from megatron.config_table import print_config
-from megatron.profiling import Profiler, flops_profiler_config
-from megatron.timers import Timers
-from megatron.training_log import TrainLogger
+from megatron.observability.numerics import NumericalFaultError, NumericsGuard
+from megatron.core import pipeline_schedule as pipeline
+from megatron.schedules import scheduler_increment
+from megatron.observability.config_table import print_config
+from megatron.observability.profiling import Profiler, flops_profiler_config
+from megatron.observability.timers import Timers
+from megatron.observability.training_log import TrainLogger
 
 log = logging.getLogger(__name__)
 
@@ -225,62 +225,100 @@ def dp_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+class StepRunner:
+    """What the loop calls for one iteration (`train`: every micro-batch's forward and backward,
+    then one optimizer step) and for an evaluation, the same whether or not pipeline parallelism is
+    on: `step_runner(...)` returns the micro-batch loop below or the pipeline engine's schedule."""
+
+    def __init__(self, engine, args, eod, device):
+        self.engine, self.args, self.eod, self.device = engine, args, eod, device
+
+    def train(self, data_iter, iteration: int = 0, timers: Timers | None = None, seen: list | None = None,
+              guard: NumericsGuard | None = None) -> torch.Tensor:
+        """One iteration; returns its loss (mean over micro-batches and data-parallel ranks). The
+        micro-batches are appended to `seen` (for optimizer hooks that replay them); `guard` skips
+        the optimizer step of an iteration with a non-finite loss or gradient."""
+        raise NotImplementedError
+
+    def evaluate(self, valid_dataset) -> float:
+        """Mean LM loss over the first eval_iters global batches of the validation set (the same
+        samples every time, so successive evaluations are comparable)."""
+        raise NotImplementedError
+
+
+class MicroBatchRunner(StepRunner):
+    """PP = 1: the micro-batches one after the other through `engine`, then `engine.step`."""
+
+    def train(self, data_iter, iteration=0, timers=None, seen=None, guard=None) -> torch.Tensor:
+        engine, args, timers = self.engine, self.args, timers or Timers()
+        losses = []
+        for _ in range(args.num_micro_batches):
+            with timers("batch-generator", level=2):
+                batch = next(data_iter)
+            if seen is not None:
+                seen.append(batch)
+            with timers("forward-backward", level=1):
+                with timers("forward-compute", level=2):
+                    loss = forward_loss(engine, batch, args, self.eod, self.device)
+                    if guard is not None:
+                        loss = guard.inject(iteration, loss)  # test-only fault injection (MEGATRON_TEST_FAULTS)
+                with timers("backward-compute", level=2):
+                    engine.backward(loss)
+            with timers("optimizer", level=1):
+                step = lambda: engine.step(lr_kwargs={"increment": scheduler_increment(args)})  # noqa: E731
+                if guard is not None:  # skips the update of an iteration with a non-finite loss or gradient
+                    guard.step(engine, loss, step)
+                else:
+                    step()
+            losses.append(loss.detach())
+        return dp_mean(torch.stack(losses).mean())
+
+    @torch.no_grad()
+    def evaluate(self, valid_dataset) -> float:
+        engine, args = self.engine, self.args
+        loader = build_loader(valid_dataset, args, consumed_samples=0)
+        engine.eval()
+        total, n = torch.zeros((), device=self.device), 0
+        it = iter(loader)
+        for _ in range(args.eval_iters * args.num_micro_batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            total += forward_loss(engine, batch, args, self.eod, self.device)
+            n += 1
+        engine.train()
+        return float(dp_mean(total / max(n, 1)))
+
+
+class PipelineRunner(StepRunner):
+    """PP > 1: DeepSpeed's 1F1B schedule runs the micro-batches and the step (core/pipeline_schedule.py)."""
+
+    def _sample(self, batch):
+        return pipe_sample(batch, self.args, self.eod, self.device)
+
+    def train(self, data_iter, iteration=0, timers=None, seen=None, guard=None) -> torch.Tensor:
+        with (timers or Timers())("forward-backward", level=1):
+            return pipeline.train_batch(self.engine, data_iter, self._sample, guard, iteration)
+
+    def evaluate(self, valid_dataset) -> float:
+        loader = build_loader(valid_dataset, self.args, consumed_samples=0)
+        return pipeline.evaluate(self.engine, loader, self.args, self._sample)
+
+
+def step_runner(engine, args, eod, device) -> StepRunner:
+    return (PipelineRunner if pipeline.is_pipeline(engine) else MicroBatchRunner)(engine, args, eod, device)
+
+
 def train_step(engine, data_iter, args, eod, device, timers: Timers | None = None,
                seen: list | None = None, guard: NumericsGuard | None = None, iteration: int = 0) -> torch.Tensor:
-    """One iteration = num_micro_batches forward/backward passes + one optimizer step.
-    The micro-batches are appended to `seen` (for optimizer hooks that replay them).
-    `guard` skips the optimizer step of an iteration with a non-finite loss or gradient."""
-    timers = timers or Timers()
-    if pipeline.is_pipeline(engine):  # PP > 1: DeepSpeed's 1F1B schedule runs the micro-batches and the step
-        with timers("forward-backward", level=1):
-            return pipeline.train_batch(engine, data_iter, lambda b: pipe_sample(b, args, eod, device), guard, iteration)
-    losses = []
-    for _ in range(args.num_micro_batches):
-        with timers("batch-generator", level=2):
-            batch = next(data_iter)
-        if seen is not None:
-            seen.append(batch)
-        with timers("forward-backward", level=1):
-            with timers("forward-compute", level=2):
-                loss = forward_loss(engine, batch, args, eod, device)
-                if guard is not None:
-                    loss = guard.inject(iteration, loss)  # test-only fault injection (MEGATRON_TEST_FAULTS)
-            with timers("backward-compute", level=2):
-                engine.backward(loss)
-        with timers("optimizer", level=1):
-            step = lambda: engine.step(lr_kwargs={"increment": scheduler_increment(args)})  # noqa: E731
-            if guard is not None:  # skips the update of an iteration with a non-finite loss or gradient
-                guard.step(engine, loss, step)
-            else:
-                step()
-        losses.append(loss.detach())
-    return dp_mean(torch.stack(losses).mean())
+    """One iteration of `engine` (tests and benchmarks): `StepRunner.train`."""
+    return step_runner(engine, args, eod, device).train(data_iter, iteration, timers, seen, guard)
 
 
 def replay_batches(batches: list, args, eod, device) -> list:
     """(tokens, loss_mask) of the given micro-batches, for OptimizerHooks.after_step."""
     return [(tokens, mask) for tokens, _labels, mask in (get_batch(b, args, eod, device) for b in batches)]
-
-
-@torch.no_grad()
-def evaluate(engine, valid_dataset, args, eod, device) -> float:
-    """Mean LM loss over the first eval_iters global batches of the validation set (the same
-    samples every time, so successive evaluations are comparable)."""
-    loader = build_loader(valid_dataset, args, consumed_samples=0)
-    if pipeline.is_pipeline(engine):
-        return pipeline.evaluate(engine, loader, args, lambda b: pipe_sample(b, args, eod, device))
-    engine.eval()
-    total, n = torch.zeros((), device=device), 0
-    it = iter(loader)
-    for _ in range(args.eval_iters * args.num_micro_batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        total += forward_loss(engine, batch, args, eod, device)
-        n += 1
-    engine.train()
-    return float(dp_mean(total / max(n, 1)))
 
 
 def setup_model_and_optimizer(args, before_engine=None):
@@ -289,7 +327,7 @@ def setup_model_and_optimizer(args, before_engine=None):
     import deepspeed  # noqa: PLC0415  (after initialize_megatron: it picks DeepSpeed's accelerator)
 
     if args.fp16:
-        allow_fp16_on_cpu()
+        ds_compat.allow_fp16_on_cpu()
 
     if args.pipeline_model_parallel_size > 1:  # this rank's stage, cut from the same GPTModel
         return pipeline.setup_pipeline_engine(args, model_config(args), build_ds_config(args),
@@ -309,18 +347,15 @@ def setup_model_and_optimizer(args, before_engine=None):
     param_names = [[names[id(p)] for p in g["params"]] for g in groups]  # before ZeRO swaps in its partitions
     engine, _, _, _ = deepspeed.initialize(model=model, mpu=parallel_state.DeepSpeedMPU(), **kwargs)
     engine.optimizer_param_names = param_names
-    if args.fp16:  # DeepSpeed's ZeRO loss scaler grew the scale before unscaling (megatron/fp16.py)
-        grow_scale_after_step(engine.optimizer)
+    # DeepSpeed behaviours changed on this engine, each explained in megatron/deepspeed_compat
+    if args.fp16:
+        ds_compat.defer_loss_scale_growth(engine.optimizer)  # grow the loss scale after the step, not before
     if args.zero_stage == 0 and engine.seq_dp_world_size == 1:
-        engine.enable_backward_allreduce = False  # one replica: DeepSpeed would flatten and "all-reduce" every gradient
-    exact_grad_norm(engine)  # the fp64 gradient norm at every stage and precision (deepspeed_compat)
+        ds_compat.skip_single_replica_allreduce(engine)
+    ds_compat.exact_grad_norm(engine)  # the fp64 gradient norm at every stage and precision
     attach_layouts(engine)  # per-tensor optimizers see whole tensors through ZeRO's partitions
-    checker = getattr(engine.optimizer, "overflow_checker", None)
-    if args.zero_stage == 0 and args.bf16 and checker is not None and hasattr(engine.optimizer, "_skip_invalid_grad_norm"):
-        # DeepSpeed's bf16 stage 0 optimizer scans every gradient for inf/NaN (amax + amin per tensor),
-        # then computes their norm, which it checks again and skips the step on the same way: the scan is
-        # 1.5 % of a bf16 step on the bench model. NaN/Inf skipping is tested (tests/test_numerics.py).
-        checker.check = lambda param_groups=None: False
+    if args.zero_stage == 0 and args.bf16:
+        ds_compat.skip_bf16_overflow_scan(engine)
     return model, engine
 
 
@@ -328,7 +363,7 @@ def setup_model_and_optimizer(args, before_engine=None):
 def check_memory(args) -> None:
     """Refuse (ArgumentError) a configuration whose memory estimate exceeds what this rank has; warn
     near it. The estimate is kept in `args._memory_estimate` for the out-of-memory message."""
-    from megatron.preflight import memory_problems, process_rss  # noqa: PLC0415
+    from megatron.resilience.preflight import memory_problems, process_rss  # noqa: PLC0415
 
     problems, warnings, est = memory_problems(args, args.padded_vocab_size)
     if dist.is_initialized() and dist.get_world_size() > 1:  # one rank short of memory stops them all
@@ -380,13 +415,14 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     guard = NumericsGuard.create(args)  # NaN/Inf loss or grads -> step skipped; --max-skipped-iterations; spikes
     summary = {"start_iteration": iteration, "initial_val_loss": None, "final_val_loss": None, "checkpoint": None}
     hooks = OptimizerHooks(engine, args)  # schedule-free eval weights, Sophia Hessian, MuonClip
+    runner = step_runner(engine, args, eod, device)  # one iteration, with or without pipeline parallelism
     finder = active_lr_finder(engine)  # --lr-finder: the LR range test is the engine's scheduler
 
     def validate() -> float | None:
         if valid_ds is None or args.eval_iters == 0:
             return None
         with timers("evaluate", level=0), hooks.eval_weights():
-            loss = evaluate(engine, valid_ds, args, eod, device)
+            loss = runner.evaluate(valid_ds)
         logger.validation(iteration, loss, tokens, samples)
         return loss
 
@@ -408,8 +444,7 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
            and not (args.train_tokens and tokens >= args.train_tokens)):
         batches: list = []
         profiler.step(iteration + 1)
-        loss = train_step(engine, data_iter, args, eod, device, timers, seen=batches, guard=guard,
-                          iteration=iteration + 1)
+        loss = runner.train(data_iter, iteration + 1, timers, seen=batches, guard=guard)
         iteration += 1
         hooks.after_step(iteration, lambda: replay_batches(batches, args, eod, device))
         samples += args.global_batch_size

@@ -59,6 +59,16 @@ def env_for(nproc: int, threads: int | None = None) -> dict:
     return env
 
 
+def become_rank(rank: int, nproc: int, port: int) -> None:
+    """In a spawned worker: the environment of rank `rank` of `nproc` gloo ranks on this host (one thread)."""
+    import torch  # noqa: PLC0415
+
+    os.environ.update(env_for(nproc))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
 def launch_command(nproc: int, launcher: str) -> list[str]:
     script = os.path.join(ROOT, "pretrain_gpt.py")
     if nproc == 1 and launcher == "python":

@@ -52,7 +52,7 @@ for _path in (HERE, os.path.dirname(HERE)):  # tests/ (distributed.py) and the p
         sys.path.insert(0, _path)
 from distributed import ROOT, TINY_MODEL, env_for, launch_command, make_dataset  # noqa: E402
 
-from megatron.checkpoint_manifest import checkpoint_tags, read_tag  # noqa: E402
+from megatron.checkpoint.manifest import checkpoint_tags, read_tag  # noqa: E402
 
 # flags of the preset that the soak sets itself (with the number of values each takes)
 OWN_FLAGS = {"--save": 1, "--load": 1, "--tensorboard-dir": 1, "--data-cache-path": 1, "--deepspeed_config": 1,

@@ -1,4 +1,4 @@
-"""megatron/checkpoint_io.py: restricted unpickling of checkpoint files, and a full disk during a save.
+"""megatron/checkpoint/io.py: restricted unpickling of checkpoint files, and a full disk during a save.
 
 * A `.pt` whose pickle calls `os.system` (it would create a marker file) is refused by every
   loader of ours that reads checkpoints, and the marker is never created; the same file loaded
@@ -21,8 +21,8 @@ import pytest
 import torch
 from distributed import ROOT, TINY_MODEL, make_dataset, run_trainer
 
-from megatron import checkpoint_io
-from megatron import checkpointing as ck
+from megatron.checkpoint import io as checkpoint_io
+from megatron.checkpoint import checkpointing as ck
 
 
 class _Evil:

@@ -1,4 +1,4 @@
-"""megatron/checkpoint_manifest.py and its use by checkpointing.py / tools/verify_checkpoint.py.
+"""megatron/checkpoint/manifest.py and its use by checkpointing.py / tools/verify_checkpoint.py.
 
 * The manifest of a real save lists exactly the files of the checkpoint, with their sizes and the
   checksums recomputed here with xxhash directly (the save hashes while writing, without reading back).
@@ -25,8 +25,8 @@ import pytest
 import xxhash
 from distributed import ROOT, TINY_MODEL, make_dataset, run_trainer
 
-from megatron import checkpoint_manifest as cm
-from megatron import checkpointing as ck
+from megatron.checkpoint import manifest as cm
+from megatron.checkpoint import checkpointing as ck
 from megatron.arguments import ArgumentError
 
 MODEL = "mp_rank_00_model_states.pt"

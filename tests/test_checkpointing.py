@@ -16,8 +16,8 @@ import pytest
 import torch
 from distributed import TINY_MODEL, env_for, launch_command, make_dataset, run_trainer
 
-from megatron import checkpoint_io
-from megatron import checkpointing as ck
+from megatron.checkpoint import io as checkpoint_io
+from megatron.checkpoint import checkpointing as ck
 
 N = 3  # stop at N, resume to 2N
 
@@ -258,7 +258,7 @@ def test_commit_and_prune_unit(tmp_path):
 
 def test_cooldown_warning_unit():
     """Constant LR with a cooldown over the last 20 of 100 samples: warn only inside the cooldown."""
-    from megatron.optimizer_param_scheduler import OptimizerParamScheduler, ScheduleSpec
+    from megatron.schedules import OptimizerParamScheduler, ScheduleSpec
 
     spec = ScheduleSpec(max_lr=1e-3, min_lr=0.0, warmup_steps=0, decay_steps=100, end_steps=100,
                         decay_style="constant", constant_plus_cooldown_steps=20)

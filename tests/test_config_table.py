@@ -1,11 +1,11 @@
-"""megatron/config_table.py: the start-up table's values and sources, and the warnings."""
+"""megatron/observability/config_table.py: the start-up table's values and sources, and the warnings."""
 from __future__ import annotations
 
 import pytest
 
 from distributed import TINY_MODEL
 from megatron.arguments import build_parser, parse_args
-from megatron.config_table import config_rows, config_warnings, format_table, source_of
+from megatron.observability.config_table import config_rows, config_warnings, format_table, source_of
 
 
 def args_for(extra: list[str], env: dict | None = None):

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from distributed import ROOT, TINY_MODEL, env_for, free_port, make_dataset, run_trainer
+from distributed import ROOT, TINY_MODEL, become_rank, env_for, free_port, make_dataset, run_trainer
 
-from megatron import checkpointing as ck
+from megatron.checkpoint import checkpointing as ck
 from tools.convert_checkpoint import ds_to_universal as d2u
 
 pytestmark = pytest.mark.slow
@@ -215,10 +215,7 @@ def test_universal_muon_dp2_to_dp1(muon_phase1, data_list, tmp_path, nproc, zero
 def _logits_worker(rank: int, nproc: int, port: int, argv: list, out: str) -> None:
     """Build the trainer's engine at the TP size of `argv`, load its --load checkpoint through
     checkpointing.load_checkpoint, and save the logits of a fixed batch (rank 0)."""
-    os.environ.update(env_for(nproc))
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    become_rank(rank, nproc, port)
     from megatron.arguments import parse_args
     from megatron.initialize import initialize_megatron
     from megatron.training import build_tokenizer_and_vocab, setup_model_and_optimizer
@@ -501,12 +498,13 @@ def test_converter_refuses_unrepresentable_state():
 
 
 @pytest.mark.parametrize("files,match", [
-    (["layer_01-model_00-model_states.pt", "mp_rank_00_model_states.pt"],
-     "pipeline-parallel checkpoint .* supports PP=1 checkpoints only; resume it with the same PP size"),
+    (["layer_01-model_00-model_states.pt", "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"],
+     "pipeline-parallel checkpoint saved at ZeRO stage 0 .* resume it with the same PP size, or train with "
+     "ZERO_STAGE=1"),
     (["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_01_model_states.pt",
       "zero_pp_rank_0_mp_rank_00_optim_states.pt"], "ZeRO-3 checkpoint with TP=2: .* supports TP=1 only"),
 ])
-def test_universal_refuses_pp_and_zero3_tp(tmp_path, files, match):
+def test_universal_refuses_layouts(tmp_path, files, match):
     """Layouts the converter cannot handle are refused with the reason before anything is read or written."""
     src = tmp_path / "global_step4"
     src.mkdir()

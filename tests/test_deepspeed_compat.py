@@ -1,11 +1,13 @@
-"""What megatron/deepspeed_compat.py and megatron/optimizer/partition.py rely on in DeepSpeed, checked by
+"""What megatron/deepspeed_compat/ relies on in DeepSpeed, checked by
 name (so a DeepSpeed upgrade that moves one of them fails here, not silently in a run), and the fp64
 norms against a case where a plain fp32 norm is measurably off. The behaviour end to end (every stage and
 precision, 2 ranks) is tests/test_optimizer_matrix.py."""
 from __future__ import annotations
 
 import inspect
+import os
 
+import pytest
 import torch
 
 from megatron import deepspeed_compat as compat
@@ -21,7 +23,7 @@ def test_the_deepspeed_internals_we_replace_or_read_exist():
 
     # module-level names the half-precision optimizers call (replaced by the fp64 versions)
     assert bf16.get_global_norm_of_tensors is utils.get_global_norm_of_tensors or \
-        bf16.get_global_norm_of_tensors.__module__ == "megatron.deepspeed_compat"
+        bf16.get_global_norm_of_tensors.__module__ == "megatron.deepspeed_compat.norms"
     assert callable(fused.get_weight_norm)
     assert list(inspect.signature(utils.get_global_norm_of_tensors).parameters)[:4] == [
         "input_tensors", "norm_type", "mpu", "moe_ep_group"]
@@ -42,6 +44,90 @@ def test_the_deepspeed_internals_we_replace_or_read_exist():
         assert attr in src3, attr
     from deepspeed.utils.tensor_fragment import tensor_fragment
     assert {"lp_fragment_address", "hp_fragment_address"} <= set(tensor_fragment.__dataclass_fields__)
+
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_the_engine_overrides_rely_on_what_deepspeed_has():
+    """One line per function of megatron/deepspeed_compat/engine.py and partitions.py: the DeepSpeed
+    attribute it replaces or reads, by name and (for methods) signature."""
+    import deepspeed.runtime.engine as eng
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.utils import safe_get_full_grad
+
+    engine_src = inspect.getsource(eng.DeepSpeedEngine)
+    # allow_fp16_on_cpu
+    assert callable(get_accelerator().is_fp16_supported)
+    # defer_loss_scale_growth: ZeRO 1/2 and 3 call self._update_scale(overflow) from step()
+    for cls in (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3):
+        assert _params(cls._update_scale)[:2] == ["self", "has_overflow"], cls
+        assert "self._update_scale(" in inspect.getsource(cls), cls
+    # skip_single_replica_allreduce: the engine's backward reads the flag
+    assert "self.enable_backward_allreduce" in engine_src
+    # skip_bf16_overflow_scan: the stage 0 half-precision optimizer's checker and its NaN skip
+    fp16_src = inspect.getsource(FP16_Optimizer)
+    assert "overflow_checker" in fp16_src and "_skip_invalid_grad_norm" in fp16_src
+    # wrap_model_step: the pipeline schedule's optimizer step calls self._take_model_step(lr_kwargs)
+    assert _params(eng.DeepSpeedEngine._take_model_step)[:2] == ["self", "lr_kwargs"]
+    assert "self._take_model_step(" in inspect.getsource(PipelineEngine._exec_optimizer_step)
+    # without_optimizer_shards: save_checkpoint consults save_zero_checkpoint
+    assert "self.save_zero_checkpoint" in inspect.getsource(eng.DeepSpeedEngine.save_checkpoint)
+    # replace_checkpoint_engine / is_plain_torch_checkpoint_engine
+    assert "self.checkpoint_engine" in engine_src
+    assert _params(TorchCheckpointEngine.save)[:3] == ["self", "state_dict", "path"]
+    assert _params(TorchCheckpointEngine.load)[:3] == ["self", "path", "map_location"]
+    # step_without_update: the counter a skipped step advances
+    assert "self.skipped_steps" in engine_src
+    # partitions.full_grad / zero3_local
+    assert _params(safe_get_full_grad) == ["param"]
+    assert "ds_tensor" in inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
+    assert "partition_numel" in inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
+
+
+
+def test_the_universal_converter_helpers_exist_with_our_signatures():
+    from megatron.deepspeed_compat import universal
+
+    ds = universal.converter()
+    for name, params in universal.HELPERS.items():
+        assert _params(getattr(ds, name))[:len(params)] == params, name
+    for key in universal.KEYS:
+        assert isinstance(getattr(ds, key), str), key
+    # the tool reaches DeepSpeed's converter through deepspeed_compat only
+    tool = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "convert_checkpoint",
+                             "ds_to_universal.py")).read()
+    assert "import deepspeed.checkpoint.ds_to_universal" not in tool and "converter()" in tool
+
+def test_the_installed_deepspeed_is_in_the_supported_range(monkeypatch):
+    """setup.py pins the range the suite ran on; start-up refuses another release with the install
+    line, or lets it run with a warning when the user says so."""
+    import re
+    from importlib.metadata import version
+
+    from megatron import deepspeed_compat as dc
+
+    assert dc.version_problem(version("deepspeed")) is None
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "setup.py")).read()
+    assert re.search(r'"deepspeed([^"]+)"', setup).group(1) == ",".join(dc.SUPPORTED)
+    assert dc.version_problem("0.19.0") is None and dc.version_problem("0.19.8+cpu") is None
+    for other in ("0.18.9", "0.20.0", "0.20.0rc1", "1.0.0"):
+        msg = dc.version_problem(other)
+        assert msg.startswith(f"DeepSpeed {other} is installed") and "pip install 'deepspeed>=0.19,<0.20'" in msg
+        assert dc.ALLOW_ENV in msg
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.16.4")
+    monkeypatch.delenv(dc.ALLOW_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="DeepSpeed 0.16.4 is installed"):
+        dc.check_version()
+    monkeypatch.setenv(dc.ALLOW_ENV, "1")
+    assert "going on because" in dc.check_version()
 
 
 def test_fp64_norms_where_fp32_drifts():
@@ -102,3 +188,24 @@ def test_stage0_fp32_logs_the_fp64_norm_without_clipping(tmp_path):
 
     (r,) = spawn_workers(_clip0_worker, 1, str(tmp_path))
     assert r["norm"] is not None and abs(r["norm"] - r["seen"]) / r["seen"] < 1e-7
+
+
+def test_deepspeed_internals_are_reached_only_through_deepspeed_compat():
+    """The boundary itself: outside megatron/deepspeed_compat/ no module of megatron/ or tools/ names
+    DeepSpeed's runtime, checkpoint or utils packages (its internals)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pattern = re.compile(r"deepspeed\.(runtime|checkpoint|utils)\b")
+    offenders = []
+    for top in ("megatron", "tools"):
+        for dirpath, _, files in os.walk(os.path.join(root, top)):
+            if os.path.join("megatron", "deepspeed_compat") in dirpath:
+                continue
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    for i, line in enumerate(open(path), 1):
+                        if pattern.search(line):
+                            offenders.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
+    assert offenders == []

@@ -16,7 +16,7 @@ import time
 import pytest
 from distributed import TINY_MODEL, env_for, free_port, launch_command, make_dataset
 
-from megatron import dist_faults
+from megatron.resilience import dist_faults
 
 TIMEOUT_MIN = 0.2  # 12 s: small, with a margin for a loaded machine
 TIMEOUT_S = 60 * TIMEOUT_MIN

@@ -562,7 +562,7 @@ def _args(*extra: str, env_vars: dict | None = None):
 
 def test_use_checkpoint_args(tmp_path):
     """--use-checkpoint-args: the model-shape arguments come from the checkpoint --load resumes."""
-    from megatron.checkpointing import ARGS_FILE, model_args_record, write_atomic
+    from megatron.checkpoint.checkpointing import ARGS_FILE, model_args_record, write_atomic
 
     saved = parse_args(TINY_MODEL + ["--lr", "1e-3", "--train-iters", "3", "--data-path", "x", "--num-layers", "3",
                                      "--hidden-size", "96", "--ffn-hidden-size", "256", "--seq-length", "48",
@@ -583,7 +583,7 @@ def test_use_checkpoint_args(tmp_path):
 
 
 def test_exit_duration_in_mins():
-    from megatron.exits import ExitConditions
+    from megatron.resilience.exits import ExitConditions
 
     args = _args("--exit-duration-in-mins", "0.5")
     exits = ExitConditions(args)
@@ -631,7 +631,7 @@ def test_schedulefree_for_each():
     ("--lr-wsd-decay-samples", "200", ["--lr-decay-style", "wsd", "--lr-wsd-decay-iters", "1"]),
 ])
 def test_schedule_flag_changes_the_lr_curve(flag, value, base):
-    from megatron.optimizer_param_scheduler import build_schedule_spec, lr_at
+    from megatron.schedules import build_schedule_spec, lr_at
 
     common = ["--train-iters", "100", "--global-batch-size", "4", *base]
 

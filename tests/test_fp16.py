@@ -1,5 +1,5 @@
 """fp16 with DeepSpeed's loss scaler (megatron/fp16.py): flag mapping and refusals, the overflow
-classification of megatron/numerics.py, the ZeRO scale-growth fix, the fp16 kernels, and real
+classification of megatron/observability/numerics.py, the ZeRO scale-growth fix, the fp16 kernels, and real
 2-rank runs (ZeRO 1/2/3, dynamic and static scaling, a forced overflow, save/resume, and the
 launcher's Polaris defaults).
 
@@ -31,9 +31,10 @@ import pytest
 import torch
 
 from distributed import ROOT, TINY_MODEL, env_for, make_dataset, run_trainer
-from megatron.checkpoint_io import torch_load
-from megatron.fp16 import SCALER_FLAGS, fp16_block, fp16_problems, grow_scale_after_step, loss_scale
-from megatron.numerics import NumericalFaultError, NumericsGuard
+from megatron.checkpoint.io import torch_load
+from megatron.deepspeed_compat.engine import defer_loss_scale_growth
+from megatron.fp16 import SCALER_FLAGS, fp16_block, fp16_problems, loss_scale
+from megatron.observability.numerics import NumericalFaultError, NumericsGuard
 
 U16 = 2.0 ** -11
 FP16_LOSS_BOUND = 2 * (2 * 3 * U16 * 8 * 8 * 0.02)  # see the module docstring
@@ -182,7 +183,7 @@ def test_scale_grows_only_after_the_update():
             self.unscaled_by.append(self.loss_scaler.cur_scale)
 
     bare, fixed = ZeroLike(), ZeroLike()
-    grow_scale_after_step(fixed)
+    defer_loss_scale_growth(fixed)
     for opt in (bare, fixed):
         opt.step()  # cur_iter 0: no growth
         opt.step()  # cur_iter 1: one stable step -> the window of 1 is complete: the scale doubles

@@ -1,4 +1,4 @@
-"""megatron/mfu.py: the Megatron FLOPs formula, the peak table, the matmul benchmark, MFU."""
+"""megatron/observability/mfu.py: the Megatron FLOPs formula, the peak table, the matmul benchmark, MFU."""
 from __future__ import annotations
 
 import types
@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from megatron.mfu import PeakFlops, flops_per_iteration, measure_matmul_tflops, resolve_peak, table_peak
+from megatron.observability.mfu import PeakFlops, flops_per_iteration, measure_matmul_tflops, resolve_peak, table_peak
 
 
 def cfg(**kw):
@@ -48,6 +48,6 @@ def test_flag_wins_and_cpu_peak_is_measured():
 def test_matmul_benchmark_counts_two_n_cubed_flops(monkeypatch):
     """With time frozen except for one known advance, the reported rate is 2 n^3 * reps / seconds."""
     clock = iter([0.0] + [10.0] * 100)
-    monkeypatch.setattr("megatron.mfu.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("megatron.observability.mfu.time.perf_counter", lambda: next(clock))
     got = measure_matmul_tflops(torch.float32, n=64, min_seconds=1.0)
     assert got == pytest.approx(2 * 64**3 * 4 / 10.0 / 1e12)  # stops after the first check (4 matmuls)

@@ -1,4 +1,4 @@
-"""Numerical faults (megatron/numerics.py): a NaN/Inf loss skips the optimizer step, is counted,
+"""Numerical faults (megatron/observability/numerics.py): a NaN/Inf loss skips the optimizer step, is counted,
 and training continues exactly as if that batch had been dropped; K in a row abort with a checkpoint."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from distributed import TINY_MODEL, make_dataset, read_metrics, run_trainer
-from megatron.checkpoint_io import torch_load
-from megatron.numerics import NumericsGuard, parse_faults
+from megatron.checkpoint.io import torch_load
+from megatron.observability.numerics import NumericsGuard, parse_faults
 
 
 def test_parse_faults():
@@ -59,7 +59,7 @@ def test_skips_counted_in_a_row_and_abort(caplog):
 def test_loss_spike_logged(caplog):
     """--loss-spike-factor F (NumericsGuard.spike_factor): a loss above F x its running mean is logged."""
     g = NumericsGuard(spike_factor=3.0)
-    with caplog.at_level(logging.WARNING, logger="megatron.numerics"):
+    with caplog.at_level(logging.WARNING, logger="megatron.observability.numerics"):
         for it in range(1, 7):
             g.end_iteration(it, 2.0)
         assert not caplog.records

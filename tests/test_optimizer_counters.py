@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from megatron.checkpoint_io import torch_load
+from megatron.checkpoint.io import torch_load
 from megatron.optimizer.muon import Muon
 from megatron.optimizer.sophia import SophiaG
 

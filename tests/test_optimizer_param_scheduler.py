@@ -1,4 +1,4 @@
-"""Tests for megatron/optimizer_param_scheduler.py.
+"""Tests for megatron/schedules/.
 
 Every expected LR below is worked out by hand from the formulas of the upstream spec §5.2
 (the arithmetic is written next to each number); nothing is compared against the module
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.optimizer_param_scheduler import (
+from megatron.schedules import (
     LR_SCHEDULES,
     OptimizerParamScheduler,
     ScheduleSpec,
@@ -242,6 +242,45 @@ def test_register_schedule_adds_one_entry():
     finally:
         LR_SCHEDULES.pop(name, None)
 
+
+
+def test_a_registered_style_trains_through_the_flags():
+    """Adding a style is one registry entry: registered here alone (formula, validation,
+    description), it is accepted by --lr-decay-style, checked at start-up, listed by --help and
+    drives the scheduler the trainer builds."""
+    from distributed import TINY_MODEL
+
+    from megatron.arguments import ArgumentError, build_parser, parse_args
+    from megatron.schedules import ScheduleError
+
+    def no_warmup(s: ScheduleSpec) -> None:
+        if s.warmup_steps:
+            raise ScheduleError("toy-step takes no warmup; drop --lr-warmup-*")
+
+    name = "toy-step"
+    try:
+        @register_schedule(name, "--lr until half the decay span, then --min-lr", validate=no_warmup)
+        def toy(spec_: ScheduleSpec, step: int) -> float:
+            return spec_.max_lr if step <= spec_.decay_steps // 2 else spec_.min_lr
+
+        argv = TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "10",
+                             "--lr", "0.5", "--min-lr", "0.1", "--lr-decay-style", name, "--data-path", "x",
+                             "--eval-iters", "0"]
+        args = parse_args(argv, env={"WORLD_SIZE": "1"})
+        assert f"{name}: --lr until half the decay span, then --min-lr" in " ".join(build_parser().format_help().split())
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_scheduler(opt, args)
+        lrs = []
+        for _ in range(10):
+            lrs.append(opt.param_groups[0]["lr"])
+            sched.step(scheduler_increment(args))
+        assert lrs == [0.5] * 6 + [0.1] * 4  # samples 0..10 of a 20-sample span: max up to 10, then min
+        with pytest.raises(ArgumentError, match="toy-step takes no warmup"):
+            parse_args(argv + ["--lr-warmup-iters", "2"], env={"WORLD_SIZE": "1"})
+    finally:
+        LR_SCHEDULES.pop(name, None)
+    with pytest.raises(SystemExit):  # gone from the registry: refused by the parser
+        build_parser().parse_args(["--lr-decay-style", name])
 
 def test_weight_decay_styles():
     # r = N / 100; linear: start + r (end - start); cosine: start + 0.5 (1 + cos(pi (1 - r))) (end - start)
@@ -548,7 +587,7 @@ DS_SCRIPT = textwrap.dedent(
     """
     import json, sys, tempfile
     import torch, deepspeed
-    from megatron.optimizer_param_scheduler import OptimizerParamScheduler, ScheduleSpec, lr_at
+    from megatron.schedules import OptimizerParamScheduler, ScheduleSpec, lr_at
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     torch.manual_seed(0)

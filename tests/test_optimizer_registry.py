@@ -211,3 +211,39 @@ def test_muonclip_through_the_loop_hook_clips_at_muonclip_t():
     assert opt.qk_clip.handles and opt.qk_clip.maxes == {}  # attached by the hooks; each step's max consumed
     assert outs[1]["muonclip_fired_total"] >= outs[0]["muonclip_heads_clipped"]
     assert outs[1]["muonclip_max_logit"] <= 5.0 * 1.05  # one small Muon step after the clip
+
+
+def test_a_new_optimizer_is_one_registry_entry():
+    """Adding an optimizer is one `register_optimizer` entry (here in the test alone): --optimizer
+    accepts it, --help lists it, its check runs at start-up, the memory preflight reads its state
+    size, and `build_optimizer` builds it with the trainer's parameter groups."""
+    name = "toy-signsgd"
+
+    def check(args) -> list[str]:
+        return ["toy-signsgd takes no weight decay; set --weight-decay 0"] if args.weight_decay else []
+
+    try:
+        @registry.register_optimizer(name, help="sign of the gradient times the LR", check=check, state_copies=0.0)
+        def build(groups, args):
+            class SignSGD(torch.optim.Optimizer):
+                def step(self, closure=None):
+                    for g in self.param_groups:
+                        for p in g["params"]:
+                            if p.grad is not None:
+                                p.data.add_(p.grad.sign(), alpha=-g["lr"])
+            return SignSGD(groups, defaults={"lr": args.lr})
+
+        assert name in optimizer_names() and f"{name}: sign of the gradient times the LR" in \
+            " ".join(build_parser().format_help().split())
+        with pytest.raises(ArgumentError, match="toy-signsgd takes no weight decay"):
+            parse_args(BASE + ["--optimizer", name, "--lr", "0.01", "--weight-decay", "0.1"], env={"WORLD_SIZE": "1"})
+        args = parse_args(BASE + ["--optimizer", name, "--lr", "0.01", "--weight-decay", "0"], env={"WORLD_SIZE": "1"})
+        assert get_entry(name).state_copies == 0.0
+        model = torch.nn.Linear(3, 2)
+        opt = build_optimizer(model, args)
+        before = model.weight.detach().clone()
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        torch.testing.assert_close(model.weight.detach(), before - 0.01 * model.weight.grad.sign())
+    finally:
+        registry.OPTIMIZERS.pop(name, None)

@@ -76,7 +76,7 @@ def _run(name: str, zero: int, data_list: str, out: str, extra: list[str]) -> di
     """One trainer run in this process; returns its losses, final weights and optimizer state."""
     import json
 
-    from megatron import checkpointing
+    from megatron.checkpoint import checkpointing
     from megatron.initialize import initialize_megatron
     from megatron.optimizer import client_optimizer
     from megatron.training import build_datasets, build_tokenizer_and_vocab, setup_model_and_optimizer, train
@@ -105,7 +105,7 @@ def _run(name: str, zero: int, data_list: str, out: str, extra: list[str]) -> di
 
 
 def worker(data_list: str, out_dir: str, todo: list[tuple[str, int]]) -> None:
-    from megatron.checkpointing import LATEST, write_atomic
+    from megatron.checkpoint.checkpointing import LATEST, write_atomic
 
     torch.set_num_threads(1)
     results = {}

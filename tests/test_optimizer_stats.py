@@ -1,4 +1,4 @@
-"""megatron/optimizer_stats.py: statistics equal norms computed directly from torch.optim state."""
+"""megatron/observability/optimizer_stats.py: statistics equal norms computed directly from torch.optim state."""
 from __future__ import annotations
 
 import types
@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from megatron.optimizer_stats import inner_torch_optimizer, optimizer_state_stats
+from megatron.observability.optimizer_stats import inner_torch_optimizer, optimizer_state_stats
 
 
 def trained(opt_cls, **kw):

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (megatron/model/gpt_pipeline.py, megatron/pipeline_parallel.py).
+"""Pipeline parallelism (megatron/model/gpt_pipeline.py, megatron/core/pipeline_schedule.py).
 
 In-process (no DeepSpeed engine): the pipeline layers, run one after the other, are the GPTModel
 (same logits and loss, tied and untied, with position ids), and every GPTModel parameter has

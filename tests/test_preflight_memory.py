@@ -1,4 +1,4 @@
-"""The memory preflight (megatron/preflight.py): the estimate's parts worked out by hand, the
+"""The memory preflight (megatron/resilience/preflight.py): the estimate's parts worked out by hand, the
 parameter count against the real model, the device limits through fake CUDA / XPU / host memory,
 the refusal / warning / --skip-memory-check, and the out-of-memory lines of the trainer and the
 launcher. The estimate against measured peaks of real runs: bench/memory_preflight.py (numbers in
@@ -15,7 +15,7 @@ import pytest
 import torch
 from distributed import ROOT, TINY_MODEL, make_dataset
 
-from megatron import preflight as pf
+from megatron.resilience import preflight as pf
 from megatron.arguments import parse_args
 
 GIB = 2**30

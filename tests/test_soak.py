@@ -11,7 +11,7 @@ import os
 import pytest
 import soak
 
-from megatron import checkpointing as ck
+from megatron.checkpoint import checkpointing as ck
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import deepspeed  # noqa: PLC0415
 
-    from megatron import checkpointing as ck  # noqa: PLC0415
+    from megatron.checkpoint import checkpointing as ck  # noqa: PLC0415
     from megatron.core import sequence_parallel as ulysses  # noqa: PLC0415
     from megatron.model import GPTModel  # noqa: PLC0415
 

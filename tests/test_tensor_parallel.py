@@ -384,7 +384,7 @@ def test_tp_configuration_errors():
 def test_checkpoint_rng_state_includes_tracker():
     """The checkpoint's RNG state holds the TP tracker's streams, so dropout on split activations
     continues exactly after a resume."""
-    from megatron.checkpointing import _rng_state, _set_rng_state
+    from megatron.checkpoint.checkpointing import _rng_state, _set_rng_state
 
     tp.model_parallel_manual_seed(11)
     try:

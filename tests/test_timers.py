@@ -1,11 +1,11 @@
-"""megatron/timers.py: level gating, accumulation, the Megatron-style block."""
+"""megatron/observability/timers.py: level gating, accumulation, the Megatron-style block."""
 from __future__ import annotations
 
 import re
 
 import pytest
 
-from megatron.timers import Timers
+from megatron.observability.timers import Timers
 
 
 class Clock:
@@ -18,7 +18,7 @@ class Clock:
 
 def test_levels_accumulate_and_block(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr("megatron.timers.time.perf_counter", clock)
+    monkeypatch.setattr("megatron.observability.timers.time.perf_counter", clock)
     timers = Timers(log_level=1, sync=lambda: None)
     for _ in range(2):
         with timers("forward-backward", level=1):
@@ -38,7 +38,7 @@ def test_levels_accumulate_and_block(monkeypatch):
 
 def test_misuse_is_reported():
     timers = Timers(log_level=1, sync=lambda: None)
-    t = timers.timers.setdefault("x", __import__("megatron.timers", fromlist=["Timer"]).Timer("x", lambda: None))
+    t = timers.timers.setdefault("x", __import__("megatron.observability.timers", fromlist=["Timer"]).Timer("x", lambda: None))
     with pytest.raises(RuntimeError, match="stopped before"):
         t.stop()
     t.start()

@@ -263,7 +263,7 @@ def _leveldb_log_records(path: str):
 
 # ----------------------------------------------------------------------------- fast unit tests
 def test_format_duration():
-    from megatron.training_log import format_duration
+    from megatron.observability.training_log import format_duration
 
     assert format_duration(0) == "0:00:00"
     assert format_duration(3725.4) == "1:02:05"
@@ -272,7 +272,7 @@ def test_format_duration():
 
 
 def test_memory_stats_on_cpu_reports_resident_memory():
-    from megatron.training_log import memory_stats
+    from megatron.observability.training_log import memory_stats
 
     import mmap
 
@@ -288,7 +288,7 @@ def test_memory_stats_on_cpu_reports_resident_memory():
 
 
 def test_wandb_absent_or_disabled_gives_no_run(monkeypatch):
-    from megatron.wandb_utils import init_wandb, wandb_project
+    from megatron.observability.wandb_utils import init_wandb, wandb_project
 
     args = types.SimpleNamespace(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=None, save=None)
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
@@ -303,7 +303,7 @@ def test_wandb_absent_or_disabled_gives_no_run(monkeypatch):
 
 def test_wandb_installed_but_not_logged_in_is_not_used(monkeypatch, tmp_path):
     """No login and no WANDB_MODE: no run, no files, no prompt."""
-    from megatron.wandb_utils import init_wandb
+    from megatron.observability.wandb_utils import init_wandb
 
     fake = types.SimpleNamespace(Api=lambda: types.SimpleNamespace(api_key=None),
                                  init=lambda **kw: pytest.fail("wandb.init must not be called"))
@@ -319,7 +319,7 @@ def test_metrics_file_replaced_by_a_fresh_run_and_appended_on_resume(tmp_path):
     a resumed run appends to it."""
     import argparse
 
-    from megatron.training_log import TrainLogger
+    from megatron.observability.training_log import TrainLogger
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"iteration": 30, "lm_loss": 1.0}\n')
@@ -347,7 +347,7 @@ class _Writer:
 def _logged_tags(flags: list[str]) -> dict[str, list[int]]:
     """Tags and steps a TrainLogger writes for 4 iterations (log every 2) and one evaluation."""
     from megatron.arguments import parse_args
-    from megatron.training_log import TrainLogger
+    from megatron.observability.training_log import TrainLogger
 
     args = parse_args(TINY_MODEL + ["--lr", "0.1", "--train-iters", "4", "--log-interval", "2", "--data-path", "x",
                                     *flags], env={})
@@ -378,7 +378,7 @@ def test_tensorboard_log_interval_and_queue_size(tmp_path):
     assert _logged_tags([])["lm-loss-training/lm loss"] == [1, 2, 3, 4]
     assert _logged_tags(["--tensorboard-log-interval", "2"])["lm-loss-training/lm loss"] == [2, 4]
     from megatron.arguments import parse_args
-    from megatron.training_log import TrainLogger
+    from megatron.observability.training_log import TrainLogger
 
     args = parse_args(TINY_MODEL + ["--lr", "0.1", "--train-iters", "4", "--data-path", "x", "--peak-tflops", "1",
                                     "--tensorboard-dir", str(tmp_path), "--tensorboard-queue-size", "7"], env={})
@@ -390,7 +390,7 @@ def test_tensorboard_log_interval_and_queue_size(tmp_path):
 
 def test_wandb_disabled_env_var(monkeypatch, tmp_path):
     """WANDB_DISABLED=true (the name upstream's docs give) turns W&B off like WANDB_MODE=disabled."""
-    from megatron.wandb_utils import init_wandb
+    from megatron.observability.wandb_utils import init_wandb
 
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: types.SimpleNamespace(name="run", settings=kw)
@@ -407,7 +407,7 @@ def test_dump_tokens(monkeypatch, capsys):
     """DUMP_TOKENS (upstream's debug variable): rank 0 prints the first 10 samples of every micro-batch of the
     first 10 iterations; the batches pass through unchanged."""
     from megatron.arguments import parse_args
-    from megatron.training_log import TrainLogger
+    from megatron.observability.training_log import TrainLogger
 
     args = parse_args(TINY_MODEL + ["--lr", "0.1", "--train-iters", "20", "--data-path", "x", "--peak-tflops", "1",
                                     "--micro-batch-size", "12", "--global-batch-size", "24"], env={})

@@ -1,4 +1,4 @@
-"""--log-params-norm and --log-num-zeros-in-grad (megatron/weight_stats.py) against independent values,
+"""--log-params-norm and --log-num-zeros-in-grad (megatron/observability/weight_stats.py) against independent values,
 in every layout that splits the model differently: 1 rank at ZeRO 0 (the reference), 2 ranks at
 ZeRO-2 (DeepSpeed's fp32 gradient partitions), ZeRO-3 (partitioned weights) and TP=2 (split and
 replicated tensors).

@@ -10,7 +10,7 @@
 Prints one line per checkpoint (``OK``, ``DAMAGED`` with one indented line per problem, or
 ``NO MANIFEST``: written before manifests existed, cannot be verified) and exits 0 when every
 checkpoint checked is intact, 1 otherwise (2: bad arguments). The manifest format is described in
-megatron/checkpoint_manifest.py.
+megatron/checkpoint/manifest.py.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron import checkpoint_manifest  # noqa: E402
-from megatron.checkpoint_manifest import checkpoint_tags, read_tag  # noqa: E402
+from megatron.checkpoint import manifest as checkpoint_manifest  # noqa: E402
+from megatron.checkpoint.manifest import checkpoint_tags, read_tag  # noqa: E402
 
 
 def verify(tag_dir: str, checksums: bool) -> bool:

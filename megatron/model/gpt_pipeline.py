@@ -197,6 +197,24 @@ def _gpt_name(name: str, prefixes: dict[str, str]) -> str:
     raise KeyError(f"pipeline parameter {name} has no GPTModel name (prefixes {list(prefixes)})")
 
 
+def gpt_param_name(pipeline_name: str, num_layers: int, untied: bool) -> str:
+    """The GPTModel name of a pipeline module's parameter name as DeepSpeed records it in a
+    checkpoint's ZeRO shards (`<position>.<local name>`, or `tied_modules.embed.<local name>` for
+    the tied embedding), e.g. `1.layer.mlp.dense_h_to_4h.weight` ->
+    `language_model.encoder.layers.0.mlp.dense_h_to_4h.weight`."""
+    head, _, rest = pipeline_name.partition(".")
+    if head == "tied_modules":
+        key, _, rest = rest.partition(".")
+        if key != TIED_KEY:
+            raise KeyError(f"pipeline parameter {pipeline_name}: unknown tied module {key!r}")
+        return _gpt_name(rest, EmbeddingPipe.gpt_prefixes)
+    prefixes = layer_gpt_prefixes(num_layers, untied)
+    if not head.isdigit() or int(head) >= len(prefixes):
+        raise KeyError(f"pipeline parameter {pipeline_name} is not at a position of the layer sequence "
+                       f"({len(prefixes)} positions for {num_layers} layers)")
+    return _gpt_name(rest, prefixes[int(head)])
+
+
 def read_pipeline_checkpoint(tag_dir: str, num_layers: int, untied: bool, tp_rank: int = 0) -> dict[str, torch.Tensor]:
     """The module weights of a pipeline checkpoint directory (`global_step<N>`), one TP rank's
     shards, under GPTModel names (`untied`: --untie-embeddings-and-output-weights)."""
@@ -215,9 +233,9 @@ def read_pipeline_checkpoint(tag_dir: str, num_layers: int, untied: bool, tp_ran
 def pipeline_topology(pp: int, tp_size: int, dp: int):
     """DeepSpeed topology with the rank layout of megatron.core.parallel_state:
     rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank (axes pipe, data, model)."""
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: PLC0415
+    from megatron.deepspeed_compat.universal import pipeline_topology as topology  # noqa: PLC0415
 
-    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp_size, num_dp=dp)
+    return topology(pp, tp_size, dp)
 
 
 def build_pipeline_module(model: GPTModel, topology, loss_fn: PipelineLoss | None = None):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import pkgutil
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -65,55 +66,50 @@ class OptimizerEntry:
     check: Check | None = None
     groups: GroupFn | None = None
     # optimizer state kept per parameter, in fp32 copies of the parameter (Adam: exp_avg + exp_avg_sq = 2);
-    # the memory preflight (megatron/preflight.py) counts 4 bytes x this per parameter
+    # the memory preflight (megatron/resilience/preflight.py) counts 4 bytes x this per parameter
     state_copies: float = 2.0
-
-
-# `state_copies` of the entries that differ from Adam's 2 (one table, not a field in every module). Upper
-# bounds where it depends on the model: Muon keeps 1 copy for hidden matrices and AdamW's 2 for the rest.
-STATE_COPIES = {
-    "sgd": 1.0, "apex.sgd": 1.0, "sgdschedulefree": 1.0,  # momentum buffer / z
-    "lion": 1.0,  # exp_avg
-    "adam8bit": 0.5, "galoreadamw8bit": 0.5,  # two 1-byte states
-    "ademamix": 3.0,  # exp_avg, exp_avg_slow, exp_avg_sq
-    "dshampooadamw": 3.0,  # Adam grafting + preconditioner factors (approximate)
-}
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {}
 
 
 def register_optimizer(name: str, *, help: str = "", check: Check | None = None,
-                       groups: GroupFn | None = None) -> Callable[[Builder], Builder]:
+                       groups: GroupFn | None = None, state_copies: float = 2.0) -> Callable[[Builder], Builder]:
     """Decorator registering `builder(param_groups, args)` under `name`.
 
     `check(args) -> [problem lines]` runs in `validate_args`; `groups(named_params, args)` replaces
-    the default `get_param_groups` for this entry.
+    the default `get_param_groups` for this entry; `state_copies`: optimizer state per parameter in
+    fp32 copies of it (Adam 2; an upper bound where it depends on the model), for the memory preflight.
     """
 
     def deco(builder: Builder) -> Builder:
         if name in OPTIMIZERS:
             raise ValueError(f"optimizer {name!r} is registered twice")
-        OPTIMIZERS[name] = OptimizerEntry(name, builder, help, check, groups, STATE_COPIES.get(name, 2.0))
+        OPTIMIZERS[name] = OptimizerEntry(name, builder, help, check, groups, state_copies)
         return builder
 
     return deco
 
 
-# The family modules, in --help order (whatever order they happen to be imported in).
+# --help order of the family modules; a new module in this package is found on its own (listed after these)
 FAMILIES = ("basic", "fallbacks", "lamb", "schedulefree", "sophia", "adopt", "muon", "lion", "ademamix", "galore")
 
 
+def _family_modules() -> list[str]:
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    return [f for f in FAMILIES if f in found] + [m for m in found if m not in FAMILIES]
+
+
 def _load_families() -> None:
-    """Import every family module (each registers its names). Cheap: heavy imports are lazy."""
-    for family in FAMILIES:
+    """Import every module of this package (each family registers its names). Cheap: heavy imports are lazy."""
+    for family in _family_modules():
         importlib.import_module(f"{__name__}.{family}")
 
 
 def _entries() -> list[OptimizerEntry]:
     """Every entry, by family (FAMILIES order), then in registration order within the family."""
     _load_families()
-    rank = {f"{__name__}.{family}": i for i, family in enumerate(FAMILIES)}
+    rank = {f"{__name__}.{family}": i for i, family in enumerate(_family_modules())}
     order = list(OPTIMIZERS)
     return sorted(OPTIMIZERS.values(),
                   key=lambda e: (rank.get(getattr(e.build, "__module__", ""), len(rank)), order.index(e.name)))
@@ -263,10 +259,10 @@ class OptimizerHooks:
     args: Any
 
     def __post_init__(self) -> None:
-        from megatron.optimizer.partition import layouts_of  # noqa: PLC0415
+        from megatron.deepspeed_compat.partitions import model_sync  # noqa: PLC0415
 
         # under ZeRO / DeepSpeed's bf16 optimizer a swap changes the fp32 masters: copy them to the model
-        self._sync = layouts_of(getattr(self.engine, "optimizer", None))[1] or (lambda: None)
+        self._sync = model_sync(getattr(self.engine, "optimizer", None)) or (lambda: None)
         # A checkpoint is saved with the averaged (eval) weights: a schedule-free optimizer loaded
         # from one starts in eval mode and must go back to its training point before stepping.
         opt = self.optimizer

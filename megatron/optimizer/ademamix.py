@@ -51,7 +51,7 @@ class AdEMAMix(ElementwiseOptimizer):
         p.addcdiv_(update, denom, value=-lr)
 
 
-@register_optimizer("ademamix", help="AdEMAMix (Adam + slow EMA); --ademamix-beta3/-alpha/-warmup-iters")
+@register_optimizer("ademamix", state_copies=3.0, help="AdEMAMix (Adam + slow EMA); --ademamix-beta3/-alpha/-warmup-iters")
 def build_ademamix(groups: list[dict], args) -> torch.optim.Optimizer:
     return AdEMAMix(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2, arg(args, "ademamix_beta3", 0.9999)),
                     alpha=arg(args, "ademamix_alpha", 5.0), warmup=arg(args, "ademamix_warmup_iters", None),

@@ -27,7 +27,7 @@ def build_adam(groups: list[dict], args) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, **adam_kwargs(args), **FUSED)
 
 
-@register_optimizer("sgd", help="torch.optim.SGD with --sgd-momentum")
+@register_optimizer("sgd", state_copies=1.0, help="torch.optim.SGD with --sgd-momentum")
 def build_sgd(groups: list[dict], args) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=args.lr, momentum=args.sgd_momentum, weight_decay=args.weight_decay,
                            foreach=True)

@@ -32,7 +32,7 @@ def build_apex_adam(groups: list[dict], args):
     return build_adamw(groups, args)
 
 
-@register_optimizer("apex.sgd", help="apex FusedSGD (CUDA); else torch SGD (same math)")
+@register_optimizer("apex.sgd", state_copies=1.0, help="apex FusedSGD (CUDA); else torch SGD (same math)")
 def build_apex_sgd(groups: list[dict], args):
     if _apex_cuda():
         from apex.optimizers import FusedSGD  # noqa: PLC0415
@@ -58,7 +58,7 @@ def _adam8bit_check(args) -> list[str]:
     return errs
 
 
-@register_optimizer("adam8bit", check=_adam8bit_check,
+@register_optimizer("adam8bit", check=_adam8bit_check, state_copies=0.5,
                     help="bitsandbytes Adam8bit (8-bit optimizer states; ZeRO 0, fp32)")
 def build_adam8bit(groups: list[dict], args):
     import bitsandbytes as bnb  # noqa: PLC0415
@@ -75,7 +75,7 @@ def _shampoo_check(args) -> list[str]:
     return errs
 
 
-@register_optimizer("dshampooadamw", check=_shampoo_check,
+@register_optimizer("dshampooadamw", check=_shampoo_check, state_copies=3.0,
                     help="Distributed Shampoo with Adam grafting (facebookresearch/optimizers)")
 def build_dshampoo(groups: list[dict], args):
     from distributed_shampoo import AdamGraftingConfig, DistributedShampoo  # noqa: PLC0415

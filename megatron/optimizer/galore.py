@@ -134,7 +134,7 @@ def build_galore(groups: list[dict], args):
                        weight_decay=kw["weight_decay"])
 
 
-@register_optimizer("galoreadamw8bit", check=check_galore,
+@register_optimizer("galoreadamw8bit", check=check_galore, state_copies=0.5,
                     help="galore-torch GaLoreAdamW8bit (bitsandbytes 8-bit states: CUDA; ZeRO 0, fp32)")
 def build_galore8(groups: list[dict], args):
     from galore_torch import GaLoreAdamW8bit  # noqa: PLC0415

@@ -29,6 +29,6 @@ class Lion(ElementwiseOptimizer):
         m.lerp_(grad, 1 - b2)
 
 
-@register_optimizer("lion", help="Lion (sign momentum); betas from --adam-beta1/2, decoupled weight decay")
+@register_optimizer("lion", state_copies=1.0, help="Lion (sign momentum); betas from --adam-beta1/2, decoupled weight decay")
 def build_lion(groups: list[dict], args) -> torch.optim.Optimizer:
     return Lion(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)

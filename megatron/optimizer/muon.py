@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch

@@ -15,9 +15,8 @@ writes its fragments into a zero buffer, one all-reduce) and writes whole-tensor
 its fragments. A real, unpartitioned parameter is `Layout.whole(p)`: one fragment, no group, no
 communication, the same code path.
 
-`attach_layouts(engine)` builds the layouts from the DeepSpeed optimizer the engine wraps (this
-module and `megatron/optimizer/__init__.py` are the only places that read DeepSpeed's partition
-bookkeeping) and gives the client optimizer `layouts` and `sync_model_weights` (push the fp32
+`attach_layouts(engine)` builds the layouts from the DeepSpeed optimizer the engine wraps (read
+through megatron/deepspeed_compat/partitions.py) and gives the client optimizer `layouts` and `sync_model_weights` (push the fp32
 masters back into the model's weights after an in-place change such as a schedule-free swap).
 """
 from __future__ import annotations
@@ -27,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from megatron.deepspeed_compat.partitions import model_sync, partition_maps
 
 
 @dataclass(frozen=True)
@@ -151,77 +152,6 @@ class PartitionedWeights:
         param.mul_(factor.to(param.dtype))
 
 
-# ----------------------------------------------------------------------------- DeepSpeed side
-def _hp_layout(params: list, group) -> Layout:
-    """ZeRO 1/2 and DeepSpeed's bf16 optimizer: each model parameter's `_hp_mapping` names the
-    part of it (lp_fragment_address) and where it sits in the flat partition (hp_fragment_address)."""
-    frags = []
-    for i, p in enumerate(params):
-        m = getattr(p, "_hp_mapping", None)
-        if m is not None and m.lp_fragment_address.numel > 0:
-            frags.append(Fragment(i, m.lp_fragment_address.start, m.hp_fragment_address.start,
-                                  m.lp_fragment_address.numel))
-    return Layout(list(params), [p.shape for p in params], frags, group)
-
-
-def _stage3_layout(zero, sub_group: int) -> Layout:
-    """ZeRO-3: every parameter is split across the group on its own (`ds_tensor`, partition_numel
-    elements each, the last one short); a sub-group's flat tensor is its parameters' local parts
-    laid end to end."""
-    params = zero.fp16_groups[sub_group]
-    rank = dist.get_rank(group=zero._get_sub_group_process_group(sub_group))
-    frags, offset = [], 0
-    for i, p in enumerate(params):
-        per = p.partition_numel()
-        start = rank * per
-        n = max(0, min(per, p.ds_numel - start))
-        if n:
-            frags.append(Fragment(i, start, offset, n))
-        offset += per
-    return Layout(list(params), [p.ds_shape for p in params], frags, zero._get_sub_group_process_group(sub_group))
-
-
-def _contiguous_layout(params: list) -> Layout:
-    """DeepSpeed's fp16 optimizer at stage 0: one unpartitioned flat fp32 copy of each group."""
-    frags, offset = [], 0
-    for i, p in enumerate(params):
-        frags.append(Fragment(i, 0, offset, p.numel()))
-        offset += p.numel()
-    return Layout(list(params), [p.shape for p in params], frags, None)
-
-
-def layouts_of(zero) -> tuple[dict[int, Layout], Callable[[], None] | None]:
-    """({id(flat tensor): Layout}, sync) for the DeepSpeed optimizer `zero` (an engine's
-    `.optimizer`); ({}, None) when the client optimizer holds the model's tensors itself."""
-    if hasattr(zero, "single_partition_of_fp32_groups") and hasattr(zero, "bit16_groups"):  # ZeRO 1/2
-        lay = {id(flat): _hp_layout(zero.bit16_groups[i], zero.real_dp_process_group[i])
-               for i, flat in enumerate(zero.single_partition_of_fp32_groups)}
-        return lay, zero.update_lp_params
-    if hasattr(zero, "fp32_groups_flat_partition") and hasattr(zero, "bf16_groups"):  # bf16 at stage 0
-        lay = {id(flat): _hp_layout(zero.bf16_groups[i], zero.real_dp_process_group[i])
-               for i, flat in enumerate(zero.fp32_groups_flat_partition)}
-        return lay, zero.update_lp_params
-    if hasattr(zero, "fp32_partitioned_groups_flat") and hasattr(zero, "fp16_groups"):  # ZeRO 3
-        lay = {id(flat): _stage3_layout(zero, i) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)}
-
-        def sync() -> None:
-            for lp, hp in zip(zero.fp16_partitioned_groups_flat, zero.fp32_partitioned_groups_flat):
-                if lp is not None and lp is not hp:
-                    lp.data.copy_(hp.data)
-        return lay, sync
-    if hasattr(zero, "fp32_groups_flat") and hasattr(zero, "fp16_groups"):  # fp16 at stage 0
-        lay = {id(flat): _contiguous_layout(zero.fp16_groups[i]) for i, flat in enumerate(zero.fp32_groups_flat)}
-
-        def sync_fp16() -> None:
-            for i, flat in enumerate(zero.fp32_groups_flat):
-                off = 0
-                for p in zero.fp16_groups[i]:
-                    p.data.copy_(flat.data[off:off + p.numel()].view_as(p))
-                    off += p.numel()
-        return lay, sync_fp16
-    return {}, None
-
-
 def attach_layouts(engine) -> None:
     """Give the engine's client optimizer, if it is a `PartitionedWeights`, its layouts."""
     zero = getattr(engine, "optimizer", None)
@@ -231,3 +161,14 @@ def attach_layouts(engine) -> None:
     if not isinstance(client, PartitionedWeights):
         return
     client.layouts, client._sync = layouts_of(zero) if zero is not client else ({}, None)
+
+
+def layouts_of(zero) -> tuple[dict[int, Layout], Callable[[], None] | None]:
+    """({id(flat tensor): Layout}, sync) for the DeepSpeed optimizer `zero` (an engine's
+    `.optimizer`), from DeepSpeed's partition bookkeeping; ({}, None) when the client optimizer holds
+    the model's tensors itself."""
+    maps = partition_maps(zero)
+    if not maps:
+        return {}, None
+    return ({key: Layout(m.params, m.shapes, [Fragment(*f) for f in m.fragments], m.group) for key, m in maps.items()},
+            model_sync(zero))

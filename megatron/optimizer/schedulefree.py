@@ -48,7 +48,7 @@ def build_adamw_sf(groups: list[dict], args):
                                                     eps=args.adam_eps, **_common(args)))
 
 
-@register_optimizer("sgdschedulefree", check=check_schedulefree,
+@register_optimizer("sgdschedulefree", check=check_schedulefree, state_copies=1.0,
                     help="schedulefree.SGDScheduleFree with --sgd-momentum")
 def build_sgd_sf(groups: list[dict], args):
     import schedulefree  # noqa: PLC0415

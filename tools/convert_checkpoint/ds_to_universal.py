@@ -10,7 +10,7 @@ Same command line as DeepSpeed's converter (and upstream's ALCF/ds_to_universal.
 ZeRO stage 0 checkpoints (also what a run with one data-parallel replica writes) convert too:
 their optimizer state sits in the model-states files, and `_convert_stage0` writes the same atoms
 from it (DeepSpeed's converter has no stage 0 path). For ZeRO 1/2/3 checkpoints it runs
-`deepspeed.checkpoint.ds_to_universal.main` with three changes:
+DeepSpeed's `ds_to_universal.main` (through megatron/deepspeed_compat/universal.py) with three changes:
 
 1. **Large-DP padding fix** (DeepSpeed PR 7426 / upstream ALCF note): ZeRO shards are read with
    `strip_tensor_paddings=False`. The fragment offsets already exclude the padding, so nothing is
@@ -56,11 +56,11 @@ class ConversionError(RuntimeError):
 
 
 def _checkpoint_io():
-    """megatron.checkpoint_io (the project next to this tool when it is not installed)."""
+    """megatron.checkpoint.io (the project next to this tool when it is not installed)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if root not in sys.path:
         sys.path.append(root)
-    from megatron import checkpoint_io  # noqa: PLC0415
+    from megatron.checkpoint import io as checkpoint_io  # noqa: PLC0415
 
     return checkpoint_io
 
@@ -131,8 +131,10 @@ def muon_momentum_as_partition(momentum, fp32_partition, slices: dict, shapes: d
     return out
 
 
-def _patched_extract_zero_shards(ds, dir, ds_checkpoint, indices_3D):  # noqa: A002
-    """ds.extract_zero_shards with strip_tensor_paddings=False and every state name."""
+def _patched_extract_zero_shards(ds, rename, dir, ds_checkpoint, indices_3D):  # noqa: A002
+    """ds.extract_zero_shards with strip_tensor_paddings=False and every state name; the atoms are
+    named `rename(name)` (pipeline checkpoints: the GPTModel name), and a tied parameter (the
+    pipeline's tied embedding, replicated on the last stage) is taken from the first stage only."""
     pp_index, tp_index, dp_index = indices_3D
     sd = ds_checkpoint.get_zero_checkpoint_state(pp_index=pp_index, tp_index=tp_index, dp_index=dp_index,
                                                  strip_tensor_paddings=False)
@@ -157,10 +159,11 @@ def _patched_extract_zero_shards(ds, dir, ds_checkpoint, indices_3D):  # noqa: A
         flat, scalars = _flat_states(group_state, needed, where)
         states = {"fp32": fp32, **flat, **scalars}
         for name, frag in param_slice_mappings[gid].items():
-            if pp_index > 0 and any(re.match(p, name) for p in pipeline_replicated):
+            replicated = name.startswith("tied_modules.") or any(re.match(p, name) for p in pipeline_replicated)
+            if pp_index > 0 and replicated:
                 continue
             for key, value in states.items():
-                ds.dump_param_fragment(dir, tp_index, dp_index, key, value, name, frag.start, frag.numel)
+                ds.dump_param_fragment(dir, tp_index, dp_index, key, value, rename(name), frag.start, frag.numel)
 
 
 def _patched_extract_zero_shards_stage3(ds, optim_files_grid, param_shapes_grid, dp_degree, temp_dir, indices,
@@ -374,19 +377,69 @@ def _write_zero3_model_states(ds, zero3_model_file: str, output_folder: str) -> 
     _write_global_optimizer_state(sd, rank0["param_groups"], output_folder)
 
 
+def _pipeline_renamer(input_folder: str, model_files: list[str]):
+    """For a pipeline-parallel checkpoint (layer_XX files): (renamer pipeline name -> GPTModel name,
+    saved args). The universal checkpoint is laid out as a PP = 1 one (GPTModel names), so it loads
+    at PP = 1 at any TP / DP size and ZeRO stage 1 or 2."""
+    args = torch_load(os.path.join(input_folder, model_files[0]), map_location="cpu").get("args") or {}
+    if not args.get("num_layers"):
+        raise ConversionError(f"{input_folder} is a pipeline-parallel checkpoint without this trainer's 'args' "
+                              "client state: its layers cannot be named; resume it with the same PP size")
+    from megatron.model.gpt_pipeline import gpt_param_name  # noqa: PLC0415  (the project is on sys.path now)
+
+    num_layers, untied = int(args["num_layers"]), bool(args.get("untie_embeddings_and_output_weights"))
+    return (lambda name: gpt_param_name(name, num_layers, untied)), args
+
+
+def _write_pipeline_model_states(input_folder: str, output_folder: str, model_files: list[str], args: dict,
+                                 rename) -> None:
+    """Replace the per-stage model-states files DeepSpeed copied (mp_rank_ZZ, ZZ = stage * TP + tp rank;
+    their `module` is None: a pipeline keeps its weights in layer_XX files) by one file per TP rank, as a
+    PP = 1 checkpoint has: stage 0's client state, the module read from the layer files under GPTModel
+    names, the parameter shapes of every stage per optimizer group."""
+    import torch  # noqa: PLC0415
+
+    from megatron.model.gpt_pipeline import read_pipeline_checkpoint  # noqa: PLC0415
+
+    tp = int(args.get("tensor_model_parallel_size") or 1)
+    if len(model_files) % tp:
+        raise ConversionError(f"{input_folder}: {len(model_files)} model-states files for TP={tp}")
+    for f in model_files:
+        os.remove(os.path.join(output_folder, f))
+    num_layers, untied = int(args["num_layers"]), bool(args.get("untie_embeddings_and_output_weights"))
+    for tp_rank in range(tp):
+        stages = [torch_load(os.path.join(input_folder, f), map_location="cpu") for f in model_files[tp_rank::tp]]
+        groups: list[dict] = []
+        for stage in stages:
+            for gid, group in enumerate(stage.get("param_shapes") or []):
+                while len(groups) <= gid:
+                    groups.append({})
+                groups[gid].update({rename(k): v for k, v in group.items()})
+        out = dict(stages[0])
+        out["module"] = read_pipeline_checkpoint(input_folder, num_layers, untied, tp_rank=tp_rank)
+        out["param_shapes"] = groups
+        out["mp_world_size"] = tp
+        out["checkpoint_parallel_dimensions"] = {"pp_degree": 1, "tp_degree": tp}
+        torch.save(out, os.path.join(output_folder, f"mp_rank_{tp_rank:02d}_model_states.pt"))
+
+
 def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = False, num_extract_workers: int = 1,
             num_merge_workers: int = 1, strict: bool = True, inject_missing_state: bool = False,
             strip_vocab_padding: bool = False) -> str:
     """Convert `input_folder` (a global_step<N> directory) into `output_folder`; returns the tag
     written to `latest_universal` next to the output folder."""
-    import deepspeed.checkpoint.ds_to_universal as ds  # noqa: PLC0415
+    from megatron.deepspeed_compat.universal import converter  # noqa: PLC0415  (DeepSpeed's private helpers)
+
+    ds = converter()
 
     if not os.path.isdir(input_folder):
         raise ConversionError(f"--input_folder {input_folder}: no such directory")
-    if [f for f in os.listdir(input_folder) if f.startswith("layer_") and f.endswith("model_states.pt")]:
-        raise ConversionError(f"{input_folder} is a pipeline-parallel checkpoint (layer_XX files): universal "
-                              "conversion supports PP=1 checkpoints only; resume it with the same PP size")
+    pipeline = bool([f for f in os.listdir(input_folder) if f.startswith("layer_") and f.endswith("model_states.pt")])
     stage0 = not [f for f in os.listdir(input_folder) if f.endswith("optim_states.pt")]
+    if pipeline and stage0:
+        raise ConversionError(f"{input_folder} is a pipeline-parallel checkpoint saved at ZeRO stage 0 (its optimizer "
+                              "state inside the per-stage model files): universal conversion of pipeline checkpoints "
+                              "needs ZeRO-1 shards; resume it with the same PP size, or train with ZERO_STAGE=1")
     zero3_models = sorted(f for f in os.listdir(input_folder)
                           if re.fullmatch(r"zero_pp_rank_0_mp_rank_\d+_model_states\.pt", f))
     if len(zero3_models) > 1:
@@ -397,15 +450,17 @@ def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = F
         if path.endswith(".pt"):
             _checkpoint_io().check_pickle_globals(os.path.join(input_folder, path))
     stage0_files = _stage0_model_states(input_folder, model_files) if stage0 else None
+    rename, saved = _pipeline_renamer(input_folder, model_files) if pipeline else ((lambda name: name), None)
     output_folder = os.path.normpath(output_folder)
     if os.path.exists(output_folder):
         shutil.rmtree(output_folder)
     keep = not strip_vocab_padding
     originals = {k: getattr(ds, k) for k in ("extract_zero_shards", "extract_zero_shards_stage3", "merge_tp_slices",
-                                              "merge_zero3_slices")}
-    merge_tp = originals["merge_tp_slices"]
+                                              "merge_zero3_slices", "_group_per_tp_shapes")}
+    merge_tp, group_shapes = originals["merge_tp_slices"], originals["_group_per_tp_shapes"]
     patches = {
-        "extract_zero_shards": lambda *a: _patched_extract_zero_shards(ds, *a),
+        "extract_zero_shards": lambda *a: _patched_extract_zero_shards(ds, rename, *a),
+        "_group_per_tp_shapes": lambda *a: {rename(k): v for k, v in group_shapes(*a).items()},
         "extract_zero_shards_stage3": lambda *a, **k: _patched_extract_zero_shards_stage3(ds, *a, **k),
         "merge_tp_slices": lambda *a: _patched_merge_tp_slices(ds, merge_tp, keep, *a),
         "merge_zero3_slices": lambda *a: _patched_merge_zero3_slices(ds, *a),
@@ -425,6 +480,8 @@ def convert(input_folder: str, output_folder: str, *, keep_temp_folder: bool = F
     finally:
         for k, v in originals.items():
             setattr(ds, k, v)
+    if pipeline:
+        _write_pipeline_model_states(input_folder, output_folder, model_files, saved, rename)
     if zero3_models:
         _write_zero3_model_states(ds, os.path.join(input_folder, zero3_models[0]), output_folder)
     parent, tag = os.path.split(output_folder)

@@ -73,7 +73,7 @@ def convert(hf: str, output: str, *, divisible_by: int = 128) -> dict:
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    from megatron.checkpointing import ARGS_FILE, CHECKPOINT_VERSION, LATEST, TRACKER_FILE, write_atomic  # noqa: PLC0415
+    from megatron.checkpoint.checkpointing import ARGS_FILE, CHECKPOINT_VERSION, LATEST, TRACKER_FILE, write_atomic  # noqa: PLC0415
     from megatron.model import GPTModel  # noqa: PLC0415
     from megatron.model.hf_convert import from_hf_state_dict  # noqa: PLC0415
 

@@ -5,8 +5,10 @@
         [--dtype fp32|bf16] [--tokenizer NAME_OR_DIR]
 
 Reads any of: a DeepSpeed ZeRO-1/2/3 checkpoint (the fp32 master weights, merged over all
-data-parallel shards; a TP > 1 checkpoint's tensor-parallel shards are merged through a temporary
-universal checkpoint, ds_to_universal.py), a pipeline-parallel checkpoint, a universal checkpoint (`--universal-checkpoint`, or a `*_universal` tag), or
+data-parallel shards; a TP > 1 or PP > 1 checkpoint's tensor-parallel shards and pipeline stages are
+merged through a temporary universal checkpoint, ds_to_universal.py; a pipeline checkpoint without
+optimizer shards at TP = 1: the layer files' module weights), a universal checkpoint
+(`--universal-checkpoint`, or a `*_universal` tag), or
 a weights-only checkpoint written by from_hf.py. Writes `config.json` (LlamaConfig),
 `model.safetensors`, `generation_config.json`, and the tokenizer files when the checkpoint's
 tokenizer is known (HFTokenizer name/dir, or a sentencepiece model), or `--tokenizer`.
@@ -52,7 +54,7 @@ def _model_states_file(tag_dir: str) -> str:
 
 
 def saved_args(tag_dir: str) -> dict:
-    from megatron.checkpoint_io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
+    from megatron.checkpoint.io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
 
     state = torch_load(_model_states_file(tag_dir), map_location="cpu")
     args = state.get("args")
@@ -63,7 +65,7 @@ def saved_args(tag_dir: str) -> dict:
 
 def load_fp32_weights(load: str, tag: str) -> dict:
     """Full-precision weights under our parameter names (no 'module.' prefix)."""
-    from megatron.checkpoint_io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
+    from megatron.checkpoint.io import torch_load  # noqa: PLC0415  (weights_only=True + allowlist)
 
     tag_dir = os.path.join(load, tag)
     if os.path.isdir(os.path.join(tag_dir, "zero")):  # universal checkpoint: one directory per parameter
@@ -76,24 +78,30 @@ def load_fp32_weights(load: str, tag: str) -> dict:
         return out
     if glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt")):  # pipeline parallel: one file per layer
         args = saved_args(tag_dir)
+        if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):  # the stages' fp32 masters (and TP shards) merged
+            return _merged_weights(load, tag)
         if (args.get("tensor_model_parallel_size") or 1) > 1:
-            raise ValueError(f"{tag_dir}: exporting a checkpoint with both PP > 1 and TP > 1 is not supported")
+            raise ValueError(f"{tag_dir}: a checkpoint with PP > 1 and TP > 1 saved without ZeRO-1 optimizer shards "
+                             "(ZeRO stage 0 or --no-save-optim) cannot be merged; resume it at the same layout with "
+                             "ZERO_STAGE=1 and save again")
         from megatron.model.gpt_pipeline import read_pipeline_checkpoint  # noqa: PLC0415
 
-        sd = read_pipeline_checkpoint(tag_dir, args["num_layers"], bool(args.get("untie_embeddings_and_output_weights")))
+        log.info("%s: no optimizer shards; exporting the module weights of the layer files", tag_dir)
+        untied = bool(args.get("untie_embeddings_and_output_weights"))
+        sd = read_pipeline_checkpoint(tag_dir, args["num_layers"], untied)
         return {k: v.float() for k, v in sd.items()}  # the module weights (bf16 runs: bf16-rounded)
     if (saved_args(tag_dir).get("tensor_model_parallel_size") or 1) > 1:
-        return _tp_merged_weights(load, tag)
+        return _merged_weights(load, tag)
     if glob.glob(os.path.join(tag_dir, "*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+        from megatron.deepspeed_compat.universal import fp32_state_dict_from_zero  # noqa: PLC0415
 
         # DeepSpeed's merger reads the shards with torch.load(weights_only=False): refuse foreign
         # pickles first (their pickles only are read, against our allowlist)
-        from megatron.checkpoint_io import check_pickle_globals  # noqa: PLC0415
+        from megatron.checkpoint.io import check_pickle_globals  # noqa: PLC0415
 
         for path in sorted(glob.glob(os.path.join(tag_dir, "*_states.pt"))):
             check_pickle_globals(path)
-        sd = get_fp32_state_dict_from_zero_checkpoint(load, tag=tag)
+        sd = fp32_state_dict_from_zero(os.path.join(load, tag))
         return {k: v.float() for k, v in sd.items()}
     state = torch_load(_model_states_file(tag_dir), map_location="cpu")
     sd = {(k[len("module."):] if k.startswith("module.") else k): v.float() for k, v in state["module"].items()}
@@ -103,10 +111,11 @@ def load_fp32_weights(load: str, tag: str) -> dict:
     return sd
 
 
-def _tp_merged_weights(load: str, tag: str) -> dict:
-    """A TP > 1 checkpoint: its shards (one mp_rank_XX per TP rank) merged by the universal converter
-    (ds_to_universal.py: column-, row- and vocabulary-parallel layouts, replicated norms) into a
-    temporary universal checkpoint, which is then read like any universal checkpoint."""
+def _merged_weights(load: str, tag: str) -> dict:
+    """A TP > 1 or PP > 1 checkpoint: its shards (one mp_rank_XX per TP rank, per pipeline stage)
+    merged by the universal converter (ds_to_universal.py: column-, row- and vocabulary-parallel
+    layouts, replicated norms, pipeline stages renamed to GPTModel names) into a temporary universal
+    checkpoint, which is then read like any universal checkpoint."""
     import tempfile  # noqa: PLC0415
 
     try:
@@ -119,9 +128,10 @@ def _tp_merged_weights(load: str, tag: str) -> dict:
         try:
             ds_to_universal.convert(tag_dir, os.path.join(tmp, f"{tag}_universal"))
         except ds_to_universal.ConversionError as e:
-            tp = saved_args(tag_dir).get("tensor_model_parallel_size")
-            raise ValueError(f"{tag_dir} is a tensor-parallel checkpoint (TP={tp}) and its shards cannot be "
-                             f"merged: {e}") from e
+            args = saved_args(tag_dir)
+            tp, pp = args.get("tensor_model_parallel_size"), args.get("pipeline_model_parallel_size")
+            raise ValueError(f"{tag_dir} is a model-parallel checkpoint (TP={tp}, PP={pp}) and its shards cannot "
+                             f"be merged: {e}") from e
         return load_fp32_weights(tmp, f"{tag}_universal")
 
 

@@ -19,11 +19,11 @@ Writing. `torch.save` to a path reports a full disk as an opaque ``RuntimeError`
 pos ... vs ...") from its zip writer. The wrapped checkpoint engine saves through a file object
 that keeps the `OSError` (``[Errno 28] No space left on device``), removes the half-written file,
 and does not raise: DeepSpeed's save continues (its collectives stay matched on every rank) and
-`megatron.checkpointing.save_checkpoint` then reports the failure from every rank at once
+`megatron.checkpoint.checkpointing.save_checkpoint` then reports the failure from every rank at once
 (`CheckpointSaveError`).
 
 Test hook: ``MEGATRON_TEST_FAULTS=enospc@k`` makes the save of iteration k fail with ENOSPC after
-its first 64 KiB (megatron/numerics.py parses the variable).
+its first 64 KiB (megatron/observability/numerics.py parses the variable).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ import re
 
 import torch
 
-from megatron import checkpoint_manifest
+from megatron.checkpoint import manifest as checkpoint_manifest
+from megatron.deepspeed_compat.engine import is_plain_torch_checkpoint_engine, replace_checkpoint_engine
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,9 @@ def safe_globals() -> list:
     allowed.append(_reconstruct)
     allowed += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]  # numpy.dtypes.*DType
     try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
-        from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
-        from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+        from megatron.deepspeed_compat.universal import checkpoint_pickle_types  # noqa: PLC0415
 
-        allowed += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+        allowed += checkpoint_pickle_types()
     except ImportError:  # pragma: no cover - DeepSpeed is a dependency; tools may run without it
         pass
     return allowed
@@ -182,9 +181,7 @@ class GuardedCheckpointEngine:
         return getattr(self._inner, name)
 
     def _plain_torch(self) -> bool:
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: PLC0415
-
-        return type(self._inner) is TorchCheckpointEngine
+        return is_plain_torch_checkpoint_engine(self._inner)
 
     def start_save(self, inject_enospc: bool = False) -> None:
         self.failure, self.inject_enospc, self.written = None, inject_enospc, {}
@@ -268,12 +265,9 @@ def _file_key(path: str) -> tuple | None:
 
 def guard_engine(engine, args) -> GuardedCheckpointEngine | None:
     """Wrap `engine.checkpoint_engine` once; returns the wrapper (None when the engine has none)."""
-    inner = getattr(engine, "checkpoint_engine", None)
+    inner = replace_checkpoint_engine(engine, GuardedCheckpointEngine, GuardedCheckpointEngine)
     if inner is None:
         return None
-    if not isinstance(inner, GuardedCheckpointEngine):
-        inner = GuardedCheckpointEngine(inner)
-        engine.checkpoint_engine = inner
     inner.unsafe_load = bool(getattr(args, "unsafe_checkpoint_load", False))
     return inner
 

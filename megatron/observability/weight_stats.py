@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron.deepspeed_compat.partitions import full_grad, zero3_local
+
 
 def _layout() -> tuple[int, int]:
     """(tensor-parallel rank, number of replicas of each element over data x sequence parallelism)."""
@@ -35,15 +37,6 @@ def _layout() -> tuple[int, int]:
 
 def _counted_here(p: torch.nn.Parameter, tp_rank: int) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
-
-
-def _zero3_local(p: torch.nn.Parameter) -> torch.Tensor:
-    """This rank's elements of a ZeRO-3 parameter (its partition without the last one's padding)."""
-    part = p.ds_tensor
-    size = part.ds_numel
-    rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
-    valid = max(0, min(size, p.ds_numel - rank * size))
-    return part.reshape(-1).narrow(0, 0, valid)
 
 
 def _world_sum(values: list[float]) -> list[float]:
@@ -61,19 +54,11 @@ def params_norm(model: torch.nn.Module) -> float:
         if not _counted_here(p, tp_rank):
             continue
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition only
-            part += float(_zero3_local(p).detach().double().square().sum())
+            part += float(zero3_local(p).detach().double().square().sum())
         else:
             full += float(p.detach().double().square().sum())
     full, part = _world_sum([full, part])
     return (full / replicas + part) ** 0.5
-
-
-def _full_grad(p: torch.nn.Parameter):
-    from deepspeed.utils import safe_get_full_grad  # noqa: PLC0415
-
-    if getattr(p, "_hp_mapping", None) is not None and getattr(p, "ds_id", None) is None:
-        return p.get_full_hp_grad()  # ZeRO-1/2 and the bf16 optimizer: the reduced fp32 gradient
-    return safe_get_full_grad(p)
 
 
 def num_zeros_in_grad(model: torch.nn.Module) -> int:
@@ -83,7 +68,7 @@ def num_zeros_in_grad(model: torch.nn.Module) -> int:
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        g = _full_grad(p)  # a collective under ZeRO: every rank, same order
+        g = full_grad(p)  # a collective under ZeRO: every rank, same order
         if g is not None and _counted_here(p, tp_rank):
             zeros += float(g.numel() - torch.count_nonzero(g))
     (zeros,) = _world_sum([zeros])

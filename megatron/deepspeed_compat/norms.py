@@ -1,14 +1,10 @@
-"""Where this code changes what DeepSpeed does, one named function per change.
+"""The gradient norm, accumulated in fp64 at every ZeRO stage and precision (`exact_grad_norm`).
 
-Each function says which DeepSpeed behaviour it replaces and why; tests/test_deepspeed_compat.py
-fails if DeepSpeed stops having the thing a function relies on.
-
-* `exact_grad_norm(engine)`: one gradient norm for every ZeRO stage and precision, accumulated
-  in fp64. DeepSpeed's stage 0 paths take each gradient's norm with ``tensor.float().norm()``
-  (torch's fp32 CPU kernel), which drops small terms on large tensors: on the tiny test model at
-  step 1 the fp32 stage 0 norm was 1.041400671 against 1.0414596947 in fp64 (the whole gap in the
-  output layer), and clipping used that norm. ZeRO 1/2 take each partition's norm in a wider type
-  but add the squares in fp32 (2.5e-7 relative off under bf16); ZeRO-3 is exact already.
+DeepSpeed's stage 0 paths take each gradient's norm with ``tensor.float().norm()`` (torch's fp32
+CPU kernel), which drops small terms on large tensors: on the tiny test model at step 1 the fp32
+stage 0 norm was 1.041400671 against 1.0414596947 in fp64 (the whole gap in the output layer), and
+clipping used that norm. ZeRO 1/2 take each partition's norm in a wider type but add the squares
+in fp32 (2.5e-7 relative off under bf16); ZeRO-3 is exact already.
 """
 from __future__ import annotations
 

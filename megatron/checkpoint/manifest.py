@@ -1,7 +1,7 @@
 """What a complete checkpoint looked like: `global_step<N>/manifest.json`, and its verification.
 
 Every save writes, inside the checkpoint directory and before the directory is committed (renamed
-from `global_step<N>.partial`, megatron/checkpointing.py), a manifest listing every file of the
+from `global_step<N>.partial`, megatron/checkpoint/checkpointing.py), a manifest listing every file of the
 checkpoint with its size and a fast checksum:
 
     {"format": 1, "algorithm": "xxh3_64", "tag": "global_step20", "iteration": 20,

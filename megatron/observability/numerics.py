@@ -32,7 +32,7 @@ was dropped"). Process and storage faults: ``kill@k`` / ``stop@k`` send the proc
 SIGSTOP (a dead / hung rank) in iteration k's forward; ``overflow@k`` multiplies the loss by 1e30:
 finite in float32, but under fp16 its gradients overflow (a forced loss-scaler overflow);
 ``enospc@k`` makes the checkpoint save of iteration k fail with "No space left on device"
-(megatron/checkpoint_io.py). ``kind@k:r`` limits an entry to rank r.
+(megatron/checkpoint/io.py). ``kind@k:r`` limits an entry to rank r.
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from megatron.deepspeed_compat.engine import step_without_update
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +79,6 @@ def injected_fault(iteration: int, rank: int = 0) -> str | None:
     """The MEGATRON_TEST_FAULTS kind for this iteration and rank (None almost always)."""
     spec = os.environ.get(FAULTS_ENV, "")
     return parse_faults(spec, rank).get(iteration) if spec else None
-
-
-def _innermost_optimizer(optimizer):
-    """The optimizer whose step() changes the weights (DeepSpeed wrappers keep it in `.optimizer`)."""
-    seen = set()
-    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def local_grads_finite(module: torch.nn.Module) -> bool:
@@ -162,20 +155,7 @@ class NumericsGuard:
             self._last_skipped = int(getattr(engine, "skipped_steps", 0)) > before  # DeepSpeed's own overflow skip
             self._last_overflow = self.fp16 and self._last_skipped and finite
             return
-        inner, sched = _innermost_optimizer(engine.optimizer), engine.lr_scheduler
-        patched = [(obj, obj.__dict__.get("step")) for obj in (inner, sched) if obj is not None]
-        for obj, _ in patched:  # an instance attribute shadows the method for this one call
-            obj.step = lambda *a, **k: None
-        try:
-            step_fn()  # DeepSpeed clears the gradients and advances its counters; no update, no LR step
-        finally:
-            for obj, previous in patched:
-                if previous is None:
-                    del obj.step
-                else:
-                    obj.step = previous
-        if int(getattr(engine, "skipped_steps", 0)) == before:
-            engine.skipped_steps = before + 1
+        step_without_update(engine, step_fn)  # DeepSpeed clears the gradients and counts the step
         self._last_skipped = True
 
     @staticmethod

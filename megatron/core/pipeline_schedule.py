@@ -56,8 +56,9 @@ def pipeline_problems(args) -> list[str]:
     if args.lr_finder:
         errs.append(f"--lr-finder is not supported {why}; run the LR range test with PP=1")
     if args.universal_checkpoint:
-        errs.append(f"--universal-checkpoint is not supported {why}: the converter and the loader handle "
-                    "tensor-parallel checkpoints only; load with PP=1 or resume the PP checkpoint as is")
+        errs.append(f"--universal-checkpoint is not supported {why}: a universal checkpoint (converted from any "
+                    "TP/PP/DP layout) loads at PP=1 only (DeepSpeed's universal loader fills the ZeRO-1/2 optimizer "
+                    "of a PP=1 engine); load it with PP=1, or resume the PP checkpoint as is")
     if getattr(args, "compile", False):
         errs.append(f"--compile is not supported {why}; drop --compile")
     recompute = args.checkpoint_activations or args.deepspeed_activation_checkpointing \
@@ -104,21 +105,24 @@ def setup_pipeline_engine(args, config, ds_config: dict, scheduler_factory: Call
 
 def _bind_optimizer_step(engine, args) -> None:
     """Give the pipe schedule's optimizer step the LR increment and the NumericsGuard."""
-    from megatron.optimizer_param_scheduler import scheduler_increment  # noqa: PLC0415
+    from megatron.schedules import scheduler_increment  # noqa: PLC0415
 
-    take_model_step = engine._take_model_step
+    from megatron.deepspeed_compat.engine import wrap_model_step  # noqa: PLC0415
+
     increment = scheduler_increment(args)
 
-    def step(lr_kwargs=None):
-        do = lambda: take_model_step(lr_kwargs or {"increment": increment})  # noqa: E731
-        guard = engine.module.loss_fn.guard
-        if guard is None:
-            return do()
-        last = engine.is_last_stage() and engine.total_loss is not None
-        loss = engine.total_loss.detach().float() if last else torch.zeros((), device=engine.device)
-        guard.step(engine, loss, do)  # all ranks agree: skipped everywhere or nowhere
+    def make_step(take_model_step):
+        def step(lr_kwargs=None):
+            do = lambda: take_model_step(lr_kwargs or {"increment": increment})  # noqa: E731
+            guard = engine.module.loss_fn.guard
+            if guard is None:
+                return do()
+            last = engine.is_last_stage() and engine.total_loss is not None
+            loss = engine.total_loss.detach().float() if last else torch.zeros((), device=engine.device)
+            guard.step(engine, loss, do)  # all ranks agree: skipped everywhere or nowhere
+        return step
 
-    engine._take_model_step = step  # an instance attribute: the engine calls self._take_model_step
+    wrap_model_step(engine, make_step)
 
 
 def train_batch(engine, data_iter: Iterator, to_sample: Callable[[Any], tuple], guard=None,

@@ -17,11 +17,11 @@ in upstream's order (upstream-spec §11.1) followed by `MFU` and `ETA`:
 * elapsed per iteration = wall time since the previous line, minus evaluation and checkpoint
   time, divided by the iterations in the interval (so throughput is the training throughput);
 * samples/s = GBS / elapsed; tgs = samples/s · seq / world size;
-* TFLOPs = `megatron.mfu.flops_per_iteration` / elapsed / 1e12 / world size (per device);
+* TFLOPs = `megatron.observability.mfu.flops_per_iteration` / elapsed / 1e12 / world size (per device);
 * MFU = TFLOPs / the device's peak (`--peak-tflops`, a table, or a matmul measured at start-up);
 * ETA = iterations left × elapsed per iteration;
 * num_zeros / params_norm (after grad_norm, with --log-num-zeros-in-grad / --log-params-norm):
-  megatron/weight_stats.py;
+  megatron/observability/weight_stats.py;
 * lm loss = mean over the interval's iterations with a finite loss; NaN/inf iterations are
   counted in number_of_nan_iterations; skipped = optimizer steps DeepSpeed skipped in the interval.
 """
@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -40,8 +39,10 @@ import torch
 import torch.distributed as dist
 
 from megatron.fp16 import loss_scale as fp16_loss_scale
-from megatron.mfu import PeakFlops, flops_per_iteration, resolve_peak
-from megatron.timers import Timers
+from megatron.observability.mfu import PeakFlops, flops_per_iteration, resolve_peak
+from megatron.observability.stats import (  # noqa: F401  (format_duration, memory_stats: exported)
+    _all_reduce, _data_parallel_group, _human_seconds, _zero_partition_group, format_duration, memory_stats)
+from megatron.observability.timers import Timers
 
 log = logging.getLogger(__name__)
 
@@ -56,67 +57,12 @@ DUMP_TOKENS_ITERATIONS = 10  # DUMP_TOKENS prints the batches of this many itera
 __all__ = ["TrainLogger", "flops_per_iteration", "format_duration", "memory_stats", "TIMER_LEVELS"]
 
 
-def format_duration(seconds: float) -> str:
-    """h:mm:ss (hours unbounded)."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def memory_stats(device_type: str) -> dict[str, float]:
-    """Memory of this process in GB: accelerator allocator counters, or host RSS on a CPU."""
-    gb = 1024 ** 3
-    mod = getattr(torch, device_type, None) if device_type in ("cuda", "xpu") else None
-    if mod is not None and mod.is_available():
-        return {"allocated_gb": mod.memory_allocated() / gb, "max_allocated_gb": mod.max_memory_allocated() / gb,
-                "reserved_gb": mod.memory_reserved() / gb}
-    out = {"max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gb}
-    try:
-        with open("/proc/self/statm") as f:
-            out["rss_gb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / gb
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
-def _human_seconds(seconds: float) -> str:
-    """'12.3 s' under a minute, else h:mm:ss."""
-    return f"{seconds:.1f} s" if 0 <= seconds < 60 else format_duration(seconds)
-
-
 def _fmt_tflops(x: float) -> str:
     return f"{x:.4g}"
 
 
 def _model_numel(engine) -> int:
     return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in engine.module.parameters())
-
-
-def _all_reduce(values: list[float], op=None, group=None) -> list[float]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
-    return t.tolist()
-
-
-def _zero_partition_group():
-    """ZeRO partitions the optimizer state over the data- and Ulysses-sequence-parallel ranks."""
-    if not dist.is_initialized():
-        return None
-    from megatron.core import parallel_state  # noqa: PLC0415
-
-    return parallel_state.get_sequence_data_parallel_group()
-
-
-def _data_parallel_group():
-    """Tensor/pipeline-parallel ranks see the same samples: count them once, over data parallelism."""
-    if not dist.is_initialized():
-        return None
-    from megatron.core import parallel_state  # noqa: PLC0415
-
-    return parallel_state.get_data_parallel_group()
 
 
 @dataclass
@@ -170,7 +116,7 @@ class TrainLogger:
             if args.metrics_file:
                 os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
                 metrics = open(args.metrics_file, "a" if resumed else "w", buffering=1)
-            from megatron.wandb_utils import init_wandb  # noqa: PLC0415
+            from megatron.observability.wandb_utils import init_wandb  # noqa: PLC0415
 
             run = init_wandb(args)
         peak = resolve_peak(getattr(args, "peak_tflops", None), getattr(args, "device_type", "cpu"),
@@ -191,7 +137,7 @@ class TrainLogger:
     def watch(self, engine) -> None:
         """Hook what must be read inside the step (--log-num-zeros-in-grad: the gradient before the update)."""
         if getattr(self.args, "log_num_zeros_in_grad", False):
-            from megatron.weight_stats import watch_zeros_in_grad  # noqa: PLC0415
+            from megatron.observability.weight_stats import watch_zeros_in_grad  # noqa: PLC0415
 
             self.zeros = watch_zeros_in_grad(engine, self.is_report)
 
@@ -294,12 +240,12 @@ class TrainLogger:
         if self.zeros.get("iteration") == iteration:
             extra["num_zeros"] = self.zeros["num_zeros"]
         if getattr(a, "log_params_norm", False):
-            from megatron.weight_stats import params_norm  # noqa: PLC0415
+            from megatron.observability.weight_stats import params_norm  # noqa: PLC0415
 
             extra["params_norm"] = params_norm(engine.module)
         opt_stats = {}
         if a.log_optimizer_states_to_tensorboard:
-            from megatron.optimizer_stats import optimizer_state_stats  # noqa: PLC0415
+            from megatron.observability.optimizer_stats import optimizer_state_stats  # noqa: PLC0415
 
             if self.model_numel is None:
                 self.model_numel = _model_numel(engine)

@@ -1,0 +1,138 @@
+"""Named changes to a DeepSpeed engine or its optimizer after `deepspeed.initialize`.
+
+Each function replaces one DeepSpeed behaviour on one instance (never on the class), says what
+DeepSpeed does and why it is changed, and is covered by the contract test in
+tests/test_deepspeed_compat.py (which fails if DeepSpeed renames or re-signs what it relies on).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+
+def allow_fp16_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator reports fp16 as unsupported where oneDNN has no native fp16, and
+    `deepspeed.initialize` then refuses fp16; torch computes every fp16 op on such CPUs (slower, same
+    rounding), so fp16 runs are allowed (megatron/fp16.py explains the precision contract)."""
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
+        acc.is_fp16_supported = lambda: True
+
+
+def defer_loss_scale_growth(optimizer) -> None:
+    """DeepSpeed's ZeRO optimizers (stages 1, 2 and 3) call ``_update_scale(False)`` -- which doubles
+    the scale after `loss_scale_window` overflow-free steps -- *before* they unscale and clip the
+    gradients with the (now doubled) scale, so every growth step applies half the gradient (and clips
+    and reports the norm against the wrong scale). Megatron's scaler unscales first. Here a
+    no-overflow update is deferred until `step()` has applied the update; an overflow is handled at
+    once, as before. Tested by tests/test_fp16.py (a run whose scale grows equals one whose scale
+    stays constant)."""
+    update, step = optimizer._update_scale, optimizer.step
+    pending: list[bool] = []
+
+    def deferred_update(overflow=False):
+        if overflow:
+            return update(overflow)
+        pending.append(False)
+        return None
+
+    def step_then_grow(*args, **kwargs):
+        pending.clear()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            if pending:
+                pending.clear()
+                update(False)
+
+    optimizer._update_scale = deferred_update  # instance attributes: DeepSpeed calls self._update_scale / .step
+    optimizer.step = step_then_grow
+
+
+def skip_single_replica_allreduce(engine) -> None:
+    """At ZeRO stage 0 with one data-parallel replica DeepSpeed still flattens every gradient and
+    "all-reduces" it over a group of one after each backward: off (`enable_backward_allreduce`)."""
+    engine.enable_backward_allreduce = False
+
+
+def skip_bf16_overflow_scan(engine) -> None:
+    """DeepSpeed's bf16 stage 0 optimizer scans every gradient for inf/NaN (amax + amin per tensor),
+    then computes their norm, which it checks again and skips the step on the same way: the scan is
+    1.5 % of a bf16 step on the bench model. NaN/Inf skipping stays tested (tests/test_numerics.py)."""
+    checker = getattr(engine.optimizer, "overflow_checker", None)
+    if checker is not None and hasattr(engine.optimizer, "_skip_invalid_grad_norm"):
+        checker.check = lambda param_groups=None: False
+
+
+def wrap_model_step(engine, make_step: Callable[[Callable], Callable]) -> None:
+    """The pipeline engine applies the optimizer step inside its schedule (`_take_model_step`), where
+    the trainer cannot call it: `make_step(original)` returns the step to use instead (the LR
+    increment and the numerics guard's skip decision, megatron/core/pipeline_schedule.py)."""
+    engine._take_model_step = make_step(engine._take_model_step)  # instance attribute: self._take_model_step
+
+
+@contextlib.contextmanager
+def without_optimizer_shards(engine, skip: bool):
+    """`--no-save-optim` under ZeRO: DeepSpeed's `save_checkpoint` has no option to leave out the
+    ZeRO optimizer shards; its `save_zero_checkpoint` flag decides, so it is off for one save."""
+    saved = getattr(engine, "save_zero_checkpoint", None)
+    skip = skip and hasattr(engine, "save_zero_checkpoint")
+    if skip:
+        engine.save_zero_checkpoint = False
+    try:
+        yield
+    finally:
+        if skip:
+            engine.save_zero_checkpoint = saved
+
+
+def replace_checkpoint_engine(engine, wrap: Callable, wrapper_type: type):
+    """DeepSpeed reads and writes every checkpoint file through `engine.checkpoint_engine`; it is
+    wrapped once (restricted unpickling, write failures recorded, the manifest's checksums:
+    megatron/checkpoint/io.py). Returns the wrapper (None when the engine has no checkpoint engine)."""
+    inner = getattr(engine, "checkpoint_engine", None)
+    if inner is None:
+        return None
+    if not isinstance(inner, wrapper_type):
+        inner = wrap(inner)
+        engine.checkpoint_engine = inner
+    return inner
+
+
+def is_plain_torch_checkpoint_engine(inner) -> bool:
+    """True for DeepSpeed's default (torch.save / torch.load) checkpoint engine."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: PLC0415
+
+    return type(inner) is TorchCheckpointEngine
+
+
+def innermost_optimizer(optimizer):
+    """The optimizer whose step() changes the weights (DeepSpeed's wrappers keep it in `.optimizer`)."""
+    seen = set()
+    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def step_without_update(engine, step_fn: Callable[[], None]) -> None:
+    """Run DeepSpeed's step (it clears the gradients and advances its counters, keeping every rank's
+    collectives matched) with the weight update and the LR step turned into no-ops, and count it as
+    skipped: the numerics guard's skip of a non-finite iteration (DeepSpeed has no public way)."""
+    before = int(getattr(engine, "skipped_steps", 0))
+    inner, sched = innermost_optimizer(engine.optimizer), engine.lr_scheduler
+    patched = [(obj, obj.__dict__.get("step")) for obj in (inner, sched) if obj is not None]
+    for obj, _ in patched:  # an instance attribute shadows the method for this one call
+        obj.step = lambda *a, **k: None
+    try:
+        step_fn()
+    finally:
+        for obj, previous in patched:
+            if previous is None:
+                del obj.step
+            else:
+                obj.step = previous
+    if int(getattr(engine, "skipped_steps", 0)) == before:
+        engine.skipped_steps = before + 1

@@ -1,0 +1,1 @@
+"""Failure handling: exit codes, distributed faults (timeouts, killed ranks), the preflight checks."""
