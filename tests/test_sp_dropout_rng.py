@@ -10,7 +10,6 @@ with that seed, in distribution (keep rate, agreement between the ranks), and ac
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel as tp
 
-from distributed import parallel_test_config
+from distributed import parallel_test_config, worker_environment
 
 SP, SEED, P = 2, 1234, 0.5
 BATCH, SEQ, HIDDEN = 4, 16, 64
@@ -48,10 +47,7 @@ def _expected(rank: int) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(SP),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    torch.set_num_threads(1)
+    worker_environment(rank, port, SP)
     import deepspeed  # noqa: PLC0415
 
     from megatron.checkpoint import checkpointing as ck  # noqa: PLC0415

@@ -11,7 +11,9 @@ silently in a run.
   replica (`skip_single_replica_allreduce`), no second inf/NaN scan at bf16 stage 0
   (`skip_bf16_overflow_scan`), the pipeline's optimizer step (`wrap_model_step`), `--no-save-optim`
   under ZeRO (`without_optimizer_shards`), the checkpoint engine (`replace_checkpoint_engine`), a
-  skipped step (`step_without_update`).
+  skipped step (`step_without_update`); and before it, ZeRO-3's parameters partitioned over the
+  sequence+data-parallel group under Ulysses SP (`partition_zero3_over_sequence_data_parallel`), and
+  its reduce-scatter summing over the SP ranks (`sum_zero3_scatter_over_sequence_parallel`).
 * `partitions`: where ZeRO put each parameter (layouts of the flat partitions, ZeRO-3 local parts).
 * `universal`: the private helpers of DeepSpeed's universal-checkpoint converter that
   tools/convert_checkpoint/ds_to_universal.py calls.
@@ -25,7 +27,8 @@ from __future__ import annotations
 import os
 
 from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers use)
-    allow_fp16_on_cpu, defer_loss_scale_growth, innermost_optimizer, replace_checkpoint_engine,
+    allow_fp16_on_cpu, defer_loss_scale_growth, innermost_optimizer, partition_zero3_over_sequence_data_parallel,
+    replace_checkpoint_engine, sum_zero3_scatter_over_sequence_parallel,
     skip_bf16_overflow_scan, skip_single_replica_allreduce, step_without_update, without_optimizer_shards,
     wrap_model_step)
 from megatron.deepspeed_compat.norms import (  # noqa: F401
