@@ -3,6 +3,7 @@
     python bench/train_throughput.py                 # ~25M-parameter model, seq 512, fp32 and bf16
     python bench/train_throughput.py --compile       # ours with --compile (torch.compile)
     python bench/train_throughput.py --small         # tiny model (CI): seconds
+    python bench/train_throughput.py --profile       # also top-10 ops of each side's step (torch.profiler)
 
 "ours" is the `pretrain_gpt.py` code path, in this process as rank 0 of 1: the arguments parsed
 and validated by `megatron.arguments`, the data pipeline (.bin/.idx corpus, blended dataset,
@@ -153,12 +154,54 @@ class HFLoop:
         self.losses.append(loss.detach())
 
 
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def profile_steps(step, steps: int = 2, top: int = 10) -> dict:
+    """torch.profiler over `steps` calls of `step`: the `top` ops by self CPU time with their share of
+    the profiled time, and the share of the matrix-multiplication ops (MATMUL_OPS, the flash
+    attention kernels included: they are the attention's matmuls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    return {"step_ms": total / 1e3 / steps,
+            "top": [(e.key, e.self_cpu_time_total / 1e3 / steps, e.self_cpu_time_total / total, e.count // steps)
+                    for e in rows[:top]],
+            "matmul_share": sum(e.self_cpu_time_total for e in rows if e.key in MATMUL_OPS) / total}
+
+
+def print_profile(name: str, prof: dict) -> None:
+    print_table(f"profile {name}: top ops by self CPU time ({prof['step_ms']:.0f} ms of op time per step; "
+                f"matmul ops {prof['matmul_share'] * 100:.1f} % of it, running the model's FLOPs at "
+                f"{prof['matmul_rate_of_peak'] * 100:.0f} % of the matmul peak)", ["op", "ms/step", "share", "calls/step"],
+                [[k, f"{ms:.1f}", f"{share * 100:.1f}%", str(n)] for k, ms, share, n in prof["top"]])
+
+
+def plain_kernels(step) -> None:
+    """One step of our trainer with the fused eager kernels off (megatron/model/rotary.py,
+    fused_cross_entropy.py): the model code as it was before them, same engine and weights."""
+    from megatron.model import fused_cross_entropy, rotary
+
+    saved = rotary.use_fused, fused_cross_entropy.use_fused
+    rotary.use_fused, fused_cross_entropy.use_fused = (lambda: False), (lambda x: False)
+    try:
+        step()
+    finally:
+        rotary.use_fused, fused_cross_entropy.use_fused = saved
+
+
 def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str,
-            peak_every: int = 2) -> dict:
+            peak_every: int = 2, profile: bool = False, plain: bool = False) -> dict:
     """Interleaved ours vs hf for one dtype; returns the measured numbers."""
     from megatron.observability.mfu import flops_per_iteration
 
-    iters = warmup + rounds + 2
+    iters = (warmup + rounds) * (2 if plain else 1) + 6  # "plain" steps draw from our data iterator too; + profiled steps
     n_tokens = (iters + 1) * m["mbs"] * (m["seq"] + 1) * 2
     data_list = write_corpus(os.path.join(workdir, f"data-{dtype}"), n_tokens, m["vocab"])
     ours = Ours.build(trainer_flags(m, data_list, iters, dtype, zero, extra))
@@ -171,7 +214,10 @@ def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: 
         if count[0] % peak_every == 1 or peak_every == 1:
             peaks.append(matmul_peak_tflops(dtype, seconds=0.2))
 
-    bench = Interleaved({"ours": ours.step, "hf": hf.step})
+    sides = {"ours": ours.step, "hf": hf.step}
+    if plain:
+        sides["plain"] = lambda: plain_kernels(ours.step)
+    bench = Interleaved(sides)
     bench.run(0, warmup=warmup)
     ours.timers.elapsed("batch-generator")  # reset: the data wait of the timed iterations only
     bench.run(rounds, warmup=0, between=between)
@@ -182,14 +228,25 @@ def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: 
     peak = median(peaks)
     t_ours, t_hf = bench.median("ours"), bench.median("hf")
     first_loss = (float(ours.losses[0]), float(hf.losses[0]))
+    profiles = {}
+    if profile:  # after the timed rounds: the profiler's overhead does not touch the ratios
+        profiles = {name: profile_steps(step) for name, step in sides.items()}
+        peak_now = matmul_peak_tflops(dtype, seconds=0.2)  # under the profiled steps' load
+        for name, prof in profiles.items():
+            # the model's FLOPs over the time in matmul ops: how close the matmuls themselves run to the peak
+            prof["matmul_rate_of_peak"] = (flops_per_iteration(ours.args) / (prof["matmul_share"] * prof["step_ms"] / 1e3)
+                                           / 1e12 / peak_now)
+            print_profile(f"{name} {dtype}", prof)
     return {
         "dtype": dtype, "tokens_per_iter": tokens, "flops_per_iter": flops, "peak_tflops": peak,
         "ours_s": t_ours, "hf_s": t_hf, "ours_tok_s": tokens / t_ours, "hf_tok_s": tokens / t_hf,
         "ours_mfu": flops / t_ours / 1e12 / peak, "hf_mfu": flops / t_hf / 1e12 / peak,
         "ratio": bench.ratio("ours", "hf"), "best_ratio": min(bench.samples["hf"]) / min(bench.samples["ours"]),
+        "plain_ratio": bench.ratio("ours", "plain") if plain else None,
+        "plain_mfu": flops / bench.median("plain") / 1e12 / peak if plain else None,
         "data_wait_frac": data_wait / max(sum(bench.samples["ours"]), 1e-9),
         "first_loss": first_loss, "rounds": rounds, "zero_stage_run": a.zero_stage,
-        "samples": {k: [round(x, 4) for x in v] for k, v in bench.samples.items()},
+        "samples": {k: [round(x, 4) for x in v] for k, v in bench.samples.items()}, "profiles": profiles,
     }
 
 
@@ -206,6 +263,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 512; 128 with --small)")
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="ours with --compile")
+    p.add_argument("--profile", action="store_true", help="after the timed rounds, profile 2 steps of each side "
+                   "(torch.profiler): top 10 ops by self CPU time, share of the step, matmul share")
+    p.add_argument("--plain", action="store_true", help="also time our trainer with the fused eager kernels off "
+                   "(QKV + RoPE, output layer + loss): column 'ours/plain'")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--extra", default="", help="extra trainer flags for ours, space separated")
     opts = p.parse_args(argv)
@@ -225,7 +286,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as workdir:
         for dtype in opts.dtypes.split(","):
             results.append(compare(m, dtype, rounds=opts.rounds, warmup=opts.warmup, zero=opts.zero_stage,
-                                   extra=extra, workdir=workdir))
+                                   extra=extra, workdir=workdir, profile=opts.profile, plain=opts.plain))
             torch.manual_seed(0)
     n_params = None
     try:
@@ -241,14 +302,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append([r["dtype"], f"{r['hf_tok_s']:.0f}", f"{r['ours_tok_s']:.0f}", f"{r['ratio']:.3f}",
                      f"{r['best_ratio']:.3f}",
                      f"{r['hf_mfu'] * 100:.1f}%", f"{r['ours_mfu'] * 100:.1f}%", f"{r['peak_tflops'] * 1e3:.0f}",
-                     f"{r['data_wait_frac'] * 100:.2f}%", f"{r['first_loss'][0]:.4f}/{r['first_loss'][1]:.4f}"])
+                     f"{r['data_wait_frac'] * 100:.2f}%", f"{r['first_loss'][0]:.4f}/{r['first_loss'][1]:.4f}"]
+                    + ([f"{r['plain_ratio']:.3f}", f"{r['plain_mfu'] * 100:.1f}%"] if opts.plain else []))
     title = (f"train_throughput: {(n_params or 0) / 1e6:.1f}M params, {m['layers']} layers, hidden {m['hidden']}, "
              f"seq {m['seq']}, micro batch {m['mbs']}, ZeRO {opts.zero_stage}"
              f"{'' if results[0]['zero_stage_run'] == opts.zero_stage else ' (runs as 0: one replica)'}"
              f"{', --compile' if opts.compile else ''}; "
              f"medians of {opts.rounds} interleaved iterations")
     print_table(title, ["dtype", "hf tok/s", "ours tok/s", "ours/hf", "best/best", "hf MFU", "ours MFU", "peak GFLOP/s",
-                        "ours data wait", "loss@1 ours/hf"], rows)
+                        "ours data wait", "loss@1 ours/hf"] + (["ours/plain", "plain MFU"] if opts.plain else []), rows)
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(results, f, indent=1)

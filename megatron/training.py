@@ -9,16 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from megatron.checkpoint import checkpointing
-from megatron.arguments import ArgumentError
+from megatron.arguments import ArgumentError, auto_compile
 from megatron.core import parallel_state
 from megatron.core import sequence_parallel as ulysses
 from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
+from megatron.data.loading import build_datasets, build_loader
 from megatron.resilience.exits import ExitConditions
+from megatron.resilience.preflight import check_memory
 from megatron.fp16 import fp16_block
 from megatron.initialize import initialize_megatron
 from megatron.model import GPTConfig, GPTModel
@@ -136,54 +139,6 @@ def build_ds_config(args) -> dict:
     if flops_profiler_config(args):  # --flops-profiler-step
         cfg["flops_profiler"] = flops_profiler_config(args)
     return cfg
-
-
-def build_datasets(args):
-    """Train/valid/test datasets from the data list, with the upstream sample budgets."""
-    from megatron.data.blendable_dataset import build_train_valid_test_datasets, check_data_vocab  # noqa: PLC0415
-    from megatron.data.data_list import DataListError, DataSource, parse_data_file_list, validate_sources  # noqa: PLC0415
-
-    if args.data_file_list:
-        sources = parse_data_file_list(args.data_file_list)
-    else:  # --data-path: "prefix" or "w1 prefix1 w2 prefix2 ..."
-        dp = args.data_path
-        pairs = [(1.0, dp[0])] if len(dp) == 1 else [(float(dp[i]), dp[i + 1]) for i in range(0, len(dp), 2)]
-        sources = [DataSource(w, p, os.path.basename(p)) for w, p in pairs]
-    validate_sources(sources)
-    gbs = args.global_batch_size
-    budgets = (args.train_iters * gbs,
-               (args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs,
-               args.eval_iters * gbs)
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if getattr(args, "padded_vocab_size", None):  # each rank samples its share of the files
-        try:  # also opens every .idx/.bin: a bad header or a token id >= vocab is one ERROR line
-            check_data_vocab([s.prefix for s in sources], args.padded_vocab_size, rank, world)
-        except ValueError as e:
-            raise DataListError(str(e)) from None
-    return build_train_valid_test_datasets(
-        sources, args.split, budgets, args.seq_length, args.seed, args.data_cache_path,
-        shuffle_sample_in_corpus=args.shuffle_sample_in_corpus,
-        blend_sample_in_corpus=args.blend_sample_in_corpus,
-        rank=rank, world_size=world, barrier=dist.barrier if distributed else None)
-
-
-def build_loader(dataset, args, consumed_samples: int, dataloader_type: str = "single"):
-    """Validation reads in order (the same samples every time); training as --dataloader-type says."""
-    from megatron.data.samplers import build_sampler  # noqa: PLC0415
-
-    if dataset is None:
-        return None
-    sampler = build_sampler(
-        dataloader_type, total_samples=len(dataset), consumed_samples=consumed_samples,
-        micro_batch_size=args.micro_batch_size,
-        data_parallel_rank=parallel_state.get_data_parallel_rank(),
-        data_parallel_size=parallel_state.get_data_parallel_world_size())
-    # its own generator: starting an iterator draws a seed, which from the global RNG would shift
-    # dropout and SophiaG's sampled labels after a resume (the iterator starts after the RNG is restored)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                       pin_memory=False, persistent_workers=False,
-                                       generator=torch.Generator().manual_seed(args.seed))
 
 
 # ----------------------------------------------------------------------------- one step
@@ -321,6 +276,27 @@ def replay_batches(batches: list, args, eod, device) -> list:
     return [(tokens, mask) for tokens, _labels, mask in (get_batch(b, args, eod, device) for b in batches)]
 
 
+def keep_compile_cache() -> str:
+    """Inductor's cache (compiled kernels, FX graph and autograd caches) kept between runs: in the
+    Python environment (next to DeepSpeed's torch_extensions) unless TORCHINDUCTOR_CACHE_DIR is set
+    or the environment is read-only (then torch's default in the temp directory). Returns the dir."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(sys.prefix, "torchinductor_cache")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # noqa: PLC0415
+
+    return cache_dir()
+
+
+def compile_report() -> str:
+    """Seconds torch.compile has spent so far (forward and backward graphs, wall time) and the cache use."""
+    from torch._dynamo.utils import calculate_time_spent, counters  # noqa: PLC0415
+
+    seconds = calculate_time_spent().get("total_wall_time", 0.0)
+    ind = counters["inductor"]
+    return (f"{seconds:.1f} s compiling (inductor FX graph cache: {ind['fxgraph_cache_hit']} hit(s), "
+            f"{ind['fxgraph_cache_miss']} miss(es); cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})")
+
+
 def setup_model_and_optimizer(args, before_engine=None):
     """GPTModel -> optimizer and LR scheduler -> `deepspeed.initialize`; returns (model, engine).
     `before_engine(model)` (optional) sees the freshly initialized model (benchmarks copy its weights)."""
@@ -329,13 +305,20 @@ def setup_model_and_optimizer(args, before_engine=None):
     if args.fp16:
         ds_compat.allow_fp16_on_cpu()
 
+    if getattr(args, "compile", None) is None:  # neither --compile nor --no-compile: the measured rule (megatron/arguments.py)
+        args.compile, args.compile_reason = auto_compile(args)
+    else:
+        args.compile_reason = "on (--compile)" if args.compile else "off (--no-compile)"
+    if args.rank == 0:
+        print(f"> torch.compile: {args.compile_reason}", flush=True)
     if args.pipeline_model_parallel_size > 1:  # this rank's stage, cut from the same GPTModel
         return pipeline.setup_pipeline_engine(args, model_config(args), build_ds_config(args),
                                               lambda optimizer: build_lr_scheduler(optimizer, args), before_engine)
     model = GPTModel(model_config(args))
     if before_engine is not None:
         before_engine(model)
-    if getattr(args, "compile", False):  # --compile: in place, so parameter and checkpoint names do not change
+    if args.compile:  # in place, so parameter and checkpoint names do not change
+        keep_compile_cache()
         model.compile()
     # the optimizer is a client one or DeepSpeed's own (e.g. its ZeRO Muon): megatron/optimizer decides
     # mpu: ZeRO works over the data-parallel group, clipping and checkpoints know the TP ranks
@@ -366,29 +349,6 @@ def setup_model_and_optimizer(args, before_engine=None):
 
 
 # ----------------------------------------------------------------------------- main entry
-def check_memory(args) -> None:
-    """Refuse (ArgumentError) a configuration whose memory estimate exceeds what this rank has; warn
-    near it. The estimate is kept in `args._memory_estimate` for the out-of-memory message."""
-    from megatron.resilience.preflight import memory_problems, process_rss  # noqa: PLC0415
-
-    problems, warnings, est = memory_problems(args, args.padded_vocab_size)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank short of memory stops them all
-        refused = torch.tensor([float(bool(problems))])
-        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
-        if refused.item() and not problems:
-            problems = ["another rank has not enough memory for this configuration (see rank 0's line, or "
-                        "MEGATRON_LOG_ALL_RANKS=1)"]
-    args._memory_estimate = est.describe() if est else None
-    if est and args.rank == 0:
-        log.info("memory estimate: %s; this process uses %.2f GiB now", est.describe(), process_rss() / 2**30)
-    for w in warnings:
-        if args.rank == 0:
-            log.warning("%s", w)
-            print(f"WARNING: {w}", flush=True)
-    if problems:
-        raise ArgumentError("\n".join(problems))
-
-
 def pretrain(args) -> dict:
     """Train as configured by the validated `args`; returns a summary dict."""
     initialize_megatron(args)  # before DeepSpeed is imported: it picks DeepSpeed's accelerator
@@ -456,6 +416,8 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
         samples += args.global_batch_size
         tokens += args.global_batch_size * args.seq_length
         logger.train(iteration, loss, engine, samples, tokens)
+        if args.compile and iteration == state.iteration + 1 and args.rank == 0:  # the first step compiled the graphs
+            print(f"> torch.compile: {compile_report()}", flush=True)
         if guard.end_iteration(iteration, float(loss), args.rank):  # --max-skipped-iterations in a row
             save()  # the weights are those of the last good step
             raise NumericalFaultError(

@@ -135,9 +135,11 @@ def test_the_installed_deepspeed_is_in_the_supported_range(monkeypatch):
     assert dc.version_problem("0.19.0") is None and dc.version_problem("0.19.8+cpu") is None
     for other in ("0.18.9", "0.20.0", "0.20.0rc1", "1.0.0"):
         msg = dc.version_problem(other)
-        assert msg.startswith(f"DeepSpeed {other} is installed") and "pip install 'deepspeed>=0.19,<0.20'" in msg
+        assert msg.startswith(f"DeepSpeed {other} is installed") and "pip install 'DeepSpeed>=0.19,<0.20'" in msg
         assert dc.ALLOW_ENV in msg
-    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.16.4")
+    import deepspeed
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.16.4")
     monkeypatch.delenv(dc.ALLOW_ENV, raising=False)
     with pytest.raises(RuntimeError, match="DeepSpeed 0.16.4 is installed"):
         dc.check_version()

@@ -51,24 +51,24 @@ def _release(version: str) -> tuple[int, int, int]:
 def version_problem(version: str | None) -> str | None:
     """None when DeepSpeed `version` is in `SUPPORTED`, else the one-line message with the fix."""
     spec = ",".join(SUPPORTED)
-    fix = f"pip install 'deepspeed{spec}' (with torch pinned in the same command)"
+    fix = f"pip install 'DeepSpeed{spec}' (with torch pinned in the same command)"
     if version is None:
         return f"DeepSpeed is not installed: {fix}"
     low, high = (_release(s.lstrip("<>=")) for s in SUPPORTED)
     if low <= _release(version) < high:
         return None
-    return (f"DeepSpeed {version} is installed; this trainer is tested with deepspeed{spec}: {fix}, "
+    return (f"DeepSpeed {version} is installed; this trainer is tested with DeepSpeed{spec}: {fix}, "
             f"or set {ALLOW_ENV}=1 to run with it anyway (untested)")
 
 
 def check_version() -> str | None:
     """Raise `RuntimeError` when the installed DeepSpeed is outside `SUPPORTED` (and not allowed by
     the environment); return the warning to log when it is allowed, else None."""
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-
     try:
-        installed = version("deepspeed")
-    except PackageNotFoundError:
+        import deepspeed  # noqa: PLC0415  (the trainer imports it next anyway)
+
+        installed = str(deepspeed.__version__)
+    except ImportError:
         installed = None
     problem = version_problem(installed)
     if problem is None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from megatron.core import sequence_parallel as ulysses
 from megatron.core import tensor_parallel as tp
-from megatron.model import attention_cpu
+from megatron.model import attention_cpu, fused_cross_entropy, rotary
 
 _RESIDUAL_PROJECTIONS = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), or None with learned positions
@@ -214,12 +214,15 @@ class Attention(nn.Module):
         g = self.group
         qkv = self.query_key_value(x)  # [b, s, ...]: the whole sequence under sequence parallelism
         b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, self.n_kv, g + 2, self.d)
-        q = qkv[:, :, :, :g].reshape(b, s, self.n_heads, self.d)  # head i uses kv group i // g
-        k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rope is not None and rotary.use_fused():  # same arithmetic, fewer passes (megatron/model/rotary.py)
+            q, k, v = rotary.qkv_rotary(qkv, self.n_kv, g, self.d, *rope)
+        else:
+            qkv = qkv.view(b, s, self.n_kv, g + 2, self.d)
+            q = qkv[:, :, :, :g].reshape(b, s, self.n_heads, self.d)  # head i uses kv group i // g
+            k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = self.ulysses(q, k, v) if self.ulysses is not None else self.attend(q, k, v, mask)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.n_heads * self.d))
 
@@ -335,8 +338,9 @@ class LanguageModel(nn.Module):
                                                         sequence_parallel=config.sequence_parallel)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of this rank's vocabulary slice [b, s, V/TP] (all of them with TP = 1)."""
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of this rank's vocabulary slice [b, s, V/TP] (all of them with TP = 1); with
+        `labels`, where the fused output layer + cross-entropy applies, the per-token loss instead."""
         if position_ids is None:  # Ulysses SP > 1: the global positions of this rank's shard (None at SP = 1)
             position_ids = ulysses.shard_position_ids(tokens.shape[1], tokens.device)
         rope = self.rotary_pos_emb(tokens.shape[1], position_ids) if self.rotary_pos_emb else None
@@ -344,9 +348,16 @@ class LanguageModel(nn.Module):
         if self.output_multiplier != 1.0:  # MuP: alpha_out / m_N on the logits (applied before the head)
             x = x * self.output_multiplier
         head = getattr(self, "output_layer", None)
+        if labels is not None and self.fused_loss(x):  # megatron/model/fused_cross_entropy.py
+            return fused_cross_entropy.output_cross_entropy(
+                x, head.weight if head is not None else self.embedding.word_embeddings.weight, labels)
         if head is not None:
             return head(x)
         return tp.parallel_lm_logits(x, self.embedding.word_embeddings.weight, self.sequence_parallel)
+
+    @staticmethod
+    def fused_loss(x: torch.Tensor) -> bool:
+        return tp.world_size() == 1 and fused_cross_entropy.use_fused(x)
 
 
 class GPTModel(nn.Module):
@@ -368,10 +379,12 @@ class GPTModel(nn.Module):
         if seq_len > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        logits = self.language_model(tokens, position_ids, attention_mask)  # this TP rank's vocabulary slice
+        out = self.language_model(tokens, position_ids, attention_mask, labels)  # this TP rank's vocabulary slice
         if labels is None:
-            return tp.gather_from_tensor_model_parallel_region(logits)
-        return tp.vocab_parallel_cross_entropy(logits, labels)
+            return tp.gather_from_tensor_model_parallel_region(out)
+        if out.shape == labels.shape:  # the fused output layer + loss already gave the per-token loss
+            return out
+        return tp.vocab_parallel_cross_entropy(out, labels)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

@@ -34,22 +34,13 @@ NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 
 @dataclass
 class DeepSpeedOptimizer:
-    """Builder result for an optimizer that needs DeepSpeed's cooperation, in one of two forms:
-
-    * `optimizer`: one of DeepSpeed's own classes built here, handed to
-      ``deepspeed.initialize(optimizer=...)`` (no registry entry uses this form since Muon runs
-      as our own class at every stage);
-    * `config` + `param_groups`: an ``"optimizer"`` block DeepSpeed builds from (ds.adamw, and
-      optimizers that need the engine, e.g. OneBitLamb), with `param_groups` as ``model_parameters``.
-
-    `ds_config` entries override the rest of the DS config; `param_attrs` maps parameter ->
-    attributes set on it before ``deepspeed.initialize``.
-    """
-    optimizer: torch.optim.Optimizer | None = None
-    config: dict | None = None
-    param_groups: list[dict] | None = None
+    """Builder result for an optimizer DeepSpeed builds itself from an ``"optimizer"`` block of its
+    config (ds.adamw, and optimizers that need the engine, e.g. OneBitLamb): `config` is that block,
+    `param_groups` go to ``deepspeed.initialize`` as ``model_parameters``, `ds_config` entries
+    override the rest of the DS config."""
+    config: dict
+    param_groups: list[dict]
     ds_config: dict = field(default_factory=dict)
-    param_attrs: dict = field(default_factory=dict)
 
 
 Built = "torch.optim.Optimizer | DeepSpeedOptimizer"
@@ -223,12 +214,7 @@ def deepspeed_initialize_kwargs(model: torch.nn.Module, args, ds_config: dict,
     built = build_optimizer(model, args)
     if not isinstance(built, DeepSpeedOptimizer):
         return {"optimizer": built, "config": ds_config, "lr_scheduler": scheduler_factory(built)}
-    for p, attrs in built.param_attrs.items():
-        for k, v in attrs.items():
-            setattr(p, k, v)
     cfg = {**ds_config, **built.ds_config}
-    if built.optimizer is not None:
-        return {"optimizer": built.optimizer, "config": cfg, "lr_scheduler": scheduler_factory(built.optimizer)}
     # DeepSpeed builds it: the scheduler is built on what it built (a callable lr_scheduler). A DS config
     # file's block of the same type (the launcher's; another type is refused by validate_args) keeps its
     # other settings (e.g. torch_adam); the flags give the hyper-parameters.

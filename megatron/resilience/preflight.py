@@ -10,10 +10,14 @@ directories, so a bad data file or tokenizer path leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass
 
+from megatron.errors import ArgumentError
 from megatron.data.data_list import DataListError, DataSource, parse_data_file_list, validate_sources
+
+log = logging.getLogger(__name__)
 
 
 def tokenizer_vocab(args: argparse.Namespace) -> tuple[int | None, list[str]]:
@@ -309,3 +313,27 @@ def oom_message(e: BaseException, rank: int, estimate: str | None) -> str:
     est = f"the memory estimate was {estimate}" if estimate else "no memory estimate was made"
     return (f"rank {rank} ran out of memory ({first}); {est}; cheapest fixes: {FIXES} "
             "(ALCF/notes/reliability.md, 'Memory')")
+
+
+def check_memory(args) -> None:
+    """Refuse (ArgumentError) a configuration whose memory estimate exceeds what this rank has; warn
+    near it. The estimate is kept in `args._memory_estimate` for the out-of-memory message."""
+    import torch  # noqa: PLC0415  (this module stays light for --check-args)
+    import torch.distributed as dist  # noqa: PLC0415
+
+    problems, warnings, est = memory_problems(args, args.padded_vocab_size)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank short of memory stops them all
+        refused = torch.tensor([float(bool(problems))])
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+        if refused.item() and not problems:
+            problems = ["another rank has not enough memory for this configuration (see rank 0's line, or "
+                        "MEGATRON_LOG_ALL_RANKS=1)"]
+    args._memory_estimate = est.describe() if est else None
+    if est and args.rank == 0:
+        log.info("memory estimate: %s; this process uses %.2f GiB now", est.describe(), process_rss() / 2**30)
+    for w in warnings:
+        if args.rank == 0:
+            log.warning("%s", w)
+            print(f"WARNING: {w}", flush=True)
+    if problems:
+        raise ArgumentError("\n".join(problems))
