@@ -8,7 +8,8 @@
   out: 20-80 % off per parameter), and with the first alone exactly half (reduce-scatter averaged
   over the SP ranks).
 * The trainer, 2 ranks, SP = 2, fp32, clipping active: ZeRO-3's losses and gradient norms at each
-  of 3 steps and its weights after them equal ZeRO-1's to 1e-6 relative (before: norm 0.65 vs 0.83).
+  of 3 steps and its weights after them equal ZeRO-1's to 1e-6 relative (before: norm 0.65 vs 0.83);
+  its iteration-2 checkpoint resumed to 3 gives iteration 3's loss and gradient norm again.
 """
 from __future__ import annotations
 
@@ -97,8 +98,8 @@ def test_trainer_sp2_zero3_matches_zero1(tmp_path):
     runs = {}
     for stage in (1, 3):
         out = str(tmp_path / f"z{stage}")
-        run_trainer(_trainer_args(data_list, out, "--ds-sequence-parallel-size", "2", "--zero-stage", str(stage)),
-                    nproc=2, launcher="torchrun")
+        run_trainer(_trainer_args(data_list, out, "--ds-sequence-parallel-size", "2", "--zero-stage", str(stage),
+                                  "--save-interval", "2"), nproc=2, launcher="torchrun")
         weights = get_fp32_state_dict_from_zero_checkpoint(os.path.join(out, "ckpt"), tag=f"global_step{ITERS}")
         runs[stage] = (_records(os.path.join(out, "metrics.jsonl")), weights)
     (r1, w1), (r3, w3) = runs[1], runs[3]
@@ -110,3 +111,13 @@ def test_trainer_sp2_zero3_matches_zero1(tmp_path):
     assert sorted(w1) == sorted(w3)
     rel = {n: ((w3[n].float() - w1[n].float()).norm() / w1[n].float().norm()).item() for n in w1}
     assert max(rel.values()) <= 1e-6, max(rel, key=rel.get)
+    # resume: ZeRO-3's iteration-2 checkpoint (saved with --save-interval 2) trained to 3 again
+    out = str(tmp_path / "z3")
+    resumed = str(tmp_path / "z3-resumed")
+    run_trainer(_trainer_args(data_list, resumed, "--ds-sequence-parallel-size", "2", "--zero-stage", "3",
+                              "--load", os.path.join(out, "ckpt"), "--load-tag", "global_step2"),
+                nproc=2, launcher="torchrun")
+    again = _records(os.path.join(resumed, "metrics.jsonl"))
+    assert sorted(again) == [3]
+    for key in ("lm_loss", "grad_norm"):
+        assert abs(again[3][key] - r3[3][key]) <= 1e-6 * abs(r3[3][key]), (key, again[3][key], r3[3][key])
