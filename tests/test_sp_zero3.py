@@ -3,7 +3,8 @@
 
 * Per parameter, on 2 gloo ranks at SP = 2: the gradient ZeRO-3 reduces (gathered whole with
   `safe_get_full_grad`) equals the SP = 1 gradient of the same model on the whole batch, computed in
-  one process, to 1e-6 relative, as ZeRO-1's does. Without the corrections it was SP rank 0's share
+  one process, to 1e-6 relative, as ZeRO-1's does; also with the launcher's ZeRO-3 config
+  (`reduce_scatter: false`, DeepSpeed's all-reduce path). Without the corrections it was SP rank 0's share
   only (DeepSpeed partitioned the parameters over the data-parallel group, which leaves the SP ranks
   out: 20-80 % off per parameter), and with the first alone exactly half (reduce-scatter averaged
   over the SP ranks).
@@ -22,6 +23,8 @@ import torch.distributed as dist
 from distributed import parallel_test_config, worker_environment
 
 SP = 2
+RUNS = {"zero1": {"stage": 1}, "zero3": {"stage": 3},  # zero3-allreduce: the launcher's ZeRO-3 config
+        "zero3-allreduce": {"stage": 3, "reduce_scatter": False, "contiguous_gradients": True}}
 
 
 def _batch():
@@ -53,11 +56,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     ps.initialize_model_parallel(1, 1, SP)
     out = {}
     try:
-        for stage in (1, 3):
+        for name, zero in RUNS.items():
+            stage = zero["stage"]
             torch.manual_seed(7)
             model = GPTModel(parallel_test_config())
             cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                   "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                   "zero_optimization": zero, "zero_allow_untested_optimizer": True,
                    "zero_force_ds_cpu_optimizer": False}
             if stage == 3:
                 ds_compat.partition_zero3_over_sequence_data_parallel(model, cfg, torch.float32, ps.DeepSpeedMPU())
@@ -67,7 +71,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 ds_compat.sum_zero3_scatter_over_sequence_parallel(engine, SP)
             t, lab, m = (ulysses.shard(x) for x in (tok, labels, mask))
             engine.backward(ulysses.whole_sequence_loss(engine(t, labels=lab), m))
-            out[stage] = {n: ((safe_get_full_grad(p).float() - want[n]).norm() / want[n].norm()).item()
+            out[name] = {n: ((safe_get_full_grad(p).float() - want[n]).norm() / want[n].norm()).item()
                           for n, p in engine.module.named_parameters()}
             engine.step()
     finally:
@@ -81,10 +85,10 @@ def test_zero3_gradients_equal_the_sp1_gradient(tmp_path):
     from distributed import spawn_workers
 
     for r in spawn_workers(_worker, SP, str(tmp_path)):
-        for stage in (1, 3):
-            assert len(r[stage]) == 15
-            worst = max(r[stage], key=r[stage].get)
-            assert r[stage][worst] <= 1e-6, (stage, worst, r[stage][worst])
+        for name in RUNS:
+            assert len(r[name]) == 15
+            worst = max(r[name], key=r[name].get)
+            assert r[name][worst] <= 1e-6, (name, worst, r[name][worst])
 
 
 @pytest.mark.slow
