@@ -350,7 +350,13 @@ def setup_model_and_optimizer(args, before_engine=None):
     names = {id(p): n for n, p in model.named_parameters()}
     groups = kwargs["optimizer"].param_groups if "optimizer" in kwargs else kwargs["model_parameters"]
     param_names = [[names[id(p)] for p in g["params"]] for g in groups]  # before ZeRO swaps in its partitions
+    if args.zero_stage == 3 and args.ds_sequence_parallel_size > 1:  # the group ZeRO-3 reduces over
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        ds_compat.partition_zero3_over_sequence_data_parallel(model, kwargs["config"], dtype,
+                                                              parallel_state.DeepSpeedMPU())
     engine, _, _, _ = deepspeed.initialize(model=model, mpu=parallel_state.DeepSpeedMPU(), **kwargs)
+    if args.zero_stage == 3 and args.ds_sequence_parallel_size > 1:
+        ds_compat.sum_zero3_scatter_over_sequence_parallel(engine, args.ds_sequence_parallel_size)
     engine.optimizer_param_names = param_names
     # DeepSpeed behaviours changed on this engine, each explained in megatron/deepspeed_compat
     if args.fp16:

@@ -97,6 +97,21 @@ def test_the_engine_overrides_rely_on_what_deepspeed_has():
     assert _params(safe_get_full_grad) == ["param"]
     assert "ds_tensor" in inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
     assert "partition_numel" in inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
+    # partition_zero3_over_sequence_data_parallel: zero.Init converts a built module over the group
+    # it is given; DeepSpeed's own conversion would use mpu.get_data_parallel_group (the defect)
+    import deepspeed  # noqa: PLC0415
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload  # noqa: PLC0415
+
+    assert {"module", "data_parallel_group", "config_dict_or_path", "mpu", "dtype"} <= set(
+        _params(deepspeed.zero.Init.__init__))
+    assert "mpu.get_data_parallel_group()" in inspect.getsource(DeepSpeedZeRoOffload._convert_to_zero_parameters)
+    # sum_zero3_scatter_over_sequence_parallel: the reduce-scatter path and its averaging over SP x DP
+    assert callable(DeepSpeedZeroOptimizer_Stage3._DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads)
+    stage3_src = inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
+    assert "def __avg_scatter_grads(self, params_to_reduce: List[Parameter],\n" in stage3_src
+    scatter = stage3_src.split("def __avg_scatter_grads(", 1)[1].split("\n    def ", 1)[0]
+    assert "reduce_scatter_coalesced(" in scatter
+    assert "sequence_parallel_size" not in scatter  # once DeepSpeed scales it for SP itself, drop ours
 
 
 

@@ -3,6 +3,9 @@ resumed run continues them instead of restarting at 0: SophiaG's Hessian refresh
 clipped-head total. Through a checkpoint file loaded the way --load reads it (weights_only)."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from megatron.checkpoint.io import torch_load
@@ -54,10 +57,14 @@ def test_state_dict_without_counters_still_loads():
     assert opt.hessian_updates == 0
 
 
-def test_muonclip_total_continues_through_a_trainer_resume(tmp_path):
-    """The trainer (ZeRO 0, fp32, --muonclip-t low enough to clip every step): 4 iterations saving at 2,
-    then a resume of the iteration-2 checkpoint to 4. The logged running total at iteration 4 equals
-    the uninterrupted run's (it restarted at 0 before)."""
+@pytest.mark.parametrize("stage,ranks", [(0, 1), (1, 2), (2, 2)])
+def test_muonclip_total_continues_through_a_trainer_resume(tmp_path, stage, ranks):
+    """The trainer (ZeRO 0 on 1 rank; ZeRO 1/2 on 2 data-parallel ranks, as a single replica runs
+    ZeRO-1/2 as stage 0; fp32, --muonclip-t low enough to clip every step): 4 iterations saving
+    at 2, then a resume of the iteration-2 checkpoint to 4. The logged running total at iteration 4
+    equals the uninterrupted run's (it restarted at 0 before: at ZeRO-0 until the counters went into
+    the optimizer's state_dict, at ZeRO-1/2, whose optimizer files keep only per-parameter state,
+    until they went into the checkpoint's client state)."""
     import re  # noqa: PLC0415
     import shutil  # noqa: PLC0415
 
@@ -67,9 +74,9 @@ def test_muonclip_total_continues_through_a_trainer_resume(tmp_path):
 
     def args(out: str, extra: tuple) -> list[str]:
         return TINY_MODEL + ["--data-file-list", data, "--split", "98,2,0", "--data-cache-path", f"{out}/cache",
-                             "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "4",
+                             "--micro-batch-size", "4", "--global-batch-size", str(4 * ranks), "--train-iters", "4",
                              "--lr", "0.01", "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0",
-                             "--zero-stage", "0", "--deepspeed", "--seed", "1", "--optimizer", "muonclip",
+                             "--zero-stage", str(stage), "--deepspeed", "--seed", "1", "--optimizer", "muonclip",
                              "--muonclip-t", "1e-5", "--metrics-file", f"{out}/metrics.jsonl", *extra]
 
     def totals(stderr: str) -> dict[int, int]:
@@ -77,11 +84,14 @@ def test_muonclip_total_continues_through_a_trainer_resume(tmp_path):
                                                        stderr)}
 
     ref = str(tmp_path / "ref")
-    want = totals(run_trainer(args(ref, ("--save", f"{ref}/ckpt", "--save-interval", "2"))).stderr)
+    launch = {"nproc": ranks, "launcher": "torchrun" if ranks > 1 else "python"}
+    want = totals(run_trainer(args(ref, ("--save", f"{ref}/ckpt", "--save-interval", "2")), **launch).stderr)
     assert sorted(want) == [1, 2, 3, 4] and want[2] > 0 and want[4] > want[2], want
     ckpt = str(tmp_path / "res" / "ckpt")
     shutil.copytree(f"{ref}/ckpt/global_step2", f"{ckpt}/global_step2")
+    if stage:  # the optimizer state is in the ZeRO files
+        assert any(n.startswith("zero_pp_rank_0") for n in os.listdir(f"{ckpt}/global_step2"))
     with open(f"{ckpt}/latest", "w") as f:
         f.write("global_step2")
-    got = totals(run_trainer(args(str(tmp_path / "res"), ("--load", ckpt))).stderr)
+    got = totals(run_trainer(args(str(tmp_path / "res"), ("--load", ckpt)), **launch).stderr)
     assert got == {3: want[3], 4: want[4]}

@@ -47,6 +47,7 @@ from megatron.checkpoint.checks import (  # noqa: F401  (the checks before loadi
 from megatron.deepspeed_compat.engine import without_optimizer_shards
 from megatron.checkpoint.manifest import LATEST, LATEST_UNIVERSAL, TAG_RE, checkpoint_tags, read_tag  # noqa: F401
 from megatron.errors import ArgumentError
+from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_rng_tracker
 from megatron.observability.numerics import injected_fault
 
@@ -81,6 +82,9 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     state["tp_tracker"] = get_rng_tracker().get_states()  # per-TP-rank dropout stream (one file per TP rank)
+    if ps.get_sequence_parallel_world_size() > 1:  # one file for the SP group: every SP rank's stream in it
+        state["sp_trackers"] = [None] * ps.get_sequence_parallel_world_size()
+        dist.all_gather_object(state["sp_trackers"], state["tp_tracker"], group=ps.get_sequence_parallel_group())
     return state
 
 
@@ -90,7 +94,11 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    if state.get("tp_tracker"):
+    sp = ps.get_sequence_parallel_world_size()
+    if sp > 1:  # Ulysses: this SP rank's stream; a checkpoint of another SP size keeps the fresh per-rank seeds
+        if len(state.get("sp_trackers") or ()) == sp:
+            get_rng_tracker().set_states(state["sp_trackers"][ps.get_sequence_parallel_rank()])
+    elif state.get("tp_tracker"):
         get_rng_tracker().set_states(state["tp_tracker"])
 
 

@@ -18,10 +18,14 @@ query heads) and so must the sequence length.
   the gradient of the full loss.
 * Data parallelism is over world / (TP * PP * SP) ranks.
 
+ZeRO-3 works with two corrections of DeepSpeed 0.19.8 (megatron/deepspeed_compat/engine.py): its
+parameters are partitioned over the sequence+data-parallel group (DeepSpeed used the data-parallel
+group, so no gradient was summed over the SP ranks), and its reduce-scatter sums over the SP ranks
+(it averaged over them).
+
 Not combined (refused by `ulysses_problems`): TP > 1, PP > 1 (DeepSpeed's pipeline engine reduces
-over the data-parallel group only), ZeRO-3 (DeepSpeed 0.19.8's stage 3 reports another gradient
-norm, so clips differently, than SP = 1: measured 0.65 vs 0.83), --compile, and the optimizers
-that replay micro-batches through the model after a step (sophiag, muonclip).
+over the data-parallel group only), --compile, and the optimizers that replay micro-batches through
+the model after a step (sophiag, muonclip).
 """
 from __future__ import annotations
 
@@ -69,9 +73,6 @@ def ulysses_problems(args: argparse.Namespace) -> list[str]:
     if args.pipeline_model_parallel_size > 1:
         errs.append(f"Ulysses sequence parallelism (SP={sp}) together with pipeline parallelism "
                     f"(PP={args.pipeline_model_parallel_size}) is not supported yet; use PP=1 or SP=1")
-    if args.zero_stage == 3:  # measured: DeepSpeed 0.19.8's ZeRO-3 gives another gradient norm at SP = 2
-        errs.append(f"--zero-stage 3 is not supported with Ulysses sequence parallelism (SP={sp}) yet (its gradient "
-                    "norm, so clipping, differs from SP=1); use --zero-stage 0, 1 or 2 (ZERO_STAGE) or SP=1")
     if getattr(args, "compile", False):
         errs.append(f"--compile is not supported with Ulysses sequence parallelism (SP={sp}) yet (its all-to-all "
                     "is an autograd function over a process group); drop --compile or use SP=1")

@@ -8,10 +8,13 @@ silently in a run.
 * `norms`: the gradient norm in fp64 at every ZeRO stage and precision (`exact_grad_norm`).
 * `engine`: per-engine changes after `deepspeed.initialize` -- fp16 on CPU (`allow_fp16_on_cpu`),
   the ZeRO loss scaler's growth after the step (`defer_loss_scale_growth`), no all-reduce over one
-  replica (`skip_single_replica_allreduce` at stage 0, `skip_single_replica_reduction` at ZeRO-1/2), no second inf/NaN scan at bf16 stage 0
+  replica (`skip_single_replica_allreduce` at stage 0, `skip_single_replica_reduction` at ZeRO-1/2),
+  no second inf/NaN scan at bf16 stage 0
   (`skip_bf16_overflow_scan`), the pipeline's optimizer step (`wrap_model_step`), `--no-save-optim`
   under ZeRO (`without_optimizer_shards`), the checkpoint engine (`replace_checkpoint_engine`), a
-  skipped step (`step_without_update`).
+  skipped step (`step_without_update`); and before it, ZeRO-3's parameters partitioned over the
+  sequence+data-parallel group under Ulysses SP (`partition_zero3_over_sequence_data_parallel`), and
+  its reduce-scatter summing over the SP ranks (`sum_zero3_scatter_over_sequence_parallel`).
 * `partitions`: where ZeRO put each parameter (layouts of the flat partitions, ZeRO-3 local parts).
 * `universal`: the private helpers of DeepSpeed's universal-checkpoint converter that
   tools/convert_checkpoint/ds_to_universal.py calls.
@@ -25,9 +28,9 @@ from __future__ import annotations
 import os
 
 from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers use)
-    allow_fp16_on_cpu, defer_loss_scale_growth, innermost_optimizer, replace_checkpoint_engine,
-    skip_bf16_overflow_scan, skip_single_replica_allreduce, skip_single_replica_reduction, step_without_update,
-    without_optimizer_shards,
+    allow_fp16_on_cpu, defer_loss_scale_growth, innermost_optimizer, partition_zero3_over_sequence_data_parallel,
+    replace_checkpoint_engine, skip_bf16_overflow_scan, skip_single_replica_allreduce, skip_single_replica_reduction,
+    step_without_update, sum_zero3_scatter_over_sequence_parallel, without_optimizer_shards,
     wrap_model_step)
 from megatron.deepspeed_compat.norms import (  # noqa: F401
     exact_grad_norm, fp64_clip_grad_norm_, fp64_global_norm_of_tensors, fp64_grad_norm_direct, fp64_sq_norm,

@@ -204,7 +204,7 @@ class Attention(nn.Module):
         """Causal attention; `mask` (bool [b, 1, s, s], True = may attend) replaces the causal mask
         (--reset-attention-mask: causal within each document)."""
         dropout = self.dropout if self.training else 0.0
-        with tp.model_parallel_rng(dropout > 0):  # heads differ across TP ranks: so do their masks
+        with tp.model_parallel_rng(dropout > 0):  # heads differ across TP ranks (and Ulysses SP ranks): so do masks
             if attention_cpu.use_explicit(q, k):  # bf16 on CPU: faster than the fused kernel (see the module)
                 return attention_cpu.attention(q, k, v, mask, scale=self.scale, dropout=dropout)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
@@ -261,12 +261,13 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.sequence_parallel = config.sequence_parallel
+        self.sequence_sharded = config.sequence_parallel or ulysses.world_size() > 1  # Megatron SP or Ulysses
         self.residual_multiplier = config.residual_multiplier
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         # Replicated activations keep the default generator (same mask on every TP rank);
-        # sequence shards draw per-rank masks.
-        with tp.model_parallel_rng(self.sequence_parallel and self.training and self.dropout.p > 0):
+        # sequence shards (Megatron SP over TP ranks, Ulysses SP) draw per-rank masks.
+        with tp.model_parallel_rng(self.sequence_sharded and self.training and self.dropout.p > 0):
             return self.dropout(x)
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -306,6 +307,7 @@ class Embedding(nn.Module):
             self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
         self.sequence_parallel = config.sequence_parallel and tp.world_size() > 1
+        self.sequence_sharded = self.sequence_parallel or ulysses.world_size() > 1  # tokens arrive sharded (Ulysses)
         self.multiplier = config.embedding_multiplier
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -318,7 +320,7 @@ class Embedding(nn.Module):
             x = x * self.multiplier
         if self.sequence_parallel:  # the layers run on this rank's sequence shard
             x = tp.scatter_to_sequence_parallel_region(x)
-        with tp.model_parallel_rng(self.sequence_parallel and self.training and self.embedding_dropout.p > 0):
+        with tp.model_parallel_rng(self.sequence_sharded and self.training and self.embedding_dropout.p > 0):
             return self.embedding_dropout(x)
 
 

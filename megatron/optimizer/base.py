@@ -19,8 +19,9 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
     buffers: tuple[str, ...] = ()
     counts_steps: bool = True  # Lion keeps no step counter
     # attributes (dotted paths; a missing object is skipped) saved in state_dict()["counters"] so that a
-    # resumed run continues them (SophiaG's Hessian refreshes, MuonClip's clipped heads). Kept at ZeRO-0,
-    # where DeepSpeed saves this state_dict whole; ZeRO-1/2 keep only the per-parameter state.
+    # resumed run continues them (SophiaG's Hessian refreshes, MuonClip's clipped heads). DeepSpeed saves
+    # this state_dict whole at ZeRO-0 and in each ZeRO-1/2 rank file (non-elastic layout, the default);
+    # universal checkpoints keep only the per-parameter state.
     counters: tuple[str, ...] = ()
 
     def _counter_owner(self, path: str):

@@ -5,8 +5,14 @@ activations that are replicated across the TP group draws the same mask everywhe
 the "model-parallel" state has a different seed per TP rank (dropout on TP-split activations:
 attention heads, sequence-parallel shards). `model_parallel_manual_seed(seed)` sets both up:
 
-    default generator      seed                      (same on all TP ranks)
-    "model-parallel-rng"   seed + 2718 + tp_rank     (Megatron's offset)
+    default generator      seed                                        (same on all TP and SP ranks)
+    "model-parallel-rng"   seed + 2718 + tp_rank + tp_size * sp_rank   (Megatron's offset)
+
+Ulysses sequence parallelism (SP > 1) splits activations too: each SP rank holds another part
+of the same sequences (and, inside attention, other heads), so dropout there runs under the
+model-parallel state, which then differs per SP rank as well. At SP = 1 the seed is Megatron's
+`seed + 2718 + tp_rank` exactly; SP rank 0 keeps it at any SP size. (Upstream Megatron-DeepSpeed
+seeds by TP rank only, so its SP ranks drop the same positions of their shards.)
 
 States are saved with the checkpoint (`get_states` / `set_states`). The tracker object lives
 in `parallel_state` (the package's only module-level state).
@@ -97,19 +103,26 @@ def get_rng_tracker() -> RNGStatesTracker:
 
 def model_parallel_manual_seed(seed: int) -> None:
     """Seed the default generator with `seed` and the tracker's model-parallel state with
-    `seed + 2718 + tp_rank` (call on every rank after the parallel groups exist)."""
+    `seed + 2718 + tp_rank + tp_size * sp_rank` (call on every rank after the parallel groups exist)."""
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed(seed)
     tracker = get_rng_tracker()
     tracker.reset()
-    tracker.add(MODEL_PARALLEL_RNG, seed + SEED_OFFSET + ps.get_tensor_model_parallel_rank())
+    tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(seed))
+
+
+def model_parallel_seed(seed: int) -> int:
+    """This rank's model-parallel RNG seed (module docstring)."""
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    return seed + SEED_OFFSET + tp_rank + tp_size * ps.get_sequence_parallel_rank()
 
 
 def model_parallel_rng(active: bool = True):
-    """Context for randomness on TP-split activations: the tracker's model-parallel state when
-    TP > 1 (and `active`), otherwise nothing (the default generator)."""
-    if active and ps.get_tensor_model_parallel_world_size() > 1:
+    """Context for randomness on split activations (TP-split, or sequence shards): the tracker's
+    model-parallel state when TP > 1 or Ulysses SP > 1 (and `active`), otherwise nothing (the
+    default generator)."""
+    if active and (ps.get_tensor_model_parallel_world_size() > 1 or ps.get_sequence_parallel_world_size() > 1):
         return get_rng_tracker().fork()
     return contextlib.nullcontext()
 
