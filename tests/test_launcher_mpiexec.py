@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from test_end_to_end import assert_clean, demo_data, metrics_of, run_launcher  # noqa: F401  (fixture)
+from test_end_to_end import assert_clean, metrics_of, run_launcher
 
 pytestmark = pytest.mark.slow
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
 
-def test_pbs_mpiexec_two_ranks_train_and_resume(demo_data, tmp_path):  # noqa: F811
+def test_pbs_mpiexec_two_ranks_train_and_resume(demo_data, tmp_path):
     assert os.access(MPIEXEC, os.X_OK), "MPICH's mpiexec is missing: pip install -e '.[mpi]'"
     nodefile = tmp_path / "nodefile"
     nodefile.write_text("localhost\n")
