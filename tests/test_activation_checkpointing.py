@@ -97,6 +97,7 @@ def _peak_growth(recompute: str) -> int:
 def test_full_recompute_lowers_peak_memory():
     plain, full = _peak_growth("none"), _peak_growth("full")
     # 8 layers of saved activations vs 8 saved layer inputs + one layer's activations at a time
-    # (batch 8 x 256 tokens; measured here: ~363 MiB vs ~71 MiB, stable to 0.1 MiB)
-    assert plain > 240_000, plain  # > 240 MiB of activations without checkpointing
+    # (batch 8 x 256 tokens; measured: ~364 MiB vs ~72 MiB in a warm environment, 236 MiB for the plain run in a
+    # fresh clone's first run, where the import's own peak raises the baseline of ru_maxrss)
+    assert plain > 150_000, plain  # > 150 MiB of activations without checkpointing
     assert full < 0.6 * plain, (full, plain)
