@@ -120,17 +120,6 @@ def spawn_workers(worker, nprocs: int, out_dir: str) -> list:
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(nprocs)]
 
 
-def worker_environment(rank: int, port: int, world: int) -> None:
-    """The environment of rank `rank` of a `spawn_workers` job: env:// rendezvous on `port`, DeepSpeed
-    on the CPU, one thread."""
-    import torch  # noqa: PLC0415
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    torch.set_num_threads(1)
-
-
 def parallel_test_config(**overrides):
     """The small GQA GPTConfig the in-process TP and Ulysses equivalence tests build (vocab 256,
     2 layers, 4 heads / 2 KV heads, no dropout), with `overrides`."""

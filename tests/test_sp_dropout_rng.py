@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel as tp
 
-from distributed import parallel_test_config, worker_environment
+from distributed import parallel_test_config, become_rank
 
 SP, SEED, P = 2, 1234, 0.5
 BATCH, SEQ, HIDDEN = 4, 16, 64
@@ -47,7 +47,7 @@ def _expected(rank: int) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    worker_environment(rank, port, SP)
+    become_rank(rank, SP, port)
     import deepspeed  # noqa: PLC0415
 
     from megatron.checkpoint import checkpointing as ck  # noqa: PLC0415

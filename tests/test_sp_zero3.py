@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import parallel_test_config, worker_environment
+from distributed import parallel_test_config, become_rank
 
 SP = 2
 RUNS = {"zero1": {"stage": 1}, "zero3": {"stage": 3},  # zero3-allreduce: the launcher's ZeRO-3 config
@@ -36,7 +36,7 @@ def _batch():
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    worker_environment(rank, port, SP)
+    become_rank(rank, SP, port)
     from megatron import deepspeed_compat as ds_compat  # noqa: PLC0415
     from megatron.core import parallel_state as ps  # noqa: PLC0415
     from megatron.core import sequence_parallel as ulysses  # noqa: PLC0415
