@@ -28,8 +28,7 @@ def _hp_layout(params: list, group) -> PartitionMap:
     for i, p in enumerate(params):
         m = getattr(p, "_hp_mapping", None)
         if m is not None and m.lp_fragment_address.numel > 0:
-            frags.append((i, m.lp_fragment_address.start, m.hp_fragment_address.start,
-                                  m.lp_fragment_address.numel))
+            frags.append((i, m.lp_fragment_address.start, m.hp_fragment_address.start, m.lp_fragment_address.numel))
     return PartitionMap(list(params), [p.shape for p in params], frags, group)
 
 
@@ -37,17 +36,22 @@ def _stage3_layout(zero, sub_group: int) -> PartitionMap:
     """ZeRO-3: every parameter is split across the group on its own (`ds_tensor`, partition_numel
     elements each, the last one short); a sub-group's flat tensor is its parameters' local parts
     laid end to end."""
-    params = zero.fp16_groups[sub_group]
-    rank = dist.get_rank(group=zero._get_sub_group_process_group(sub_group))
+    params, group = zero.fp16_groups[sub_group], zero._get_sub_group_process_group(sub_group)
+    rank = dist.get_rank(group=group)
     frags, offset = [], 0
     for i, p in enumerate(params):
         per = p.partition_numel()
-        start = rank * per
-        n = max(0, min(per, p.ds_numel - start))
+        n = _zero3_local_numel(p.ds_numel, per, rank)
         if n:
-            frags.append((i, start, offset, n))
+            frags.append((i, rank * per, offset, n))
         offset += per
-    return PartitionMap(list(params), [p.ds_shape for p in params], frags, zero._get_sub_group_process_group(sub_group))
+    return PartitionMap(list(params), [p.ds_shape for p in params], frags, group)
+
+
+def _zero3_local_numel(numel: int, per_rank: int, rank: int) -> int:
+    """Elements of a ZeRO-3 parameter of `numel` elements that rank `rank` holds (`per_rank` each, the
+    last partitions short or empty)."""
+    return max(0, min(per_rank, numel - rank * per_rank))
 
 
 def _contiguous_layout(params: list) -> PartitionMap:
@@ -104,8 +108,7 @@ def zero3_local(p: torch.nn.Parameter) -> torch.Tensor:
     part = p.ds_tensor
     size = part.ds_numel
     rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
-    valid = max(0, min(size, p.ds_numel - rank * size))
-    return part.reshape(-1).narrow(0, 0, valid)
+    return part.reshape(-1).narrow(0, 0, _zero3_local_numel(p.ds_numel, size, rank))
 
 
 def full_grad(p: torch.nn.Parameter):
