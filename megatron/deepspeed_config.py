@@ -79,6 +79,7 @@ def build_ds_config(args) -> dict:
     cfg["steps_per_print"] = max(int(cfg.get("steps_per_print", 1)), 10**9)  # we print our own line
     if args.universal_checkpoint:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
-    if flops_profiler_config(args):  # --flops-profiler-step
-        cfg["flops_profiler"] = flops_profiler_config(args)
+    profiler = flops_profiler_config(args)  # --flops-profiler-step
+    if profiler:
+        cfg["flops_profiler"] = profiler
     return cfg
