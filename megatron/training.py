@@ -180,7 +180,7 @@ class MicroBatchRunner(StepRunner):
     @torch.no_grad()
     def evaluate(self, valid_dataset) -> float:
         engine, args = self.engine, self.args
-        loader = build_loader(valid_dataset, args, consumed_samples=0)
+        loader = build_loader(valid_dataset, args, consumed_samples=0, workers=False)
         engine.eval()
         total, n = torch.zeros((), device=self.device), 0
         it = iter(loader)
@@ -206,7 +206,7 @@ class PipelineRunner(StepRunner):
             return pipeline.train_batch(self.engine, data_iter, self._sample, guard, iteration)
 
     def evaluate(self, valid_dataset) -> float:
-        loader = build_loader(valid_dataset, self.args, consumed_samples=0)
+        loader = build_loader(valid_dataset, self.args, consumed_samples=0, workers=False)
         return pipeline.evaluate(self.engine, loader, self.args, self._sample)
 
 
@@ -323,6 +323,9 @@ def pretrain(args) -> dict:
 
 def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.LoadedState) -> dict:
     iteration, samples, tokens = state.iteration, state.consumed_train_samples, state.consumed_train_tokens
+    # the loader's worker processes are forked here, before the logger starts its threads (forking a
+    # process that runs other Python threads can deadlock the child: see data/loading.py)
+    batches_in = None if args.skip_train else iter(build_loader(train_ds, args, samples, args.dataloader_type))
     logger = TrainLogger.create(args, corpus_names=getattr(train_ds, "corpus_names", None), resumed=iteration > 0,
                                 skipped_steps=int(getattr(engine, "skipped_steps", 0) or 0))
     timers = logger.timers
@@ -351,8 +354,7 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
         summary["initial_val_loss"] = validate()
 
     data_iter = None if args.skip_train else guard.wrap_data(  # --skip-train: a finished run's data is used up
-        logger.count_corpora(iter(build_loader(train_ds, args, samples, args.dataloader_type))),
-        iteration, args.num_micro_batches)
+        logger.count_corpora(batches_in), iteration, args.num_micro_batches)
     engine.train()
     logger.watch(engine)  # --log-num-zeros-in-grad reads the gradient inside the step
     last_saved = iteration

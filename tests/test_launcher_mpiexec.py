@@ -23,7 +23,8 @@ def test_pbs_mpiexec_two_ranks_train_and_resume(demo_data, tmp_path):
     nodefile.write_text("localhost\n")
     job = {"DATA_FILE_LIST": demo_data, "MODEL_ARCH": "tiny", "PBS_NODEFILE": str(nodefile), "PBS_JOBID": "1.fake",
            "NGPU_PER_HOST": "2", "MPIEXEC": MPIEXEC, "SAVE_INTERVAL": "5", "EVAL_ITERS": "1", "LOG_INTERVAL": "1"}
-    first = run_launcher(tmp_path, {**job, "TRAIN_ITERS": "5"})
+    fail_fast = ("--distributed-timeout-minutes", "2")  # a hung rank fails the test in minutes, not ten
+    first = run_launcher(tmp_path, {**job, "TRAIN_ITERS": "5"}, *fail_fast)
     assert_clean(first)
     cmd = first.stdout[first.stdout.index("command:"):]
     for part in (f"{MPIEXEC} \\", "--envall", "-n 2", "-ppn 2", f"--hostfile {nodefile}", "-bind-to core:1"):
@@ -35,7 +36,7 @@ def test_pbs_mpiexec_two_ranks_train_and_resume(demo_data, tmp_path):
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == "5"
     loss5 = train[5]["lm_loss"]
 
-    second = run_launcher(tmp_path, {**job, "TRAIN_ITERS": "8"})  # LOAD defaults to the run's own directory
+    second = run_launcher(tmp_path, {**job, "TRAIN_ITERS": "8"}, *fail_fast)  # LOAD defaults to the run's own directory
     assert_clean(second)
     train, _ = metrics_of(tmp_path)
     assert sorted(train) == list(range(1, 9))  # 6..8 appended after the resumed step 5

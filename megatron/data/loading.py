@@ -40,8 +40,13 @@ def build_datasets(args):
         rank=rank, world_size=world, barrier=dist.barrier if distributed else None)
 
 
-def build_loader(dataset, args, consumed_samples: int, dataloader_type: str = "single"):
-    """Validation reads in order (the same samples every time); training as --dataloader-type says."""
+def build_loader(dataset, args, consumed_samples: int, dataloader_type: str = "single", workers: bool = True):
+    """Validation reads in order (the same samples every time); training as --dataloader-type says.
+
+    `workers=False` reads in this process. Validation does: its few batches come from memory-mapped
+    files, and forking --num-workers processes at every evaluation, from a process that by then runs
+    other Python threads (TensorBoard's writer, W&B, the training loader's queue feeders), could leave
+    a child deadlocked inside fork (CPython 3.11 re-initialising its thread states) and the run hung."""
     from megatron.data.samplers import build_sampler  # noqa: PLC0415
 
     if dataset is None:
@@ -53,6 +58,6 @@ def build_loader(dataset, args, consumed_samples: int, dataloader_type: str = "s
         data_parallel_size=parallel_state.get_data_parallel_world_size())
     # its own generator: starting an iterator draws a seed, which from the global RNG would shift
     # dropout and SophiaG's sampled labels after a resume (the iterator starts after the RNG is restored)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers if workers else 0,
                                        pin_memory=False, persistent_workers=False,
                                        generator=torch.Generator().manual_seed(args.seed))
