@@ -12,7 +12,6 @@ of the Python threads alive in it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
