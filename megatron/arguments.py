@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Sequence
 
+from megatron.config import Config, RuntimeConfig
 from megatron.errors import ArgumentError  # noqa: F401  (raised here; imported from here by callers)
 from megatron.fp16 import add_arguments as fp16_arguments, fp16_problems
 from megatron.optimizer import optimizer_help, optimizer_names, optimizer_problems
@@ -74,6 +74,7 @@ def _int_like(v: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every upstream flag spelling -> its config field (the dest); the defaults come from megatron/config/."""
     p = argparse.ArgumentParser(
         description="Pretrain a Llama-style GPT with DeepSpeed (Megatron-DeepSpeed compatible flags).",
         allow_abbrev=False,
@@ -88,26 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _parallel_args(p)
     _logging_args(p)
+    p.set_defaults(**Config.defaults())  # the one source of defaults: the config's dataclasses
     return p
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, default=None)
-    g.add_argument("--hidden-size", type=int, default=None)
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: swiglu int(8h/3/64)*64, else 4h")
-    g.add_argument("--num-attention-heads", type=int, default=None)
-    g.add_argument("--num-key-value-heads", type=int, default=None, help="GQA; default = heads")
-    g.add_argument("--kv-channels", type=int, default=None)
-    g.add_argument("--max-position-embeddings", type=int, default=None)
-    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int, help="default: swiglu int(8h/3/64)*64, else 4h")
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--num-key-value-heads", type=int, help="GQA; default = heads")
+    g.add_argument("--kv-channels", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--seq-length", type=int)
     g.add_argument("--use-rotary-position-embeddings", action="store_true")
-    g.add_argument("--rotary-position-embeddings-theta", dest="rope_theta", type=float, default=10000.0)
-    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--rotary-position-embeddings-theta", dest="rope_theta", type=float)
+    g.add_argument("--rotary-percent", type=float)
     g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
                    help="no learned absolute positions (what --use-rotary-position-embeddings already gives here)")
-    g.add_argument("--normalization", choices=["layernorm", "rmsnorm"], default="layernorm")
-    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--normalization", choices=["layernorm", "rmsnorm"])
+    g.add_argument("--layernorm-epsilon", type=float)
     g.add_argument("--apply-layernorm-1p", action="store_true")
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--squared-relu", action="store_true")
@@ -115,12 +117,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--embedding-weights-in-fp32", action="store_true", help="refused")
-    g.add_argument("--attention-dropout", type=float, default=0.1)
-    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float)
+    g.add_argument("--hidden-dropout", type=float)
     g.add_argument("--no-query-key-layer-scaling", dest="apply_query_key_layer_scaling", action="store_false",
                    help="accepted; attention scaling is always 1/sqrt(d_head) (what this flag selects upstream)")
     g.add_argument("--attention-softmax-in-fp32", action="store_true", help="refused: sdpa picks the precision")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--make-vocab-size-divisible-by", type=int)
     g.add_argument("--fp16", action="store_true",
                    help="fp16 weights under DeepSpeed's fp16 optimizer with loss scaling (megatron/fp16.py)")
     g.add_argument("--bf16", action="store_true")
@@ -140,13 +142,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _init_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("initialization")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int)
     g.add_argument("--data-parallel-random-init", action="store_true",
                    help="refused: DeepSpeed broadcasts rank 0's weights")
-    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--init-method-std", type=float)
     g.add_argument("--adjust-word-embedding-init", action="store_true",
                    help="initialize word embeddings with --word-embedding-init-std (really applied here)")
-    g.add_argument("--word-embedding-init-std", type=float, default=0.02)
+    g.add_argument("--word-embedding-init-std", type=float)
     g.add_argument("--init-method-xavier-uniform", action="store_true")
     g.add_argument("--no-initialization", action="store_true", help="refused (see --help of validate_args)")
 
@@ -154,42 +156,42 @@ def _init_args(p: argparse.ArgumentParser) -> None:
 def _mup_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MuP / CompleteP (megatron/model/mup.py, ALCF/notes/mup.md)")
     g.add_argument("--enable-mup", action="store_true", help="maximal update parametrization (width transfer)")
-    g.add_argument("--mup-base-width", type=int, default=None,
+    g.add_argument("--mup-base-width", type=int,
                    help="hidden size the hyper-parameters were tuned at (width multiplier = hidden / this)")
     g.add_argument("--mup-width-multiplier", "--mup-hidden-weights-scale", dest="mup_width_multiplier", type=float,
-                   default=None, help="the width multiplier itself (instead of --mup-base-width)")
-    g.add_argument("--mup-input-alpha", type=float, default=1.0, help="embedding output multiplier")
-    g.add_argument("--mup-output-alpha", type=float, default=1.0, help="logits multiplier (divided by the width mult.)")
-    g.add_argument("--mup-attn-alpha", type=float, default=1.0, help="attention scale = this / head dim")
+                   help="the width multiplier itself (instead of --mup-base-width)")
+    g.add_argument("--mup-input-alpha", type=float, help="embedding output multiplier")
+    g.add_argument("--mup-output-alpha", type=float, help="logits multiplier (divided by the width mult.)")
+    g.add_argument("--mup-attn-alpha", type=float, help="attention scale = this / head dim")
     g.add_argument("--enable-depth-scale", action="store_true", help="CompleteP depth parametrization")
-    g.add_argument("--depth-base", type=int, default=None,
+    g.add_argument("--depth-base", type=int,
                    help="number of layers the hyper-parameters were tuned at (depth multiplier = layers / this)")
-    g.add_argument("--depth-multiplier", type=float, default=None, help="the depth multiplier itself")
-    g.add_argument("--depth-alpha", type=float, default=1.0,
+    g.add_argument("--depth-multiplier", type=float, help="the depth multiplier itself")
+    g.add_argument("--depth-alpha", type=float,
                    help="residual branches x (layers / base)^-alpha; 1 = CompleteP, 0.5 = Yang et al.")
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=_int_like, default=None)
-    g.add_argument("--train-samples", type=_int_like, default=None)
-    g.add_argument("--train-tokens", type=_int_like, default=None, help="also stop once this many tokens are consumed")
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--micro-batch-size", type=int)
+    g.add_argument("--global-batch-size", type=int)
+    g.add_argument("--train-iters", type=_int_like)
+    g.add_argument("--train-samples", type=_int_like)
+    g.add_argument("--train-tokens", type=_int_like, help="also stop once this many tokens are consumed")
+    g.add_argument("--eval-interval", type=int)
+    g.add_argument("--eval-iters", type=int)
     g.add_argument("--eval-on-start", action="store_true", help="evaluate once before the first step")
     g.add_argument("--skip-train", action="store_true",
                    help="no training iteration: load (--load), evaluate on the validation set once and exit")
-    g.add_argument("--exit-interval", type=int, default=None)
-    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-interval", type=int)
+    g.add_argument("--exit-duration-in-mins", type=float)
     g.add_argument("--exit-signal-handler", action="store_true")
-    g.add_argument("--kill-switch-file", type=str, default=None)
+    g.add_argument("--kill-switch-file", type=str)
     # numerical faults (megatron/observability/numerics.py)
-    g.add_argument("--max-skipped-iterations", type=int, default=None,
+    g.add_argument("--max-skipped-iterations", type=int,
                    help="abort after this many iterations in a row were skipped for a NaN/Inf loss or grad norm, "
                         "saving a checkpoint of the last good state first (default: never abort)")
-    g.add_argument("--loss-spike-factor", type=float, default=5.0,
+    g.add_argument("--loss-spike-factor", type=float,
                    help="log a warning when a loss exceeds this factor x its recent running mean (0: off)")
     g.add_argument("--check-args", action="store_true",
                    help="validate the flags, the tokenizer and the data files (headers, token ids vs vocabulary), "
@@ -199,116 +201,116 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                         "rank) exceeds what the device or host has (ALCF/notes/reliability.md)")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="activation checkpointing: recompute whole layers in the backward (= --recompute-granularity full)")
-    g.add_argument("--checkpoint-num-layers", type=int, default=1, help="layers per checkpointed chunk")
+    g.add_argument("--checkpoint-num-layers", type=int, help="layers per checkpointed chunk")
     g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
                    help="accepted with --checkpoint-activations (same torch.utils.checkpoint); alone it implies it")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+    g.add_argument("--recompute-granularity", choices=["full", "selective"],
                    help="full: recompute whole layers; selective: recompute only the attention core")
-    g.add_argument("--compile", action="store_true", default=None,
+    g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (inductor) before DeepSpeed wraps it; the first steps are slow "
                         "while it compiles (needs a C++ compiler on CPU; not with ZeRO-3 or activation recompute). "
                         "Default: on for CPU runs whose model compute (iterations x model FLOPs) is at least "
                         "AUTO_COMPILE_MIN_TFLOP, where compiling pays for itself (ALCF/notes/performance.md)")
-    g.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+    g.add_argument("--no-compile", dest="compile", action="store_false",
                    help="never torch.compile the model (eager), whatever the run's size")
 
 
 def _optimizer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="adamw", choices=optimizer_names(), metavar="NAME",
+    g.add_argument("--optimizer", choices=optimizer_names(), metavar="NAME",
                    help=f"one of: {optimizer_help()}")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--start-weight-decay", type=float, default=None)
-    g.add_argument("--end-weight-decay", type=float, default=None)
-    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant")
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--start-weight-decay", type=float)
+    g.add_argument("--end-weight-decay", type=float)
+    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"])
+    g.add_argument("--clip-grad", type=float)
+    g.add_argument("--adam-beta1", type=float)
+    g.add_argument("--adam-beta2", type=float)
+    g.add_argument("--adam-eps", type=float)
+    g.add_argument("--sgd-momentum", type=float)
     g.add_argument("--cpu-optimizer", action="store_true",
                    help="ZeRO optimizer offload to the CPU (offload_optimizer in the DeepSpeed config; ZeRO 1-3)")
     g.add_argument("--cpu_torch_adam", action="store_true", help="refused: use --optimizer adamw")
     g.add_argument("--ds_fused_adam", action="store_true", help="refused: use --optimizer ds.adamw")
     # per-optimizer flags (ALCF/notes/optimizers.md); `type=bool` upstream flags take true/false here
-    g.add_argument("--sophiag-beta1", type=float, default=0.9)
-    g.add_argument("--sophiag-beta2", type=float, default=0.95)
-    g.add_argument("--sophiag-rho", type=float, default=0.01)
-    g.add_argument("--sophiag-hessian-interval", type=int, default=10,
+    g.add_argument("--sophiag-beta1", type=float)
+    g.add_argument("--sophiag-beta2", type=float)
+    g.add_argument("--sophiag-rho", type=float)
+    g.add_argument("--sophiag-hessian-interval", type=int,
                    help="SophiaG: refresh the Hessian estimate every N iterations (extra forward/backward)")
-    g.add_argument("--dshampooadamw-max-preconditioner-dim", type=int, default=8192)
-    g.add_argument("--dshampooadamw-precondition-freq", type=int, default=100)
-    g.add_argument("--dshampooadamw-use-decoupled-weight-decay", type=_str2bool, default=True, metavar="BOOL")
-    g.add_argument("--dshampooadamw-eps", type=float, default=1e-12)
-    g.add_argument("--muon-momentum", type=float, default=0.95)
-    g.add_argument("--muon-nesterov", type=_str2bool, default=True, metavar="BOOL")
-    g.add_argument("--muon-ns-steps", type=int, default=5,
+    g.add_argument("--dshampooadamw-max-preconditioner-dim", type=int)
+    g.add_argument("--dshampooadamw-precondition-freq", type=int)
+    g.add_argument("--dshampooadamw-use-decoupled-weight-decay", type=_str2bool, metavar="BOOL")
+    g.add_argument("--dshampooadamw-eps", type=float)
+    g.add_argument("--muon-momentum", type=float)
+    g.add_argument("--muon-nesterov", type=_str2bool, metavar="BOOL")
+    g.add_argument("--muon-ns-steps", type=int,
                    help="Newton-Schulz steps (upstream default 6; 5 here, the value DeepSpeed's ZeRO Muon fixes)")
-    g.add_argument("--muonadamw-beta1", type=float, default=0.9)
-    g.add_argument("--muonadamw-beta2", type=float, default=0.999)
-    g.add_argument("--muonadamw-eps", type=float, default=1e-12)
-    g.add_argument("--muonclip-t", type=float, default=100.0, help="MuonClip: max QK logit per head")
-    g.add_argument("--muonclip-alpha", type=float, default=0.5, help="MuonClip: W_q takes eta^alpha, W_k the rest")
+    g.add_argument("--muonadamw-beta1", type=float)
+    g.add_argument("--muonadamw-beta2", type=float)
+    g.add_argument("--muonadamw-eps", type=float)
+    g.add_argument("--muonclip-t", type=float, help="MuonClip: max QK logit per head")
+    g.add_argument("--muonclip-alpha", type=float, help="MuonClip: W_q takes eta^alpha, W_k the rest")
     g.add_argument("--schedulefree-for-each", action="store_true")
-    g.add_argument("--ademamix-beta3", type=float, default=0.9999)
-    g.add_argument("--ademamix-alpha", type=float, default=5.0)
-    g.add_argument("--ademamix-warmup-iters", type=int, default=None,
+    g.add_argument("--ademamix-beta3", type=float)
+    g.add_argument("--ademamix-alpha", type=float)
+    g.add_argument("--ademamix-warmup-iters", type=int,
                    help="AdEMAMix alpha/beta3 warmup length in optimizer steps (default: none)")
 
 
 def _lr_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("learning rate")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", default="linear", choices=list(LR_SCHEDULES),
+    g.add_argument("--lr", type=float)
+    g.add_argument("--min-lr", type=float)
+    g.add_argument("--lr-decay-style", choices=list(LR_SCHEDULES),
                    help="LR schedule after warmup (registry: megatron/schedules/styles.py): "
                    + "; ".join(f"{name}: {style.description}" for name, style in LR_SCHEDULES.items()))
-    g.add_argument("--lr-decay-iters", type=_int_like, default=None)
-    g.add_argument("--lr-decay-samples", type=_int_like, default=None)
-    g.add_argument("--lr-decay-tokens", type=_int_like, default=None)
-    g.add_argument("--lr-warmup-fraction", type=float, default=None)
-    g.add_argument("--lr-warmup-iters", type=_int_like, default=0)
-    g.add_argument("--lr-warmup-samples", type=_int_like, default=0)
-    g.add_argument("--lr-warmup-tokens", type=_int_like, default=None)
-    g.add_argument("--lr-constant-tokens", type=_int_like, default=None)
-    g.add_argument("--lr-constant-fraction", type=float, default=0.001)
-    g.add_argument("--lr-cooldown-tokens", type=_int_like, default=None)
-    g.add_argument("--lr-cooldown-fraction", type=float, default=0.65)
-    g.add_argument("--constant-lr", type=float, default=0.00011)
-    g.add_argument("--timescale", type=float, default=10.0)
+    g.add_argument("--lr-decay-iters", type=_int_like)
+    g.add_argument("--lr-decay-samples", type=_int_like)
+    g.add_argument("--lr-decay-tokens", type=_int_like)
+    g.add_argument("--lr-warmup-fraction", type=float)
+    g.add_argument("--lr-warmup-iters", type=_int_like)
+    g.add_argument("--lr-warmup-samples", type=_int_like)
+    g.add_argument("--lr-warmup-tokens", type=_int_like)
+    g.add_argument("--lr-constant-tokens", type=_int_like)
+    g.add_argument("--lr-constant-fraction", type=float)
+    g.add_argument("--lr-cooldown-tokens", type=_int_like)
+    g.add_argument("--lr-cooldown-fraction", type=float)
+    g.add_argument("--constant-lr", type=float)
+    g.add_argument("--timescale", type=float)
     g.add_argument("--lr_constant_plus_cooldown", action="store_true")
-    g.add_argument("--lr_constant_plus_cooldown_frac", type=float, default=0.05)
-    g.add_argument("--lr-cooldown-iters", type=_int_like, default=None,
+    g.add_argument("--lr_constant_plus_cooldown_frac", type=float)
+    g.add_argument("--lr-cooldown-iters", type=_int_like,
                    help="constant+cooldown: cool down over the last N iterations")
-    g.add_argument("--lr-cooldown-start-iter", type=_int_like, default=None,
+    g.add_argument("--lr-cooldown-start-iter", type=_int_like,
                    help="constant+cooldown: start the cooldown at this iteration")
-    g.add_argument("--lr-wsd-decay-iters", type=_int_like, default=None)
-    g.add_argument("--lr-wsd-decay-samples", type=_int_like, default=None)
-    g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "1-sqrt", "minus_sqrt"], default="1-sqrt")
+    g.add_argument("--lr-wsd-decay-iters", type=_int_like)
+    g.add_argument("--lr-wsd-decay-samples", type=_int_like)
+    g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "1-sqrt", "minus_sqrt"])
     g.add_argument("--lr-finder", action="store_true",
                    help="LR range test instead of training: geometric LR sweep, smoothed loss, suggested LR; writes "
                         "{save}/lr_finder/lr_finder_data.csv/.npz and lr_finder.png, no checkpoint "
                         "(ALCF/notes/lr_finder.md)")
-    g.add_argument("--lr-finder-min", type=float, default=1e-6, help="first LR of the sweep")
-    g.add_argument("--lr-finder-max", type=float, default=1.0, help="last LR of the sweep")
-    g.add_argument("--lr-finder-fraction", type=float, default=1.0,
+    g.add_argument("--lr-finder-min", type=float, help="first LR of the sweep")
+    g.add_argument("--lr-finder-max", type=float, help="last LR of the sweep")
+    g.add_argument("--lr-finder-fraction", type=float,
                    help="sweep length as a fraction of --train-iters (upstream used 0.1)")
-    g.add_argument("--lr-finder-stop-factor", type=float, default=4.0,
+    g.add_argument("--lr-finder-stop-factor", type=float,
                    help="stop when the smoothed loss exceeds this x its best value")
-    g.add_argument("--lr-finder-beta", type=float, default=0.98, help="loss smoothing (EMA) factor")
+    g.add_argument("--lr-finder-beta", type=float, help="loss smoothing (EMA) factor")
     g.add_argument("--override-opt_param-scheduler", action="store_true")
     g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true")
-    g.add_argument("--warmup", type=int, default=None, help="deprecated; use --lr-warmup-*")
+    g.add_argument("--warmup", type=int, help="deprecated; use --lr-warmup-*")
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing")
-    g.add_argument("--save", type=str, default=None)
-    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save", type=str)
+    g.add_argument("--save-interval", type=int)
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-save-rng", action="store_true")
-    g.add_argument("--load", type=str, default=None)
-    g.add_argument("--load-tag", type=str, default=None)
+    g.add_argument("--load", type=str)
+    g.add_argument("--load-tag", type=str)
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--no-load-lr-state", action="store_true")
@@ -319,7 +321,7 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
     g.add_argument("--universal-checkpoint", action="store_true")
     g.add_argument("--reset-iteration", action="store_true")
-    g.add_argument("--keep-last-n", type=int, default=None, metavar="N",
+    g.add_argument("--keep-last-n", type=int, metavar="N",
                    help="keep only the newest N global_step<N> checkpoints under --save (never the one 'latest' "
                         "names); default: keep all")
     g.add_argument("--unsafe-checkpoint-load", action="store_true",
@@ -335,26 +337,26 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="*", default=None)
-    g.add_argument("--data-file-list", type=str, default=None)
+    g.add_argument("--data-path", nargs="*")
+    g.add_argument("--data-file-list", type=str)
     g.add_argument("--shuffle-sample-in-corpus", action="store_true")
     g.add_argument("--blend-sample-in-corpus", action="store_true")
-    g.add_argument("--split", type=str, default="969, 30, 1")
-    g.add_argument("--data-cache-path", type=str, default=None)
-    g.add_argument("--data-impl", choices=["mmap", "infer"], default="infer")
+    g.add_argument("--split", type=str)
+    g.add_argument("--data-cache-path", type=str)
+    g.add_argument("--data-impl", choices=["mmap", "infer"])
     g.add_argument("--mmap-warmup", action="store_true", help="refused: pages are read on demand")
-    g.add_argument("--num-workers", type=int, default=2)
-    g.add_argument("--dataloader-type", choices=["single", "cyclic"], default="single",
+    g.add_argument("--num-workers", type=int)
+    g.add_argument("--dataloader-type", choices=["single", "cyclic"],
                    help="single: samples in order, each once; cyclic: a new random order of the whole training "
                         "set every epoch (upstream's random sampler; megatron/data/samplers.py)")
-    g.add_argument("--tokenizer-type", default=None,
+    g.add_argument("--tokenizer-type",
                    choices=["BertWordPieceLowerCase", "BertWordPieceCase", "GPT2BPETokenizer", "SentencePieceTokenizer",
                             "GPTSentencePieceTokenizer", "HFTokenizer", "NullTokenizer", "Llama2Tokenizer"])
-    g.add_argument("--tokenizer-model", type=str, default=None)
+    g.add_argument("--tokenizer-model", type=str)
     g.add_argument("--trust-remote-code", action="store_true")
-    g.add_argument("--vocab-file", type=str, default=None)
-    g.add_argument("--merge-file", type=str, default=None)
-    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--vocab-file", type=str)
+    g.add_argument("--merge-file", type=str)
+    g.add_argument("--vocab-size", type=int)
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--reset-position-ids", action="store_true")
     g.add_argument("--reset-attention-mask", action="store_true",
@@ -363,49 +365,49 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("distributed")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+    g.add_argument("--tensor-model-parallel-size", type=int,
                    help="Megatron tensor parallelism (heads, KV heads and FFN size must divide by it)")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+    g.add_argument("--pipeline-model-parallel-size", type=int,
                    help="pipeline stages (DeepSpeed's pipeline engine, 1F1B; ZeRO 0/1 only; ALCF/notes/parallelism.md)")
-    g.add_argument("--ds-sequence-parallel-size", type=int, default=1,
+    g.add_argument("--ds-sequence-parallel-size", type=int,
                    help="DeepSpeed-Ulysses sequence parallelism: each of SP ranks holds seq/SP tokens of the same "
                         "samples; attention all-to-alls to heads/SP heads over the whole sequence (heads, KV heads "
                         "and seq length divisible by SP)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron sequence parallelism: norms and dropout on sequence shards (TP > 1; off at TP = 1)")
     g.add_argument("--no-pipeline-parallel", action="store_true")
-    g.add_argument("--zero-stage", type=_int_like, default=1,
+    g.add_argument("--zero-stage", type=_int_like,
                    help="ZeRO stage; with one data-parallel replica stages 1 and 2 run as stage 0 (nothing to "
                         "partition) unless --keep-zero-stage")
     g.add_argument("--keep-zero-stage", action="store_true",
                    help="run --zero-stage 1/2 as asked even with one data-parallel replica")
-    g.add_argument("--distributed-backend", choices=["nccl", "gloo", "ccl", "xccl", "hccl"], default=None,
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo", "ccl", "xccl", "hccl"],
                    help="default: chosen from the hardware (xccl/ccl on XPU, nccl on CUDA, gloo on CPU)")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+    g.add_argument("--distributed-timeout-minutes", type=float,
                    help="a collective that waits longer than this (a rank died or hangs) fails, and the run "
                         "stops with one ERROR line naming the unresponsive rank(s) (fractions allowed: 0.1 = 6 s)")
-    g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None)
-    g.add_argument("--DDP-impl", default=None, choices=["local", "torch"], help="refused: DeepSpeed is the engine")
-    g.add_argument("--overlap-grad-reduce", action="store_true", default=None,
+    g.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int)
+    g.add_argument("--DDP-impl", choices=["local", "torch"], help="refused: DeepSpeed is the engine")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="ZeRO: overlap the gradient reduction with the backward (DeepSpeed overlap_comm; "
                         "default: the DeepSpeed config's value)")
-    g.add_argument("--ddp-bucket-size", type=_int_like, default=None,
+    g.add_argument("--ddp-bucket-size", type=_int_like,
                    help="ZeRO: elements per gradient-reduction and parameter all-gather bucket (DeepSpeed "
                         "reduce_bucket_size / allgather_bucket_size; default: the DeepSpeed config's value)")
     # DeepSpeed's own config arguments (deepspeed.add_config_arguments), declared here so --help is fast.
     g.add_argument("--deepspeed", action="store_true")
-    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", type=str, default=None)
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", type=str)
     g.add_argument("--deepspeed_mpi", action="store_true")
 
 
 def _logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging")
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--timing-log-level", type=int, choices=[0, 1, 2], default=0)
-    g.add_argument("--timing-log-option", choices=["max", "minmax", "all"], default="minmax")
-    g.add_argument("--tensorboard-dir", type=str, default=None)
-    g.add_argument("--tensorboard-log-interval", type=int, default=1)
-    g.add_argument("--tensorboard-queue-size", type=int, default=1000)
+    g.add_argument("--log-interval", type=int)
+    g.add_argument("--timing-log-level", type=int, choices=[0, 1, 2])
+    g.add_argument("--timing-log-option", choices=["max", "minmax", "all"])
+    g.add_argument("--tensorboard-dir", type=str)
+    g.add_argument("--tensorboard-log-interval", type=int)
+    g.add_argument("--tensorboard-queue-size", type=int)
     for flag in ("--log-timers-to-tensorboard", "--log-batch-size-to-tensorboard",
                  "--log-optimizer-states-to-tensorboard", "--log-world-size-to-tensorboard"):
         g.add_argument(flag, action="store_true")
@@ -420,111 +422,46 @@ def _logging_args(p: argparse.ArgumentParser) -> None:
                    help="num_zeros= in the log line: zero elements of the reduced gradient before the step")
     g.add_argument("--no-log-learnig-rate-to-tensorboard", dest="log_learning_rate_to_tensorboard", action="store_false")
     g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard", action="store_false")
-    g.add_argument("--wandb-project", type=str, default=None)
-    g.add_argument("--wandb-exp-name", type=str, default=None)
-    g.add_argument("--wandb-save-dir", type=str, default=None)
-    g.add_argument("--metrics-file", type=str, default=None,
+    g.add_argument("--wandb-project", type=str)
+    g.add_argument("--wandb-exp-name", type=str)
+    g.add_argument("--wandb-save-dir", type=str)
+    g.add_argument("--metrics-file", type=str,
                    help="append one JSON line per logged iteration/evaluation (default: <save>/metrics.jsonl)")
     # observability (ALCF/notes/observability.md)
-    g.add_argument("--peak-tflops", type=float, default=None,
+    g.add_argument("--peak-tflops", type=float,
                    help="peak TFLOPS of one device for MFU (default: known accelerator table, else a matmul "
                         "benchmark measured at start-up)")
-    g.add_argument("--profile", choices=["pt", "pt-full"], default=None,
+    g.add_argument("--profile", choices=["pt", "pt-full"],
                    help="torch profiler over --profile_steps; writes a Chrome trace per profiled rank to --trace-dir")
-    g.add_argument("--profile_steps", "--profile-steps", dest="profile_steps", type=str, default="2,3",
+    g.add_argument("--profile_steps", "--profile-steps", dest="profile_steps", type=str,
                    help="first,last iteration to profile (inclusive)")
-    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="ranks that profile")
-    g.add_argument("--trace-dir", type=str, default="./trace/", help="where profiler traces go")
-    g.add_argument("--flops-profiler-step", type=int, default=None,
+    g.add_argument("--profile-ranks", type=int, nargs="+", help="ranks that profile")
+    g.add_argument("--trace-dir", type=str, help="where profiler traces go")
+    g.add_argument("--flops-profiler-step", type=int,
                    help="run DeepSpeed's flops profiler at this optimizer step (rank 0); report in <trace-dir>")
 
 
 def parse_args(argv: Sequence[str] | None = None, env: dict | None = None) -> argparse.Namespace:
     """Parse (argparse keeps the last occurrence of a flag, so later flags win) and validate."""
-    args = build_parser().parse_args(argv)
+    runtime = argparse.Namespace(**RuntimeConfig.defaults())  # declared before the code that sets them runs
+    args = build_parser().parse_args(argv, namespace=runtime)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the start-up table shows which flags were given
     validate_args(args, env=os.environ if env is None else env)
     return args
 
 
 def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
-    """Every configuration problem, as one line each naming the fix."""
-    errs: list[str] = []
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            errs.append(msg)
-
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-        need(getattr(args, name) is not None, f"--{name.replace('_', '-')} is required")
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-                 "eval_interval", "log_interval", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "ds_sequence_parallel_size"):
-        v = getattr(args, name)
-        need(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0 (got {v})")
-    need(args.eval_iters >= 0, f"--eval-iters must be >= 0 (got {args.eval_iters})")
-    need(args.lr is not None, "--lr is required (the maximum learning rate)")
-    if args.lr is not None:
-        need(args.lr >= 0 and math.isfinite(args.lr), f"--lr must be a finite number >= 0 (got {args.lr})")
-        need(args.min_lr <= args.lr, f"--min-lr ({args.min_lr}) must be <= --lr ({args.lr})")
-    need((args.train_iters is None) != (args.train_samples is None),
-         "give exactly one of --train-iters and --train-samples")
-    for name in ("train_iters", "train_samples"):
-        v = getattr(args, name)
-        need(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0 (got {v}); "
-             "with TRAIN_TOKENS, make it at least seq-length x global-batch-size")
-    need(args.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3 (got {args.zero_stage})")
-    need(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
-    need(args.lr_warmup_fraction is None or 0.0 <= args.lr_warmup_fraction <= 1.0,
-         f"--lr-warmup-fraction must be in [0, 1] (got {args.lr_warmup_fraction})")
-    need(args.lr_warmup_fraction is None or (args.lr_warmup_iters == 0 and args.lr_warmup_samples == 0),
-         "--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are mutually exclusive")
-    need(args.warmup is None, "--warmup is deprecated: use --lr-warmup-fraction or --lr-warmup-iters")
-    need(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
-         "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually exclusive "
-         "(unset OVERRIDE_CKPT_OPT_PARAM or drop --override-opt_param-scheduler)")
-    need(args.save is None or args.save_interval is None or args.save_interval > 0,
-         f"--save-interval must be > 0 (got {args.save_interval})")
-    need(args.keep_last_n is None or args.keep_last_n >= 1, f"--keep-last-n must be >= 1 (got {args.keep_last_n})")
-    need(math.isfinite(args.distributed_timeout_minutes) and args.distributed_timeout_minutes > 0,
-         f"--distributed-timeout-minutes must be a finite number > 0 (got {args.distributed_timeout_minutes})")
-    need(not (args.no_save_optim and args.zero_stage == 3),
-         "--no-save-optim cannot be used with --zero-stage 3 (ZeRO-3 keeps the weights in the optimizer shards)")
-    need(args.data_file_list is not None or args.data_path,
-         "no training data: give --data-file-list (DATA_FILE_LIST=...) or --data-path")
-    if args.data_file_list is not None:
-        need(os.path.isfile(args.data_file_list),
-             f"--data-file-list {args.data_file_list}: file not found (check DATA_FILE_LIST)")
+    """Every configuration problem, as one line each naming the fix: the config's own checks
+    (megatron/config/, each section's next to its fields), then those that need the file system, the
+    world size or another package's knowledge."""
+    errs = Config.from_args(args).validate()
     from megatron.data.gpt_dataset import get_split_bounds  # noqa: PLC0415
     try:
         get_split_bounds(args.split, 1)
     except ValueError as e:
         errs.append(f"{e} (SPLIT / --split)")
-    if args.num_attention_heads and args.hidden_size and args.kv_channels is None:
-        need(args.hidden_size % args.num_attention_heads == 0,
-             f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads ({args.num_attention_heads})")
-    if args.num_attention_heads and args.num_key_value_heads:
-        need(args.num_attention_heads % args.num_key_value_heads == 0,
-             f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
-             f"--num-key-value-heads ({args.num_key_value_heads})")
-    if args.seq_length and args.max_position_embeddings:
-        need(args.max_position_embeddings >= args.seq_length,
-             f"--max-position-embeddings ({args.max_position_embeddings}) must be >= --seq-length ({args.seq_length})")
-    need(0.0 < args.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1] (got {args.rotary_percent})")
-    need(args.peak_tflops is None or args.peak_tflops > 0, f"--peak-tflops must be > 0 (got {args.peak_tflops})")
-    steps = args.profile_steps.replace(" ", "").split(",")
-    need(len(steps) == 2 and all(x.isdigit() for x in steps) and int(steps[0]) <= int(steps[1]),
-         f"--profile_steps must be 'first,last' iterations, e.g. 2,3 (got {args.profile_steps!r})")
-    need(args.flops_profiler_step is None or args.flops_profiler_step >= 1,
-         f"--flops-profiler-step must be >= 1 (got {args.flops_profiler_step})")
-    need(args.max_skipped_iterations is None or args.max_skipped_iterations >= 1,
-         f"--max-skipped-iterations must be >= 1 (got {args.max_skipped_iterations})")
-    need(args.loss_spike_factor >= 0 and math.isfinite(args.loss_spike_factor),
-         f"--loss-spike-factor must be a finite number >= 0 (got {args.loss_spike_factor})")
     if args.save:
         errs.extend(save_dir_problems(args.save))
-    need(args.ddp_bucket_size is None or args.ddp_bucket_size > 0,
-         f"--ddp-bucket-size must be > 0 elements (got {args.ddp_bucket_size})")
     errs.extend(compile_problems(args))  # --compile where it cannot work
 
     tp, pp, sp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.ds_sequence_parallel_size
@@ -534,9 +471,10 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
                     "change TP/PP/SP or the number of processes")
     elif model_parallel > 0 and args.global_batch_size is not None and args.micro_batch_size:
         dp = world_size // model_parallel
-        need(args.global_batch_size % (args.micro_batch_size * dp) == 0,
-             f"--global-batch-size ({args.global_batch_size}) must be a multiple of micro-batch-size x data-parallel "
-             f"size = {args.micro_batch_size} x {dp}; set GLOBAL_BATCH accordingly or change MICRO_BATCH")
+        if args.global_batch_size % (args.micro_batch_size * dp):
+            errs.append(f"--global-batch-size ({args.global_batch_size}) must be a multiple of micro-batch-size x "
+                        f"data-parallel size = {args.micro_batch_size} x {dp}; set GLOBAL_BATCH accordingly or "
+                        "change MICRO_BATCH")
 
     errs.extend(optimizer_problems(args))  # missing package, unsupported ZeRO stage (megatron/optimizer)
     errs.extend(ds_optimizer_block_problems(args))  # a DeepSpeed config "optimizer" block DeepSpeed would ignore
@@ -546,35 +484,9 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     errs.extend(ulysses_problems(args))  # Ulysses SP: heads / seq divisible by SP (megatron/core/sequence_parallel.py)
     errs.extend(fp16_problems(args, args.zero_stage))  # loss-scaling flags and the fp16 block (megatron/fp16.py)
 
-    if args.reset_attention_mask and (pp > 1 or sp > 1):
-        errs.append("--reset-attention-mask is not supported with pipeline (PP > 1) or Ulysses (SP > 1) parallelism "
-                    "yet; drop it or use PP = SP = 1")
-
     for dest, message in REFUSED_FLAGS.items():  # upstream flags whose promise cannot be kept here
-        if getattr(args, dest, None) not in (None, False):
+        if getattr(args, dest) not in (None, False):
             errs.append(message)
-    if args.log_params_norm and pp > 1 and not args.untie_embeddings_and_output_weights:
-        errs.append("--log-params-norm with pipeline parallelism needs --untie-embeddings-and-output-weights (the "
-                    "tied embedding is held by the first and the last stage); add it or drop --log-params-norm")
-    if args.log_num_zeros_in_grad and pp > 1:
-        errs.append("--log-num-zeros-in-grad is not supported with pipeline parallelism (PP > 1) yet; drop the flag")
-    if not args.add_position_embedding and not args.use_rotary_position_embeddings:
-        errs.append("--no-position-embedding without --use-rotary-position-embeddings (a model without position "
-                    "information) is not supported; add --use-rotary-position-embeddings or drop the flag")
-    if args.cpu_optimizer and args.zero_stage == 0:
-        errs.append("--cpu-optimizer offloads the optimizer with ZeRO: use --zero-stage 1, 2 or 3, or drop the flag")
-    if args.use_checkpoint_args and not args.load:
-        errs.append("--use-checkpoint-args needs --load (the checkpoint whose model arguments to use); add LOAD / "
-                    "--load or drop the flag")
-
-    # Upstream flags whose behaviour is not implemented here yet: refuse rather than ignore.
-    unsupported = {
-        "squared_relu": (args.squared_relu, "--squared-relu"),
-        "apply_layernorm_1p": (args.apply_layernorm_1p, "--apply-layernorm-1p"),
-    }
-    for _, (bad, what) in unsupported.items():
-        if bad:
-            errs.append(f"{what} is not supported by this version yet; remove the flag")
     return errs
 
 

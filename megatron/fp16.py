@@ -51,18 +51,18 @@ DS_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "min_loss_scale": 1, 
 
 def add_arguments(g) -> None:
     """The upstream Megatron loss-scaling flags (default: the DeepSpeed config's value)."""
-    g.add_argument("--loss-scale", type=float, default=None,
+    g.add_argument("--loss-scale", type=float,
                    help="fp16: static loss scale; 0 or unset = dynamic loss scaling")
-    g.add_argument("--initial-loss-scale", type=float, default=None,
+    g.add_argument("--initial-loss-scale", type=float,
                    help="fp16 dynamic: initial loss scale, a power of two (DeepSpeed initial_scale_power = log2; "
                         "default: the DeepSpeed config's, else 2**16)")
-    g.add_argument("--min-loss-scale", type=float, default=None,
+    g.add_argument("--min-loss-scale", type=float,
                    help="fp16 dynamic: minimum loss scale, a whole number >= 1 "
                         "(default: the DeepSpeed config's, else 1)")
-    g.add_argument("--loss-scale-window", type=float, default=None,
+    g.add_argument("--loss-scale-window", type=float,
                    help="fp16 dynamic: overflow-free iterations before the scale doubles "
                         "(default: the DeepSpeed config's, else 1000)")
-    g.add_argument("--hysteresis", type=int, default=None,
+    g.add_argument("--hysteresis", type=int,
                    help="fp16 dynamic: overflows tolerated before the scale halves (default: the DeepSpeed "
                         "config's, else 2)")
 

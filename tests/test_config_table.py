@@ -86,4 +86,4 @@ def test_single_replica_zero_stage(extra, env, stage, tmp_path):
     if stage == 0:
         assert a.zero_stage_requested in (1, 2) and row.value.startswith("0 (asked ")
     else:
-        assert not hasattr(a, "zero_stage_requested") and row.value == str(stage)
+        assert a.zero_stage_requested is None and row.value == str(stage)
