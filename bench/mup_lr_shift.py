@@ -128,6 +128,7 @@ def train_one(spec: RunSpec) -> RunResult:
     import torch
 
     from megatron.arguments import parse_args
+    from megatron.config import Config
     from megatron.model import GPTModel
     from megatron.optimizer import build_optimizer
     from megatron.schedules import build_scheduler
@@ -145,7 +146,7 @@ def train_one(spec: RunSpec) -> RunResult:
     torch.manual_seed(spec.seed)
     model = GPTModel(model_config(args))
     optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args)
+    scheduler = build_scheduler(optimizer, Config.from_args(args))
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses: list[float] = []

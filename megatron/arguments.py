@@ -25,7 +25,6 @@ from megatron.fp16 import add_arguments as fp16_arguments, fp16_problems
 from megatron.optimizer import optimizer_help, optimizer_names, optimizer_problems
 from megatron.schedules import LR_SCHEDULES, build_schedule_spec
 from megatron.lr_finder import configure_lr_finder
-from megatron.model.mup import mup_problems
 from megatron.core.parallel_config import finalize_parallel_args, parallel_problems
 from megatron.core.pipeline_schedule import pipeline_problems
 from megatron.core.sequence_parallel import ulysses_problems
@@ -478,14 +477,13 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
 
     errs.extend(optimizer_problems(args))  # missing package, unsupported ZeRO stage (megatron/optimizer)
     errs.extend(ds_optimizer_block_problems(args))  # a DeepSpeed config "optimizer" block DeepSpeed would ignore
-    errs.extend(mup_problems(args))  # MuP / CompleteP flags (megatron/model/mup.py)
     errs.extend(parallel_problems(args))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
     errs.extend(pipeline_problems(args))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/core/pipeline_schedule.py)
     errs.extend(ulysses_problems(args))  # Ulysses SP: heads / seq divisible by SP (megatron/core/sequence_parallel.py)
     errs.extend(fp16_problems(args, args.zero_stage))  # loss-scaling flags and the fp16 block (megatron/fp16.py)
 
     for dest, message in REFUSED_FLAGS.items():  # upstream flags whose promise cannot be kept here
-        if getattr(args, dest) not in (None, False):
+        if vars(args)[dest] not in (None, False):
             errs.append(message)
     return errs
 
@@ -507,7 +505,7 @@ def save_dir_problems(save: str) -> list[str]:
 
 def compile_problems(args: argparse.Namespace) -> list[str]:
     """--compile is refused where it does not work (yet), one line each naming the fix."""
-    if not getattr(args, "compile", False):  # None (automatic) or False (--no-compile)
+    if not args.compile:  # None (automatic) or False (--no-compile)
         return []
     import shutil  # noqa: PLC0415
 
@@ -519,7 +517,7 @@ def compile_problems(args: argparse.Namespace) -> list[str]:
                     "model's forward); use --zero-stage 1 or 2, or drop --compile")
     if args.recompute_granularity or args.checkpoint_activations:
         errs.append("--compile is not supported with activation recompute yet; drop --compile or the recompute flags")
-    if getattr(args, "pipeline_model_parallel_size", 1) > 1:
+    if args.pipeline_model_parallel_size > 1:
         errs.append("--compile is not supported with pipeline parallelism (the stages are not compiled); "
                     "drop --compile or use --pipeline-model-parallel-size 1")
     accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
@@ -657,7 +655,7 @@ def apply_checkpoint_args(args: argparse.Namespace) -> list[str]:
     args.checkpoint_args_used = {}
     for k in ARCH_FIELDS + CHECKPOINT_MODEL_ARGS:
         if saved.get(k) is not None:
-            if getattr(args, k, None) != saved[k]:
+            if vars(args)[k] != saved[k]:
                 args.checkpoint_args_used[k] = saved[k]
             setattr(args, k, saved[k])
     return []
@@ -721,7 +719,7 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
         args.max_position_embeddings = args.seq_length
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64) if args.swiglu else 4 * args.hidden_size
-    args.use_flash_attn = any(getattr(args, f) for f in FLASH_ATTN_FLAGS)
+    args.use_flash_attn = any(vars(args)[f] for f in FLASH_ATTN_FLAGS)
     finalize_parallel_args(args)  # sequence parallel off at TP=1; recompute granularity / chunk
     if args.weight_decay_incr_style == "constant":
         args.start_weight_decay = args.end_weight_decay = args.weight_decay
@@ -738,7 +736,7 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
     if args.tensorboard_dir is None and args.save is not None:
         args.tensorboard_dir = os.path.join(args.save, "tensorboard")
     try:  # the LR schedule is checked now, not after DeepSpeed has started
-        build_schedule_spec(args)
+        build_schedule_spec(Config.from_args(args))
     except ValueError as e:
         raise ArgumentError(str(e)) from None
     from megatron.checkpoint.checkpointing import check_checkpoint_files, load_problems  # noqa: PLC0415  (before DeepSpeed)

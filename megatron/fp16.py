@@ -97,7 +97,7 @@ def fp16_block(args, from_file: dict) -> dict:
     if not args.fp16:
         return block
     for dest, (_flag, key) in SCALER_FLAGS.items():
-        value = getattr(args, dest, None)
+        value = vars(args)[dest]
         if value is None:
             continue
         if dest == "initial_loss_scale":
@@ -126,7 +126,7 @@ def describe(args) -> str:
 
 def fp16_problems(args, zero_stage: int) -> list[str]:
     """Loss-scaling flags and the effective fp16 block, one line per problem naming the fix."""
-    given = [flag for dest, (flag, _) in SCALER_FLAGS.items() if getattr(args, dest, None) is not None]
+    given = [flag for dest, (flag, _) in SCALER_FLAGS.items() if vars(args)[dest] is not None]
     if not args.fp16:
         return [f"{', '.join(given)}: loss scaling applies to fp16 only; add --fp16 (DTYPE=fp16) or drop "
                 f"{'them' if len(given) > 1 else 'it'}"] if given else []
@@ -152,7 +152,7 @@ def fp16_problems(args, zero_stage: int) -> list[str]:
     if args.hysteresis is not None and args.hysteresis < 1:
         errs.append(f"--hysteresis must be >= 1 (got {args.hysteresis})")
     if ls:  # static: the dynamic scaler's flags would do nothing
-        dyn = [SCALER_FLAGS[d][0] for d in DYNAMIC_ONLY if getattr(args, d, None) is not None]
+        dyn = [SCALER_FLAGS[d][0] for d in DYNAMIC_ONLY if vars(args)[d] is not None]
         if dyn:
             errs.append(f"{', '.join(dyn)} only apply to dynamic loss scaling, but --loss-scale {ls:g} is static; "
                         "drop them or drop --loss-scale")

@@ -268,7 +268,7 @@ def initialize_megatron(args) -> parallel_state.ParallelState:
 
     try:
         args.rank, world, args.local_rank, args.device_type, _ = setup_distributed(
-            args.distributed_backend, args.distributed_timeout_minutes, bf16=bool(getattr(args, "bf16", False)))
+            args.distributed_backend, args.distributed_timeout_minutes, bf16=bool(args.bf16))
     except (DeviceSetupError, LaunchEnvError) as e:
         raise ArgumentError(str(e)) from e
     if world != args.world_size:
@@ -287,7 +287,7 @@ def initialize_megatron(args) -> parallel_state.ParallelState:
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, timeout=timeout)
     state = parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
                                                      args.pipeline_model_parallel_size,
-                                                     getattr(args, "ds_sequence_parallel_size", 1) or 1,
+                                                     args.ds_sequence_parallel_size or 1,
                                                      timeout=timeout)  # TP/DP/PP groups: same timeout
     set_seeds(args.seed)
     tensor_parallel.model_parallel_manual_seed(args.seed)  # TP-rank RNG for dropout on split activations

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megatron.config import Config
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -159,7 +161,7 @@ def configure_lr_finder(args: Any) -> list[str]:
     args.eval_on_start = False
     if args.metrics_file is None:
         args.metrics_file = os.path.join(args.lr_finder_dir, "metrics.jsonl")
-    if getattr(args, "tensorboard_dir", None) is None:
+    if args.tensorboard_dir is None:
         args.tensorboard_dir = os.path.join(args.lr_finder_dir, "tensorboard")
     return []
 
@@ -171,16 +173,16 @@ def build_lr_finder(optimizer: Any, args: Any) -> "LRFinder":
         beta=args.lr_finder_beta, stop_factor=args.lr_finder_stop_factor, out_dir=args.lr_finder_dir,
         weight_decay=float(args.start_weight_decay if args.start_weight_decay is not None else args.weight_decay),
         log_interval=args.log_interval)
-    return LRFinder(optimizer, settings, write_outputs=getattr(args, "rank", 0) == 0)
+    return LRFinder(optimizer, settings, write_outputs=args.rank == 0)
 
 
 def build_lr_scheduler(optimizer: Any, args: Any) -> Any:
     """The LR scheduler of a run: the range test with ``--lr-finder``, else the regular schedule."""
-    if getattr(args, "lr_finder", False):
+    if args.lr_finder:
         return build_lr_finder(optimizer, args)
     from megatron.schedules import build_scheduler  # noqa: PLC0415
 
-    return build_scheduler(optimizer, args)
+    return build_scheduler(optimizer, Config.from_args(args))
 
 
 def active_lr_finder(engine: Any) -> "LRFinder | None":

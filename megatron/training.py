@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpoint import checkpointing
+from megatron.config import Config
 from megatron.arguments import ArgumentError, auto_compile
 from megatron.core import parallel_state
 from megatron.deepspeed_config import build_ds_config
@@ -84,7 +85,7 @@ def model_config(args) -> GPTConfig:
         sequence_parallel=args.sequence_parallel,
         recompute_granularity=args.recompute_granularity,
         recompute_num_layers=args.recompute_num_layers,
-        **mup_model_fields(args),  # MuP / CompleteP multipliers (neutral when off)
+        **mup_model_fields(Config.from_args(args).model),  # MuP / CompleteP multipliers (neutral when off)
     )
 
 
@@ -136,6 +137,7 @@ class StepRunner:
 
     def __init__(self, engine, args, eod, device):
         self.engine, self.args, self.eod, self.device = engine, args, eod, device
+        self.increment = scheduler_increment(Config.from_args(args))  # LR-schedule units per iteration
 
     def train(self, data_iter, iteration: int = 0, timers: Timers | None = None, seen: list | None = None,
               guard: NumericsGuard | None = None) -> torch.Tensor:
@@ -169,7 +171,7 @@ class MicroBatchRunner(StepRunner):
                 with timers("backward-compute", level=2):
                     engine.backward(loss)
             with timers("optimizer", level=1):
-                step = lambda: engine.step(lr_kwargs={"increment": scheduler_increment(args)})  # noqa: E731
+                step = lambda: engine.step(lr_kwargs={"increment": self.increment})  # noqa: E731
                 if guard is not None:  # skips the update of an iteration with a non-finite loss or gradient
                     guard.step(engine, loss, step)
                 else:
@@ -254,7 +256,7 @@ def setup_model_and_optimizer(args, before_engine=None):
     if args.fp16:
         ds_compat.allow_fp16_on_cpu()
 
-    if getattr(args, "compile", None) is None:  # neither --compile nor --no-compile: the measured rule (megatron/arguments.py)
+    if args.compile is None:  # neither --compile nor --no-compile: the measured rule (megatron/arguments.py)
         args.compile, args.compile_reason = auto_compile(args)
     else:
         args.compile_reason = "on (--compile)" if args.compile else "off (--no-compile)"

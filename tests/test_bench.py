@@ -19,6 +19,7 @@ import sys
 import pytest
 
 from megatron.arguments import compile_problems
+from megatron.config import default_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_RATIO = 0.9
@@ -60,7 +61,7 @@ def test_train_throughput_not_slower_than_hf_loop(tmp_path):
 def _args(**kw) -> argparse.Namespace:
     base = dict(compile=True, zero_stage=1, recompute_granularity=None, checkpoint_activations=False)
     base.update(kw)
-    return argparse.Namespace(**base)
+    return default_args(**base)
 
 
 def test_compile_refusals(monkeypatch):

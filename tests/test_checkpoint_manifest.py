@@ -27,7 +27,8 @@ from distributed import ROOT, TINY_MODEL, make_dataset, run_trainer
 
 from megatron.checkpoint import manifest as cm
 from megatron.checkpoint import checkpointing as ck
-from megatron.arguments import ArgumentError
+from megatron.arguments import ArgumentError, build_parser
+from megatron.config import default_args
 
 MODEL = "mp_rank_00_model_states.pt"
 SHARD = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -74,11 +75,13 @@ def flip_byte(path: str, offset: int | None = None) -> None:
         f.write(bytes([b[0] ^ 0x01]))
 
 
-def load_args(load: str, **kw) -> SimpleNamespace:
-    base = dict(load=load, load_tag=None, universal_checkpoint=False, fallback_to_intact_checkpoint=False,
+def load_args(load: str, **kw):
+    """The arguments of a run resuming `load`: the checkpoints' model (TINY_MODEL), these load flags."""
+    model = {k: v for k, v in vars(build_parser().parse_args(TINY_MODEL)).items() if k in ck.ARCH_FIELDS}
+    base = dict(model, load=load, load_tag=None, universal_checkpoint=False, fallback_to_intact_checkpoint=False,
                 finetune=False, no_load_optim=False, exit_on_missing_checkpoint=False, zero_stage=1,
                 pipeline_model_parallel_size=1)
-    return SimpleNamespace(**{**base, **kw})
+    return default_args(**{**base, **kw})
 
 
 # ----------------------------------------------------------------------------- units
@@ -185,7 +188,7 @@ def test_damage_is_named_with_the_intact_tag(saved, tmp_path):
         assert ck.check_checkpoint_files(args) == []
         if args.load_tag is None:  # same size: the checksums find it at load time
             assert ck.verify_before_load(args, "global_step4") == "global_step2"
-        assert args.load_tag == "global_step2" and "global_step4 is damaged" in args._checkpoint_fallback
+        assert args.load_tag == "global_step2" and "global_step4 is damaged" in args.checkpoint_fallback
     # both damaged: nothing intact to offer
     ckpt = str(tmp_path / "truncate")
     os.truncate(os.path.join(ckpt, "global_step2", MODEL), 10)

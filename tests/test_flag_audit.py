@@ -41,6 +41,7 @@ import torch
 from distributed import TINY_MODEL, make_dataset, run_trainer
 from test_launcher import POLARIS_HOST, ROOT, SCRIPT, base_env, dry, env, hostfile, wd  # noqa: F401  (fixtures)
 
+from megatron.config import Config
 from megatron.arguments import REFUSED_ENV, REFUSED_FLAGS, ArgumentError, build_parser, parse_args
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -640,7 +641,7 @@ def test_schedule_flag_changes_the_lr_curve(flag, value, base):
         args = _args(*common, *extra)
         if flag == "--lr-wsd-decay-samples":  # --lr-wsd-decay-iters wins when both are given
             args.lr_wsd_decay_iters = None if extra else args.lr_wsd_decay_iters
-        spec = build_schedule_spec(args)
+        spec = build_schedule_spec(Config.from_args(args))
         return [lr_at(spec, s) for s in range(0, spec.end_steps + 1, max(spec.end_steps // 50, 1))]
 
     assert curve(flag, value) != pytest.approx(curve())

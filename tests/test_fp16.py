@@ -35,6 +35,7 @@ from megatron.checkpoint.io import torch_load
 from megatron.deepspeed_compat.engine import defer_loss_scale_growth
 from megatron.fp16 import SCALER_FLAGS, fp16_block, fp16_problems, loss_scale
 from megatron.observability.numerics import NumericalFaultError, NumericsGuard
+from megatron.config import default_args
 
 U16 = 2.0 ** -11
 FP16_LOSS_BOUND = 2 * (2 * 3 * U16 * 8 * 8 * 0.02)  # see the module docstring
@@ -48,7 +49,7 @@ CROSS_STAGE = 1e-4
 def ns(**kw) -> argparse.Namespace:
     base = dict(fp16=True, bf16=False, deepspeed_config=None, pipeline_model_parallel_size=1,
                 **{dest: None for dest in SCALER_FLAGS})
-    return argparse.Namespace(**{**base, **kw})
+    return default_args(**{**base, **kw})
 
 
 def write_json(tmp_path, cfg: dict) -> str:
@@ -82,10 +83,10 @@ def test_build_ds_config_takes_the_fp16_block_and_drops_the_bf16_loss_scale(tmp_
 
     cfg = {"fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2,
                     "min_loss_scale": 1}, "bfloat16": {"enabled": False, "loss_scale": 1.0}}
-    args = SimpleNamespace(**vars(ns(deepspeed_config=write_json(tmp_path, cfg), hysteresis=1)),
-                           global_batch_size=8, micro_batch_size=2, num_micro_batches=2, clip_grad=1.0,
-                           zero_stage=1, data_parallel_size=2, ds_sequence_parallel_size=1, universal_checkpoint=False,
-                           rank=0, flops_profiler_step=None, cpu_optimizer=False)
+    args = ns(deepspeed_config=write_json(tmp_path, cfg), hysteresis=1,
+              global_batch_size=8, micro_batch_size=2, num_micro_batches=2, clip_grad=1.0,
+              zero_stage=1, data_parallel_size=2, ds_sequence_parallel_size=1, universal_checkpoint=False,
+              rank=0, flops_profiler_step=None, cpu_optimizer=False)
     out = build_ds_config(args)
     assert out["fp16"] == {**cfg["fp16"], "hysteresis": 1}  # the flag wins, the rest from the file
     assert out["bf16"] == {"enabled": False}  # DeepSpeed's bf16 block refuses a loss_scale

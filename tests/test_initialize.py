@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron import initialize
 from megatron.launch_env import FAMILIES, LaunchEnvError, launch_env, world_size_from_env
+from megatron.config import default_args
 
 
 @pytest.fixture(autouse=True)
@@ -393,7 +394,7 @@ def test_initialize_megatron_turns_start_up_errors_into_argument_errors(hw, monk
     from megatron.arguments import ArgumentError
 
     monkeypatch.setenv("PMI_RANK", "0")  # PMI_SIZE missing
-    args = types.SimpleNamespace(distributed_backend=None, distributed_timeout_minutes=10, bf16=False,
+    args = default_args(distributed_backend=None, distributed_timeout_minutes=10, bf16=False,
                                  world_size=1)
     with pytest.raises(ArgumentError, match="PMI_RANK is set but PMI_SIZE is not"):
         initialize.initialize_megatron(args)

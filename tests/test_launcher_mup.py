@@ -33,6 +33,7 @@ def test_mup_base_width_and_depth_base(env):
 def test_launcher_flags_give_the_intended_multipliers(env):
     """The emitted flags parse, and the 7B preset (hidden 4096, 32 layers) gets m_N = 16, m_L = 8."""
     from megatron.arguments import build_parser
+    from megatron.config import Config
     from megatron.model.mup import Parametrization
 
     d = dry({**env, "MUP_BASE_WIDTH": "256", "DEPTH_BASE": "4"})
@@ -42,7 +43,7 @@ def test_launcher_flags_give_the_intended_multipliers(env):
                  "--hidden-size", "--num-layers"):
             flags += [f] if v is None else [f, v]
     args = build_parser().parse_known_args(flags)[0]
-    par = Parametrization.from_args(args)
+    par = Parametrization.from_config(Config.from_args(args).model)
     assert int(d.last("--hidden-size")) == 4096 and int(d.last("--num-layers")) == 32
     assert par.mup and par.width_mult == pytest.approx(16.0)
     assert par.depth and par.depth_mult == pytest.approx(8.0)

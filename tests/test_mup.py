@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megatron.model import GPTConfig, GPTModel
-from megatron.model.mup import Parametrization, mup_problems, param_role, parametrize_param_groups
+from megatron.model.mup import Parametrization, param_role, parametrize_param_groups
 from megatron.optimizer import get_param_groups
+from megatron.config import Config, default_args
 
 
 def test_multiplier_table_hand_computed():
@@ -47,13 +47,13 @@ def mup_args(**kw):
                 depth_multiplier=None, depth_alpha=1.0, hidden_size=32, num_layers=2, num_attention_heads=4,
                 kv_channels=None, adam_eps=1e-8, optimizer="adamw", init_method_xavier_uniform=False)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return Config.from_args(default_args(**base))
 
 
 def test_param_groups_split_by_role():
     model = tiny()
     named = list(model.named_parameters())
-    groups = parametrize_param_groups(get_param_groups(named), named, mup_args())  # m_N = 4, m_L = 2
+    groups = parametrize_param_groups(get_param_groups(named), named, mup_args().model, mup_args().optimizer)  # m_N = 4, m_L = 2
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for _, p in named) and len(ids) == len(set(ids))
     role = {id(p): param_role(n, p.ndim) for n, p in named}
@@ -68,7 +68,7 @@ def test_param_groups_split_by_role():
     assert by_name["decay.embedding"]["lr_mult"] == 1.0 and by_name["decay.output"]["eps"] == pytest.approx(2.5e-9)
     off = mup_args(enable_mup=False, enable_depth_scale=False, mup_base_width=None, depth_base=None)
     plain = get_param_groups(named)
-    assert parametrize_param_groups(plain, named, off) is plain
+    assert parametrize_param_groups(plain, named, off.model, off.optimizer) is plain
 
 
 def test_init_stds():
@@ -112,7 +112,7 @@ def test_forward_multipliers_against_direct_computation():
 
 def test_problems():
     ok = mup_args()
-    assert mup_problems(ok) == []
+    assert ok.model.mup_problems() == []
     cases = [
         (dict(mup_base_width=None), "--enable-mup needs --mup-base-width"),
         (dict(mup_width_multiplier=2.0), "either --mup-base-width or --mup-width-multiplier"),
@@ -123,7 +123,7 @@ def test_problems():
         (dict(init_method_xavier_uniform=True), "drop --init-method-xavier-uniform"),
     ]
     for kw, msg in cases:
-        errs = mup_problems(mup_args(**kw))
+        errs = mup_args(**kw).model.mup_problems()
         assert any(msg in e for e in errs), (kw, errs)
 
 
@@ -137,7 +137,7 @@ def test_from_parsed_arguments(tmp_path):
     common = TINY_MODEL + ["--data-file-list", str(lst), "--train-iters", "2", "--lr", "1e-3"]
     a = parse_args(common + ["--enable-mup", "--mup-base-width", "16", "--enable-depth-scale", "--depth-base", "1",
                              "--mup-output-alpha", "2"], env={})
-    f = model_fields(a)  # hidden 64 / 16 = 4, layers 2 / 1 = 2, head dim 16
+    f = model_fields(Config.from_args(a).model)  # hidden 64 / 16 = 4, layers 2 / 1 = 2, head dim 16
     assert f["output_multiplier"] == pytest.approx(0.5) and f["attention_scale"] == pytest.approx(1 / 16)
     assert f["residual_multiplier"] == pytest.approx(0.5) and f["init_width_multiplier"] == pytest.approx(4.0)
     assert f["residual_init_layers"] == 1

@@ -13,6 +13,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron.config import default_args  # noqa: E402
 from megatron.model import GPTConfig, GPTModel  # noqa: E402
 from megatron.optimizer import build_optimizer  # noqa: E402
 from megatron.optimizer.muon import (  # noqa: E402
@@ -36,7 +37,7 @@ def make_args(**kw) -> argparse.Namespace:
                 muonadamw_beta2=0.999, muonadamw_eps=1e-8, muonclip_t=100.0, muonclip_alpha=0.5,
                 adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
     base.update(kw)
-    return argparse.Namespace(**base)
+    return default_args(**base)
 
 
 def tiny_model(seed: int = 0) -> GPTModel:

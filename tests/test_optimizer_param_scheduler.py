@@ -14,12 +14,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 
+from megatron.config import Config, default_args
 from megatron.schedules import (
     LR_SCHEDULES,
     OptimizerParamScheduler,
@@ -48,8 +48,8 @@ def make_optimizer(groups: int = 1) -> torch.optim.Optimizer:
     return torch.optim.AdamW([{"params": [p]} for p in params], lr=123.0, weight_decay=0.5)
 
 
-def upstream_args(**kw) -> Namespace:
-    """The argparse attributes build_schedule_spec reads, with upstream defaults."""
+def upstream_args(**kw) -> Config:
+    """The configuration build_schedule_spec reads, with upstream values for its fields."""
     base = dict(
         lr=2e-4, min_lr=0.0, lr_decay_style="cosine", lr_decay_iters=None, lr_decay_samples=None,
         lr_decay_tokens=None, lr_warmup_fraction=None, lr_warmup_iters=0, lr_warmup_samples=0,
@@ -61,7 +61,7 @@ def upstream_args(**kw) -> Namespace:
         override_opt_param_scheduler=False,
     )
     base.update(kw)
-    return Namespace(**base)
+    return Config.from_args(default_args(**base))
 
 
 # ---------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_a_registered_style_trains_through_the_flags():
         argv = TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "10",
                              "--lr", "0.5", "--min-lr", "0.1", "--lr-decay-style", name, "--data-path", "x",
                              "--eval-iters", "0"]
-        args = parse_args(argv, env={"WORLD_SIZE": "1"})
+        args = Config.from_args(parse_args(argv, env={"WORLD_SIZE": "1"}))
         assert f"{name}: --lr until half the decay span, then --min-lr" in " ".join(build_parser().format_help().split())
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
         sched = build_scheduler(opt, args)

@@ -206,7 +206,7 @@ def test_trainer_oom_is_one_line(monkeypatch, capsys):
     from megatron import training  # noqa: PLC0415
 
     def boom(args):
-        args._memory_estimate = "3.0 GiB per rank (...)"
+        args.memory_estimate = "3.0 GiB per rank (...)"
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(training, "pretrain", boom)

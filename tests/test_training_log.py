@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from distributed import TINY_MODEL, make_dataset, run_trainer
+from megatron.config import default_args
 
 ITERS, LOG, EVAL, GBS, MB, SEQ, WORLD, PEAK = 6, 2, 3, 8, 4, 32, 2, 0.05
 MAX_LR, MIN_LR, WARMUP = 0.003, 0.0003, 2
@@ -290,12 +291,12 @@ def test_memory_stats_on_cpu_reports_resident_memory():
 def test_wandb_absent_or_disabled_gives_no_run(monkeypatch):
     from megatron.observability.wandb_utils import init_wandb, wandb_project
 
-    args = types.SimpleNamespace(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=None, save=None)
+    args = default_args(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=None, save=None)
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     assert init_wandb(args, env={}) is None
     monkeypatch.delitem(sys.modules, "wandb")
     assert init_wandb(args, env={"WANDB_MODE": "disabled"}) is None
-    assert init_wandb(types.SimpleNamespace(rank=1), env={}) is None
+    assert init_wandb(default_args(rank=1), env={}) is None
     assert wandb_project(args, env={"WB_PROJECT": "a", "WANDB_PROJECT": "b"}) == "a"
     assert wandb_project(args, env={"WANDB_PROJECT": "b"}) == "b"
     assert wandb_project(args, env={}) == "AuroraGPT"
@@ -308,7 +309,7 @@ def test_wandb_installed_but_not_logged_in_is_not_used(monkeypatch, tmp_path):
     fake = types.SimpleNamespace(Api=lambda: types.SimpleNamespace(api_key=None),
                                  init=lambda **kw: pytest.fail("wandb.init must not be called"))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    args = types.SimpleNamespace(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=str(tmp_path),
+    args = default_args(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=str(tmp_path),
                                  save=None)
     assert init_wandb(args, env={}) is None
     assert os.listdir(tmp_path) == []
@@ -317,13 +318,11 @@ def test_wandb_installed_but_not_logged_in_is_not_used(monkeypatch, tmp_path):
 def test_metrics_file_replaced_by_a_fresh_run_and_appended_on_resume(tmp_path):
     """A run from iteration 0 starts a new metrics.jsonl (re-running the demo must not mix two runs);
     a resumed run appends to it."""
-    import argparse
-
     from megatron.observability.training_log import TrainLogger
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"iteration": 30, "lm_loss": 1.0}\n')
-    args = argparse.Namespace(rank=0, world_size=1, tensorboard_dir=None, metrics_file=str(path), peak_tflops=1.0,
+    args = default_args(rank=0, world_size=1, tensorboard_dir=None, metrics_file=str(path), peak_tflops=1.0,
                               device_type="cpu", params_dtype="fp32", timing_log_level=0, timing_log_option="minmax",
                               wandb_project=None)
     TrainLogger.create(args, resumed=True).metrics.close()
@@ -395,7 +394,7 @@ def test_wandb_disabled_env_var(monkeypatch, tmp_path):
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: types.SimpleNamespace(name="run", settings=kw)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    args = types.SimpleNamespace(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=str(tmp_path),
+    args = default_args(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=str(tmp_path),
                                  save=None)
     assert init_wandb(args, env={"WANDB_MODE": "offline"}) is not None
     for value in ("true", "1", "yes"):

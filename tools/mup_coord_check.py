@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
@@ -29,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.config import ModelConfig, OptimizerConfig  # noqa: E402
 from megatron.model import GPTConfig, GPTModel  # noqa: E402
 from megatron.model.mup import Parametrization, parametrize_param_groups  # noqa: E402
 from megatron.optimizer import get_param_groups  # noqa: E402
@@ -75,13 +75,13 @@ def _batches(s: CoordCheckSettings, n: int) -> list[torch.Tensor]:
     return out
 
 
-def _args(width: int, depth: int, par: Parametrization) -> SimpleNamespace:
-    """The argument names `parametrize_param_groups` reads."""
-    return SimpleNamespace(enable_mup=par.mup, mup_base_width=None, mup_width_multiplier=par.width_mult,
-                           mup_input_alpha=par.input_alpha, mup_output_alpha=par.output_alpha,
-                           mup_attn_alpha=par.attn_alpha, enable_depth_scale=par.depth, depth_base=None,
-                           depth_multiplier=par.depth_mult, depth_alpha=par.depth_alpha, hidden_size=width,
-                           num_layers=depth, adam_eps=1e-8, optimizer="adamw")
+def _sections(width: int, depth: int, par: Parametrization) -> tuple[ModelConfig, OptimizerConfig]:
+    """The configuration sections `parametrize_param_groups` reads."""
+    model = ModelConfig(hidden_size=width, num_layers=depth, enable_mup=par.mup, mup_width_multiplier=par.width_mult,
+                        mup_input_alpha=par.input_alpha, mup_output_alpha=par.output_alpha,
+                        mup_attn_alpha=par.attn_alpha, enable_depth_scale=par.depth,
+                        depth_multiplier=par.depth_mult, depth_alpha=par.depth_alpha)
+    return model, OptimizerConfig(adam_eps=1e-8, optimizer="adamw")
 
 
 def train_and_measure(width: int, depth: int, par: Parametrization, s: CoordCheckSettings) -> dict[str, float]:
@@ -96,7 +96,7 @@ def train_and_measure(width: int, depth: int, par: Parametrization, s: CoordChec
                     **par.model_fields(depth, width // s.heads))
     model = GPTModel(cfg)
     named = list(model.named_parameters())
-    groups = parametrize_param_groups(get_param_groups(named), named, _args(width, depth, par))
+    groups = parametrize_param_groups(get_param_groups(named), named, *_sections(width, depth, par))
     for g in groups:
         g["lr"] = s.lr * g.get("lr_mult", 1.0)
         g["weight_decay"] = 0.0

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron.config import saved_args
 from megatron.checkpoint import io as checkpoint_io
 from megatron.checkpoint import manifest as checkpoint_manifest
 from megatron.checkpoint.checks import (  # noqa: F401  (the checks before loading; imported from here too)
@@ -69,7 +70,7 @@ class LoadedState:
 
 # ----------------------------------------------------------------------------- small helpers
 def _rank(args) -> int:
-    return int(getattr(args, "rank", 0) or 0)
+    return int(args.rank or 0)
 
 
 def _barrier() -> None:
@@ -117,7 +118,7 @@ def universal_checkpoint_info(args) -> dict:
     DeepSpeed's checkpoint constants; patterns are `re.match`ed against full parameter names, and
     the converter's strict mode wants every pattern to match some parameter)."""
     vocab = [r"language_model\.embedding\.word_embeddings\.weight$"]
-    if getattr(args, "untie_embeddings_and_output_weights", False):
+    if args.untie_embeddings_and_output_weights:
         vocab.append(r"language_model\.output_layer\.weight$")
     info = {
         "universal_checkpoint_version": 0.4,
@@ -128,7 +129,7 @@ def universal_checkpoint_info(args) -> dict:
         "parameter_with_row_parallelism_patterns": [r".*self_attention\.dense\.weight$",
                                                     r".*mlp\.dense_4h_to_h\.weight$"],
     }
-    if getattr(args, "swiglu", False):
+    if args.swiglu:
         info["parameter_with_2_sub_params_cat_dim_0"] = [r".*mlp\.dense_h_to_4h\.weight$"]
     return info
 
@@ -147,7 +148,7 @@ def model_args_record(args) -> dict:
                             "tokenizer_model", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
                             "pipeline_model_parallel_size", "zero_stage", "world_size", "data_parallel_size",
                             "optimizer", "params_dtype", "init_method_std")
-    return {k: _json_safe(getattr(args, k, None)) for k in fields}
+    return {k: _json_safe(vars(args)[k]) for k in fields}
 
 
 # ----------------------------------------------------------------------------- save
@@ -194,7 +195,7 @@ def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, c
     _barrier()
     scheduler = getattr(engine, "lr_scheduler", None)
     client_state = {
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "args": saved_args(args),
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": iteration,
         "consumed_train_samples": consumed_train_samples,
@@ -213,7 +214,7 @@ def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, c
     if guard is not None:
         guard.start_save(inject_enospc=injected_fault(iteration, _rank(args)) == "enospc")
     failure = None
-    skip_optim = bool(getattr(args, "no_save_optim", False)) and hasattr(engine, "save_zero_checkpoint")
+    skip_optim = bool(args.no_save_optim) and hasattr(engine, "save_zero_checkpoint")
     try:
         with without_optimizer_shards(engine, skip=skip_optim):
             engine.save_checkpoint(args.save, tag=partial, client_state=client_state, save_latest=False,
@@ -241,9 +242,9 @@ def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, c
         except OSError as e:
             failure = f"{e.filename or args.save}: [Errno {e.errno}] {e.strerror}"
         else:
-            deleted = prune(args.save, getattr(args, "keep_last_n", None))
+            deleted = prune(args.save, args.keep_last_n)
             if deleted:
-                log.info("--keep-last-n %s: deleted %s", getattr(args, "keep_last_n", None), ", ".join(deleted))
+                log.info("--keep-last-n %s: deleted %s", args.keep_last_n, ", ".join(deleted))
     _raise_if_save_failed(args, tag, failure)
     return os.path.join(args.save, tag)
 
@@ -354,12 +355,12 @@ def load_checkpoint(engine, args) -> LoadedState:
         if _rank(args) == 0:
             log.warning("no checkpoint found in %s; starting from scratch", args.load)
         return LoadedState()
-    if getattr(args, "verify_checkpoint", False) and not universal:
+    if args.verify_checkpoint and not universal:
         tag = verify_before_load(args, tag)
     if _rank(args) == 0:
-        if getattr(args, "_checkpoint_fallback", None):
-            log.warning("--fallback-to-intact-checkpoint: %s", args._checkpoint_fallback)
-            print(f"WARNING: --fallback-to-intact-checkpoint: {args._checkpoint_fallback}", flush=True)
+        if args.checkpoint_fallback:
+            log.warning("--fallback-to-intact-checkpoint: %s", args.checkpoint_fallback)
+            print(f"WARNING: --fallback-to-intact-checkpoint: {args.checkpoint_fallback}", flush=True)
         if not universal and not checkpoint_manifest.has_manifest(os.path.join(args.load, tag)):
             log.info("checkpoint %s/%s has no manifest (written before manifests existed): its files are not "
                      "verified", args.load, tag)

@@ -39,7 +39,7 @@ def read_saved_args(tag_dir: str) -> dict | None:
 
 def saved_zero_stage(args) -> int | None:
     """The ZeRO stage of the checkpoint a plain (not universal) `--load` would resume, if known."""
-    load = getattr(args, "load", None)
+    load = args.load
     if not load or args.universal_checkpoint or not os.path.isdir(load):
         return None
     tag = args.load_tag or read_tag(load)
@@ -53,9 +53,9 @@ def _zero_layout(stage: int) -> str:
 
 
 def architecture_mismatches(saved: dict, args, fields=ARCH_FIELDS) -> list[str]:
-    return [f"{k}: checkpoint {saved[k]!r} vs now {getattr(args, k)!r}"
-            for k in fields if k in saved and saved[k] is not None and hasattr(args, k)
-            and getattr(args, k) != saved[k]]
+    return [f"{k}: checkpoint {saved[k]!r} vs now {vars(args)[k]!r}"
+            for k in fields if k in saved and saved[k] is not None
+            and vars(args)[k] != saved[k]]
 
 
 def load_problems(args) -> list[str]:
@@ -64,7 +64,7 @@ def load_problems(args) -> list[str]:
     A missing or empty `--load` directory is fine for a plain resume (the launcher passes
     LOAD=CKPT_DIR for a fresh run too), unless --finetune, --universal-checkpoint, --load-tag or
     --exit-on-missing-checkpoint says that a checkpoint is expected."""
-    load = getattr(args, "load", None)
+    load = args.load
     if not load:
         return []
     wanted = bool(args.finetune or args.universal_checkpoint or args.load_tag or args.exit_on_missing_checkpoint)
@@ -146,8 +146,8 @@ def check_checkpoint_files(args) -> list[str]:
     """Sizes (and missing / foreign files) of the checkpoint `--load` resumes, against its manifest:
     one stat per file, before DeepSpeed starts. A damaged checkpoint is a problem naming the file and
     the newest intact tag, or, with --fallback-to-intact-checkpoint, `args.load_tag` becomes that tag
-    (and `args._checkpoint_fallback` says why, for the warning at load time)."""
-    load = getattr(args, "load", None)
+    (and `args.checkpoint_fallback` says why, for the warning at load time)."""
+    load = args.load
     if not load or args.universal_checkpoint or not os.path.isdir(load):
         return []
     tag = args.load_tag or read_tag(load)
@@ -157,8 +157,8 @@ def check_checkpoint_files(args) -> list[str]:
     if not errs:
         return []
     good = newest_intact_tag(load, tag)
-    if good and getattr(args, "fallback_to_intact_checkpoint", False):
-        args._checkpoint_fallback = f"{tag} is damaged ({errs[0]}): loading {good} instead"
+    if good and args.fallback_to_intact_checkpoint:
+        args.checkpoint_fallback = f"{tag} is damaged ({errs[0]}): loading {good} instead"
         args.load_tag = good
         return []
     return [_damage_message(load, tag, errs, good)]
@@ -190,7 +190,7 @@ def verify_before_load(args, tag: str) -> str:
     good = newest_intact_tag(args.load, tag, verify=_verify_checksums)
     if not (good and args.fallback_to_intact_checkpoint):
         raise ArgumentError(_damage_message(args.load, tag, errs, good))
-    args._checkpoint_fallback = f"{tag} is damaged ({errs[0]}): loading {good} instead"
+    args.checkpoint_fallback = f"{tag} is damaged ({errs[0]}): loading {good} instead"
     args.load_tag = good
     errs = load_problems(args)  # the architecture checks, for the tag now loaded
     if errs:

@@ -268,7 +268,7 @@ def guard_engine(engine, args) -> GuardedCheckpointEngine | None:
     inner = replace_checkpoint_engine(engine, GuardedCheckpointEngine, GuardedCheckpointEngine)
     if inner is None:
         return None
-    inner.unsafe_load = bool(getattr(args, "unsafe_checkpoint_load", False))
+    inner.unsafe_load = bool(args.unsafe_checkpoint_load)
     return inner
 
 

@@ -1,6 +1,7 @@
 """Model and precision sections of the configuration (megatron/config/__init__.py has the tree)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron.config.base import Section, positive
@@ -84,6 +85,47 @@ class ModelConfig(Section):
         for bad, what in ((self.squared_relu, "--squared-relu"), (self.apply_layernorm_1p, "--apply-layernorm-1p")):
             if bad:
                 errs.append(f"{what} is not supported by this version yet; remove the flag")
+        return errs + self.mup_problems()
+
+    def mup_problems(self) -> list[str]:
+        """Configuration problems of the MuP / CompleteP flags, one line each naming the fix."""
+        errs: list[str] = []
+        base, mult = self.mup_base_width, self.mup_width_multiplier
+        if self.enable_mup:
+            if base is None and mult is None:
+                errs.append("--enable-mup needs --mup-base-width (the hidden size the hyper-parameters were tuned at; "
+                            "MUP_BASE_WIDTH in the launcher) or --mup-width-multiplier")
+            elif base is not None and mult is not None:
+                errs.append("give either --mup-base-width or --mup-width-multiplier, not both")
+            elif base is not None and not base > 0:
+                errs.append(f"--mup-base-width must be > 0 (got {base})")
+            elif mult is not None and not (mult > 0 and math.isfinite(mult)):
+                errs.append(f"--mup-width-multiplier must be > 0 (got {mult})")
+            for name in ("mup_input_alpha", "mup_output_alpha", "mup_attn_alpha"):
+                v = getattr(self, name)
+                if not (v > 0 and math.isfinite(v)):
+                    errs.append(f"--{name.replace('_', '-')} must be > 0 (got {v})")
+            if self.init_method_xavier_uniform:
+                errs.append("--enable-mup sets the init std of each layer; drop --init-method-xavier-uniform")
+        elif base is not None or mult is not None:
+            errs.append("--mup-base-width/--mup-width-multiplier have no effect without --enable-mup: add --enable-mup")
+        dbase, dmult = self.depth_base, self.depth_multiplier
+        if self.enable_depth_scale:
+            if dbase is None and dmult is None:
+                errs.append("--enable-depth-scale needs --depth-base (the number of layers the hyper-parameters were "
+                            "tuned at; DEPTH_BASE in the launcher) or --depth-multiplier")
+            elif dbase is not None and dmult is not None:
+                errs.append("give either --depth-base or --depth-multiplier, not both")
+            elif dbase is not None and not dbase > 0:
+                errs.append(f"--depth-base must be > 0 (got {dbase})")
+            elif dmult is not None and not (dmult > 0 and math.isfinite(dmult)):
+                errs.append(f"--depth-multiplier must be > 0 (got {dmult})")
+            alpha = self.depth_alpha
+            if not 0.0 <= alpha <= 1.0:
+                errs.append(f"--depth-alpha must be in [0, 1] (got {alpha}); CompleteP uses 1, Yang et al. 0.5")
+        elif dbase is not None or dmult is not None:
+            errs.append("--depth-base/--depth-multiplier have no effect without --enable-depth-scale: "
+                        "add --enable-depth-scale")
         return errs
 
 

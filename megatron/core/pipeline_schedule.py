@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from megatron.config import Config
+
 log = logging.getLogger(__name__)
 
 # optimizers whose after-step hook replays the iteration's micro-batches through the whole model
@@ -59,7 +61,7 @@ def pipeline_problems(args) -> list[str]:
         errs.append(f"--universal-checkpoint is not supported {why}: a universal checkpoint (converted from any "
                     "TP/PP/DP layout) loads at PP=1 only (DeepSpeed's universal loader fills the ZeRO-1/2 optimizer "
                     "of a PP=1 engine); load it with PP=1, or resume the PP checkpoint as is")
-    if getattr(args, "compile", False):
+    if args.compile:
         errs.append(f"--compile is not supported {why}; drop --compile")
     recompute = args.checkpoint_activations or args.deepspeed_activation_checkpointing \
         or args.recompute_granularity == "full"
@@ -109,7 +111,7 @@ def _bind_optimizer_step(engine, args) -> None:
 
     from megatron.deepspeed_compat.engine import wrap_model_step  # noqa: PLC0415
 
-    increment = scheduler_increment(args)
+    increment = scheduler_increment(Config.from_args(args))
 
     def make_step(take_model_step):
         def step(lr_kwargs=None):

@@ -73,7 +73,7 @@ def ulysses_problems(args: argparse.Namespace) -> list[str]:
     if args.pipeline_model_parallel_size > 1:
         errs.append(f"Ulysses sequence parallelism (SP={sp}) together with pipeline parallelism "
                     f"(PP={args.pipeline_model_parallel_size}) is not supported yet; use PP=1 or SP=1")
-    if getattr(args, "compile", False):
+    if args.compile:
         errs.append(f"--compile is not supported with Ulysses sequence parallelism (SP={sp}) yet (its all-to-all "
                     "is an autograd function over a process group); drop --compile or use SP=1")
     if args.optimizer in REPLAYING_OPTIMIZERS:

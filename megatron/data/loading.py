@@ -28,7 +28,7 @@ def build_datasets(args):
                args.eval_iters * gbs)
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if getattr(args, "padded_vocab_size", None):  # each rank samples its share of the files
+    if args.padded_vocab_size:  # each rank samples its share of the files
         try:  # also opens every .idx/.bin: a bad header or a token id >= vocab is one ERROR line
             check_data_vocab([s.prefix for s in sources], args.padded_vocab_size, rank, world)
         except ValueError as e:

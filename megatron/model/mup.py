@@ -38,12 +38,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from megatron.config import ModelConfig, OptimizerConfig
+
 __all__ = [
     "Parametrization",
     "Multipliers",
     "ROLES",
     "param_role",
-    "mup_problems",
     "model_fields",
     "parametrize_param_groups",
     "MUON_WIDTH_EXPONENT",
@@ -141,22 +142,22 @@ class Parametrization:
         }
 
     @classmethod
-    def from_args(cls, args: Any) -> "Parametrization":
-        """From validated arguments (`mup_problems` returned nothing)."""
-        mup = bool(getattr(args, "enable_mup", False))
-        depth = bool(getattr(args, "enable_depth_scale", False))
+    def from_config(cls, args: ModelConfig) -> "Parametrization":
+        """From a validated model section (`ModelConfig.mup_problems()` returned nothing)."""
+        mup = bool(args.enable_mup)
+        depth = bool(args.enable_depth_scale)
         width_mult, depth_mult, depth_base = 1.0, 1.0, None
         if mup:
-            base = getattr(args, "mup_base_width", None)
+            base = args.mup_base_width
             width_mult = args.hidden_size / base if base else float(args.mup_width_multiplier)
         if depth:
-            depth_base = getattr(args, "depth_base", None)
+            depth_base = args.depth_base
             depth_mult = args.num_layers / depth_base if depth_base else float(args.depth_multiplier)
             if not depth_base:
                 depth_base = args.num_layers / depth_mult
-        return cls(mup=mup, width_mult=width_mult, input_alpha=getattr(args, "mup_input_alpha", 1.0),
-                   output_alpha=getattr(args, "mup_output_alpha", 1.0), attn_alpha=getattr(args, "mup_attn_alpha", 1.0),
-                   depth=depth, depth_mult=depth_mult, depth_alpha=getattr(args, "depth_alpha", 1.0),
+        return cls(mup=mup, width_mult=width_mult, input_alpha=args.mup_input_alpha,
+                   output_alpha=args.mup_output_alpha, attn_alpha=args.mup_attn_alpha,
+                   depth=depth, depth_mult=depth_mult, depth_alpha=args.depth_alpha,
                    depth_base=depth_base)
 
 
@@ -171,55 +172,14 @@ def param_role(name: str, ndim: int) -> str:
     return "final_vector"
 
 
-def mup_problems(args: Any) -> list[str]:
-    """Configuration problems of the MuP / CompleteP flags, one line each naming the fix."""
-    errs: list[str] = []
-    base, mult = getattr(args, "mup_base_width", None), getattr(args, "mup_width_multiplier", None)
-    if getattr(args, "enable_mup", False):
-        if base is None and mult is None:
-            errs.append("--enable-mup needs --mup-base-width (the hidden size the hyper-parameters were tuned at; "
-                        "MUP_BASE_WIDTH in the launcher) or --mup-width-multiplier")
-        elif base is not None and mult is not None:
-            errs.append("give either --mup-base-width or --mup-width-multiplier, not both")
-        elif base is not None and not base > 0:
-            errs.append(f"--mup-base-width must be > 0 (got {base})")
-        elif mult is not None and not (mult > 0 and math.isfinite(mult)):
-            errs.append(f"--mup-width-multiplier must be > 0 (got {mult})")
-        for name in ("mup_input_alpha", "mup_output_alpha", "mup_attn_alpha"):
-            v = getattr(args, name, 1.0)
-            if not (v > 0 and math.isfinite(v)):
-                errs.append(f"--{name.replace('_', '-')} must be > 0 (got {v})")
-        if args.init_method_xavier_uniform:
-            errs.append("--enable-mup sets the init std of each layer; drop --init-method-xavier-uniform")
-    elif base is not None or mult is not None:
-        errs.append("--mup-base-width/--mup-width-multiplier have no effect without --enable-mup: add --enable-mup")
-    dbase, dmult = getattr(args, "depth_base", None), getattr(args, "depth_multiplier", None)
-    if getattr(args, "enable_depth_scale", False):
-        if dbase is None and dmult is None:
-            errs.append("--enable-depth-scale needs --depth-base (the number of layers the hyper-parameters were "
-                        "tuned at; DEPTH_BASE in the launcher) or --depth-multiplier")
-        elif dbase is not None and dmult is not None:
-            errs.append("give either --depth-base or --depth-multiplier, not both")
-        elif dbase is not None and not dbase > 0:
-            errs.append(f"--depth-base must be > 0 (got {dbase})")
-        elif dmult is not None and not (dmult > 0 and math.isfinite(dmult)):
-            errs.append(f"--depth-multiplier must be > 0 (got {dmult})")
-        alpha = getattr(args, "depth_alpha", 1.0)
-        if not 0.0 <= alpha <= 1.0:
-            errs.append(f"--depth-alpha must be in [0, 1] (got {alpha}); CompleteP uses 1, Yang et al. 0.5")
-    elif dbase is not None or dmult is not None:
-        errs.append("--depth-base/--depth-multiplier have no effect without --enable-depth-scale: "
-                    "add --enable-depth-scale")
-    return errs
+def model_fields(model: ModelConfig) -> dict:
+    """GPTConfig keyword arguments for the parametrization the model section selects."""
+    kv = model.kv_channels or model.hidden_size // model.num_attention_heads
+    return Parametrization.from_config(model).model_fields(model.num_layers, kv)
 
 
-def model_fields(args: Any) -> dict:
-    """GPTConfig keyword arguments for the parametrization selected by `args`."""
-    kv = args.kv_channels or args.hidden_size // args.num_attention_heads
-    return Parametrization.from_args(args).model_fields(args.num_layers, kv)
-
-
-def parametrize_param_groups(groups: list[dict], named_params: Iterable[tuple[str, Any]], args: Any) -> list[dict]:
+def parametrize_param_groups(groups: list[dict], named_params: Iterable[tuple[str, Any]], model: ModelConfig,
+                             optimizer: OptimizerConfig) -> list[dict]:
     """Split each optimizer group by parameter role and multiply in the MuP/CompleteP factors.
 
     A group keeps its keys (``muon``, its own ``lr_mult``/``wd_mult``...); the role's LR and WD
@@ -227,12 +187,12 @@ def parametrize_param_groups(groups: list[dict], named_params: Iterable[tuple[st
     ``mup_role`` records the role, and ``eps`` is set to ``--adam-eps`` x the eps multiplier (an
     optimizer without eps ignores the key). Returns `groups` unchanged when both features are off.
     """
-    par = Parametrization.from_args(args)
+    par = Parametrization.from_config(model)
     if not par.enabled:
         return groups
     names = {id(p): n for n, p in named_params}
-    base_eps = float(getattr(args, "adam_eps", 1e-8))
-    optimizer = str(getattr(args, "optimizer", ""))
+    base_eps = float(optimizer.adam_eps)
+    name = optimizer.optimizer
     out: list[dict] = []
     for g in groups:
         by_role: dict[str, list] = {}
@@ -241,7 +201,7 @@ def parametrize_param_groups(groups: list[dict], named_params: Iterable[tuple[st
         for role in ROLES:
             if role not in by_role:
                 continue
-            m = par.multipliers(role, muon=bool(g.get("muon", False)), optimizer=optimizer)
+            m = par.multipliers(role, muon=bool(g.get("muon", False)), optimizer=name)
             ng = {**g, "params": by_role[role], "name": f"{g.get('name', 'group')}.{role}", "mup_role": role,
                   "lr_mult": g.get("lr_mult", 1.0) * m.lr, "wd_mult": g.get("wd_mult", 1.0) * m.wd}
             if not g.get("muon", False):

@@ -34,6 +34,11 @@ DERIVED = {"data_parallel_size", "num_micro_batches", "padded_vocab_size", "worl
 TINY_TOKENS_PER_STEP = 8192
 
 
+def _known(value):
+    """A value set at start-up, or '?' where the table is printed before it is known."""
+    return "?" if value is None else value
+
+
 def flag_dests(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:
     """The argparse destinations that `argv` sets."""
     out = set()
@@ -83,11 +88,11 @@ def config_rows(args, num_params: int | None, parser: argparse.ArgumentParser | 
         from megatron.arguments import build_parser  # noqa: PLC0415
 
         parser = build_parser()
-    flags = flag_dests(list(getattr(args, "argv", []) or []), parser)
+    flags = flag_dests(list(args.argv or []), parser)
     rows: list[Row] = []
 
     def add(section: str, name: str, dest: str | None, text=None) -> None:
-        value = getattr(args, dest, None) if dest else None
+        value = vars(args)[dest] if dest else None
         rows.append(Row(section, name, str(value if text is None else text),
                         source_of(dest, value, flags, env) if dest else "derived"))
 
@@ -101,7 +106,7 @@ def config_rows(args, num_params: int | None, parser: argparse.ArgumentParser | 
     add("model", "ffn hidden size", "ffn_hidden_size")
     add("model", "sequence length", "seq_length")
     add("model", "vocabulary (padded)", "padded_vocab_size",
-        f"{getattr(args, 'padded_vocab_size', '?')} (tokenizer {getattr(args, 'vocab_size_orig', '?')})")
+        f"{_known(args.padded_vocab_size)} (tokenizer {_known(args.vocab_size_orig)})")
     add("model", "dtype", "fp16" if args.fp16 else "bf16", args.params_dtype)
     if args.fp16:
         from megatron.fp16 import describe  # noqa: PLC0415
@@ -111,7 +116,7 @@ def config_rows(args, num_params: int | None, parser: argparse.ArgumentParser | 
     add("parallel", "TP / PP / SP", "tensor_model_parallel_size",
         f"{args.tensor_model_parallel_size} / {args.pipeline_model_parallel_size} / {args.ds_sequence_parallel_size}")
     add("parallel", "data parallel", "data_parallel_size")
-    asked = getattr(args, "zero_stage_requested", None)
+    asked = args.zero_stage_requested
     add("parallel", "ZeRO stage", "zero_stage",
         None if asked is None else f"0 (asked {asked}: one data-parallel replica, nothing to partition)")
     add("batch", "micro batch", "micro_batch_size")
@@ -149,7 +154,7 @@ def warmup_iterations(args) -> float:
         return args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters)
     if args.lr_warmup_samples:
         return args.lr_warmup_samples / args.global_batch_size
-    if getattr(args, "lr_warmup_tokens", None):
+    if args.lr_warmup_tokens:
         return args.lr_warmup_tokens / (args.global_batch_size * args.seq_length)
     return float(args.lr_warmup_iters or 0)
 
@@ -187,7 +192,7 @@ def format_table(rows: list[Row]) -> str:
 
 def print_config(args, num_params: int | None = None) -> None:
     """Rank 0: the table and the warnings (stdout, once)."""
-    if getattr(args, "rank", 0) != 0:
+    if args.rank != 0:
         return
     print("> configuration:\n" + format_table(config_rows(args, num_params)), flush=True)
     for w in config_warnings(args):

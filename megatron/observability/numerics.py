@@ -104,10 +104,10 @@ class NumericsGuard:
 
     @classmethod
     def create(cls, args) -> "NumericsGuard":
-        return cls(max_skipped=getattr(args, "max_skipped_iterations", None),
-                   spike_factor=float(getattr(args, "loss_spike_factor", 5.0) or 0.0),
-                   faults=parse_faults(os.environ.get(FAULTS_ENV, ""), int(getattr(args, "rank", 0) or 0)),
-                   fp16=bool(getattr(args, "fp16", False)))
+        return cls(max_skipped=args.max_skipped_iterations,
+                   spike_factor=float(args.loss_spike_factor or 0.0),
+                   faults=parse_faults(os.environ.get(FAULTS_ENV, ""), int(args.rank or 0)),
+                   fp16=bool(args.fp16))
 
     # ------------------------------------------------------------------ test hooks
     def wrap_data(self, data_iter: Iterator, start_iteration: int, micro_batches: int) -> Iterator:

@@ -39,7 +39,7 @@ class Profiler:
 
     @classmethod
     def create(cls, args) -> "Profiler":
-        mode = getattr(args, "profile", None)
+        mode = args.profile
         if mode is None or args.rank not in args.profile_ranks:
             return cls()
         first, last = profile_range(args.profile_steps)
@@ -75,7 +75,7 @@ class Profiler:
 
 def flops_profiler_config(args) -> dict | None:
     """The DeepSpeed `flops_profiler` config section for `--flops-profiler-step` (None when not asked)."""
-    step = getattr(args, "flops_profiler_step", None)
+    step = args.flops_profiler_step
     if step is None:
         return None
     # DeepSpeed profiles when its count of finished steps equals profile_step: iteration N = N - 1 finished

@@ -119,7 +119,7 @@ class TrainLogger:
             from megatron.observability.wandb_utils import init_wandb  # noqa: PLC0415
 
             run = init_wandb(args)
-        peak = resolve_peak(getattr(args, "peak_tflops", None), getattr(args, "device_type", "cpu"),
+        peak = resolve_peak(args.peak_tflops, args.device_type,
                             args.params_dtype, reduce_mean=lambda x: _all_reduce([x])[0] / max(args.world_size, 1))
         if args.rank == 0:
             print(f"> MFU is measured against {peak.tflops:.4g} TFLOPS per device ({peak.source}); "
@@ -136,7 +136,7 @@ class TrainLogger:
 
     def watch(self, engine) -> None:
         """Hook what must be read inside the step (--log-num-zeros-in-grad: the gradient before the update)."""
-        if getattr(self.args, "log_num_zeros_in_grad", False):
+        if self.args.log_num_zeros_in_grad:
             from megatron.observability.weight_stats import watch_zeros_in_grad  # noqa: PLC0415
 
             self.zeros = watch_zeros_in_grad(engine, self.is_report)
@@ -144,7 +144,7 @@ class TrainLogger:
     def count_corpora(self, batches: Iterator[dict]) -> Iterator[dict]:
         """Wrap the training data iterator: count the samples each corpus contributes; with DUMP_TOKENS,
         rank 0 prints the first 10 samples of each micro-batch of the run's first 10 iterations (as upstream)."""
-        per_iteration = max(int(getattr(self.args, "num_micro_batches", 1) or 1), 1)
+        per_iteration = max(int(self.args.num_micro_batches or 1), 1)
         for k, batch in enumerate(batches):
             if self.dump_tokens and self.args.rank == 0 and k < DUMP_TOKENS_ITERATIONS * per_iteration:
                 rows = torch.as_tensor(batch["text"])[:10].tolist()

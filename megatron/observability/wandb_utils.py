@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def wandb_project(args, env=os.environ) -> str:
-    return getattr(args, "wandb_project", None) or env.get("WB_PROJECT") or env.get("WANDB_PROJECT") or "AuroraGPT"
+    return args.wandb_project or env.get("WB_PROJECT") or env.get("WANDB_PROJECT") or "AuroraGPT"
 
 
 def wandb_disabled(env=os.environ) -> bool:
@@ -28,7 +28,7 @@ def wandb_disabled(env=os.environ) -> bool:
 
 def init_wandb(args, env=os.environ):
     """A wandb run on rank 0 (or None: other ranks, not installed, WANDB_MODE=disabled, or failure)."""
-    if getattr(args, "rank", 0) != 0 or wandb_disabled(env):
+    if args.rank != 0 or wandb_disabled(env):
         return None
     try:
         import wandb  # noqa: PLC0415
@@ -44,10 +44,10 @@ def init_wandb(args, env=os.environ):
             log.info("W&B: wandb is installed but not logged in and WANDB_MODE is unset: not used "
                      "(wandb login, or WANDB_MODE=offline to record locally)")
             return None
-    save_dir = getattr(args, "wandb_save_dir", None) or getattr(args, "save", None) or os.getcwd()
+    save_dir = args.wandb_save_dir or args.save or os.getcwd()
     os.makedirs(save_dir, exist_ok=True)
     try:
-        run = wandb.init(project=wandb_project(args, env), name=getattr(args, "wandb_exp_name", None),
+        run = wandb.init(project=wandb_project(args, env), name=args.wandb_exp_name,
                          dir=save_dir, mode=mode, config={"args": _jsonable_args(args)})
     except Exception as e:  # noqa: BLE001  (W&B must never stop a training run)
         log.warning("W&B disabled: wandb.init failed: %s", e)

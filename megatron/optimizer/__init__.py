@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from megatron.config import Config
+
 log = logging.getLogger(__name__)
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
@@ -152,12 +154,6 @@ def needs_module(module: str, install: str, what: str) -> Check:
     return check
 
 
-def arg(args, name: str, default):
-    """`args.name`, or `default` when the attribute is missing or None (tests build partial args)."""
-    v = getattr(args, name, None)
-    return default if v is None else v
-
-
 _warned: set[str] = set()
 
 
@@ -199,7 +195,8 @@ def build_optimizer(model: torch.nn.Module, args):
     groups = entry.groups(named, args) if entry.groups else get_param_groups(named)
     from megatron.model.mup import parametrize_param_groups  # noqa: PLC0415
 
-    groups = parametrize_param_groups(groups, named, args)  # MuP/CompleteP lr/wd/eps multipliers (no-op when off)
+    config = Config.from_args(args)  # MuP/CompleteP lr/wd/eps multipliers (no-op when off)
+    groups = parametrize_param_groups(groups, named, config.model, config.optimizer)
     for g in groups:  # the scheduler sets the real values before the first step
         g["lr"] = args.lr * g.get("lr_mult", 1.0)
         g["weight_decay"] = args.weight_decay * g.get("wd_mult", 1.0)
@@ -284,7 +281,7 @@ class OptimizerHooks:
         fn = getattr(opt, "after_step", None)
         if callable(fn):
             out.update(fn(iteration, self.engine.module, replay) or {})
-        if out and int(getattr(self.args, "rank", 0) or 0) == 0:
+        if out and int(self.args.rank or 0) == 0:
             log.info("iteration %d optimizer: %s", iteration,
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
         return out

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from megatron.optimizer import arg, register_optimizer
+from megatron.optimizer import register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 
 
@@ -53,6 +53,6 @@ class AdEMAMix(ElementwiseOptimizer):
 
 @register_optimizer("ademamix", state_copies=3.0, help="AdEMAMix (Adam + slow EMA); --ademamix-beta3/-alpha/-warmup-iters")
 def build_ademamix(groups: list[dict], args) -> torch.optim.Optimizer:
-    return AdEMAMix(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2, arg(args, "ademamix_beta3", 0.9999)),
-                    alpha=arg(args, "ademamix_alpha", 5.0), warmup=arg(args, "ademamix_warmup_iters", None),
+    return AdEMAMix(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2, args.ademamix_beta3),
+                    alpha=args.ademamix_alpha, warmup=args.ademamix_warmup_iters,
                     eps=args.adam_eps, weight_decay=args.weight_decay)

@@ -10,7 +10,6 @@ import torch
 
 from megatron.optimizer import (
     DeepSpeedOptimizer,
-    arg,
     have_module,
     needs_module,
     register_optimizer,
@@ -52,7 +51,7 @@ def eight_bit_problems(args) -> list[str]:
 
 def _adam8bit_check(args) -> list[str]:
     errs = needs_module("bitsandbytes", "pip install bitsandbytes", "bitsandbytes")(args) + eight_bit_problems(args)
-    if int(arg(args, "zero_stage", 0)) >= 1 or arg(args, "bf16", False) or arg(args, "fp16", False):
+    if int(args.zero_stage) >= 1 or args.bf16 or args.fp16:
         errs.append("--optimizer adam8bit quantizes its states in blocks of each tensor, which ZeRO's (and the "
                     "bf16/fp16 optimizer's) flat partitions would mix: use --zero-stage 0 in fp32, or --optimizer adamw")
     return errs
@@ -68,7 +67,7 @@ def build_adam8bit(groups: list[dict], args):
 def _shampoo_check(args) -> list[str]:
     errs = needs_module("distributed_shampoo", "pip install git+https://github.com/facebookresearch/optimizers.git",
                         "Distributed Shampoo (facebookresearch/optimizers)")(args)
-    if int(arg(args, "zero_stage", 0)) >= 1 or arg(args, "bf16", False) or arg(args, "fp16", False):
+    if int(args.zero_stage) >= 1 or args.bf16 or args.fp16:
         errs.append("--optimizer dshampooadamw builds Kronecker-factor preconditioners from whole 2-D gradients, "
                     "which ZeRO's (and the bf16/fp16 optimizer's) flat partitions do not have: use --zero-stage 0 in "
                     "fp32, or --optimizer muon / galoreadamw (whole-matrix optimizers that run under ZeRO)")
@@ -82,11 +81,11 @@ def build_dshampoo(groups: list[dict], args):
     warn_once("dshampoo", "dshampooadamw: Distributed Shampoo's state_dict() is not implemented upstream, so "
               "checkpoint saves with optimizer state may fail (use --no-save-optim)")
     return DistributedShampoo(
-        groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), epsilon=arg(args, "dshampooadamw_eps", 1e-12),
+        groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), epsilon=args.dshampooadamw_eps,
         weight_decay=args.weight_decay,
-        max_preconditioner_dim=arg(args, "dshampooadamw_max_preconditioner_dim", 8192),
-        precondition_frequency=arg(args, "dshampooadamw_precondition_freq", 100),
-        use_decoupled_weight_decay=arg(args, "dshampooadamw_use_decoupled_weight_decay", True),
+        max_preconditioner_dim=args.dshampooadamw_max_preconditioner_dim,
+        precondition_frequency=args.dshampooadamw_precondition_freq,
+        use_decoupled_weight_decay=args.dshampooadamw_use_decoupled_weight_decay,
         grafting_config=AdamGraftingConfig(beta2=args.adam_beta2, epsilon=args.adam_eps))
 
 

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from megatron.optimizer import arg, needs_module, register_optimizer
+from megatron.optimizer import needs_module, register_optimizer
 from megatron.optimizer.basic import adam_kwargs
 from megatron.optimizer.partition import PartitionedWeights
 
@@ -117,8 +117,8 @@ def check_galore(args) -> list[str]:
     if args.optimizer == "galoreadamw8bitperlayer":
         errs.append("--optimizer galoreadamw8bitperlayer steps each layer inside backward hooks, which DeepSpeed's "
                     "engine does not support: use --optimizer galoreadamw (or galoreadamw8bit)")
-    elif args.optimizer == "galoreadamw8bit" and (int(arg(args, "zero_stage", 0)) >= 1 or arg(args, "bf16", False)
-                                                  or arg(args, "fp16", False)):
+    elif args.optimizer == "galoreadamw8bit" and (int(args.zero_stage) >= 1 or args.bf16
+                                                  or args.fp16):
         errs.append("--optimizer galoreadamw8bit quantizes its states in blocks of each tensor, which ZeRO's (and "
                     "the bf16/fp16 optimizer's) flat partitions would mix: use --zero-stage 0 in fp32, or "
                     "--optimizer galoreadamw")

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from megatron.optimizer import arg, get_param_groups, register_optimizer
+from megatron.optimizer import get_param_groups, register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 from megatron.optimizer.partition import PartitionedWeights
 
@@ -270,17 +270,17 @@ def muon_groups(named, args) -> list[dict]:
 
 
 def _muon_kwargs(args) -> dict:
-    return dict(lr=args.lr, weight_decay=args.weight_decay, momentum=arg(args, "muon_momentum", 0.95),
-                nesterov=arg(args, "muon_nesterov", True), ns_steps=arg(args, "muon_ns_steps", DEEPSPEED_NS_STEPS),
-                adamw_betas=(arg(args, "muonadamw_beta1", 0.9), arg(args, "muonadamw_beta2", 0.999)),
-                adamw_eps=arg(args, "muonadamw_eps", 1e-12),
+    return dict(lr=args.lr, weight_decay=args.weight_decay, momentum=args.muon_momentum,
+                nesterov=args.muon_nesterov, ns_steps=args.muon_ns_steps,
+                adamw_betas=(args.muonadamw_beta1, args.muonadamw_beta2),
+                adamw_eps=args.muonadamw_eps,
                 # Newton-Schulz in the training precision: bf16 matmuls (as torch.optim.Muon) for bf16/fp16
                 # runs; fp32 for fp32 runs, whose update then does not depend on how ZeRO partitions it
-                ns_dtype=torch.bfloat16 if arg(args, "bf16", False) or arg(args, "fp16", False) else torch.float32)
+                ns_dtype=torch.bfloat16 if args.bf16 or args.fp16 else torch.float32)
 
 
 def check_muon(args) -> list[str]:
-    if args.optimizer == "muonclip" and int(arg(args, "zero_stage", 0)) == 3:
+    if args.optimizer == "muonclip" and int(args.zero_stage) == 3:
         return ["--optimizer muonclip rescales rows of the model's whole QKV weights after the step, which ZeRO-3 "
                 "keeps partitioned: use --zero-stage 1 or 2 (or --optimizer muon at ZeRO-3)"]
     return []
@@ -298,4 +298,4 @@ def build_muon(groups: list[dict], args):
                          "rescaled (ZeRO 0/1/2)")
 def build_muonclip(groups: list[dict], args):
     return Muon(groups, **_muon_kwargs(args), adjust_lr="original",
-                qk_clip_t=arg(args, "muonclip_t", 100.0), qk_clip_alpha=arg(args, "muonclip_alpha", 0.5))
+                qk_clip_t=args.muonclip_t, qk_clip_alpha=args.muonclip_alpha)

@@ -11,14 +11,14 @@ optimizer holds no parameters between steps, so there is nothing to swap.
 """
 from __future__ import annotations
 
-from megatron.optimizer import arg, needs_module, register_optimizer
+from megatron.optimizer import needs_module, register_optimizer
 
 _need = needs_module("schedulefree", "pip install schedulefree", "the schedulefree package")
 
 
 def check_schedulefree(args) -> list[str]:
     errs = _need(args)
-    if int(arg(args, "zero_stage", 0)) == 3:
+    if int(args.zero_stage) == 3:
         errs.append(f"--optimizer {args.optimizer} swaps to its averaged weights for evaluation and checkpoints, "
                     "which ZeRO-3's optimizer cannot do between steps: use --zero-stage 1 or 2")
     return errs
@@ -35,8 +35,8 @@ def _training(opt):
 
 
 def _common(args) -> dict:
-    return dict(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=int(arg(args, "lr_warmup_iters", 0)),
-                foreach=bool(arg(args, "schedulefree_for_each", False)))
+    return dict(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=int(args.lr_warmup_iters),
+                foreach=bool(args.schedulefree_for_each))
 
 
 @register_optimizer("adamwschedulefree", check=check_schedulefree,

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron.optimizer import arg, register_optimizer
+from megatron.optimizer import register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 from megatron.optimizer.partition import PartitionedWeights
 
@@ -134,10 +134,10 @@ def sampled_label_gradient(module: torch.nn.Module, params: list, replay: Callab
 
 def check_sophiag(args) -> list[str]:
     errs = []
-    if int(arg(args, "zero_stage", 0)) == 3:
+    if int(args.zero_stage) == 3:
         errs.append("--optimizer sophiag refreshes its Hessian estimate from an extra backward through the model's "
                     "whole weights, which ZeRO-3 keeps partitioned: use --zero-stage 1 or 2")
-    if int(arg(args, "sophiag_hessian_interval", 10)) < 1:
+    if int(args.sophiag_hessian_interval) < 1:
         errs.append(f"--sophiag-hessian-interval must be >= 1 (got {args.sophiag_hessian_interval})")
     return errs
 
@@ -145,7 +145,7 @@ def check_sophiag(args) -> list[str]:
 @register_optimizer("sophiag", check=check_sophiag,
                     help="SophiaG with a Gauss-Newton-Bartlett Hessian refresh every --sophiag-hessian-interval steps")
 def build_sophiag(groups: list[dict], args) -> torch.optim.Optimizer:
-    bs = int(arg(args, "global_batch_size", 1)) * int(arg(args, "seq_length", 1))
-    return SophiaG(groups, lr=args.lr, betas=(arg(args, "sophiag_beta1", 0.9), arg(args, "sophiag_beta2", 0.95)),
-                   rho=arg(args, "sophiag_rho", 0.01), weight_decay=args.weight_decay, bs=bs,
-                   hessian_interval=arg(args, "sophiag_hessian_interval", 10), seed=arg(args, "seed", 1234))
+    bs = int(args.global_batch_size) * int(args.seq_length)
+    return SophiaG(groups, lr=args.lr, betas=(args.sophiag_beta1, args.sophiag_beta2),
+                   rho=args.sophiag_rho, weight_decay=args.weight_decay, bs=bs,
+                   hessian_interval=args.sophiag_hessian_interval, seed=args.seed)

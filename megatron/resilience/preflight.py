@@ -127,13 +127,13 @@ def parameters_per_rank(args, vocab: int) -> int:
     heads, kv = args.num_attention_heads, args.num_key_value_heads or args.num_attention_heads
     d = args.kv_channels or h // heads
     ffn = args.ffn_hidden_size
-    bias = bool(getattr(args, "add_bias_linear", False))
+    bias = bool(args.add_bias_linear)
     attn = h * (heads + 2 * kv) * d + heads * d * h + (bias * ((heads + 2 * kv) * d + h))
     mlp = h * ffn * (3 if args.swiglu else 2) + bias * (ffn * (2 if args.swiglu else 1) + h)
-    norms = 2 * h * (2 if getattr(args, "normalization", "LayerNorm") == "LayerNorm" else 1)
+    norms = 2 * h * (2 if args.normalization == "layernorm" else 1)  # LayerNorm: weight and bias
     layers = -(-args.num_layers // args.pipeline_model_parallel_size)
     embed = vocab * h * (2 if args.untie_embeddings_and_output_weights else 1)
-    if not getattr(args, "use_rotary_position_embeddings", True):
+    if not args.use_rotary_position_embeddings:
         embed += args.max_position_embeddings * h * tp  # replicated, not split
     return int(layers * ((attn + mlp) / tp + norms) + embed / tp + h)
 
@@ -154,14 +154,14 @@ def activation_bytes(args, vocab: int, cpu: bool = True) -> float:
     h, ffn = args.hidden_size, args.ffn_hidden_size
     heads, kv = args.num_attention_heads, args.num_key_value_heads or args.num_attention_heads
     d = args.kv_channels or h // heads
-    seq_par = tp if getattr(args, "sequence_parallel", False) else 1
+    seq_par = tp if args.sequence_parallel else 1
     # per layer: norm inputs/outputs and residuals (h-wide, split by sequence parallelism), q/k/v and
     # rotated q/k, the attention output (split by TP), the MLP's gate/up/act/product (split by TP)
     per_layer = t * (5 * h / seq_par + (2 * heads + 3 * kv) * d / tp + h / tp + ffn * (4 if args.swiglu else 2) / tp)
     if (args.bf16 or args.fp16) and cpu:  # explicit attention keeps the s x s probabilities
         per_layer += b * (heads / tp) * s * s * sp  # (Ulysses: whole sequence, heads / SP)
     layers = -(-args.num_layers // args.pipeline_model_parallel_size)
-    full = getattr(args, "recompute_granularity", None) == "full"
+    full = args.recompute_granularity == "full"
     stored = layers * t * h / seq_par + per_layer if full else layers * per_layer  # full: layer inputs + one layer
     in_flight = min(args.pipeline_model_parallel_size, args.num_micro_batches) if args.pipeline_model_parallel_size > 1 \
         else 1
@@ -197,7 +197,7 @@ def estimate_memory(args, vocab: int, optimizer_copies: float | None = None, cpu
     notes = (f"{p / 1e6:.0f}M parameters per rank, {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}, "
              f"ZeRO-{stage} over {dp} rank(s), {args.optimizer} ({optimizer_copies:g} state copies), micro-batch "
              f"{args.micro_batch_size} x {args.seq_length} tokens, recompute "
-             f"{getattr(args, 'recompute_granularity', None) or 'off'}")
+             f"{args.recompute_granularity or 'off'}")
     cpu = on_cpu() if cpu is None else cpu
     return MemoryEstimate(weights, grads, optimizer, activation_bytes(args, vocab, cpu), notes=notes)
 
@@ -261,7 +261,7 @@ def _fixes(args, vocab: int, limit: float, copies: float) -> list[str]:
 
     if args.zero_stage < 3 and args.pipeline_model_parallel_size == 1:
         fits("ZERO_STAGE=3 (--zero-stage 3)", zero_stage=3)
-    if getattr(args, "recompute_granularity", None) != "full":
+    if args.recompute_granularity != "full":
         fits("USE_ACTIVATION_CHECKPOINTING=1 (--recompute-granularity full)", recompute_granularity="full")
     if args.micro_batch_size > 1:
         fits("MICRO_BATCH=1 (--micro-batch-size 1, GRAD_ACC_STEPS up to keep the global batch)", micro_batch_size=1)
@@ -276,7 +276,7 @@ def _fixes(args, vocab: int, limit: float, copies: float) -> list[str]:
 def memory_problems(args, vocab: int | None, env=os.environ, limit: tuple[int | None, str] | None = None
                     ) -> tuple[list[str], list[str], MemoryEstimate | None]:
     """(problems, warnings, estimate) of the memory check; ([], [], None) when it cannot be made."""
-    if vocab is None or getattr(args, "skip_memory_check", False):
+    if vocab is None or args.skip_memory_check:
         return [], [], None
     from megatron.optimizer import get_entry  # noqa: PLC0415
 
@@ -317,7 +317,7 @@ def oom_message(e: BaseException, rank: int, estimate: str | None) -> str:
 
 def check_memory(args) -> None:
     """Refuse (ArgumentError) a configuration whose memory estimate exceeds what this rank has; warn
-    near it. The estimate is kept in `args._memory_estimate` for the out-of-memory message."""
+    near it. The estimate is kept in `args.memory_estimate` for the out-of-memory message."""
     import torch  # noqa: PLC0415  (this module stays light for --check-args)
     import torch.distributed as dist  # noqa: PLC0415
 
@@ -328,7 +328,7 @@ def check_memory(args) -> None:
         if refused.item() and not problems:
             problems = ["another rank has not enough memory for this configuration (see rank 0's line, or "
                         "MEGATRON_LOG_ALL_RANKS=1)"]
-    args._memory_estimate = est.describe() if est else None
+    args.memory_estimate = est.describe() if est else None
     if est and args.rank == 0:
         log.info("memory estimate: %s; this process uses %.2f GiB now", est.describe(), process_rss() / 2**30)
     for w in warnings:
