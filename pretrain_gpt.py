@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         from megatron.resilience.preflight import OOM_EXIT_CODE, is_out_of_memory, oom_message
 
         if is_out_of_memory(e):  # a device (or the CPU allocator) refused an allocation: one line, exit 6
-            print(f"ERROR: {oom_message(e, rank, getattr(args, '_memory_estimate', None))}", file=sys.stderr,
+            print(f"ERROR: {oom_message(e, rank, args.memory_estimate)}", file=sys.stderr,
                   flush=True)
             return OOM_EXIT_CODE
         if not dist_faults.is_collective_failure(e):
