@@ -111,12 +111,6 @@ _alcf_check_float() {
     fi
 }
 
-# The value as a JSON number (JSON forbids "1.", ".5", "+1", leading zeros).
-_alcf_json_number() {
-    if [[ "$1" =~ ^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?$ ]]; then printf '%s' "$1"
-    else awk -v x="$1" 'BEGIN { printf "%.17g", x + 0 }'; fi
-}
-
 # One token for display, appended to _ALCF_Q: as is when it is shell-safe, else single-quoted.
 _alcf_quote() {
     _ALCF_Q+="${_ALCF_Q:+ }"
@@ -606,72 +600,22 @@ alcf_run_name() {
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed config
 # ----------------------------------------------------------------------------------------------
-alcf_ds_config_json() {
-    local clip; clip="$(_alcf_json_number "$CLIP_GRAD")"
-    local prof=false; [[ "${FLOPS_PROFILER:-0}" =~ ^(1|true|yes)$ ]] && prof=true
-    local comms=false; [[ "${COMMS_LOGGER}" =~ ^(1|true|yes)$ ]] && comms=true
-    printf '{\n'
-    printf '  "train_batch_size": %s,\n' "$GLOBAL_BATCH"
-    printf '  "train_micro_batch_size_per_gpu": %s,\n' "$MICRO_BATCH"
-    printf '  "gradient_clipping": %s,\n' "$clip"
-    printf '  "steps_per_print": 1,\n'
-    printf '  "gradient_accumulation_steps": %s,\n' "$GRAD_ACC_STEPS"
-    printf '  "zero_force_ds_cpu_optimizer": false,\n'
-    printf '  "zero_allow_untested_optimizer": true,\n'
-    printf '  "wall_clock_breakdown": false,\n'
-    printf '  "flops_profiler": {\n'
-    printf '    "enabled": %s,\n    "profile_step": 2,\n    "module_depth": -1,\n' "$prof"
-    printf '    "top_modules": 1,\n    "detailed": true,\n    "output_file": null\n  },\n'
-    case "$DTYPE" in
-        bf16)
-            printf '  "fp16": {\n    "enabled": false,\n    "loss_scale": 0,\n    "loss_scale_window": 1000,\n'
-            printf '    "hysteresis": 2,\n    "min_loss_scale": 1\n  },\n'
-            printf '  "bfloat16": {\n    "enabled": true\n  },\n' ;;
-        fp16)
-            printf '  "communication_data_type": "fp32",\n'  # gradients reduced in fp32 (the trainer always does)
-            printf '  "fp16": {\n    "enabled": true,\n    "loss_scale": 0,\n    "loss_scale_window": 1000,\n'
-            printf '    "hysteresis": 2,\n    "min_loss_scale": 1\n  },\n'
-            printf '  "bfloat16": {\n    "enabled": false,\n    "loss_scale": 1.0\n  },\n' ;;
-        *)
-            printf '  "communication_data_type": "fp32",\n' ;;
-    esac
-    case "$OPT" in
-        ds.onebitlamb)
-            printf '  "optimizer": {\n    "type": "OneBitLamb",\n    "params": {\n'
-            printf '      "lr": 11e-3,\n      "max_coeff": 0.3,\n      "min_coeff": 0.01,\n      "freeze_step": 1000,\n'
-            printf '      "cuda_aware": false,\n      "comm_backend_name": "%s",\n' "${BE:-gloo}"
-            printf '      "coeff_beta": 0.9,\n      "factor_max": 4.0,\n      "factor_min": 0.5,\n      "factor_threshold": 0.1\n'
-            printf '    }\n  },\n' ;;
-        ds.adamw)
-            printf '  "optimizer": {\n    "type": "AdamW",\n    "params": {\n'
-            # torch_adam: torch.optim.AdamW without an accelerator (DeepSpeed's FusedAdam is a GPU kernel)
-            local torch_adam=false; (( ACCEL_COUNT == 0 )) && torch_adam=true
-            printf '      "lr": %s,\n      "betas": [%s, %s],\n      "eps": %s,\n      "weight_decay": %s,\n      "torch_adam": %s\n' \
-                "$(_alcf_json_number "$LR")" "$(_alcf_json_number "$ADAM_BETA1")" "$(_alcf_json_number "$ADAM_BETA2")" \
-                "$(_alcf_json_number "$ADAM_EPS")" "$(_alcf_json_number "$WEIGHT_DECAY")" "$torch_adam"
-            printf '    }\n  },\n' ;;
-    esac
-    if [[ "$ZERO_STAGE" == 3 ]]; then
-        printf '  "zero_optimization": {\n    "stage": 3,\n    "zero_hpz_partition_size": %s,\n' "$ZERO_HPZ_PARTITION_SIZE"
-        printf '    "reduce_scatter": false,\n    "stage3_max_live_parameters": 3e9,\n    "stage3_max_reuse_distance": 3e9,\n'
-        printf '    "stage3_param_persistence_threshold": 1e5,\n    "stage3_prefetch_bucket_size": 5e7,\n'
-        printf '    "contiguous_gradients": true,\n    "overlap_comm": true,\n    "reduce_bucket_size": 90000000,\n'
-        printf '    "sub_group_size": 1e9,\n    "offload_optimizer": {\n      "device": "none",\n      "buffer_count": 4,\n'
-        printf '      "pipeline_read": false,\n      "pipeline_write": false,\n      "pin_memory": true\n    }\n  }\n'
-    else
-        if [[ "$ZERO_STAGE" =~ ^[12]$ && -n "${CPU_OPTIMIZER:-}" ]]; then
-            printf '  "zero_optimization": {\n    "stage": %s,\n    "offload_optimizer": {\n      "device": "cpu"\n    }\n  },\n' "$ZERO_STAGE"
-        else
-            printf '  "zero_optimization": {\n    "stage": %s\n  },\n' "$ZERO_STAGE"
-        fi
-        if [[ "$PP" != 1 ]]; then
-            printf '  "data_types": {\n    "grad_accum_dtype": "fp32"\n  },\n'
-            printf '  "comms_logger": {\n    "enabled": true,\n    "verbose": false,\n    "prof_all": true,\n    "debug": false\n  }\n'
-        else
-            printf '  "comms_logger": {\n    "enabled": %s,\n    "verbose": false,\n    "debug": false\n  }\n' "$comms"
-        fi
-    fi
-    printf '}\n'
+# megatron/deepspeed_config.py builds it (launch_config) from the launcher's trainer flags (TRAIN_ARGS;
+# the user's own arguments are the trainer's to apply) and what only the launcher knows; it imports no
+# torch, so any python >= 3.10 runs it, before the environment is set up (DRY_RUN).
+# alcf_ds_config [--write PATH]: the JSON on stdout, or written to PATH.
+alcf_ds_config() {
+    local -a opts=(--gradient-accumulation-steps "$GRAD_ACC_STEPS" --accelerators "$ACCEL_COUNT"
+        --zero-hpz-partition-size "$ZERO_HPZ_PARTITION_SIZE")
+    [[ "${COMMS_LOGGER}" =~ ^(1|true|yes)$ ]] && opts+=(--comms-logger)
+    [[ "${FLOPS_PROFILER:-0}" =~ ^(1|true|yes)$ ]] && opts+=(--flops-profiler)
+    [[ -n "${CPU_OPTIMIZER:-}" ]] && opts+=(--cpu-optimizer)
+    local py; py="$(_alcf_expected_python)"
+    [[ -x "$py" ]] || command -v "$py" >/dev/null 2>&1 || py=python3
+    # the repository first on sys.path (as for pretrain_gpt.py): a megatron/ in WORKING_DIR must not win
+    "$py" -c 'import sys; sys.path.insert(0, sys.argv[1]); from megatron.deepspeed_config import main; sys.exit(main(sys.argv[2:]))' \
+        "$ALCF_REPO_DIR" "$@" "${opts[@]}" "${TRAIN_ARGS[@]}" \
+        || { printf 'ERROR: %s could not build the DeepSpeed config (megatron/deepspeed_config.py, see above); it needs Python >= 3.10: activate your environment or set PYTHON\n' "$py" >&2; return 1; }
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -929,7 +873,7 @@ alcf_main() {
         (( DEMO )) && printf '# demo data list: %s (built by tools/build_demo_data.py on a real run)\n' "$DATA_FILE_LIST"
         printf '# run name: %s\n' "$RUN_NAME"
         printf '# DeepSpeed config %s:\n' "$DS_CONFIG"
-        alcf_ds_config_json
+        alcf_ds_config || return 1
         printf '# environment: %s\n' "${LAUNCH_ENV[*]}"
         printf '# command:\n'
         alcf_print_command
@@ -964,7 +908,7 @@ alcf_main() {
     OUTPUT_LOG="${LOG_DIR}/output.log"
     mkdir -p "$(dirname "$DS_CONFIG")" "$CKPT_DIR" "$LOG_DIR" "$DATA_CACHE_PATH" "$TB_DIR" \
         || { printf 'ERROR: could not create the run directories under %s\n' "$WORKING_DIR" >&2; return 1; }
-    alcf_ds_config_json > "${DS_CONFIG}.tmp.$$" && mv -f "${DS_CONFIG}.tmp.$$" "$DS_CONFIG"
+    alcf_ds_config --write "$DS_CONFIG" || return 1
     printenv | grep -v '^LS_COLORS=' > "${CKPT_DIR}/.env"
     printf '%s\n' "${WORKING_DIR}/${OUTPUT_LOG}" >> logs/latest
 
