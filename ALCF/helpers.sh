@@ -344,7 +344,7 @@ alcf_setup_params() {
 
 # Alternative spellings of one setting, the launcher name, the optimizer and the user's own tokenizer.
 _alcf_read_spellings() {
-    # (the documented and the actually-read ones)
+    # two spellings of one setting (the documented one and the one upstream actually reads)
     _alcf_alias SEQ SEQ_LEN
     _alcf_alias LR_WARMUP_FRAC LR_WARMUP_FRACTION
     _alcf_alias TRAIN_ITERS TRAIN_ITER
