@@ -8,6 +8,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# Every trainer the suite starts would otherwise import wandb and ask its API for a login (1-2.5 s per
+# run). Tests of the W&B path pass their own WANDB_MODE (test_training_log.py).
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def pytest_configure(config):
