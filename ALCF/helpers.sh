@@ -5,10 +5,11 @@
 #   1. read the environment (upstream names and their aliases), apply the demo / machine /
 #      model-preset defaults, and check everything (one "ERROR: ..." line per problem, exit 2,
 #      before anything is installed, built or written);
-#   2. assemble the DeepSpeed config and the trainer command as a bash array (never flattened:
-#      arguments that contain spaces stay one argument; the user's own arguments come last, so
-#      they override every launcher default, argparse keeping the last occurrence);
-#   3. DRY_RUN=1: print both and stop. Otherwise set up Python (ALCF/env.sh), build the demo
+#   2. assemble the trainer command as a bash array (never flattened: arguments that contain
+#      spaces stay one argument; the user's own arguments come last, so they override every
+#      launcher default, argparse keeping the last occurrence);
+#   3. DRY_RUN=1: print the DeepSpeed config (built from that command by megatron/deepspeed_config.py)
+#      and the command, and stop. Otherwise set up Python (ALCF/env.sh), build the demo
 #      data if needed, write the config, the .env dump and the run directories, and launch
 #      (mpiexec under PBS, srun under SLURM, python / torchrun / mpiexec on a workstation),
 #      tee-ing everything to the run's output.log. The exit status is the trainer's.
@@ -109,12 +110,6 @@ _alcf_check_float() {
         _alcf_err "${name}='${val}' is not a number; set ${name} to a decimal number such as ${2:-0.0002}"
         return 1
     fi
-}
-
-# The value as a JSON number (JSON forbids "1.", ".5", "+1", leading zeros).
-_alcf_json_number() {
-    if [[ "$1" =~ ^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?$ ]]; then printf '%s' "$1"
-    else awk -v x="$1" 'BEGIN { printf "%.17g", x + 0 }'; fi
 }
 
 # One token for display, appended to _ALCF_Q: as is when it is shell-safe, else single-quoted.
@@ -322,14 +317,34 @@ _alcf_apply_preset() {
 }
 
 # ----------------------------------------------------------------------------------------------
-# settings: env -> validated variables
+# settings: env -> validated variables, one step per function, in this order (each step reads what
+# the ones before it set; problems are collected in ALCF_ERRORS, none stops the others)
 # ----------------------------------------------------------------------------------------------
 alcf_setup_params() {
     ALCF_ERRORS=()
     _ALCF_SHAPE_MISSING=""
     ORIG_PWD="${ORIG_PWD:-$PWD}"
+    _alcf_read_spellings        # aliases (SEQ_LEN, LAUNCH_WITH, ...), OPT, the user's own tokenizer
+    _alcf_detect_machine        # WORKING_DIR, MACHINE, HOSTNAME_SHORT
+    _alcf_detect_job            # PBS / SLURM / local: NHOSTS, NGPU_PER_HOST, WORLD_SIZE, NPROC_LOCAL
+    _alcf_demo_defaults         # no data list outside a job: the Shakespeare demo
+    _alcf_machine_defaults      # backend, precision, batch tables, flash attention per machine
+    _alcf_default MODEL_ARCH 7B
+    _alcf_apply_preset          # model shape (MODEL_ARCH)
+    _alcf_generic_defaults      # everything still unset: upstream's values
+    _alcf_check_values          # numbers are numbers, choices are known (sets _ALCF_OK_INTS)
+    _alcf_resolve_data_list     # DATA_FILE_LIST found and made absolute
+    _alcf_resolve_tokenizer     # explicit, else a tokenizer.model next to the list
+    _alcf_parallel_layout       # DP = WORLD_SIZE / (TP*PP*SP); head counts divide
+    _alcf_batch_and_iters       # GLOBAL_BATCH = MB*GAS*DP; TRAIN_TOKENS -> TRAIN_ITERS
+    _alcf_model_derived         # INIT_STD, MAX_POS
+    _alcf_run_paths             # run name, checkpoints, caches, DeepSpeed config path
+    _alcf_threads               # OMP_NUM_THREADS
+}
 
-    # Alternative spellings (the documented and the actually-read ones).
+# Alternative spellings of one setting, the launcher name, the optimizer and the user's own tokenizer.
+_alcf_read_spellings() {
+    # two spellings of one setting (the documented one and the one upstream actually reads)
     _alcf_alias SEQ SEQ_LEN
     _alcf_alias LR_WARMUP_FRAC LR_WARMUP_FRACTION
     _alcf_alias TRAIN_ITERS TRAIN_ITER
@@ -348,8 +363,11 @@ alcf_setup_params() {
     OPT="${OPT:-${OPTIMIZER:-${OPTIM:-}}}"
     _ALCF_USER_TOKENIZER_TYPE="${TOKENIZER_TYPE:-}"
     _ALCF_USER_TOKENIZER_MODEL="${TOKENIZER_MODEL:-}"
+}
 
-    # Where the run lives: the job's submit directory, else the repository.
+# Where the run lives (WORKING_DIR) and on which machine (MACHINE, HOSTNAME_SHORT).
+_alcf_detect_machine() {
+    # the job's submit directory, else the repository
     WORKING_DIR="${WORKING_DIR:-${PBS_O_WORKDIR:-${SLURM_SUBMIT_DIR:-${ALCF_REPO_DIR}}}}"
     if [[ ! -d "$WORKING_DIR" ]]; then
         _alcf_err "WORKING_DIR='${WORKING_DIR}' is not a directory; set WORKING_DIR (or PBS_O_WORKDIR) to an existing directory"
@@ -360,9 +378,10 @@ alcf_setup_params() {
     MACHINE="$(alcf_machine_name)"
     HOSTNAME_SHORT="${ALCF_HOSTNAME:-$(hostname 2>/dev/null || uname -n)}"
     HOSTNAME_SHORT="${HOSTNAME_SHORT%%.*}"
-    _alcf_detect_job
+}
 
-    # Demo mode: no data list and no scheduler job -> the Shakespeare demo on this machine.
+# Demo mode: no data list and no scheduler job -> the Shakespeare demo on this machine.
+_alcf_demo_defaults() {
     DEMO=0
     if [[ -z "${DATA_FILE_LIST:-}" && "$JOB_TYPE" == local ]]; then
         DEMO=1
@@ -387,8 +406,10 @@ alcf_setup_params() {
     else
         DEMO_EXTRA_ARGS=()
     fi
+}
 
-    # Per-machine defaults (upstream setParams); an unknown machine gets generic ones.
+# Per-machine defaults (upstream setParams); an unknown machine gets generic ones.
+_alcf_machine_defaults() {
     FLASH_FLAG=""
     case "$MACHINE" in
         aurora|sunspot)
@@ -411,11 +432,10 @@ alcf_setup_params() {
             if (( ACCEL_COUNT > 0 )); then _alcf_default DTYPE bf16; else _alcf_default DTYPE fp32; fi ;;
     esac
     [[ -n "${NO_FLASH_ATTN:-}" ]] && FLASH_FLAG=""
+}
 
-    _alcf_default MODEL_ARCH 7B
-    _alcf_apply_preset
-
-    # Generic defaults (upstream values).
+# Generic defaults (upstream values) for whatever the user, the demo, the machine and the preset left unset.
+_alcf_generic_defaults() {
     _alcf_default TP 1
     _alcf_default PP 1
     _alcf_default SP 1
@@ -445,8 +465,11 @@ alcf_setup_params() {
     _alcf_default COMMS_LOGGER false
     _alcf_default LAUNCHER torchrun
     EXEC="${EXEC:-${ALCF_REPO_DIR}/pretrain_gpt.py}"
+}
 
-    # ---- checks (no arithmetic on a value before it is known to be a number) -----------------
+# Checks (no arithmetic on a value before it is known to be a number). _ALCF_OK_INTS=0 when a count
+# the arithmetic needs is missing or not a positive integer.
+_alcf_check_values() {
     local v
     for v in LR WEIGHT_DECAY ADAM_BETA1 ADAM_BETA2 ADAM_EPS CLIP_GRAD; do _alcf_check_float "$v"; done
     [[ -n "${MIN_LR:-}" ]] && _alcf_check_float MIN_LR 0.00002
@@ -455,19 +478,19 @@ alcf_setup_params() {
         awk -v x="$LR_WARMUP_FRAC" 'BEGIN { exit !(x + 0 >= 0 && x + 0 <= 1) }' \
             || _alcf_err "LR_WARMUP_FRAC=${LR_WARMUP_FRAC} is not a fraction in [0, 1]; set LR_WARMUP_FRAC (or LR_WARMUP_FRACTION) to e.g. 0.05"
     fi
-    local ok_ints=1
+    _ALCF_OK_INTS=1
     for v in MICRO_BATCH GRAD_ACC_STEPS SEQ TP PP SP HEADS NLAYERS HIDDEN NUM_KV_HEAD FFN_HIDDEN_SIZE; do
         # (a shape variable the unknown-MODEL_ARCH error already names is not reported twice)
-        [[ "${_ALCF_SHAPE_MISSING:-}" == *" $v "* ]] && { ok_ints=0; continue; }
-        _alcf_check_posint "$v" || ok_ints=0
+        [[ "${_ALCF_SHAPE_MISSING:-}" == *" $v "* ]] && { _ALCF_OK_INTS=0; continue; }
+        _alcf_check_posint "$v" || _ALCF_OK_INTS=0
     done
     for v in EVAL_INTERVAL EVAL_ITERS SAVE_INTERVAL LOG_INTERVAL ACT_CKPT_NUM_LAYERS ZERO_HPZ_PARTITION_SIZE; do
         _alcf_check_posint "$v"
     done
     for v in TRAIN_SPLIT VAL_SPLIT TEST_SPLIT ROPE_THETA TIMING_LOG_LEVEL; do _alcf_check_uint "$v"; done
-    [[ -n "${TRAIN_ITERS:-}" ]] && { _alcf_check_posint TRAIN_ITERS || ok_ints=0; }
-    [[ -n "${TRAIN_TOKENS:-}" ]] && { _alcf_check_posint TRAIN_TOKENS "e.g. TRAIN_TOKENS=22000000000 or 22e9" || ok_ints=0; }
-    [[ -n "${GLOBAL_BATCH:-}" ]] && { _alcf_check_posint GLOBAL_BATCH || ok_ints=0; }
+    [[ -n "${TRAIN_ITERS:-}" ]] && { _alcf_check_posint TRAIN_ITERS || _ALCF_OK_INTS=0; }
+    [[ -n "${TRAIN_TOKENS:-}" ]] && { _alcf_check_posint TRAIN_TOKENS "e.g. TRAIN_TOKENS=22000000000 or 22e9" || _ALCF_OK_INTS=0; }
+    [[ -n "${GLOBAL_BATCH:-}" ]] && { _alcf_check_posint GLOBAL_BATCH || _ALCF_OK_INTS=0; }
     [[ -n "${LR_DECAY_ITERS:-}" ]] && _alcf_check_posint LR_DECAY_ITERS
     if ! [[ "$ZERO_STAGE" =~ ^[0-3]$ ]]; then
         _alcf_err "ZERO_STAGE='${ZERO_STAGE}' is not a ZeRO stage; set ZERO_STAGE to 0, 1, 2 or 3"
@@ -481,8 +504,10 @@ alcf_setup_params() {
         *) _alcf_err "LAUNCHER='${LAUNCHER}' is unknown; set LAUNCHER to torchrun or mpiexec" ;;
     esac
     [[ -f "$EXEC" ]] || _alcf_err "EXEC='${EXEC}' does not exist; set EXEC to the training script (default pretrain_gpt.py)"
+}
 
-    # Data list: relative paths are tried from where you ran the script, then WORKING_DIR, repo.
+# Data list: relative paths are tried from where you ran the script, then WORKING_DIR, repo.
+_alcf_resolve_data_list() {
     if (( ! DEMO )); then
         if [[ -z "${DATA_FILE_LIST:-}" ]]; then
             DATA_FILE_LIST="${WORKING_DIR}/ALCF/data-lists/${MACHINE}/dolma.txt"
@@ -507,8 +532,10 @@ alcf_setup_params() {
         fi
     fi
     DFL_STEM="${DATA_FILE_LIST##*/}"; DFL_STEM="${DFL_STEM%.txt}"
+}
 
-    # Tokenizer: explicit settings, else a tokenizer.model shipped next to the data list.
+# Tokenizer: explicit settings, else a tokenizer.model shipped next to the data list.
+_alcf_resolve_tokenizer() {
     TOKENIZER_SOURCE="default"
     if [[ -z "${TOKENIZER_MODEL:-}" && "${TOKENIZER_TYPE:-}" != [gG][pP][tT]* ]]; then
         local side="${DATA_FILE_LIST%/*}/tokenizer.model"
@@ -520,50 +547,56 @@ alcf_setup_params() {
     fi
     _alcf_default TOKENIZER_TYPE HFTokenizer
     _alcf_default TOKENIZER_MODEL google/gemma-7B
+}
 
-    # ---- arithmetic (only on validated integers) ----------------------------------------------
-    if (( ok_ints )); then
-        local mp=$((TP * PP * SP))
-        if (( WORLD_SIZE % mp != 0 )); then
-            _alcf_err "WORLD_SIZE=${WORLD_SIZE} is not divisible by TP*PP*SP=${TP}*${PP}*${SP}=${mp}; change TP/PP/SP or the number of processes (NPROC, NGPU_PER_HOST)"
-            DP=1
-        else
-            DP=$((WORLD_SIZE / mp))
-        fi
-        if (( NUM_KV_HEAD > 0 && HEADS % NUM_KV_HEAD != 0 )); then
-            _alcf_err "NUM_KV_HEAD=${NUM_KV_HEAD} does not divide HEADS=${HEADS}; set NUM_KV_HEAD to a divisor of HEADS"
-        fi
-        if (( HIDDEN % HEADS != 0 )); then
-            _alcf_err "HIDDEN=${HIDDEN} is not divisible by HEADS=${HEADS}; set HIDDEN to a multiple of HEADS"
-        fi
-        local gbs_max=$((WORLD_SIZE * MICRO_BATCH * GRAD_ACC_STEPS / mp))
-        if [[ -n "${GLOBAL_BATCH:-}" ]]; then
-            if (( GLOBAL_BATCH != MICRO_BATCH * GRAD_ACC_STEPS * DP )); then
-                local fix="unset GLOBAL_BATCH"
-                if (( GLOBAL_BATCH % (MICRO_BATCH * DP) == 0 )); then
-                    fix="set GRAD_ACC_STEPS=$((GLOBAL_BATCH / (MICRO_BATCH * DP))) or unset GLOBAL_BATCH"
-                fi
-                _alcf_err "GLOBAL_BATCH=${GLOBAL_BATCH} != MICRO_BATCH*GRAD_ACC_STEPS*DP = ${MICRO_BATCH}*${GRAD_ACC_STEPS}*${DP} = $((MICRO_BATCH * GRAD_ACC_STEPS * DP)); ${fix}"
+# Parallel layout (only on validated integers): DP, and the head counts that TP and GQA need.
+_alcf_parallel_layout() {
+    DP=1
+    (( _ALCF_OK_INTS )) || return 0
+    local mp=$((TP * PP * SP))
+    if (( WORLD_SIZE % mp != 0 )); then
+        _alcf_err "WORLD_SIZE=${WORLD_SIZE} is not divisible by TP*PP*SP=${TP}*${PP}*${SP}=${mp}; change TP/PP/SP or the number of processes (NPROC, NGPU_PER_HOST)"
+    else
+        DP=$((WORLD_SIZE / mp))
+    fi
+    if (( NUM_KV_HEAD > 0 && HEADS % NUM_KV_HEAD != 0 )); then
+        _alcf_err "NUM_KV_HEAD=${NUM_KV_HEAD} does not divide HEADS=${HEADS}; set NUM_KV_HEAD to a divisor of HEADS"
+    fi
+    if (( HIDDEN % HEADS != 0 )); then
+        _alcf_err "HIDDEN=${HIDDEN} is not divisible by HEADS=${HEADS}; set HIDDEN to a multiple of HEADS"
+    fi
+}
+
+# Batch arithmetic (only on validated integers): GLOBAL_BATCH = MB * GAS * DP, and the iterations.
+_alcf_batch_and_iters() {
+    (( _ALCF_OK_INTS )) || return 0
+    local gbs_max=$((WORLD_SIZE * MICRO_BATCH * GRAD_ACC_STEPS / (TP * PP * SP)))
+    if [[ -n "${GLOBAL_BATCH:-}" ]]; then
+        if (( GLOBAL_BATCH != MICRO_BATCH * GRAD_ACC_STEPS * DP )); then
+            local fix="unset GLOBAL_BATCH"
+            if (( GLOBAL_BATCH % (MICRO_BATCH * DP) == 0 )); then
+                fix="set GRAD_ACC_STEPS=$((GLOBAL_BATCH / (MICRO_BATCH * DP))) or unset GLOBAL_BATCH"
             fi
-        else
-            GLOBAL_BATCH="$gbs_max"
-        fi
-        # Tokens -> iterations (integer division at each step, as upstream).
-        if [[ -n "${TRAIN_TOKENS:-}" ]]; then
-            [[ -n "${TRAIN_ITERS:-}" ]] && _alcf_warn "TRAIN_TOKENS=${TRAIN_TOKENS} is set: it decides the iterations (TRAIN_ITERS=${TRAIN_ITERS} ignored)"
-            TRAIN_ITERS=$((TRAIN_TOKENS / SEQ / GLOBAL_BATCH))
-        elif [[ -z "${TRAIN_ITERS:-}" ]]; then
-            TRAIN_TOKENS=4673780159710
-            TRAIN_ITERS=$((TRAIN_TOKENS / SEQ / GLOBAL_BATCH))
-        fi
-        if (( GLOBAL_BATCH > 0 && TRAIN_ITERS <= 0 )); then
-            _alcf_err "TRAIN_TOKENS=${TRAIN_TOKENS} gives TRAIN_ITERS=0 with SEQ=${SEQ} and GLOBAL_BATCH=${GLOBAL_BATCH} (one step is $((SEQ * GLOBAL_BATCH)) tokens); raise TRAIN_TOKENS or set TRAIN_ITERS instead"
+            _alcf_err "GLOBAL_BATCH=${GLOBAL_BATCH} != MICRO_BATCH*GRAD_ACC_STEPS*DP = ${MICRO_BATCH}*${GRAD_ACC_STEPS}*${DP} = $((MICRO_BATCH * GRAD_ACC_STEPS * DP)); ${fix}"
         fi
     else
-        DP=1
+        GLOBAL_BATCH="$gbs_max"
     fi
+    # Tokens -> iterations (integer division at each step, as upstream).
+    if [[ -n "${TRAIN_TOKENS:-}" ]]; then
+        [[ -n "${TRAIN_ITERS:-}" ]] && _alcf_warn "TRAIN_TOKENS=${TRAIN_TOKENS} is set: it decides the iterations (TRAIN_ITERS=${TRAIN_ITERS} ignored)"
+        TRAIN_ITERS=$((TRAIN_TOKENS / SEQ / GLOBAL_BATCH))
+    elif [[ -z "${TRAIN_ITERS:-}" ]]; then
+        TRAIN_TOKENS=4673780159710
+        TRAIN_ITERS=$((TRAIN_TOKENS / SEQ / GLOBAL_BATCH))
+    fi
+    if (( GLOBAL_BATCH > 0 && TRAIN_ITERS <= 0 )); then
+        _alcf_err "TRAIN_TOKENS=${TRAIN_TOKENS} gives TRAIN_ITERS=0 with SEQ=${SEQ} and GLOBAL_BATCH=${GLOBAL_BATCH} (one step is $((SEQ * GLOBAL_BATCH)) tokens); raise TRAIN_TOKENS or set TRAIN_ITERS instead"
+    fi
+}
 
-    # ---- derived values ------------------------------------------------------------------------
+# Model values derived from the shape: the init std and the position table.
+_alcf_model_derived() {
     if [[ -n "${INIT_METHOD_STD:-}" ]]; then
         INIT_STD="$INIT_METHOD_STD"
     elif _alcf_is_uint "${HIDDEN:-x}" && (( HIDDEN > 0 )); then
@@ -571,6 +604,10 @@ alcf_setup_params() {
         INIT_STD="$(awk -v h="$HIDDEN" 'BEGIN { printf "%.10g", sqrt(2 / (5 * h)) }')"
     fi
     MAX_POS=$(( ${SEQ:-0} * 16 )) 2>/dev/null || MAX_POS=0
+}
+
+# The run's name and where its files go (relative to WORKING_DIR).
+_alcf_run_paths() {
     alcf_run_name
     CKPT_DIR="${CKPT_DIR:-checkpoints/${RUN_NAME}}"
     # Resume from the run's own directory by default (upstream); the demo starts fresh each time
@@ -580,8 +617,10 @@ alcf_setup_params() {
     DATA_CACHE_PATH="${CKPT_DIR}/.cache/${DFL_STEM}/index-cache"
     TB_DIR="${CKPT_DIR}/tensorboard"
     DS_CONFIG="ds-configs/ds_stage${ZERO_STAGE}_mb${MICRO_BATCH}_gb${GLOBAL_BATCH}_pp${PP}_${DTYPE}.json"
+}
 
-    # Threads per process: the cores of this node shared by its processes.
+# Threads per process: the cores of this node shared by its processes.
+_alcf_threads() {
     if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
         local cores; cores="$(alcf_num_cores)"
         OMP_NUM_THREADS=$(( cores / NPROC_LOCAL ))
@@ -606,72 +645,22 @@ alcf_run_name() {
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed config
 # ----------------------------------------------------------------------------------------------
-alcf_ds_config_json() {
-    local clip; clip="$(_alcf_json_number "$CLIP_GRAD")"
-    local prof=false; [[ "${FLOPS_PROFILER:-0}" =~ ^(1|true|yes)$ ]] && prof=true
-    local comms=false; [[ "${COMMS_LOGGER}" =~ ^(1|true|yes)$ ]] && comms=true
-    printf '{\n'
-    printf '  "train_batch_size": %s,\n' "$GLOBAL_BATCH"
-    printf '  "train_micro_batch_size_per_gpu": %s,\n' "$MICRO_BATCH"
-    printf '  "gradient_clipping": %s,\n' "$clip"
-    printf '  "steps_per_print": 1,\n'
-    printf '  "gradient_accumulation_steps": %s,\n' "$GRAD_ACC_STEPS"
-    printf '  "zero_force_ds_cpu_optimizer": false,\n'
-    printf '  "zero_allow_untested_optimizer": true,\n'
-    printf '  "wall_clock_breakdown": false,\n'
-    printf '  "flops_profiler": {\n'
-    printf '    "enabled": %s,\n    "profile_step": 2,\n    "module_depth": -1,\n' "$prof"
-    printf '    "top_modules": 1,\n    "detailed": true,\n    "output_file": null\n  },\n'
-    case "$DTYPE" in
-        bf16)
-            printf '  "fp16": {\n    "enabled": false,\n    "loss_scale": 0,\n    "loss_scale_window": 1000,\n'
-            printf '    "hysteresis": 2,\n    "min_loss_scale": 1\n  },\n'
-            printf '  "bfloat16": {\n    "enabled": true\n  },\n' ;;
-        fp16)
-            printf '  "communication_data_type": "fp32",\n'  # gradients reduced in fp32 (the trainer always does)
-            printf '  "fp16": {\n    "enabled": true,\n    "loss_scale": 0,\n    "loss_scale_window": 1000,\n'
-            printf '    "hysteresis": 2,\n    "min_loss_scale": 1\n  },\n'
-            printf '  "bfloat16": {\n    "enabled": false,\n    "loss_scale": 1.0\n  },\n' ;;
-        *)
-            printf '  "communication_data_type": "fp32",\n' ;;
-    esac
-    case "$OPT" in
-        ds.onebitlamb)
-            printf '  "optimizer": {\n    "type": "OneBitLamb",\n    "params": {\n'
-            printf '      "lr": 11e-3,\n      "max_coeff": 0.3,\n      "min_coeff": 0.01,\n      "freeze_step": 1000,\n'
-            printf '      "cuda_aware": false,\n      "comm_backend_name": "%s",\n' "${BE:-gloo}"
-            printf '      "coeff_beta": 0.9,\n      "factor_max": 4.0,\n      "factor_min": 0.5,\n      "factor_threshold": 0.1\n'
-            printf '    }\n  },\n' ;;
-        ds.adamw)
-            printf '  "optimizer": {\n    "type": "AdamW",\n    "params": {\n'
-            # torch_adam: torch.optim.AdamW without an accelerator (DeepSpeed's FusedAdam is a GPU kernel)
-            local torch_adam=false; (( ACCEL_COUNT == 0 )) && torch_adam=true
-            printf '      "lr": %s,\n      "betas": [%s, %s],\n      "eps": %s,\n      "weight_decay": %s,\n      "torch_adam": %s\n' \
-                "$(_alcf_json_number "$LR")" "$(_alcf_json_number "$ADAM_BETA1")" "$(_alcf_json_number "$ADAM_BETA2")" \
-                "$(_alcf_json_number "$ADAM_EPS")" "$(_alcf_json_number "$WEIGHT_DECAY")" "$torch_adam"
-            printf '    }\n  },\n' ;;
-    esac
-    if [[ "$ZERO_STAGE" == 3 ]]; then
-        printf '  "zero_optimization": {\n    "stage": 3,\n    "zero_hpz_partition_size": %s,\n' "$ZERO_HPZ_PARTITION_SIZE"
-        printf '    "reduce_scatter": false,\n    "stage3_max_live_parameters": 3e9,\n    "stage3_max_reuse_distance": 3e9,\n'
-        printf '    "stage3_param_persistence_threshold": 1e5,\n    "stage3_prefetch_bucket_size": 5e7,\n'
-        printf '    "contiguous_gradients": true,\n    "overlap_comm": true,\n    "reduce_bucket_size": 90000000,\n'
-        printf '    "sub_group_size": 1e9,\n    "offload_optimizer": {\n      "device": "none",\n      "buffer_count": 4,\n'
-        printf '      "pipeline_read": false,\n      "pipeline_write": false,\n      "pin_memory": true\n    }\n  }\n'
-    else
-        if [[ "$ZERO_STAGE" =~ ^[12]$ && -n "${CPU_OPTIMIZER:-}" ]]; then
-            printf '  "zero_optimization": {\n    "stage": %s,\n    "offload_optimizer": {\n      "device": "cpu"\n    }\n  },\n' "$ZERO_STAGE"
-        else
-            printf '  "zero_optimization": {\n    "stage": %s\n  },\n' "$ZERO_STAGE"
-        fi
-        if [[ "$PP" != 1 ]]; then
-            printf '  "data_types": {\n    "grad_accum_dtype": "fp32"\n  },\n'
-            printf '  "comms_logger": {\n    "enabled": true,\n    "verbose": false,\n    "prof_all": true,\n    "debug": false\n  }\n'
-        else
-            printf '  "comms_logger": {\n    "enabled": %s,\n    "verbose": false,\n    "debug": false\n  }\n' "$comms"
-        fi
-    fi
-    printf '}\n'
+# megatron/deepspeed_config.py builds it (launch_config) from the launcher's trainer flags (TRAIN_ARGS;
+# the user's own arguments are the trainer's to apply) and what only the launcher knows; it imports no
+# torch, so any python >= 3.10 runs it, before the environment is set up (DRY_RUN).
+# alcf_ds_config [--write PATH]: the JSON on stdout, or written to PATH.
+alcf_ds_config() {
+    local -a opts=(--gradient-accumulation-steps "$GRAD_ACC_STEPS" --accelerators "$ACCEL_COUNT"
+        --zero-hpz-partition-size "$ZERO_HPZ_PARTITION_SIZE")
+    [[ "${COMMS_LOGGER}" =~ ^(1|true|yes)$ ]] && opts+=(--comms-logger)
+    [[ "${FLOPS_PROFILER:-0}" =~ ^(1|true|yes)$ ]] && opts+=(--flops-profiler)
+    [[ -n "${CPU_OPTIMIZER:-}" ]] && opts+=(--cpu-optimizer)
+    local py; py="$(_alcf_expected_python)"
+    [[ -x "$py" ]] || command -v "$py" >/dev/null 2>&1 || py=python3
+    # the repository first on sys.path (as for pretrain_gpt.py): a megatron/ in WORKING_DIR must not win
+    "$py" -c 'import sys; sys.path.insert(0, sys.argv[1]); from megatron.deepspeed_config import main; sys.exit(main(sys.argv[2:]))' \
+        "$ALCF_REPO_DIR" "$@" "${opts[@]}" "${TRAIN_ARGS[@]}" \
+        || { printf 'ERROR: %s could not build the DeepSpeed config (megatron/deepspeed_config.py, see above); it needs Python >= 3.10: activate your environment or set PYTHON\n' "$py" >&2; return 1; }
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -929,7 +918,7 @@ alcf_main() {
         (( DEMO )) && printf '# demo data list: %s (built by tools/build_demo_data.py on a real run)\n' "$DATA_FILE_LIST"
         printf '# run name: %s\n' "$RUN_NAME"
         printf '# DeepSpeed config %s:\n' "$DS_CONFIG"
-        alcf_ds_config_json
+        alcf_ds_config || return 1
         printf '# environment: %s\n' "${LAUNCH_ENV[*]}"
         printf '# command:\n'
         alcf_print_command
@@ -964,7 +953,7 @@ alcf_main() {
     OUTPUT_LOG="${LOG_DIR}/output.log"
     mkdir -p "$(dirname "$DS_CONFIG")" "$CKPT_DIR" "$LOG_DIR" "$DATA_CACHE_PATH" "$TB_DIR" \
         || { printf 'ERROR: could not create the run directories under %s\n' "$WORKING_DIR" >&2; return 1; }
-    alcf_ds_config_json > "${DS_CONFIG}.tmp.$$" && mv -f "${DS_CONFIG}.tmp.$$" "$DS_CONFIG"
+    alcf_ds_config --write "$DS_CONFIG" || return 1
     printenv | grep -v '^LS_COLORS=' > "${CKPT_DIR}/.env"
     printf '%s\n' "${WORKING_DIR}/${OUTPUT_LOG}" >> logs/latest
 

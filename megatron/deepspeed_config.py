@@ -1,12 +1,24 @@
-"""The DeepSpeed config of a run: the launcher's JSON (if any) with the batch, ZeRO, precision and
-clipping fields taken from the validated arguments, and ZeRO's buckets sized by the model."""
+"""The DeepSpeed config of a run, built here only.
+
+* `launch_config`: the JSON file train_alcf.sh writes (`ds-configs/ds_stage{Z}_mb{MB}_gb{GB}_pp{PP}_{DTYPE}.json`)
+  from the launcher's trainer flags, through this module's command line (no torch import: it runs before
+  any Python environment is set up, e.g. under DRY_RUN=1):
+
+      python -m megatron.deepspeed_config [--write PATH] [launcher options] <the launcher's trainer flags>
+
+* `build_ds_config`: what the trainer gives DeepSpeed: that file (or the user's own --deepspeed_config,
+  or nothing) with the batch, ZeRO, precision and clipping fields taken from the validated arguments,
+  and ZeRO's buckets sized by the model.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
+import sys
 
-from megatron.fp16 import fp16_block
-from megatron.observability.profiling import flops_profiler_config
+from megatron.fp16 import DS_DEFAULTS, fp16_block
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +35,9 @@ def zero_bucket_sizes(args) -> dict:
     ZeRO-3 3.32 -> 2.24 GiB per rank."""
     from megatron.resilience.preflight import parameters_per_rank  # noqa: PLC0415
 
-    if not getattr(args, "hidden_size", None):  # a partial namespace (unit tests of other keys): nothing to size by
+    if not args.hidden_size:  # no model shape (unit tests of other keys): nothing to size by
         return {}
-    vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None) or 0
+    vocab = args.padded_vocab_size or args.vocab_size or 0
     bucket = int(min(MAX_BUCKET, max(MIN_BUCKET, parameters_per_rank(args, vocab) // 8))) // 2 * 2  # even (DeepSpeed)
     return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
 
@@ -54,9 +66,9 @@ def build_ds_config(args) -> dict:
         zero.setdefault("contiguous_gradients", False)
     if args.cpu_optimizer:  # --cpu-optimizer (CPU_OPTIMIZER=1 writes the same into the launcher's config)
         zero.setdefault("offload_optimizer", {"device": "cpu"})
-    if getattr(args, "overlap_grad_reduce", None):
+    if args.overlap_grad_reduce:
         zero["overlap_comm"] = True
-    if getattr(args, "ddp_bucket_size", None):
+    if args.ddp_bucket_size:
         zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = int(args.ddp_bucket_size)
     for k, v in zero_bucket_sizes(args).items():  # by model size, where neither a flag nor the file sets them
         zero.setdefault(k, v)
@@ -83,3 +95,114 @@ def build_ds_config(args) -> dict:
     if profiler:
         cfg["flops_profiler"] = profiler
     return cfg
+
+
+def flops_profiler_config(args) -> dict | None:
+    """The DeepSpeed `flops_profiler` config section for `--flops-profiler-step` (None when not asked)."""
+    step = args.flops_profiler_step
+    if step is None:
+        return None
+    # DeepSpeed profiles when its count of finished steps equals profile_step: iteration N = N - 1 finished
+    return {"enabled": True, "profile_step": int(step) - 1, "module_depth": -1, "top_modules": 3, "detailed": True,
+            "output_file": os.path.join(args.trace_dir, f"flops-profile-step{step}.txt")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The launcher's file (upstream's generateDSconfig, with its fixes: ALCF/notes/launcher.md)
+# ---------------------------------------------------------------------------------------------------------------
+def _onebitlamb_block(o: argparse.Namespace) -> dict:
+    return {"type": "OneBitLamb", "params": {
+        "lr": 11e-3, "max_coeff": 0.3, "min_coeff": 0.01, "freeze_step": 1000, "cuda_aware": False,
+        "comm_backend_name": o.distributed_backend or "gloo", "coeff_beta": 0.9, "factor_max": 4.0,
+        "factor_min": 0.5, "factor_threshold": 0.1}}
+
+
+def _adamw_block(o: argparse.Namespace) -> dict:
+    # torch_adam: torch.optim.AdamW without an accelerator (DeepSpeed's FusedAdam is a GPU kernel)
+    return {"type": "AdamW", "params": {
+        "lr": o.lr, "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_eps, "weight_decay": o.weight_decay,
+        "torch_adam": o.accelerators == 0}}
+
+
+# --optimizer names DeepSpeed builds from an "optimizer" block (megatron.arguments.DS_BLOCK_TYPES: the same names)
+OPTIMIZER_BLOCKS = {"ds.onebitlamb": _onebitlamb_block, "ds.adamw": _adamw_block}
+
+ZERO3 = {"reduce_scatter": False, "stage3_max_live_parameters": 3_000_000_000,
+         "stage3_max_reuse_distance": 3_000_000_000, "stage3_param_persistence_threshold": 100_000,
+         "stage3_prefetch_bucket_size": 50_000_000, "contiguous_gradients": True, "overlap_comm": True,
+         "reduce_bucket_size": 90_000_000, "sub_group_size": 1_000_000_000,
+         "offload_optimizer": {"device": "none", "buffer_count": 4, "pipeline_read": False, "pipeline_write": False,
+                               "pin_memory": True}}
+
+
+def launch_config(o: argparse.Namespace) -> dict:
+    """The launcher's DeepSpeed config from its trainer flags and options (`launch_parser`)."""
+    cfg = {"train_batch_size": o.global_batch_size, "train_micro_batch_size_per_gpu": o.micro_batch_size,
+           "gradient_clipping": o.clip_grad, "steps_per_print": 1,
+           "gradient_accumulation_steps": o.gradient_accumulation_steps,
+           "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True, "wall_clock_breakdown": False,
+           "flops_profiler": {"enabled": o.flops_profiler, "profile_step": 2, "module_depth": -1, "top_modules": 1,
+                              "detailed": True, "output_file": None}}
+    scaler = {k: DS_DEFAULTS[k] for k in ("loss_scale", "loss_scale_window", "hysteresis", "min_loss_scale")}
+    if o.bf16:
+        cfg["fp16"], cfg["bfloat16"] = {"enabled": False, **scaler}, {"enabled": True}
+    else:
+        cfg["communication_data_type"] = "fp32"  # gradients reduced in fp32 (the trainer always does)
+        if o.fp16:
+            cfg["fp16"], cfg["bfloat16"] = {"enabled": True, **scaler}, {"enabled": False, "loss_scale": 1.0}
+    if o.optimizer in OPTIMIZER_BLOCKS:
+        cfg["optimizer"] = OPTIMIZER_BLOCKS[o.optimizer](o)
+    if o.zero_stage == 3:
+        cfg["zero_optimization"] = {"stage": 3, "zero_hpz_partition_size": o.zero_hpz_partition_size, **ZERO3}
+        return cfg
+    cfg["zero_optimization"] = {"stage": o.zero_stage}
+    if o.zero_stage in (1, 2) and o.cpu_optimizer:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if o.pipeline_model_parallel_size != 1:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
+    else:
+        cfg["comms_logger"] = {"enabled": o.comms_logger, "verbose": False, "debug": False}
+    return cfg
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m megatron.deepspeed_config`: the trainer's own spellings of the flags the
+    file depends on (the other trainer flags are ignored), plus what only the launcher knows."""
+    p = argparse.ArgumentParser(prog="python -m megatron.deepspeed_config", allow_abbrev=False,
+                                description="Print (or --write) the DeepSpeed config train_alcf.sh launches with.")
+    p.add_argument("--write", metavar="PATH", help="write the JSON to PATH (its directory is created) instead of stdout")
+    g = p.add_argument_group("launcher options (not trainer flags)")
+    g.add_argument("--gradient-accumulation-steps", type=int, required=True, help="GRAD_ACC_STEPS")
+    g.add_argument("--accelerators", type=int, default=0, help="accelerators per node (0: ds.adamw uses torch's AdamW)")
+    g.add_argument("--zero-hpz-partition-size", type=int, default=1, help="ZERO_HPZ_PARTITION_SIZE (ZeRO-3)")
+    g.add_argument("--comms-logger", action="store_true", help="COMMS_LOGGER: DeepSpeed's comms logger (PP = 1)")
+    g.add_argument("--flops-profiler", action="store_true", help="FLOPS_PROFILER: DeepSpeed's flops profiler at step 2")
+    g = p.add_argument_group("trainer flags read (pretrain_gpt.py spellings)")
+    for flag, kind in (("--global-batch-size", int), ("--micro-batch-size", int), ("--clip-grad", float),
+                       ("--zero-stage", int), ("--optimizer", str), ("--lr", float), ("--adam-beta1", float),
+                       ("--adam-beta2", float), ("--adam-eps", float), ("--weight-decay", float),
+                       ("--pipeline-model-parallel-size", int)):
+        g.add_argument(flag, type=kind, required=True)
+    g.add_argument("--distributed-backend", default=None)
+    for flag in ("--bf16", "--fp16", "--cpu-optimizer"):
+        g.add_argument(flag, action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    o, _trainer_only = launch_parser().parse_known_args(argv)
+    text = json.dumps(launch_config(o), indent=2) + "\n"
+    if not o.write:
+        sys.stdout.write(text)
+        return 0
+    os.makedirs(os.path.dirname(o.write) or ".", exist_ok=True)
+    tmp = f"{o.write}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, o.write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

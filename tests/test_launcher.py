@@ -684,6 +684,30 @@ def test_ds_config_optimizer_blocks_are_valid_json(env):
     assert c["optimizer"]["type"] == "OneBitLamb" and c["optimizer"]["params"]["comm_backend_name"] == "gloo"
 
 
+def test_ds_config_of_the_user(env):
+    """An extra --deepspeed_config comes after the launcher's, so the trainer reads the user's file (the launcher
+    still prints and writes its own); a DS_CONFIG variable is not read (the launcher sets it, as upstream)."""
+    d = dry({**env, "DS_CONFIG": "/elsewhere/mine.json"}, ["--deepspeed_config", "my.json"])
+    ours = "ds-configs/ds_stage1_mb1_gb1_pp1_fp32.json"
+    assert [v for f, v in d.flags if f == "--deepspeed_config"] == [ours, "my.json"]
+    assert d.last("--deepspeed_config") == "my.json" and f"# DeepSpeed config {ours}:" in d.stdout
+
+
+def test_ds_config_before_any_python_environment(env, tmp_path):
+    """DRY_RUN on a fresh checkout (no venv yet): python3 builds the config (megatron/deepspeed_config.py imports
+    no torch); the command names the venv's python it will create. A python that cannot build it is named."""
+    d = dry({**env, "VENV_DIR": str(tmp_path / "venv")})
+    assert str(tmp_path / "venv" / "bin" / "python") in d.argv and d.config["train_batch_size"] == 1
+    bad = tmp_path / "oldpython"
+    bad.write_text("#!/bin/sh\necho 'SyntaxError: invalid syntax' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    p = run({**env, "VIRTUAL_ENV": str(tmp_path), "PYTHON": str(bad)})
+    assert p.returncode == 1 and "# command:" not in p.stdout
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"ERROR: {bad} could not build the DeepSpeed config (megatron/deepspeed_config.py, see above); it needs "
+        "Python >= 3.10: activate your environment or set PYTHON")
+
+
 # ------------------------------------------------------------------------------------------------
 # demo mode and the tokenizer next to the list
 # ------------------------------------------------------------------------------------------------

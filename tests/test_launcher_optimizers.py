@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 
 import pytest
@@ -21,20 +20,12 @@ from distributed import make_dataset
 from test_launcher import ROOT, SCRIPT, base_env, dry, env, wd  # noqa: F401  (fixtures)
 
 from megatron.arguments import DS_BLOCK_TYPES, ArgumentError, parse_args
+from megatron.deepspeed_config import OPTIMIZER_BLOCKS
 from megatron.optimizer import optimizer_names
 
 
-def launcher_block_names() -> set[str]:
-    """OPT values of the `case "$OPT" in` of alcf_ds_config_json (ALCF/helpers.sh)."""
-    src = (ROOT / "ALCF" / "helpers.sh").read_text()
-    body = src[src.index("alcf_ds_config_json()"):]
-    case = body[body.index('case "$OPT" in'):]
-    case = case[:case.index("\n    esac")]
-    return set(re.findall(r"^        ([A-Za-z0-9_.|-]+)\)", case, re.M))
-
-
 def test_launcher_blocks_are_the_registry_deepspeed_names(env):  # noqa: F811
-    names = launcher_block_names()
+    names = set(OPTIMIZER_BLOCKS)  # the OPT values the launcher's config (megatron/deepspeed_config.py) has a block for
     assert names == set(DS_BLOCK_TYPES) and names <= set(optimizer_names())
     for name in names:
         block = dry({**env, "OPT": name}).config["optimizer"]

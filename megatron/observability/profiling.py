@@ -72,12 +72,3 @@ class Profiler:
         self.prof = None
         print(f"> torch profiler ({self.mode}): iterations {self.first}-{self.last} -> {self.path}", flush=True)
 
-
-def flops_profiler_config(args) -> dict | None:
-    """The DeepSpeed `flops_profiler` config section for `--flops-profiler-step` (None when not asked)."""
-    step = args.flops_profiler_step
-    if step is None:
-        return None
-    # DeepSpeed profiles when its count of finished steps equals profile_step: iteration N = N - 1 finished
-    return {"enabled": True, "profile_step": int(step) - 1, "module_depth": -1, "top_modules": 3, "detailed": True,
-            "output_file": os.path.join(args.trace_dir, f"flops-profile-step{step}.txt")}
