@@ -120,10 +120,12 @@ def test_timers_block_and_summary_table(run):
         m = re.search(rf"    {name} \.+: \(([\d.]+), ([\d.]+)\)", blocks[0])
         assert m and 0 <= float(m.group(1)) <= float(m.group(2)), name
     summary = stdout[stdout.index("| run summary"):]
-    for label in ("iterations", "tokens", "time", "mean tokens/s", "mean TFLOPS/device", "MFU", "final train loss",
+    for label in ("iterations", "tokens", "time", "mean tokens/s", "mean TFLOPS/device", "model compute", "MFU",
+                  "final train loss",
                   "final val loss (PPL)", "checkpoint", "tensorboard", "metrics"):
         assert re.search(rf"^\| {re.escape(label)} +\| ", summary, re.M), label
     assert f"{ITERS * GBS * SEQ:,}" in summary and "global_step6" in summary
+    assert f"| model compute        | {ITERS * FLOPS_PER_ITER / 1e12:.4g} TFLOP ({ITERS} iterations x 0.1762 GFLOP)" in summary
 
 
 def tb_scalars(out: str) -> dict[str, list[tuple[int, float]]]:
@@ -329,6 +331,33 @@ def test_metrics_file_replaced_by_a_fresh_run_and_appended_on_resume(tmp_path):
     assert path.read_text().count("\n") == 1
     TrainLogger.create(args, resumed=False).metrics.close()
     assert path.read_text() == ""
+
+
+def test_summary_prints_the_model_compute_of_the_iterations_trained(tmp_path):
+    """The summary's `model compute` row (also in metrics.jsonl's summary record) = the Megatron-LM formula
+    times the iterations this run trained, against values worked out by hand for the 7M demo shape."""
+    import argparse
+
+    from megatron.observability.training_log import TrainLogger
+
+    path = tmp_path / "metrics.jsonl"
+    args = argparse.Namespace(rank=0, world_size=1, tensorboard_dir=None, metrics_file=str(path), peak_tflops=1.0,
+                              device_type="cpu", params_dtype="fp32", timing_log_level=0, timing_log_option="minmax",
+                              wandb_project=None, global_batch_size=4, seq_length=256, num_layers=4, hidden_size=256,
+                              ffn_hidden_size=704, padded_vocab_size=8192, swiglu=True, num_attention_heads=4,
+                              num_key_value_heads=2)
+    # 12*4*256*4*256^2 * (1 + (704/256)*1.5 + 2/4 + 256/256 + 8192/(2*4*256)) = 3,221,225,472 * 10.625
+    per_iteration = 34_225_520_640
+    for trained, want in ((400, "13.69 TFLOP (400 iterations x 34.23 GFLOP)"),  # 13,690,208,256,000 FLOPs
+                          (150, "5.134 TFLOP (150 iterations x 34.23 GFLOP)")):  # a resumed run: its own iterations
+        logger = TrainLogger.create(args)
+        logger.totals.iterations, logger.totals.train_seconds = trained, 10.0
+        rows = dict(logger.summary_rows(400, 400 * 4 * 256, None))
+        assert rows["model compute"] == want
+        assert float(rows["mean TFLOPS/device"]) == pytest.approx(per_iteration * trained / 10.0 / 1e12, rel=1e-3)
+        logger.finish(400, 400 * 4 * 256, None)
+        (record,) = [json.loads(line) for line in path.read_text().splitlines() if "summary" in line]
+        assert record["summary"]["model compute"] == want
 
 
 # ----------------------------------------------------------------------------- TensorBoard flags, one each

@@ -354,7 +354,8 @@ class TrainLogger:
         run_tokens = consumed_tokens - (t.start_tokens if t.start_tokens is not None else consumed_tokens)
         wall = time.perf_counter() - t.start_wall
         tok_s = run_tokens / t.train_seconds if t.train_seconds > 0 else float("nan")
-        tflops = (flops_per_iteration(a) * t.iterations / t.train_seconds / 1e12 / a.world_size
+        per_iteration = flops_per_iteration(a)
+        tflops = (per_iteration * t.iterations / t.train_seconds / 1e12 / a.world_size
                   if t.train_seconds > 0 else float("nan"))
         mfu = self.peak.mfu(tflops) if self.peak else float("nan")
         val = t.last_val_loss
@@ -366,6 +367,8 @@ class TrainLogger:
                      f"{_human_seconds(t.excluded.get('save-checkpoint', 0.0))} checkpoints"),
             ("mean tokens/s", f"{tok_s:,.1f} ({tok_s / a.world_size:,.1f} per device)"),
             ("mean TFLOPS/device", _fmt_tflops(tflops)),
+            ("model compute", f"{per_iteration * t.iterations / 1e12:.4g} TFLOP ({t.iterations} iterations x "
+                              f"{per_iteration / 1e9:.4g} GFLOP)"),
             ("MFU", f"{mfu * 100:.2f}% of {self.peak.tflops:.4g} TFLOPS ({self.peak.source})" if self.peak else "n/a"),
             ("final train loss", f"{t.last_loss:.4f}" if t.last_loss is not None else "n/a"),
             ("final val loss (PPL)", f"{val:.4f} ({math.exp(min(20.0, val)):.2f})" if val is not None else "n/a"),
