@@ -848,10 +848,13 @@ def test_missing_hostfile_is_an_error(env, tmp_path):
 
 
 def test_dry_run_is_fast_and_writes_nothing(tmp_path):
+    """DRY_RUN sets up no environment (no venv, no pip: minutes) and writes nothing. The bound is far
+    above the ~0.5 s it takes, so a loaded machine cannot miss it; that the DeepSpeed config it prints
+    imports no torch is tests/test_deepspeed_config.py's."""
     import time
     t = time.perf_counter()
     p = run(base_env(WORKING_DIR=tmp_path))
-    assert p.returncode == 0 and time.perf_counter() - t < 2.0
+    assert p.returncode == 0 and time.perf_counter() - t < 30.0
     assert list(tmp_path.iterdir()) == []
 
 
