@@ -28,8 +28,11 @@ def test_reduced_soak_kill_term_and_damaged_checkpoint_match_uninterrupted_run(t
     assert (s2.signalled, s2.resumed_from_fallback, s2.stop) == (None, True, 120)
     assert s2.start == (s1.stop - 1) // 10 * 10
     assert r.iterations_compared == 120
+    # Re-run iterations are compared too. How many there are depends on where the signals land (a
+    # loaded machine logs a few iterations past the target before the signal arrives, and a SIGKILL
+    # right after a periodic save re-runs nothing); the fallback always re-runs at least one.
     reruns = (s0.stop - s1.start) + (s1.stop - s2.start)
-    assert reruns >= 6 and r.values_compared == 120 + reruns  # the re-run iterations were compared too
+    assert reruns >= 1 and r.values_compared == 120 + reruns
     assert r.iterations_differing == 0 and r.max_abs_diff == 0.0
     assert r.interrupted_final_loss == r.reference_final_loss < 6.0  # it learned (initial loss ~6.2)
     assert r.ok
