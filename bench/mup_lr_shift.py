@@ -145,8 +145,9 @@ def train_one(spec: RunSpec) -> RunResult:
 
     torch.manual_seed(spec.seed)
     model = GPTModel(model_config(args))
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, Config.from_args(args))
+    config = Config.from_args(args)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses: list[float] = []

@@ -199,6 +199,7 @@ def plain_kernels(step) -> None:
 def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str,
             peak_every: int = 2, profile: bool = False, plain: bool = False) -> dict:
     """Interleaved ours vs hf for one dtype; returns the measured numbers."""
+    from megatron.config import Config
     from megatron.observability.mfu import flops_per_iteration
 
     iters = (warmup + rounds) * (2 if plain else 1) + 6  # "plain" steps draw from our data iterator too; + profiled steps
@@ -224,7 +225,7 @@ def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: 
     data_wait = ours.timers.elapsed("batch-generator")
     a = ours.args
     tokens = a.global_batch_size * a.seq_length
-    flops = flops_per_iteration(a)
+    flops = flops_per_iteration(Config.from_args(a))
     peak = median(peaks)
     t_ours, t_hf = bench.median("ours"), bench.median("hf")
     first_loss = (float(ours.losses[0]), float(hf.losses[0]))
@@ -234,7 +235,7 @@ def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: 
         peak_now = matmul_peak_tflops(dtype, seconds=0.2)  # under the profiled steps' load
         for name, prof in profiles.items():
             # the model's FLOPs over the time in matmul ops: how close the matmuls themselves run to the peak
-            prof["matmul_rate_of_peak"] = (flops_per_iteration(ours.args) / (prof["matmul_share"] * prof["step_ms"] / 1e3)
+            prof["matmul_rate_of_peak"] = (flops / (prof["matmul_share"] * prof["step_ms"] / 1e3)
                                            / 1e12 / peak_now)
             print_profile(f"{name} {dtype}", prof)
     return {

@@ -25,7 +25,7 @@ from megatron.fp16 import add_arguments as fp16_arguments, fp16_problems
 from megatron.optimizer import optimizer_help, optimizer_names, optimizer_problems
 from megatron.schedules import LR_SCHEDULES, build_schedule_spec
 from megatron.lr_finder import configure_lr_finder
-from megatron.core.parallel_config import finalize_parallel_args, parallel_problems
+from megatron.core.parallel_config import derived_parallel_fields, parallel_problems
 from megatron.core.pipeline_schedule import pipeline_problems
 from megatron.core.sequence_parallel import ulysses_problems
 from megatron.launch_env import world_size_from_env
@@ -453,7 +453,8 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     """Every configuration problem, as one line each naming the fix: the config's own checks
     (megatron/config/, each section's next to its fields), then those that need the file system, the
     world size or another package's knowledge."""
-    errs = Config.from_args(args).validate()
+    config = Config.from_args(args)
+    errs = config.validate()
     from megatron.data.gpt_dataset import get_split_bounds  # noqa: PLC0415
     try:
         get_split_bounds(args.split, 1)
@@ -475,11 +476,11 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
                         f"data-parallel size = {args.micro_batch_size} x {dp}; set GLOBAL_BATCH accordingly or "
                         "change MICRO_BATCH")
 
-    errs.extend(optimizer_problems(args))  # missing package, unsupported ZeRO stage (megatron/optimizer)
+    errs.extend(optimizer_problems(config))  # missing package, unsupported ZeRO stage (megatron/optimizer)
     errs.extend(ds_optimizer_block_problems(args))  # a DeepSpeed config "optimizer" block DeepSpeed would ignore
-    errs.extend(parallel_problems(args))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
-    errs.extend(pipeline_problems(args))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/core/pipeline_schedule.py)
-    errs.extend(ulysses_problems(args))  # Ulysses SP: heads / seq divisible by SP (megatron/core/sequence_parallel.py)
+    errs.extend(parallel_problems(config))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
+    errs.extend(pipeline_problems(config))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/core/pipeline_schedule.py)
+    errs.extend(ulysses_problems(config))  # Ulysses SP: heads / seq divisible by SP (megatron/core/sequence_parallel.py)
     errs.extend(fp16_problems(args, args.zero_stage))  # loss-scaling flags and the fp16 block (megatron/fp16.py)
 
     for dest, message in REFUSED_FLAGS.items():  # upstream flags whose promise cannot be kept here
@@ -554,7 +555,7 @@ def auto_compile(args: argparse.Namespace) -> tuple[bool, str]:
         why_not.append("a setting --compile does not support")
     if why_not:
         return False, f"off (automatic: {', '.join(why_not)}; --compile to ask for it)"
-    tflop = flops_per_iteration(args) * args.train_iters / 1e12
+    tflop = flops_per_iteration(Config.from_args(args)) * args.train_iters / 1e12
     if tflop < AUTO_COMPILE_MIN_TFLOP:
         return False, (f"off (automatic: the run's model compute {tflop:.3g} TFLOP < {AUTO_COMPILE_MIN_TFLOP:g}, "
                        "too short to pay for compiling; --compile to force it)")
@@ -720,7 +721,8 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64) if args.swiglu else 4 * args.hidden_size
     args.use_flash_attn = any(vars(args)[f] for f in FLASH_ATTN_FLAGS)
-    finalize_parallel_args(args)  # sequence parallel off at TP=1; recompute granularity / chunk
+    # sequence parallel off at TP=1; recompute granularity / chunk
+    vars(args).update(derived_parallel_fields(Config.from_args(args)))
     if args.weight_decay_incr_style == "constant":
         args.start_weight_decay = args.end_weight_decay = args.weight_decay
     elif args.start_weight_decay is None or args.end_weight_decay is None:

@@ -137,7 +137,8 @@ class StepRunner:
 
     def __init__(self, engine, args, eod, device):
         self.engine, self.args, self.eod, self.device = engine, args, eod, device
-        self.increment = scheduler_increment(Config.from_args(args))  # LR-schedule units per iteration
+        self.config = Config.from_args(args)
+        self.increment = scheduler_increment(self.config)  # LR-schedule units per iteration
 
     def train(self, data_iter, iteration: int = 0, timers: Timers | None = None, seen: list | None = None,
               guard: NumericsGuard | None = None) -> torch.Tensor:
@@ -209,7 +210,7 @@ class PipelineRunner(StepRunner):
 
     def evaluate(self, valid_dataset) -> float:
         loader = build_loader(valid_dataset, self.args, consumed_samples=0, workers=False)
-        return pipeline.evaluate(self.engine, loader, self.args, self._sample)
+        return pipeline.evaluate(self.engine, loader, self.config.training, self.config.runtime, self._sample)
 
 
 def step_runner(engine, args, eod, device) -> StepRunner:
@@ -262,8 +263,9 @@ def setup_model_and_optimizer(args, before_engine=None):
         args.compile_reason = "on (--compile)" if args.compile else "off (--no-compile)"
     if args.rank == 0:
         print(f"> torch.compile: {args.compile_reason}", flush=True)
+    config = Config.from_args(args)  # the arguments are final here
     if args.pipeline_model_parallel_size > 1:  # this rank's stage, cut from the same GPTModel
-        return pipeline.setup_pipeline_engine(args, model_config(args), build_ds_config(args),
+        return pipeline.setup_pipeline_engine(config, model_config(args), build_ds_config(args),
                                               lambda optimizer: build_lr_scheduler(optimizer, args), before_engine)
     model = GPTModel(model_config(args))
     if before_engine is not None:
@@ -273,7 +275,7 @@ def setup_model_and_optimizer(args, before_engine=None):
         model.compile()
     # the optimizer is a client one or DeepSpeed's own (e.g. its ZeRO Muon): megatron/optimizer decides
     # mpu: ZeRO works over the data-parallel group, clipping and checkpoints know the TP ranks
-    kwargs = deepspeed_initialize_kwargs(model, args, build_ds_config(args),
+    kwargs = deepspeed_initialize_kwargs(model, config, build_ds_config(args),
                                          lambda optimizer: build_lr_scheduler(optimizer, args))
     # saved with checkpoints: a ZeRO stage 0 checkpoint's optimizer state is indexed by position only
     names = {id(p): n for n, p in model.named_parameters()}
@@ -311,7 +313,7 @@ def pretrain(args) -> dict:
     model, engine = setup_model_and_optimizer(args)
     device = engine.device
     # the resolved configuration, each value's source, and warnings for suspicious settings
-    print_config(args, model.config.num_parameters())  # whole model (a TP rank holds 1/TP of the matrices)
+    print_config(Config.from_args(args), model.config.num_parameters())  # whole model (a TP rank holds 1/TP of the matrices)
 
     state = checkpointing.load_checkpoint(engine, args)
     summary = train(args, engine, train_ds, valid_ds, tokenizer.eod, device, state)
@@ -328,14 +330,15 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     # the loader's worker processes are forked here, before the logger starts its threads (forking a
     # process that runs other Python threads can deadlock the child: see data/loading.py)
     batches_in = None if args.skip_train else iter(build_loader(train_ds, args, samples, args.dataloader_type))
-    logger = TrainLogger.create(args, corpus_names=getattr(train_ds, "corpus_names", None), resumed=iteration > 0,
+    config = Config.from_args(args)  # the arguments are final here
+    logger = TrainLogger.create(config, corpus_names=getattr(train_ds, "corpus_names", None), resumed=iteration > 0,
                                 skipped_steps=int(getattr(engine, "skipped_steps", 0) or 0))
     timers = logger.timers
-    profiler = Profiler.create(args)  # --profile pt|pt-full over --profile_steps
+    profiler = Profiler.create(config.logging, config.runtime)  # --profile pt|pt-full over --profile_steps
     exits = ExitConditions(args)
-    guard = NumericsGuard.create(args)  # NaN/Inf loss or grads -> step skipped; --max-skipped-iterations; spikes
+    guard = NumericsGuard.create(config)  # NaN/Inf loss or grads -> step skipped; --max-skipped-iterations; spikes
     summary = {"start_iteration": iteration, "initial_val_loss": None, "final_val_loss": None, "checkpoint": None}
-    hooks = OptimizerHooks(engine, args)  # schedule-free eval weights, Sophia Hessian, MuonClip
+    hooks = OptimizerHooks(engine, config.runtime)  # schedule-free eval weights, Sophia Hessian, MuonClip
     runner = step_runner(engine, args, eod, device)  # one iteration, with or without pipeline parallelism
     finder = active_lr_finder(engine)  # --lr-finder: the LR range test is the engine's scheduler
 

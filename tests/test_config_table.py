@@ -5,13 +5,14 @@ import pytest
 
 from distributed import TINY_MODEL
 from megatron.arguments import build_parser, parse_args
+from megatron.config import Config
 from megatron.observability.config_table import config_rows, config_warnings, format_table, source_of
 
 
-def args_for(extra: list[str], env: dict | None = None):
+def args_for(extra: list[str], env: dict | None = None) -> Config:
     a = parse_args(TINY_MODEL + ["--data-path", "x", "--lr", "0.003"] + extra, env=env or {})
     a.padded_vocab_size, a.vocab_size_orig = 512, 500
-    return a
+    return Config.from_args(a)
 
 
 def rows_by_name(a, env) -> dict:
@@ -81,9 +82,9 @@ def test_single_replica_zero_stage(extra, env, stage, tmp_path):
     (tmp_path / "plain.json").write_text('{"zero_optimization": {"stage": 1}}')
     extra = [x.replace("{ckpt}", str(tmp_path)) for x in extra]
     a = args_for(["--micro-batch-size", "4", "--train-iters", "10", *extra], env=env)
-    assert a.zero_stage == stage
+    assert a.parallel.zero_stage == stage
     row = rows_by_name(a, env)["ZeRO stage"]
     if stage == 0:
-        assert a.zero_stage_requested in (1, 2) and row.value.startswith("0 (asked ")
+        assert a.runtime.zero_stage_requested in (1, 2) and row.value.startswith("0 (asked ")
     else:
-        assert a.zero_stage_requested is None and row.value == str(stage)
+        assert a.runtime.zero_stage_requested is None and row.value == str(stage)

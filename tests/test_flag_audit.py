@@ -608,7 +608,7 @@ def test_dshampoo_flags_reach_distributed_shampoo(monkeypatch):
                  "--dshampooadamw-precondition-freq", "7", "--dshampooadamw-use-decoupled-weight-decay", "false",
                  "--dshampooadamw-eps", "1e-9")
     args.optimizer = "dshampooadamw"
-    build_optimizer(torch.nn.Linear(4, 4), args)
+    build_optimizer(torch.nn.Linear(4, 4), Config.from_args(args))
     assert (got["max_preconditioner_dim"], got["precondition_frequency"], got["use_decoupled_weight_decay"],
             got["epsilon"]) == (64, 7, False, 1e-9)
 
@@ -618,8 +618,8 @@ def test_schedulefree_for_each():
     from megatron.optimizer import build_optimizer
 
     for flag, want in (((), False), (("--schedulefree-for-each",), True)):
-        opt = build_optimizer(torch.nn.Linear(4, 4), _args("--optimizer", "adamwschedulefree", "--zero-stage", "0",
-                                                           *flag))
+        args = _args("--optimizer", "adamwschedulefree", "--zero-stage", "0", *flag)
+        opt = build_optimizer(torch.nn.Linear(4, 4), Config.from_args(args))
         assert all(g["foreach"] is want for g in opt.param_groups)
 
 

@@ -1,11 +1,10 @@
 """megatron/observability/mfu.py: the Megatron FLOPs formula, the peak table, the matmul benchmark, MFU."""
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
+from megatron.config import Config, default_args
 from megatron.observability.mfu import PeakFlops, flops_per_iteration, measure_matmul_tflops, resolve_peak, table_peak
 
 
@@ -13,7 +12,7 @@ def cfg(**kw):
     base = dict(global_batch_size=1, seq_length=4096, num_layers=32, hidden_size=4096, ffn_hidden_size=11008,
                 padded_vocab_size=32000, swiglu=True, num_key_value_heads=8, num_attention_heads=32)
     base.update(kw)
-    return types.SimpleNamespace(**base)
+    return Config.from_args(default_args(**base))
 
 
 def test_flops_formula_against_hand_computed_values():

@@ -42,6 +42,7 @@ import pytest
 import torch
 from distributed import ROOT, TINY_MODEL, spawn_workers
 
+from megatron.config import Config
 from megatron.optimizer import optimizer_names
 
 STAGES = (0, 1, 2, 3)
@@ -92,7 +93,7 @@ def reference(args, model, rows: list[torch.Tensor], dtype: torch.dtype | None =
     lp = copy.deepcopy(model).to(dtype) if dtype is not None else None
     master = copy.deepcopy(lp if lp is not None else model).float()  # masters start from the rounded weights
     lp = master if lp is None else lp
-    opt = build_optimizer(master, args)  # the cell's optimizer, on real tensors
+    opt = build_optimizer(master, Config.from_args(args))  # the cell's optimizer, on real tensors
     if isinstance(opt, DeepSpeedOptimizer):  # ds.adamw: DeepSpeed builds torch's AdamW from the block (torch_adam)
         params = opt.config["params"]
         opt = torch.optim.AdamW(opt.param_groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
@@ -167,7 +168,7 @@ def run_cell(name: str, zero: int, precision: str, rank: int, rows: list[torch.T
     initial = {}
     model, engine = training.setup_model_and_optimizer(
         args, before_engine=lambda m: initial.setdefault("model", copy.deepcopy(m)))
-    hooks = OptimizerHooks(engine, args)
+    hooks = OptimizerHooks(engine, Config.from_args(args).runtime)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     losses, norm, clips, scales, skipped = [], None, [], [], []
     engine.train()

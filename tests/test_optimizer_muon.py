@@ -3,7 +3,6 @@ QK-clip. Under ZeRO, the same Muon on 2 gloo ranks is held to the single-process
 tests/test_optimizer_matrix.py."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -13,7 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from megatron.config import default_args  # noqa: E402
+from megatron.config import Config, default_args  # noqa: E402
 from megatron.model import GPTConfig, GPTModel  # noqa: E402
 from megatron.optimizer import build_optimizer  # noqa: E402
 from megatron.optimizer.muon import (  # noqa: E402
@@ -31,13 +30,13 @@ LR, WD, STEPS = 2e-3, 0.0, 10
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_args(**kw) -> argparse.Namespace:
+def make_config(**kw) -> Config:
     base = dict(optimizer="muon", lr=LR, weight_decay=WD, zero_stage=0, bf16=False, clip_grad=0.0,
                 muon_momentum=0.95, muon_nesterov=True, muon_ns_steps=5, muonadamw_beta1=0.9,
                 muonadamw_beta2=0.999, muonadamw_eps=1e-8, muonclip_t=100.0, muonclip_alpha=0.5,
                 adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
     base.update(kw)
-    return default_args(**base)
+    return Config.from_args(default_args(**base))
 
 
 def tiny_model(seed: int = 0) -> GPTModel:
@@ -115,7 +114,7 @@ def test_every_stage_and_precision_builds_our_muon_with_one_muon_group():
     for zero in (0, 1, 2, 3):
         for bf16 in (False, True):
             model = tiny_model()
-            opt = build_optimizer(model, make_args(zero_stage=zero, bf16=bf16))
+            opt = build_optimizer(model, make_config(zero_stage=zero, bf16=bf16))
             assert type(opt) is Muon and opt.ns_dtype == (torch.bfloat16 if bf16 else torch.float32)
             assert [(g["name"], g["muon"]) for g in opt.param_groups] == [
                 ("muon", True), ("adamw_decay", False), ("adamw_no_decay", False)]
@@ -128,10 +127,10 @@ def test_every_stage_and_precision_builds_our_muon_with_one_muon_group():
 def test_flags_and_refusals():
     from megatron.optimizer import optimizer_problems
 
-    assert optimizer_problems(make_args(zero_stage=3)) == []
-    assert optimizer_problems(make_args(zero_stage=1, muon_ns_steps=6, muon_nesterov=False)) == []
-    assert optimizer_problems(make_args(optimizer="muonclip", zero_stage=1)) == []
-    errs = optimizer_problems(make_args(optimizer="muonclip", zero_stage=3))
+    assert optimizer_problems(make_config(zero_stage=3)) == []
+    assert optimizer_problems(make_config(zero_stage=1, muon_ns_steps=6, muon_nesterov=False)) == []
+    assert optimizer_problems(make_config(optimizer="muonclip", zero_stage=1)) == []
+    errs = optimizer_problems(make_config(optimizer="muonclip", zero_stage=3))
     assert errs == ["--optimizer muonclip rescales rows of the model's whole QKV weights after the step, which "
                     "ZeRO-3 keeps partitioned: use --zero-stage 1 or 2 (or --optimizer muon at ZeRO-3)"]
 
@@ -177,7 +176,7 @@ def test_ns_steps_and_nesterov_flags_reach_the_update():
     """--muon-ns-steps and --muon-nesterov (muon_ns_steps, muon_nesterov) set the groups and change the step."""
     def two_updates(**kw):
         model = tiny_model()
-        opt = build_optimizer(model, make_args(**kw))
+        opt = build_optimizer(model, make_config(**kw))
         qkv = model.language_model.encoder.layers[0].self_attention.query_key_value.weight
         before = qkv.detach().clone()
         for tokens in batches(2):  # two steps: from zero momentum, Nesterov's first direction is the plain one

@@ -24,6 +24,7 @@ import torch
 from test_optimizer_muon import batches, loss_of, tiny_model
 
 from megatron.arguments import parse_args
+from megatron.config import Config
 from megatron.optimizer import build_optimizer
 from megatron.optimizer.lamb import LAMB
 
@@ -69,7 +70,7 @@ def pair(name: str, *extra: str):
     args = flags(name, *extra)
     model = tiny_model()
     ref_model = copy.deepcopy(model)
-    return args, model, build_optimizer(model, args), ref_model
+    return args, model, build_optimizer(model, Config.from_args(args)), ref_model
 
 
 @pytest.mark.parametrize("name,lr", [("adamw", 3e-3), ("adam", 3e-3), ("sgd", 0.2)])

@@ -13,6 +13,7 @@ from test_optimizer_muon import batches, loss_of, tiny_model
 
 import megatron.optimizer as registry
 from megatron.arguments import ArgumentError, build_parser, parse_args
+from megatron.config import Config
 from megatron.optimizer import (
     OptimizerHooks,
     build_optimizer,
@@ -119,19 +120,20 @@ def test_every_name_steps_or_is_refused_at_startup(name, caplog, monkeypatch):
         assert str(e.value).splitlines() == row["error"]
         return
     monkeypatch.setattr(registry, "_warned", set())  # warn_once remembers across tests
-    args = parse_args(argv + ["--sophiag-hessian-interval", "1"])
+    config = Config.from_args(parse_args(argv + ["--sophiag-hessian-interval", "1"]))
     model = tiny_model()
     if "ds_block" in row:
-        built = build_optimizer(model, args)
+        built = build_optimizer(model, config)
         assert isinstance(built, registry.DeepSpeedOptimizer) and built.config["type"] == row["ds_block"]
-        assert [p for g in built.param_groups for p in g["params"]] and built.config["params"]["lr"] == args.lr
+        assert [p for g in built.param_groups for p in g["params"]]
+        assert built.config["params"]["lr"] == config.schedule.lr
         return
     with caplog.at_level(logging.WARNING, logger="megatron.optimizer"):
-        opt = build_optimizer(model, args)
-        build_optimizer(tiny_model(), args)  # a second build does not warn again
+        opt = build_optimizer(model, config)
+        build_optimizer(tiny_model(), config)  # a second build does not warn again
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == ([row["warns"]] if row["warns"] else [])
-    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), args)
+    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), config.runtime)
     tokens = batches(1)[0]
     losses = []
     for iteration in (1, 2, 3):
@@ -149,10 +151,11 @@ def test_every_name_steps_or_is_refused_at_startup(name, caplog, monkeypatch):
 
 
 def test_schedulefree_hook_switches_to_averaged_weights_and_back():
-    args = parse_args(BASE + ["--optimizer", "adamwschedulefree", "--zero-stage", "0", "--lr", "1e-2"])
+    config = Config.from_args(parse_args(BASE + ["--optimizer", "adamwschedulefree", "--zero-stage", "0",
+                                                 "--lr", "1e-2"]))
     model = tiny_model()
-    opt = build_optimizer(model, args)
-    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), args)
+    opt = build_optimizer(model, config)
+    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), config.runtime)
     for tokens in batches(3):
         opt.zero_grad()
         loss_of(model, tokens).backward()
@@ -171,16 +174,16 @@ def test_schedulefree_hook_switches_to_averaged_weights_and_back():
     assert all(torch.allclose(a, p, atol=1e-7) for a, p in zip(y, model.parameters()))
     # a checkpoint holds the eval-mode optimizer: hooks built on a loaded one put it back in train mode
     opt.eval()
-    OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), args)
+    OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), config.runtime)
     assert opt.param_groups[0]["train_mode"] is True
     assert all(torch.allclose(a, p, atol=1e-6) for a, p in zip(y, model.parameters()))
 
 
 def test_eval_weights_is_a_no_op_for_other_optimizers():
-    args = parse_args(BASE + ["--optimizer", "adamw", "--zero-stage", "0", "--lr", "1e-2"])
+    config = Config.from_args(parse_args(BASE + ["--optimizer", "adamw", "--zero-stage", "0", "--lr", "1e-2"]))
     model = tiny_model()
-    opt = build_optimizer(model, args)
-    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), args)
+    opt = build_optimizer(model, config)
+    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), config.runtime)
     before = [p.detach().clone() for p in model.parameters()]
     with hooks.eval_weights():
         assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
@@ -190,15 +193,16 @@ def test_eval_weights_is_a_no_op_for_other_optimizers():
 def test_muonclip_through_the_loop_hook_clips_at_muonclip_t():
     """--optimizer muonclip --muonclip-t 5: after a step whose QK logits exceed 5, the hook rescales
     W_q/W_k, so that the next step's forward sees logits <= 5 (up to that step's own update)."""
-    args = parse_args(BASE + ["--optimizer", "muonclip", "--zero-stage", "0", "--lr", "1e-3", "--muonclip-t", "5"])
+    config = Config.from_args(parse_args(BASE + ["--optimizer", "muonclip", "--zero-stage", "0", "--lr", "1e-3",
+                                                 "--muonclip-t", "5"]))
     model = tiny_model()
     attn = model.language_model.encoder.layers[1].self_attention
     with torch.no_grad():  # a large logit on head 2 (kv group 1)
         w = attn.query_key_value.weight.view(attn.n_kv, attn.group + 2, attn.d, -1)
         w[1, 0] *= 30.0
         w[1, 2] *= 10.0
-    opt = build_optimizer(model, args)
-    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), args)
+    opt = build_optimizer(model, config)
+    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), config.runtime)
     tokens = batches(1)[0]
     replay = lambda: [(tokens[:, :-1], torch.ones(tokens[:, 1:].shape))]  # noqa: E731
     outs = []
@@ -219,28 +223,29 @@ def test_a_new_optimizer_is_one_registry_entry():
     size, and `build_optimizer` builds it with the trainer's parameter groups."""
     name = "toy-signsgd"
 
-    def check(args) -> list[str]:
-        return ["toy-signsgd takes no weight decay; set --weight-decay 0"] if args.weight_decay else []
+    def check(config: Config) -> list[str]:
+        return ["toy-signsgd takes no weight decay; set --weight-decay 0"] if config.optimizer.weight_decay else []
 
     try:
         @registry.register_optimizer(name, help="sign of the gradient times the LR", check=check, state_copies=0.0)
-        def build(groups, args):
+        def build(groups, config: Config):
             class SignSGD(torch.optim.Optimizer):
                 def step(self, closure=None):
                     for g in self.param_groups:
                         for p in g["params"]:
                             if p.grad is not None:
                                 p.data.add_(p.grad.sign(), alpha=-g["lr"])
-            return SignSGD(groups, defaults={"lr": args.lr})
+            return SignSGD(groups, defaults={"lr": config.schedule.lr})
 
         assert name in optimizer_names() and f"{name}: sign of the gradient times the LR" in \
             " ".join(build_parser().format_help().split())
         with pytest.raises(ArgumentError, match="toy-signsgd takes no weight decay"):
             parse_args(BASE + ["--optimizer", name, "--lr", "0.01", "--weight-decay", "0.1"], env={"WORLD_SIZE": "1"})
-        args = parse_args(BASE + ["--optimizer", name, "--lr", "0.01", "--weight-decay", "0"], env={"WORLD_SIZE": "1"})
+        config = Config.from_args(parse_args(BASE + ["--optimizer", name, "--lr", "0.01", "--weight-decay", "0"],
+                                             env={"WORLD_SIZE": "1"}))
         assert get_entry(name).state_copies == 0.0
         model = torch.nn.Linear(3, 2)
-        opt = build_optimizer(model, args)
+        opt = build_optimizer(model, config)
         before = model.weight.detach().clone()
         model(torch.ones(1, 3)).sum().backward()
         opt.step()

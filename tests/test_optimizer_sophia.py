@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from test_optimizer_muon import batches, loss_of, tiny_model
 
 from megatron.arguments import parse_args
+from megatron.config import Config
 from megatron.optimizer import OptimizerHooks, build_optimizer
 
 LR, B1, B2, RHO, K = 1e-3, 0.9, 0.95, 0.01, 3
@@ -26,9 +27,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def setup():
     args = parse_args(ARGV)
+    config = Config.from_args(args)
     model = tiny_model()
-    opt = build_optimizer(model, args)
-    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), args)
+    opt = build_optimizer(model, config)
+    hooks = OptimizerHooks(types.SimpleNamespace(basic_optimizer=opt, module=model), config.runtime)
     return args, model, opt, hooks
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from distributed import TINY_MODEL, make_dataset, run_trainer
-from megatron.config import default_args
+from megatron.config import Config, default_args
 
 ITERS, LOG, EVAL, GBS, MB, SEQ, WORLD, PEAK = 6, 2, 3, 8, 4, 32, 2, 0.05
 MAX_LR, MIN_LR, WARMUP = 0.003, 0.0003, 2
@@ -293,15 +293,16 @@ def test_memory_stats_on_cpu_reports_resident_memory():
 def test_wandb_absent_or_disabled_gives_no_run(monkeypatch):
     from megatron.observability.wandb_utils import init_wandb, wandb_project
 
-    args = default_args(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=None, save=None)
+    config = Config.from_args(default_args(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=None,
+                                           save=None))
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    assert init_wandb(args, env={}) is None
+    assert init_wandb(config, env={}) is None
     monkeypatch.delitem(sys.modules, "wandb")
-    assert init_wandb(args, env={"WANDB_MODE": "disabled"}) is None
-    assert init_wandb(default_args(rank=1), env={}) is None
-    assert wandb_project(args, env={"WB_PROJECT": "a", "WANDB_PROJECT": "b"}) == "a"
-    assert wandb_project(args, env={"WANDB_PROJECT": "b"}) == "b"
-    assert wandb_project(args, env={}) == "AuroraGPT"
+    assert init_wandb(config, env={"WANDB_MODE": "disabled"}) is None
+    assert init_wandb(Config.from_args(default_args(rank=1)), env={}) is None
+    assert wandb_project(config.logging, env={"WB_PROJECT": "a", "WANDB_PROJECT": "b"}) == "a"
+    assert wandb_project(config.logging, env={"WANDB_PROJECT": "b"}) == "b"
+    assert wandb_project(config.logging, env={}) == "AuroraGPT"
 
 
 def test_wandb_installed_but_not_logged_in_is_not_used(monkeypatch, tmp_path):
@@ -311,9 +312,9 @@ def test_wandb_installed_but_not_logged_in_is_not_used(monkeypatch, tmp_path):
     fake = types.SimpleNamespace(Api=lambda: types.SimpleNamespace(api_key=None),
                                  init=lambda **kw: pytest.fail("wandb.init must not be called"))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    args = default_args(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=str(tmp_path),
-                                 save=None)
-    assert init_wandb(args, env={}) is None
+    config = Config.from_args(default_args(rank=0, wandb_project=None, wandb_exp_name=None,
+                                           wandb_save_dir=str(tmp_path), save=None))
+    assert init_wandb(config, env={}) is None
     assert os.listdir(tmp_path) == []
 
 
@@ -327,30 +328,28 @@ def test_metrics_file_replaced_by_a_fresh_run_and_appended_on_resume(tmp_path):
     args = default_args(rank=0, world_size=1, tensorboard_dir=None, metrics_file=str(path), peak_tflops=1.0,
                               device_type="cpu", params_dtype="fp32", timing_log_level=0, timing_log_option="minmax",
                               wandb_project=None)
-    TrainLogger.create(args, resumed=True).metrics.close()
+    TrainLogger.create(Config.from_args(args), resumed=True).metrics.close()
     assert path.read_text().count("\n") == 1
-    TrainLogger.create(args, resumed=False).metrics.close()
+    TrainLogger.create(Config.from_args(args), resumed=False).metrics.close()
     assert path.read_text() == ""
 
 
 def test_summary_prints_the_model_compute_of_the_iterations_trained(tmp_path):
     """The summary's `model compute` row (also in metrics.jsonl's summary record) = the Megatron-LM formula
     times the iterations this run trained, against values worked out by hand for the 7M demo shape."""
-    import argparse
-
     from megatron.observability.training_log import TrainLogger
 
     path = tmp_path / "metrics.jsonl"
-    args = argparse.Namespace(rank=0, world_size=1, tensorboard_dir=None, metrics_file=str(path), peak_tflops=1.0,
-                              device_type="cpu", params_dtype="fp32", timing_log_level=0, timing_log_option="minmax",
-                              wandb_project=None, global_batch_size=4, seq_length=256, num_layers=4, hidden_size=256,
-                              ffn_hidden_size=704, padded_vocab_size=8192, swiglu=True, num_attention_heads=4,
-                              num_key_value_heads=2)
+    args = default_args(rank=0, world_size=1, tensorboard_dir=None, metrics_file=str(path), peak_tflops=1.0,
+                        device_type="cpu", params_dtype="fp32", timing_log_level=0, timing_log_option="minmax",
+                        wandb_project=None, global_batch_size=4, seq_length=256, num_layers=4, hidden_size=256,
+                        ffn_hidden_size=704, padded_vocab_size=8192, swiglu=True, num_attention_heads=4,
+                        num_key_value_heads=2)
     # 12*4*256*4*256^2 * (1 + (704/256)*1.5 + 2/4 + 256/256 + 8192/(2*4*256)) = 3,221,225,472 * 10.625
     per_iteration = 34_225_520_640
     for trained, want in ((400, "13.69 TFLOP (400 iterations x 34.23 GFLOP)"),  # 13,690,208,256,000 FLOPs
                           (150, "5.134 TFLOP (150 iterations x 34.23 GFLOP)")):  # a resumed run: its own iterations
-        logger = TrainLogger.create(args)
+        logger = TrainLogger.create(Config.from_args(args))
         logger.totals.iterations, logger.totals.train_seconds = trained, 10.0
         rows = dict(logger.summary_rows(400, 400 * 4 * 256, None))
         assert rows["model compute"] == want
@@ -380,7 +379,7 @@ def _logged_tags(flags: list[str]) -> dict[str, list[int]]:
     args = parse_args(TINY_MODEL + ["--lr", "0.1", "--train-iters", "4", "--log-interval", "2", "--data-path", "x",
                                     *flags], env={})
     args.rank, args.padded_vocab_size = 0, 512
-    logger = TrainLogger(args, writer=_Writer())
+    logger = TrainLogger(Config.from_args(args), writer=_Writer())
     engine = types.SimpleNamespace(lr_scheduler=types.SimpleNamespace(get_lr=lambda: 0.1), skipped_steps=0,
                                    get_global_grad_norm=lambda: 1.0, optimizer=None, module=torch.nn.Linear(2, 2))
     for it in range(1, 5):
@@ -411,7 +410,7 @@ def test_tensorboard_log_interval_and_queue_size(tmp_path):
     args = parse_args(TINY_MODEL + ["--lr", "0.1", "--train-iters", "4", "--data-path", "x", "--peak-tflops", "1",
                                     "--tensorboard-dir", str(tmp_path), "--tensorboard-queue-size", "7"], env={})
     args.rank = 0
-    logger = TrainLogger.create(args)
+    logger = TrainLogger.create(Config.from_args(args))
     assert logger.writer.max_queue == 7
     logger.close()
 
@@ -423,12 +422,12 @@ def test_wandb_disabled_env_var(monkeypatch, tmp_path):
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: types.SimpleNamespace(name="run", settings=kw)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    args = default_args(rank=0, wandb_project=None, wandb_exp_name=None, wandb_save_dir=str(tmp_path),
-                                 save=None)
-    assert init_wandb(args, env={"WANDB_MODE": "offline"}) is not None
+    config = Config.from_args(default_args(rank=0, wandb_project=None, wandb_exp_name=None,
+                                           wandb_save_dir=str(tmp_path), save=None))
+    assert init_wandb(config, env={"WANDB_MODE": "offline"}) is not None
     for value in ("true", "1", "yes"):
-        assert init_wandb(args, env={"WANDB_MODE": "offline", "WANDB_DISABLED": value}) is None
-    assert init_wandb(args, env={"WANDB_MODE": "offline", "WANDB_DISABLED": "false"}) is not None
+        assert init_wandb(config, env={"WANDB_MODE": "offline", "WANDB_DISABLED": value}) is None
+    assert init_wandb(config, env={"WANDB_MODE": "offline", "WANDB_DISABLED": "false"}) is not None
 
 
 def test_dump_tokens(monkeypatch, capsys):
@@ -443,14 +442,14 @@ def test_dump_tokens(monkeypatch, capsys):
     batches = [{"text": torch.arange(12 * 3).reshape(12, 3) + 100 * k} for k in range(30)]  # 2 per iteration
     for value, printed in (("1", 20), ("", 0)):
         monkeypatch.setenv("DUMP_TOKENS", value)
-        logger = TrainLogger.create(args)
+        logger = TrainLogger.create(Config.from_args(args))
         assert list(logger.count_corpora(iter(batches))) == batches
         logger.close()
         lines = [ln for ln in capsys.readouterr().out.splitlines() if "DUMP_TOKENS" in ln]
         assert len(lines) == printed
     assert lines == [] and printed == 0
     monkeypatch.setenv("DUMP_TOKENS", "1")
-    TrainLogger.create(args).count_corpora(iter(batches[:3])).__next__()
+    TrainLogger.create(Config.from_args(args)).count_corpora(iter(batches[:3])).__next__()
     first = [ln for ln in capsys.readouterr().out.splitlines() if "DUMP_TOKENS" in ln][0]
     assert first == (" DUMP_TOKENS iteration 1 of this run, micro-batch 1: text[:10] = "
                      f"{batches[0]['text'][:10].tolist()}")

@@ -12,11 +12,11 @@ What the loop sees (megatron/training.py calls these):
 * `evaluate`: `engine.eval_batch` over `--eval-iters` global batches.
 
 The engine's optimizer-step instruction carries no LR arguments: `_bind_optimizer_step` makes it
-advance the LR schedule by `scheduler_increment(args)` (samples, or tokens) as the PP = 1 loop's
+advance the LR schedule by `scheduler_increment(config)` (samples, or tokens) as the PP = 1 loop's
 `engine.step(lr_kwargs=...)` does, and routes it through the `NumericsGuard`, so an iteration
 with a non-finite loss or gradient is skipped here too.
 
-`pipeline_problems(args)` lists the combinations refused at start-up (see ALCF/notes/parallelism.md).
+`pipeline_problems(config)` lists the combinations refused at start-up (see ALCF/notes/parallelism.md).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from megatron.config import Config
+from megatron.config import Config, RuntimeConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,38 +34,39 @@ log = logging.getLogger(__name__)
 _REPLAY_OPTIMIZERS = ("sophiag", "muonclip")
 
 
-def pipeline_problems(args) -> list[str]:
+def pipeline_problems(config: Config) -> list[str]:
     """One line per configuration that cannot run with --pipeline-model-parallel-size > 1."""
-    pp = args.pipeline_model_parallel_size or 1
+    pp = config.parallel.pipeline_model_parallel_size or 1
     if pp <= 1:
         return []
     errs = []
     why = "with pipeline parallelism (PP > 1)"
-    if args.zero_stage in (2, 3):
-        errs.append(f"--zero-stage {args.zero_stage} cannot be used {why}: DeepSpeed's pipeline engine supports "
+    training, stage = config.training, config.parallel.zero_stage
+    if stage in (2, 3):
+        errs.append(f"--zero-stage {stage} cannot be used {why}: DeepSpeed's pipeline engine supports "
                     "ZeRO 0 and 1 only; set ZERO_STAGE=1 (or PP=1)")
-    if args.no_pipeline_parallel:
+    if config.parallel.no_pipeline_parallel:
         errs.append(f"--no-pipeline-parallel contradicts --pipeline-model-parallel-size {pp}; drop one of them")
-    if (args.ds_sequence_parallel_size or 1) > 1:
+    if (config.parallel.ds_sequence_parallel_size or 1) > 1:
         errs.append(f"Ulysses sequence parallelism (--ds-sequence-parallel-size > 1) is not supported {why}; "
                     "set SP=1 or PP=1")
-    if args.num_layers and args.num_layers < pp:
-        errs.append(f"--num-layers ({args.num_layers}) must be >= --pipeline-model-parallel-size ({pp}) "
+    if config.model.num_layers and config.model.num_layers < pp:
+        errs.append(f"--num-layers ({config.model.num_layers}) must be >= --pipeline-model-parallel-size ({pp}) "
                     "(each stage holds whole transformer layers)")
-    if args.optimizer in _REPLAY_OPTIMIZERS:
-        errs.append(f"--optimizer {args.optimizer} is not supported {why}: its after-step hook replays the "
-                    "micro-batches through the whole model on one rank; use PP=1 or another optimizer")
-    if args.lr_finder:
+    if config.optimizer.optimizer in _REPLAY_OPTIMIZERS:
+        errs.append(f"--optimizer {config.optimizer.optimizer} is not supported {why}: its after-step hook replays "
+                    "the micro-batches through the whole model on one rank; use PP=1 or another optimizer")
+    if config.schedule.lr_finder:
         errs.append(f"--lr-finder is not supported {why}; run the LR range test with PP=1")
-    if args.universal_checkpoint:
+    if config.checkpoint.universal_checkpoint:
         errs.append(f"--universal-checkpoint is not supported {why}: a universal checkpoint (converted from any "
                     "TP/PP/DP layout) loads at PP=1 only (DeepSpeed's universal loader fills the ZeRO-1/2 optimizer "
                     "of a PP=1 engine); load it with PP=1, or resume the PP checkpoint as is")
-    if args.compile:
+    if training.compile:
         errs.append(f"--compile is not supported {why}; drop --compile")
-    recompute = args.checkpoint_activations or args.deepspeed_activation_checkpointing \
-        or args.recompute_granularity == "full"
-    if recompute and (args.checkpoint_num_layers or 1) > 1:
+    recompute = training.checkpoint_activations or training.deepspeed_activation_checkpointing \
+        or training.recompute_granularity == "full"
+    if recompute and (training.checkpoint_num_layers or 1) > 1:
         errs.append(f"--checkpoint-num-layers > 1 is not supported {why} (each layer is recomputed on its own); "
                     "use --checkpoint-num-layers 1")
     return errs
@@ -83,9 +84,9 @@ def pipeline_ds_config(ds_config: dict) -> dict:
     return {**ds_config, "pipeline": pipe}
 
 
-def setup_pipeline_engine(args, config, ds_config: dict, scheduler_factory: Callable[[Any], Any],
+def setup_pipeline_engine(config: Config, model_config, ds_config: dict, scheduler_factory: Callable[[Any], Any],
                           before_engine: Callable | None = None):
-    """(pipeline module, engine) of this rank's stage; `config` is the GPTConfig of the whole model."""
+    """(pipeline module, engine) of this rank's stage; `model_config` is the GPTConfig of the whole model."""
     import deepspeed  # noqa: PLC0415
 
     from megatron.core import parallel_state  # noqa: PLC0415
@@ -94,24 +95,24 @@ def setup_pipeline_engine(args, config, ds_config: dict, scheduler_factory: Call
     from megatron.optimizer import deepspeed_initialize_kwargs  # noqa: PLC0415
 
     state = parallel_state.get_state()
-    model = GPTModel(config)  # the whole model on every rank: the same weights as at PP = 1
+    model = GPTModel(model_config)  # the whole model on every rank: the same weights as at PP = 1
     if before_engine is not None:
         before_engine(model)
     pipe = build_pipeline_module(model, pipeline_topology(state.pp, state.tp, state.dp), PipelineLoss())
     del model  # only this stage's layers stay referenced
     engine, _, _, _ = deepspeed.initialize(
-        model=pipe, **deepspeed_initialize_kwargs(pipe, args, pipeline_ds_config(ds_config), scheduler_factory))
-    _bind_optimizer_step(engine, args)
+        model=pipe, **deepspeed_initialize_kwargs(pipe, config, pipeline_ds_config(ds_config), scheduler_factory))
+    _bind_optimizer_step(engine, config)
     return pipe, engine
 
 
-def _bind_optimizer_step(engine, args) -> None:
+def _bind_optimizer_step(engine, config: Config) -> None:
     """Give the pipe schedule's optimizer step the LR increment and the NumericsGuard."""
     from megatron.schedules import scheduler_increment  # noqa: PLC0415
 
     from megatron.deepspeed_compat.engine import wrap_model_step  # noqa: PLC0415
 
-    increment = scheduler_increment(Config.from_args(args))
+    increment = scheduler_increment(config)
 
     def make_step(take_model_step):
         def step(lr_kwargs=None):
@@ -141,13 +142,14 @@ def train_batch(engine, data_iter: Iterator, to_sample: Callable[[Any], tuple], 
 
 
 @torch.no_grad()
-def evaluate(engine, loader: Iterable, args, to_sample: Callable[[Any], tuple]) -> float:
+def evaluate(engine, loader: Iterable, training: TrainingConfig, runtime: RuntimeConfig,
+             to_sample: Callable[[Any], tuple]) -> float:
     """Mean LM loss over the first `eval_iters` global batches of `loader` (as the PP = 1 evaluate)."""
     it = iter(loader)
     total, n = 0.0, 0
-    for _ in range(args.eval_iters):
-        batches = list(itertools.islice(it, args.num_micro_batches))
-        if len(batches) < args.num_micro_batches:
+    for _ in range(training.eval_iters):
+        batches = list(itertools.islice(it, runtime.num_micro_batches))
+        if len(batches) < runtime.num_micro_batches:
             break
         loss = engine.eval_batch(iter([to_sample(b) for b in batches]), num_micro_batches=len(batches))
         total += float(loss)

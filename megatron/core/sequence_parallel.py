@@ -29,13 +29,13 @@ the model after a step (sophiag, muonclip).
 """
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.config import Config
 from megatron.core import parallel_state as ps
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,34 +50,36 @@ def rank() -> int:
     return ps.get_sequence_parallel_rank()
 
 
-def ulysses_problems(args: argparse.Namespace) -> list[str]:
+def ulysses_problems(config: Config) -> list[str]:
     """One line per problem with `--ds-sequence-parallel-size` (nothing to check at SP = 1)."""
-    sp = args.ds_sequence_parallel_size
+    sp = config.parallel.ds_sequence_parallel_size
     if not sp or sp <= 1:
         return []
     errs: list[str] = []
-    heads = args.num_attention_heads
-    kv = args.num_key_value_heads or heads
+    heads = config.model.num_attention_heads
+    kv = config.model.num_key_value_heads or heads
     if heads and heads % sp:
         errs.append(f"--num-attention-heads ({heads}) must be divisible by --ds-sequence-parallel-size ({sp}) "
                     "(Ulysses gives each SP rank heads/SP heads); change SP or HEADS")
     if kv and kv % sp:
         errs.append(f"--num-key-value-heads ({kv}) must be divisible by --ds-sequence-parallel-size ({sp}) "
                     "(each SP rank keeps whole KV groups); change SP or NUM_KV_HEAD")
-    if args.seq_length and args.seq_length % sp:
-        errs.append(f"--seq-length ({args.seq_length}) must be divisible by --ds-sequence-parallel-size ({sp}) "
+    seq = config.model.seq_length
+    if seq and seq % sp:
+        errs.append(f"--seq-length ({seq}) must be divisible by --ds-sequence-parallel-size ({sp}) "
                     "(each SP rank holds seq/SP tokens); change SEQ or SP")
-    if args.tensor_model_parallel_size > 1:
+    if config.parallel.tensor_model_parallel_size > 1:
         errs.append(f"Ulysses sequence parallelism (SP={sp}) together with tensor parallelism "
-                    f"(TP={args.tensor_model_parallel_size}) is not supported yet; use TP=1 or SP=1")
-    if args.pipeline_model_parallel_size > 1:
+                    f"(TP={config.parallel.tensor_model_parallel_size}) is not supported yet; use TP=1 or SP=1")
+    if config.parallel.pipeline_model_parallel_size > 1:
         errs.append(f"Ulysses sequence parallelism (SP={sp}) together with pipeline parallelism "
-                    f"(PP={args.pipeline_model_parallel_size}) is not supported yet; use PP=1 or SP=1")
-    if args.compile:
+                    f"(PP={config.parallel.pipeline_model_parallel_size}) is not supported yet; use PP=1 or SP=1")
+    if config.training.compile:
         errs.append(f"--compile is not supported with Ulysses sequence parallelism (SP={sp}) yet (its all-to-all "
                     "is an autograd function over a process group); drop --compile or use SP=1")
-    if args.optimizer in REPLAYING_OPTIMIZERS:
-        errs.append(f"--optimizer {args.optimizer} is not supported with Ulysses sequence parallelism (SP={sp}) "
+    name = config.optimizer.optimizer
+    if name in REPLAYING_OPTIMIZERS:
+        errs.append(f"--optimizer {name} is not supported with Ulysses sequence parallelism (SP={sp}) "
                     "yet (it replays whole micro-batches through the model); use another optimizer or SP=1")
     return errs
 

@@ -13,6 +13,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from megatron.config import Config
+
 # dest -> the launcher's environment variables that set it (upstream-spec §2.4/§2.5; aliases included)
 ENV_FOR_DEST: dict[str, tuple[str, ...]] = {
     "lr": ("LR",), "min_lr": ("MIN_LR",), "lr_decay_style": ("LR_DECAY_STYLE",),
@@ -81,22 +83,24 @@ class Row:
     source: str
 
 
-def config_rows(args, num_params: int | None, parser: argparse.ArgumentParser | None = None,
+def config_rows(config: Config, num_params: int | None, parser: argparse.ArgumentParser | None = None,
                 env=os.environ) -> list[Row]:
-    """The table's rows. `args.argv` (kept by parse_args) tells which flags were given."""
+    """The table's rows, by upstream argument name. `config.runtime.argv` (kept by parse_args) tells which
+    flags were given."""
     if parser is None:
         from megatron.arguments import build_parser  # noqa: PLC0415
 
         parser = build_parser()
-    flags = flag_dests(list(args.argv or []), parser)
+    flags = flag_dests(list(config.runtime.argv or []), parser)
     rows: list[Row] = []
+    flat = vars(config.to_args())
 
     def add(section: str, name: str, dest: str | None, text=None) -> None:
-        value = vars(args)[dest] if dest else None
+        value = flat[dest] if dest else None
         rows.append(Row(section, name, str(value if text is None else text),
                         source_of(dest, value, flags, env) if dest else "derived"))
 
-    tokens_per_step = args.global_batch_size * args.seq_length
+    tokens_per_step = config.training.global_batch_size * config.model.seq_length
     if num_params is not None:
         add("model", "parameters", None, f"{num_params / 1e6:,.2f}M")
     add("model", "layers", "num_layers")
@@ -106,78 +110,83 @@ def config_rows(args, num_params: int | None, parser: argparse.ArgumentParser | 
     add("model", "ffn hidden size", "ffn_hidden_size")
     add("model", "sequence length", "seq_length")
     add("model", "vocabulary (padded)", "padded_vocab_size",
-        f"{_known(args.padded_vocab_size)} (tokenizer {_known(args.vocab_size_orig)})")
-    add("model", "dtype", "fp16" if args.fp16 else "bf16", args.params_dtype)
-    if args.fp16:
+        f"{_known(config.runtime.padded_vocab_size)} (tokenizer {_known(config.runtime.vocab_size_orig)})")
+    add("model", "dtype", "fp16" if config.precision.fp16 else "bf16", config.runtime.params_dtype)
+    if config.precision.fp16:
         from megatron.fp16 import describe  # noqa: PLC0415
 
-        add("model", "loss scaling", None, describe(args))  # flags > the DeepSpeed config > its defaults
+        add("model", "loss scaling", None, describe(config.to_args()))  # flags > the DeepSpeed config > its defaults
     add("parallel", "world size", "world_size")
     add("parallel", "TP / PP / SP", "tensor_model_parallel_size",
-        f"{args.tensor_model_parallel_size} / {args.pipeline_model_parallel_size} / {args.ds_sequence_parallel_size}")
+        f"{flat['tensor_model_parallel_size']} / {flat['pipeline_model_parallel_size']} / "
+        f"{flat['ds_sequence_parallel_size']}")
     add("parallel", "data parallel", "data_parallel_size")
-    asked = args.zero_stage_requested
+    asked = config.runtime.zero_stage_requested
     add("parallel", "ZeRO stage", "zero_stage",
         None if asked is None else f"0 (asked {asked}: one data-parallel replica, nothing to partition)")
     add("batch", "micro batch", "micro_batch_size")
     add("batch", "gradient accumulation", "num_micro_batches")
     add("batch", "global batch", "global_batch_size",
-        f"{args.global_batch_size} = {args.micro_batch_size} x {args.num_micro_batches} x {args.data_parallel_size}")
+        f"{flat['global_batch_size']} = {flat['micro_batch_size']} x {flat['num_micro_batches']} x "
+        f"{flat['data_parallel_size']}")
     add("batch", "tokens per step", None, f"{tokens_per_step:,}")
     add("schedule", "train iterations", "train_iters")
-    add("schedule", "train tokens", None, f"{args.train_iters * tokens_per_step:,}")
+    add("schedule", "train tokens", None, f"{config.training.train_iters * tokens_per_step:,}")
     add("schedule", "optimizer", "optimizer")
     add("schedule", "learning rate", "lr")
     add("schedule", "min learning rate", "min_lr")
     add("schedule", "LR schedule", "lr_decay_style")
-    if args.lr_warmup_fraction is not None:
+    if config.schedule.lr_warmup_fraction is not None:
         add("schedule", "warmup fraction", "lr_warmup_fraction")
     else:
         add("schedule", "warmup iterations", "lr_warmup_iters")
     add("schedule", "weight decay", "weight_decay")
     add("schedule", "gradient clipping", "clip_grad")
-    add("data", "data list", "data_file_list" if args.data_file_list else "data_path")
+    add("data", "data list", "data_file_list" if config.data.data_file_list else "data_path")
     add("data", "split", "split")
     add("data", "tokenizer", "tokenizer_type")
     add("output", "save", "save")
     add("output", "load", "load")
     add("output", "log interval", "log_interval")
-    add("output", "eval interval / iters", "eval_interval", f"{args.eval_interval} / {args.eval_iters}")
+    add("output", "eval interval / iters", "eval_interval", f"{flat['eval_interval']} / {flat['eval_iters']}")
     add("output", "tensorboard", "tensorboard_dir")
     add("output", "metrics", "metrics_file")
     return rows
 
 
-def warmup_iterations(args) -> float:
+def warmup_iterations(config: Config) -> float:
     """Warmup length in iterations (the fraction applies to the decay span, as in the scheduler)."""
-    if args.lr_warmup_fraction is not None:
-        return args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters)
-    if args.lr_warmup_samples:
-        return args.lr_warmup_samples / args.global_batch_size
-    if args.lr_warmup_tokens:
-        return args.lr_warmup_tokens / (args.global_batch_size * args.seq_length)
-    return float(args.lr_warmup_iters or 0)
+    sched, gbs = config.schedule, config.training.global_batch_size
+    if sched.lr_warmup_fraction is not None:
+        return sched.lr_warmup_fraction * (sched.lr_decay_iters or config.training.train_iters)
+    if sched.lr_warmup_samples:
+        return sched.lr_warmup_samples / gbs
+    if sched.lr_warmup_tokens:
+        return sched.lr_warmup_tokens / (gbs * config.model.seq_length)
+    return float(sched.lr_warmup_iters or 0)
 
 
-def config_warnings(args) -> list[str]:
+def config_warnings(config: Config) -> list[str]:
     """Legal settings that are probably mistakes, one line each naming the fix."""
     out = []
-    w = warmup_iterations(args)
-    if w >= args.train_iters:
-        out.append(f"the LR warmup ({w:g} iterations) is not shorter than the run ({args.train_iters} iterations): "
+    training, seq = config.training, config.model.seq_length
+    iters, decay_iters, log_interval = training.train_iters, config.schedule.lr_decay_iters, config.logging.log_interval
+    w = warmup_iterations(config)
+    if w >= iters:
+        out.append(f"the LR warmup ({w:g} iterations) is not shorter than the run ({iters} iterations): "
                    "the LR never reaches --lr; shorten the warmup (LR_WARMUP_FRAC / --lr-warmup-iters)")
-    tokens = args.global_batch_size * args.seq_length
+    tokens = training.global_batch_size * seq
     if tokens < TINY_TOKENS_PER_STEP:
-        out.append(f"{tokens:,} tokens per optimizer step (GBS {args.global_batch_size} x seq {args.seq_length}) is "
+        out.append(f"{tokens:,} tokens per optimizer step (GBS {training.global_batch_size} x seq {seq}) is "
                    "tiny for pretraining (usually 0.5M-4M): fine for a smoke test; raise GLOBAL_BATCH otherwise")
-    if args.log_interval > args.train_iters:
-        out.append(f"--log-interval ({args.log_interval}) > --train-iters ({args.train_iters}): only the last "
+    if log_interval > iters:
+        out.append(f"--log-interval ({log_interval}) > --train-iters ({iters}): only the last "
                    "iteration is logged; lower LOG_INTERVAL")
-    if args.lr_decay_iters and args.lr_decay_iters < args.train_iters:
-        out.append(f"--lr-decay-iters ({args.lr_decay_iters}) < --train-iters ({args.train_iters}): the last "
-                   f"{args.train_iters - args.lr_decay_iters} iterations run at the final LR")
-    if args.eval_iters and args.eval_interval and args.eval_interval > args.train_iters:
-        out.append(f"--eval-interval ({args.eval_interval}) > --train-iters ({args.train_iters}): validation runs "
+    if decay_iters and decay_iters < iters:
+        out.append(f"--lr-decay-iters ({decay_iters}) < --train-iters ({iters}): the last "
+                   f"{iters - decay_iters} iterations run at the final LR")
+    if training.eval_iters and training.eval_interval and training.eval_interval > iters:
+        out.append(f"--eval-interval ({training.eval_interval}) > --train-iters ({iters}): validation runs "
                    "only at the end")
     return out
 
@@ -190,10 +199,10 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def print_config(args, num_params: int | None = None) -> None:
+def print_config(config: Config, num_params: int | None = None) -> None:
     """Rank 0: the table and the warnings (stdout, once)."""
-    if args.rank != 0:
+    if config.runtime.rank != 0:
         return
-    print("> configuration:\n" + format_table(config_rows(args, num_params)), flush=True)
-    for w in config_warnings(args):
+    print("> configuration:\n" + format_table(config_rows(config, num_params)), flush=True)
+    for w in config_warnings(config):
         print(f"WARNING: {w}", flush=True)

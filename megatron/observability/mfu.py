@@ -1,6 +1,6 @@
 """Model FLOPs and MFU (model FLOPs utilization).
 
-* ``flops_per_iteration(args)``: the Megatron-LM formula the upstream logger prints as
+* ``flops_per_iteration(config)``: the Megatron-LM formula the upstream logger prints as
   ``TFLOPs`` (upstream-spec §11.1), forward + backward of one global batch, no recompute.
 * ``PeakFlops``: the dense peak of one device, from ``--peak-tflops`` when given, else from a
   table of known accelerators (bf16 / fp32 datasheet numbers; Intel Max 1550 uses ezpz's
@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from megatron.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,14 @@ INTEL_MAX_OPS_PER_CLOCK_PER_CU = 512
 INTEL_MAX_CLOCK_GHZ = 1.3
 
 
-def flops_per_iteration(args) -> float:
+def flops_per_iteration(config: Config) -> float:
     """Megatron-LM's model FLOPs of one iteration (forward + backward, one global batch):
     12·B·s·L·h²·(1 + (f/h)·(3/2 if swiglu) + kv/heads + s/h + V/(2·L·h))."""
-    b, s, L, h = args.global_batch_size, args.seq_length, args.num_layers, args.hidden_size
-    f, V = args.ffn_hidden_size, args.padded_vocab_size
-    gated = 1.5 if args.swiglu else 1.0
-    return 12 * b * s * L * h * h * (1 + (f / h) * gated + args.num_key_value_heads / args.num_attention_heads
+    m = config.model
+    b, s, L, h = config.training.global_batch_size, m.seq_length, m.num_layers, m.hidden_size
+    f, V = m.ffn_hidden_size, config.runtime.padded_vocab_size
+    gated = 1.5 if m.swiglu else 1.0
+    return 12 * b * s * L * h * h * (1 + (f / h) * gated + m.num_key_value_heads / m.num_attention_heads
                                      + s / h + V / (2 * L * h))
 
 

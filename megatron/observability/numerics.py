@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron.config import Config
 from megatron.deepspeed_compat.engine import step_without_update
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,12 @@ class NumericsGuard:
     _last_overflow: bool = False
 
     @classmethod
-    def create(cls, args) -> "NumericsGuard":
-        return cls(max_skipped=args.max_skipped_iterations,
-                   spike_factor=float(args.loss_spike_factor or 0.0),
-                   faults=parse_faults(os.environ.get(FAULTS_ENV, ""), int(args.rank or 0)),
-                   fp16=bool(args.fp16))
+    def create(cls, config: Config) -> "NumericsGuard":
+        training = config.training
+        return cls(max_skipped=training.max_skipped_iterations,
+                   spike_factor=float(training.loss_spike_factor or 0.0),
+                   faults=parse_faults(os.environ.get(FAULTS_ENV, ""), int(config.runtime.rank or 0)),
+                   fp16=bool(config.precision.fp16))
 
     # ------------------------------------------------------------------ test hooks
     def wrap_data(self, data_iter: Iterator, start_iteration: int, micro_batches: int) -> Iterator:

@@ -1,7 +1,7 @@
 """Profilers hanging off the loop: `--profile pt|pt-full` (torch profiler, Chrome trace) and
 DeepSpeed's flops profiler at `--flops-profiler-step` (configured through the DeepSpeed config).
 
-    profiler = Profiler.create(args)      # no-op unless --profile and this rank is in --profile-ranks
+    profiler = Profiler.create(config.logging, config.runtime)  # no-op unless --profile and this rank is in --profile-ranks
     for iteration in ...:
         profiler.step(iteration)          # before the iteration runs
         train_step(...)
@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from megatron.config import LoggingConfig, RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,12 @@ class Profiler:
     path: str | None = None
 
     @classmethod
-    def create(cls, args) -> "Profiler":
-        mode = args.profile
-        if mode is None or args.rank not in args.profile_ranks:
+    def create(cls, logging_config: LoggingConfig, runtime: RuntimeConfig) -> "Profiler":
+        mode = logging_config.profile
+        if mode is None or runtime.rank not in logging_config.profile_ranks:
             return cls()
-        first, last = profile_range(args.profile_steps)
-        return cls(mode, first, last, args.trace_dir, args.rank)
+        first, last = profile_range(logging_config.profile_steps)
+        return cls(mode, first, last, logging_config.trace_dir, runtime.rank)
 
     def step(self, iteration: int) -> None:
         """Call with the number of the iteration about to run (1-based)."""

@@ -38,6 +38,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron.config import Config
 from megatron.fp16 import loss_scale as fp16_loss_scale
 from megatron.observability.mfu import PeakFlops, flops_per_iteration, resolve_peak
 from megatron.observability.stats import (  # noqa: F401  (format_duration, memory_stats: exported)
@@ -81,7 +82,7 @@ class RunTotals:
 @dataclass
 class TrainLogger:
     """Console line (rank 0), timers, TensorBoard scalars, W&B, metrics.jsonl and the summary."""
-    args: object
+    config: Config
     writer: object = None
     metrics: object = None
     wandb_run: object = None
@@ -101,42 +102,45 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ set-up
     @classmethod
-    def create(cls, args, corpus_names: Iterable[str] | None = None, resumed: bool = False,
+    def create(cls, config: Config, corpus_names: Iterable[str] | None = None, resumed: bool = False,
                skipped_steps: int = 0) -> "TrainLogger":
         """Open the sinks (rank 0) and find the device's peak FLOPS (all ranks, once).
         `resumed`: append to an existing metrics.jsonl; a run that starts from iteration 0 replaces it.
         `skipped_steps`: the engine's skipped-step count at the start (restored from a checkpoint)."""
         writer = metrics = run = None
-        if args.rank == 0:
-            if args.tensorboard_dir:
+        if config.runtime.rank == 0:
+            if config.logging.tensorboard_dir:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
-                writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=args.tensorboard_queue_size)
-                writer.add_text("args", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())), 0)
-            if args.metrics_file:
-                os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
-                metrics = open(args.metrics_file, "a" if resumed else "w", buffering=1)
+                writer = SummaryWriter(log_dir=config.logging.tensorboard_dir,
+                                       max_queue=config.logging.tensorboard_queue_size)
+                flat = vars(config.to_args())  # the upstream argument names, as before
+                writer.add_text("args", "\n".join(f"    {k} = {v}" for k, v in sorted(flat.items())), 0)
+            if config.logging.metrics_file:
+                os.makedirs(os.path.dirname(os.path.abspath(config.logging.metrics_file)), exist_ok=True)
+                metrics = open(config.logging.metrics_file, "a" if resumed else "w", buffering=1)
             from megatron.observability.wandb_utils import init_wandb  # noqa: PLC0415
 
-            run = init_wandb(args)
-        peak = resolve_peak(args.peak_tflops, args.device_type,
-                            args.params_dtype, reduce_mean=lambda x: _all_reduce([x])[0] / max(args.world_size, 1))
-        if args.rank == 0:
+            run = init_wandb(config)
+        runtime = config.runtime
+        peak = resolve_peak(config.logging.peak_tflops, runtime.device_type, runtime.params_dtype,
+                            reduce_mean=lambda x: _all_reduce([x])[0] / max(runtime.world_size, 1))
+        if config.runtime.rank == 0:
             print(f"> MFU is measured against {peak.tflops:.4g} TFLOPS per device ({peak.source}); "
                   "set --peak-tflops to use another peak", flush=True)
         names = list(corpus_names or [])
-        timers = Timers(log_level=args.timing_log_level, log_option=args.timing_log_option)
+        timers = Timers(log_level=config.logging.timing_log_level, log_option=config.logging.timing_log_option)
         dump = os.environ.get("DUMP_TOKENS", "").strip().lower() not in ("", "0", "false", "no", "off")
-        return cls(args, writer, metrics, run, timers, peak, names, last_skipped=skipped_steps,
+        return cls(config, writer, metrics, run, timers, peak, names, last_skipped=skipped_steps,
                    corpus_interval=[0.0] * len(names), corpus_total=[0.0] * len(names), dump_tokens=dump)
 
     def is_report(self, iteration: int) -> bool:
         """Iterations that print a line: every --log-interval and the last one."""
-        return iteration % self.args.log_interval == 0 or iteration == self.args.train_iters
+        return iteration % self.config.logging.log_interval == 0 or iteration == self.config.training.train_iters
 
     def watch(self, engine) -> None:
         """Hook what must be read inside the step (--log-num-zeros-in-grad: the gradient before the update)."""
-        if self.args.log_num_zeros_in_grad:
+        if self.config.logging.log_num_zeros_in_grad:
             from megatron.observability.weight_stats import watch_zeros_in_grad  # noqa: PLC0415
 
             self.zeros = watch_zeros_in_grad(engine, self.is_report)
@@ -144,9 +148,9 @@ class TrainLogger:
     def count_corpora(self, batches: Iterator[dict]) -> Iterator[dict]:
         """Wrap the training data iterator: count the samples each corpus contributes; with DUMP_TOKENS,
         rank 0 prints the first 10 samples of each micro-batch of the run's first 10 iterations (as upstream)."""
-        per_iteration = max(int(self.args.num_micro_batches or 1), 1)
+        per_iteration = max(int(self.config.runtime.num_micro_batches or 1), 1)
         for k, batch in enumerate(batches):
-            if self.dump_tokens and self.args.rank == 0 and k < DUMP_TOKENS_ITERATIONS * per_iteration:
+            if self.dump_tokens and self.config.runtime.rank == 0 and k < DUMP_TOKENS_ITERATIONS * per_iteration:
                 rows = torch.as_tensor(batch["text"])[:10].tolist()
                 print(f" DUMP_TOKENS iteration {k // per_iteration + 1} of this run, micro-batch "
                       f"{k % per_iteration + 1}: text[:10] = {rows}", flush=True)
@@ -181,18 +185,19 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ per iteration
     def _total_iters(self) -> int:
-        a = self.args
-        total = a.train_iters
-        if getattr(a, "train_tokens", None):
-            total = min(total, math.ceil(a.train_tokens / (a.global_batch_size * a.seq_length)))
+        cfg = self.config
+        total = cfg.training.train_iters
+        if cfg.training.train_tokens:
+            per_iteration = cfg.training.global_batch_size * cfg.model.seq_length
+            total = min(total, math.ceil(cfg.training.train_tokens / per_iteration))
         return total
 
     def train(self, iteration: int, loss: torch.Tensor, engine, consumed_samples: int, consumed_tokens: int) -> None:
         """Called after every iteration (on every rank); reports every `--log-interval` iterations."""
-        a = self.args
+        cfg = self.config
         if self.totals.start_iteration is None:
             self.totals.start_iteration = iteration - 1
-            self.totals.start_tokens = consumed_tokens - a.global_batch_size * a.seq_length
+            self.totals.start_tokens = consumed_tokens - cfg.training.global_batch_size * cfg.model.seq_length
         self.window.append(loss.detach())
         if not self.is_report(iteration):
             return
@@ -220,44 +225,45 @@ class TrainLogger:
         gn = engine.get_global_grad_norm()
         grad_norm = float(gn) if gn is not None else float("nan")
         loss_scale = fp16_loss_scale(engine)  # 1.0 without fp16
-        samples_s = a.global_batch_size / elapsed
-        tokens_s = samples_s * a.seq_length
-        tgs = tokens_s / a.world_size
-        tflops = flops_per_iteration(a) / elapsed / 1e12 / a.world_size
+        samples_s = cfg.training.global_batch_size / elapsed
+        tokens_s = samples_s * cfg.model.seq_length
+        tgs = tokens_s / cfg.runtime.world_size
+        tflops = flops_per_iteration(cfg) / elapsed / 1e12 / cfg.runtime.world_size
         mfu = self.peak.mfu(tflops) if self.peak else float("nan")
         eta = max(self._total_iters() - iteration, 0) * elapsed
 
         # collectives (every rank, same order)
         timer_block, timer_ms = "", {}
-        if a.timing_log_level > 0:
+        if cfg.logging.timing_log_level > 0:
             timer_block, timer_ms = self.timers.log_block(list(TIMER_LEVELS), normalizer=n_iters)
         corpus = _all_reduce(self.corpus_interval, group=_data_parallel_group()) if self.corpus_names else []
         self.corpus_total = [t + c for t, c in zip(self.corpus_total, corpus)]
         self.corpus_interval = [0.0] * len(self.corpus_names)
-        mem = memory_stats(getattr(a, "device_type", "cpu"))
+        mem = memory_stats(cfg.runtime.device_type)
         mem = dict(zip(mem, _all_reduce(list(mem.values()), op=dist.ReduceOp.MAX if dist.is_initialized() else None)))
         extra = {}  # optional fields of the line, upstream's names
         if self.zeros.get("iteration") == iteration:
             extra["num_zeros"] = self.zeros["num_zeros"]
-        if getattr(a, "log_params_norm", False):
+        if cfg.logging.log_params_norm:
             from megatron.observability.weight_stats import params_norm  # noqa: PLC0415
 
             extra["params_norm"] = params_norm(engine.module)
         opt_stats = {}
-        if a.log_optimizer_states_to_tensorboard:
+        if cfg.logging.log_optimizer_states_to_tensorboard:
             from megatron.observability.optimizer_stats import optimizer_state_stats  # noqa: PLC0415
 
             if self.model_numel is None:
                 self.model_numel = _model_numel(engine)
             opt_stats = optimizer_state_stats(engine.optimizer, self.model_numel, group=_zero_partition_group())
 
-        if a.rank == 0:
-            print(f" iteration={iteration:8d}/{a.train_iters:8d} | consumed_samples={consumed_samples:12d} | "
-                  f"consumed_tokens={consumed_tokens:14d} | elapsed_time_per_iteration_ms={elapsed * 1e3:.1f} | "
-                  f"learning_rate={lr:.6e} | global_batch_size={a.global_batch_size:5d} | lm loss={loss_avg:.6f} | "
+        if cfg.runtime.rank == 0:
+            print(f" iteration={iteration:8d}/{cfg.training.train_iters:8d} | "
+                  f"consumed_samples={consumed_samples:12d} | consumed_tokens={consumed_tokens:14d} | "
+                  f"elapsed_time_per_iteration_ms={elapsed * 1e3:.1f} | learning_rate={lr:.6e} | "
+                  f"global_batch_size={cfg.training.global_batch_size:5d} | lm loss={loss_avg:.6f} | "
                   f"loss_scale={loss_scale:.1f} | grad_norm={grad_norm:.6f} | "
                   + "".join(f"{k}={v} | " if isinstance(v, int) else f"{k}={v:.6f} | " for k, v in extra.items())
-                  + f"actual_seqlen={a.seq_length:5d} | "
+                  + f"actual_seqlen={cfg.model.seq_length:5d} | "
                   f"number_of_skipped_iterations={n_skipped:3d} | number_of_nan_iterations={n_nan:3d} | "
                   f"samples_per_second={samples_s:.3f} | tokens_per_gpu_per_second_tgs={tgs:.3f} | "
                   f"TFLOPs={_fmt_tflops(tflops)} | MFU={mfu * 100:.2f}% | ETA={format_duration(eta)} |", flush=True)
@@ -269,25 +275,25 @@ class TrainLogger:
                 print(timer_block, flush=True)
 
         # TensorBoard / W&B: the per-iteration loss every --tensorboard-log-interval, the rest per report
-        tb_every = max(int(getattr(a, "tensorboard_log_interval", 1) or 1), 1)
-        gbs_tokens = a.global_batch_size * a.seq_length
+        tb_every = max(int(cfg.logging.tensorboard_log_interval or 1), 1)
+        gbs_tokens = cfg.training.global_batch_size * cfg.model.seq_length
         for k, x in enumerate(losses):
             it = first_iter + k
             if it % tb_every == 0 or it == iteration:
                 self._scalar("lm-loss-training/lm loss", x, it)
                 self._scalar("lm-loss-training/lm loss vs samples", x, consumed_samples - (iteration - it) *
-                             a.global_batch_size, wandb=False)
+                             cfg.training.global_batch_size, wandb=False)
                 self._scalar("lm-loss-training/lm loss vs tokens", x, consumed_tokens - (iteration - it) * gbs_tokens,
                              wandb=False)
-        if a.log_learning_rate_to_tensorboard:
+        if cfg.logging.log_learning_rate_to_tensorboard:
             self._scalar("learning-rate/learning-rate", lr, iteration)
             self._scalar("learning-rate/learning-rate vs tokens", lr, consumed_tokens, wandb=False)
-        if a.log_loss_scale_to_tensorboard:
+        if cfg.logging.log_loss_scale_to_tensorboard:
             self._scalar("loss/loss_scale", loss_scale, iteration)
-        if a.log_batch_size_to_tensorboard:
-            self._scalar("training/batch-size", a.global_batch_size, iteration)
-        if a.log_world_size_to_tensorboard:
-            self._scalar("training/world-size", a.world_size, iteration)
+        if cfg.logging.log_batch_size_to_tensorboard:
+            self._scalar("training/batch-size", cfg.training.global_batch_size, iteration)
+        if cfg.logging.log_world_size_to_tensorboard:
+            self._scalar("training/world-size", cfg.runtime.world_size, iteration)
         scalars = {
             "training/grad-norm": grad_norm,
             "training/consumed_samples": consumed_samples,
@@ -302,7 +308,7 @@ class TrainLogger:
             "throughput/mfu": mfu,
             "throughput/eta_hours": eta / 3600,
         }
-        if a.log_memory_to_tensorboard:
+        if cfg.logging.log_memory_to_tensorboard:
             scalars.update({f"memory/{k}": v for k, v in mem.items()})
         if "num_zeros" in extra:
             scalars["training/num-zeros"] = extra["num_zeros"]
@@ -310,7 +316,7 @@ class TrainLogger:
             scalars["training/params-norm"] = extra["params_norm"]
         scalars.update({f"optimizer/{k}": v for k, v in opt_stats.items()})
         scalars.update({f"corpus/{n}": t for n, t in zip(self.corpus_names, self.corpus_total)})
-        if a.log_timers_to_tensorboard:
+        if cfg.logging.log_timers_to_tensorboard:
             scalars.update({f"timers/{k}": v for k, v in timer_ms.items()})
             scalars.update({f"timers/{k}": v * 1e3 for k, v in excluded.items() if v > 0})
         for k, v in scalars.items():
@@ -331,15 +337,15 @@ class TrainLogger:
     def validation(self, iteration: int, loss: float, consumed_tokens: int, consumed_samples: int | None = None) -> None:
         ppl = math.exp(min(20.0, loss))
         self.totals.last_val_loss = loss
-        if self.args.rank == 0:
+        if self.config.runtime.rank == 0:
             line = f" validation loss at iteration {iteration} | lm loss value={loss:.6E} | lm loss PPL={ppl:.6E} | "
             print("-" * len(line) + "\n" + line + "\n" + "-" * len(line), flush=True)
         if consumed_samples is None:
-            consumed_samples = consumed_tokens // self.args.seq_length
+            consumed_samples = consumed_tokens // self.config.model.seq_length
         self._scalar("lm-loss-validation/lm loss validation", loss, iteration)
         self._scalar("lm-loss-validation/lm loss validation vs samples", loss, consumed_samples, wandb=False)
         self._scalar("lm-loss-validation/lm loss validation vs tokens", loss, consumed_tokens, wandb=False)
-        if self.args.log_validation_ppl_to_tensorboard:
+        if self.config.logging.log_validation_ppl_to_tensorboard:
             self._scalar("lm-loss-validation/lm loss validation ppl", ppl, iteration)
             self._scalar("lm-loss-validation/lm loss validation ppl vs tokens", ppl, consumed_tokens, wandb=False)
         self._flush_wandb()
@@ -348,14 +354,14 @@ class TrainLogger:
 
     # ------------------------------------------------------------------ end of run
     def summary_rows(self, iteration: int, consumed_tokens: int, checkpoint: str | None) -> list[tuple[str, str]]:
-        a, t = self.args, self.totals
+        cfg, t = self.config, self.totals
         for n in EXCLUDED_TIMERS:  # evaluation / checkpoints after the last report
             t.excluded[n] = t.excluded.get(n, 0.0) + self.timers.elapsed(n)
         run_tokens = consumed_tokens - (t.start_tokens if t.start_tokens is not None else consumed_tokens)
         wall = time.perf_counter() - t.start_wall
         tok_s = run_tokens / t.train_seconds if t.train_seconds > 0 else float("nan")
-        per_iteration = flops_per_iteration(a)
-        tflops = (per_iteration * t.iterations / t.train_seconds / 1e12 / a.world_size
+        per_iteration = flops_per_iteration(cfg)
+        tflops = (per_iteration * t.iterations / t.train_seconds / 1e12 / cfg.runtime.world_size
                   if t.train_seconds > 0 else float("nan"))
         mfu = self.peak.mfu(tflops) if self.peak else float("nan")
         val = t.last_val_loss
@@ -365,7 +371,7 @@ class TrainLogger:
             ("time", f"{_human_seconds(wall)} wall: {_human_seconds(t.train_seconds)} training, "
                      f"{_human_seconds(t.excluded.get('evaluate', 0.0))} evaluation, "
                      f"{_human_seconds(t.excluded.get('save-checkpoint', 0.0))} checkpoints"),
-            ("mean tokens/s", f"{tok_s:,.1f} ({tok_s / a.world_size:,.1f} per device)"),
+            ("mean tokens/s", f"{tok_s:,.1f} ({tok_s / cfg.runtime.world_size:,.1f} per device)"),
             ("mean TFLOPS/device", _fmt_tflops(tflops)),
             ("model compute", f"{per_iteration * t.iterations / 1e12:.4g} TFLOP ({t.iterations} iterations x "
                               f"{per_iteration / 1e9:.4g} GFLOP)"),
@@ -373,15 +379,15 @@ class TrainLogger:
             ("final train loss", f"{t.last_loss:.4f}" if t.last_loss is not None else "n/a"),
             ("final val loss (PPL)", f"{val:.4f} ({math.exp(min(20.0, val)):.2f})" if val is not None else "n/a"),
             ("checkpoint", checkpoint or "none (no --save)"),
-            ("tensorboard", a.tensorboard_dir or "off"),
-            ("metrics", a.metrics_file or "off"),
+            ("tensorboard", cfg.logging.tensorboard_dir or "off"),
+            ("metrics", cfg.logging.metrics_file or "off"),
         ]
         return rows
 
     def finish(self, iteration: int, consumed_tokens: int, checkpoint: str | None) -> dict:
         """Print the summary table (rank 0), record it in metrics.jsonl, close every sink."""
         rows = self.summary_rows(iteration, consumed_tokens, checkpoint)
-        if self.args.rank == 0:
+        if self.config.runtime.rank == 0:
             kw, vw = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
             rule = "+" + "-" * (kw + 2) + "+" + "-" * (vw + 2) + "+"
             title = "| " + "run summary".ljust(kw + vw + 3) + " |"

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import os
 
+from megatron.config import Config, LoggingConfig
+
 log = logging.getLogger(__name__)
 
 
-def wandb_project(args, env=os.environ) -> str:
-    return args.wandb_project or env.get("WB_PROJECT") or env.get("WANDB_PROJECT") or "AuroraGPT"
+def wandb_project(logging_config: LoggingConfig, env=os.environ) -> str:
+    return logging_config.wandb_project or env.get("WB_PROJECT") or env.get("WANDB_PROJECT") or "AuroraGPT"
 
 
 def wandb_disabled(env=os.environ) -> bool:
@@ -26,9 +28,9 @@ def wandb_disabled(env=os.environ) -> bool:
             or env.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes", "on"))
 
 
-def init_wandb(args, env=os.environ):
+def init_wandb(config: Config, env=os.environ):
     """A wandb run on rank 0 (or None: other ranks, not installed, WANDB_MODE=disabled, or failure)."""
-    if args.rank != 0 or wandb_disabled(env):
+    if config.runtime.rank != 0 or wandb_disabled(env):
         return None
     try:
         import wandb  # noqa: PLC0415
@@ -44,21 +46,22 @@ def init_wandb(args, env=os.environ):
             log.info("W&B: wandb is installed but not logged in and WANDB_MODE is unset: not used "
                      "(wandb login, or WANDB_MODE=offline to record locally)")
             return None
-    save_dir = args.wandb_save_dir or args.save or os.getcwd()
+    save_dir = config.logging.wandb_save_dir or config.checkpoint.save or os.getcwd()
     os.makedirs(save_dir, exist_ok=True)
     try:
-        run = wandb.init(project=wandb_project(args, env), name=args.wandb_exp_name,
-                         dir=save_dir, mode=mode, config={"args": _jsonable_args(args)})
+        run = wandb.init(project=wandb_project(config.logging, env), name=config.logging.wandb_exp_name,
+                         dir=save_dir, mode=mode, config={"args": _jsonable_args(config)})
     except Exception as e:  # noqa: BLE001  (W&B must never stop a training run)
         log.warning("W&B disabled: wandb.init failed: %s", e)
         return None
-    log.info("W&B: project %s, run %s, mode %s, dir %s", wandb_project(args, env), run.name,
+    log.info("W&B: project %s, run %s, mode %s, dir %s", wandb_project(config.logging, env), run.name,
              mode or "online", save_dir)
     return run
 
 
-def _jsonable_args(args) -> dict:
+def _jsonable_args(config: Config) -> dict:
+    """The upstream flat argument names and values (W&B's run config, as before), JSON-friendly."""
     out = {}
-    for k, v in sorted(vars(args).items()):
+    for k, v in sorted(vars(config.to_args()).items()):
         out[k] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)
     return out

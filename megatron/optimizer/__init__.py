@@ -4,13 +4,14 @@ Adding an optimizer is one decorated function in the module of its family (plus 
 ``tests/test_optimizer_<family>.py`` and a row in ``ALCF/notes/optimizers.md``):
 
     @register_optimizer("myopt", help="one line shown in --help")
-    def _build_myopt(groups, args):
-        return MyOpt(groups, lr=args.lr, ...)
+    def _build_myopt(groups, config: Config):
+        return MyOpt(groups, lr=config.schedule.lr, beta=config.optimizer.myopt_beta, ...)
 
 A builder receives parameter groups (from `get_param_groups`, or the entry's own `groups`
-function) and the parsed arguments, and returns either a `torch.optim.Optimizer` (handed to
+function) and the run's `Config` (megatron/config/: the optimizer section, the learning rate of the
+schedule section, the precision and ZeRO stage, ...), and returns either a `torch.optim.Optimizer` (handed to
 `deepspeed.initialize(optimizer=...)`) or a `DeepSpeedOptimizer` (one of DeepSpeed's own
-optimizers plus the DS config entries it needs, e.g. ds.adamw, ds.onebitlamb). An entry's `check(args)` lists start-up
+optimizers plus the DS config entries it needs, e.g. ds.adamw, ds.onebitlamb). An entry's `check(config)` lists start-up
 problems (a missing package, a ZeRO stage it cannot run under); `megatron.arguments` reports them
 before anything expensive starts, so a bad name never turns into a TypeError mid-run.
 
@@ -27,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from megatron.config import Config
+from megatron.config import Config, RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ class DeepSpeedOptimizer:
 
 
 Built = "torch.optim.Optimizer | DeepSpeedOptimizer"
-Builder = Callable[[list[dict], Any], Any]
-Check = Callable[[Any], list[str]]
-GroupFn = Callable[[NamedParams, Any], list[dict]]
+Builder = Callable[[list[dict], Config], Any]
+Check = Callable[[Config], list[str]]
+GroupFn = Callable[[NamedParams, Config], list[dict]]
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,9 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {}
 
 def register_optimizer(name: str, *, help: str = "", check: Check | None = None,
                        groups: GroupFn | None = None, state_copies: float = 2.0) -> Callable[[Builder], Builder]:
-    """Decorator registering `builder(param_groups, args)` under `name`.
+    """Decorator registering `builder(param_groups, config)` under `name`.
 
-    `check(args) -> [problem lines]` runs in `validate_args`; `groups(named_params, args)` replaces
+    `check(config) -> [problem lines]` runs in `validate_args`; `groups(named_params, config)` replaces
     the default `get_param_groups` for this entry; `state_copies`: optimizer state per parameter in
     fp32 copies of it (Adam 2; an upper bound where it depends on the model), for the memory preflight.
     """
@@ -124,13 +125,13 @@ def get_entry(name: str) -> OptimizerEntry:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(optimizer_names())}") from None
 
 
-def optimizer_problems(args) -> list[str]:
-    """Start-up problems of `args.optimizer` on this machine (one line each, naming the fix)."""
+def optimizer_problems(config: Config) -> list[str]:
+    """Start-up problems of `--optimizer` on this machine (one line each, naming the fix)."""
     try:
-        entry = get_entry(args.optimizer)
+        entry = get_entry(config.optimizer.optimizer)
     except ValueError as e:
         return [str(e)]
-    return list(entry.check(args)) if entry.check else []
+    return list(entry.check(config)) if entry.check else []
 
 
 # ----------------------------------------------------------------------------- helpers for entries
@@ -145,10 +146,10 @@ def have_module(name: str) -> bool:
 def needs_module(module: str, install: str, what: str) -> Check:
     """A `check` that refuses when `module` is not importable, naming the pip line to run."""
 
-    def check(args) -> list[str]:
+    def check(config: Config) -> list[str]:
         if have_module(module):
             return []
-        return [f"--optimizer {args.optimizer} needs {what} (python module {module!r}, not installed): "
+        return [f"--optimizer {config.optimizer.optimizer} needs {what} (python module {module!r}, not installed): "
                 f"{install}"]
 
     return check
@@ -188,27 +189,27 @@ def get_param_groups(named_params: NamedParams, lr_mult: float = 1.0) -> list[di
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, args):
-    """Build what `args.optimizer` names for `model`: a torch optimizer or a `DeepSpeedOptimizer`."""
-    entry = get_entry(args.optimizer)
+def build_optimizer(model: torch.nn.Module, config: Config):
+    """Build what `--optimizer` names for `model`: a torch optimizer or a `DeepSpeedOptimizer`."""
+    entry = get_entry(config.optimizer.optimizer)
     named = list(model.named_parameters())
-    groups = entry.groups(named, args) if entry.groups else get_param_groups(named)
+    groups = entry.groups(named, config) if entry.groups else get_param_groups(named)
     from megatron.model.mup import parametrize_param_groups  # noqa: PLC0415
 
-    config = Config.from_args(args)  # MuP/CompleteP lr/wd/eps multipliers (no-op when off)
+    # MuP/CompleteP lr/wd/eps multipliers (no-op when off)
     groups = parametrize_param_groups(groups, named, config.model, config.optimizer)
     for g in groups:  # the scheduler sets the real values before the first step
-        g["lr"] = args.lr * g.get("lr_mult", 1.0)
-        g["weight_decay"] = args.weight_decay * g.get("wd_mult", 1.0)
-    return entry.build(groups, args)
+        g["lr"] = config.schedule.lr * g.get("lr_mult", 1.0)
+        g["weight_decay"] = config.optimizer.weight_decay * g.get("wd_mult", 1.0)
+    return entry.build(groups, config)
 
 
-def deepspeed_initialize_kwargs(model: torch.nn.Module, args, ds_config: dict,
+def deepspeed_initialize_kwargs(model: torch.nn.Module, config: Config, ds_config: dict,
                                 scheduler_factory: Callable[[Any], Any]) -> dict:
     """Keyword arguments for ``deepspeed.initialize(model=model, **kwargs)``: the optimizer, the
     DS config (with the entries a `DeepSpeedOptimizer` asks for) and the LR scheduler (built by
     `scheduler_factory(optimizer)`, so per-group multipliers are honoured)."""
-    built = build_optimizer(model, args)
+    built = build_optimizer(model, config)
     if not isinstance(built, DeepSpeedOptimizer):
         return {"optimizer": built, "config": ds_config, "lr_scheduler": scheduler_factory(built)}
     cfg = {**ds_config, **built.ds_config}
@@ -239,7 +240,7 @@ class OptimizerHooks:
       W_q / W_k of heads whose max QK logit exceeded ``--muonclip-t``.
     """
     engine: Any
-    args: Any
+    runtime: RuntimeConfig
 
     def __post_init__(self) -> None:
         from megatron.deepspeed_compat.partitions import model_sync  # noqa: PLC0415
@@ -281,7 +282,7 @@ class OptimizerHooks:
         fn = getattr(opt, "after_step", None)
         if callable(fn):
             out.update(fn(iteration, self.engine.module, replay) or {})
-        if out and int(self.args.rank or 0) == 0:
+        if out and int(self.runtime.rank or 0) == 0:
             log.info("iteration %d optimizer: %s", iteration,
                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()))
         return out

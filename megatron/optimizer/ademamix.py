@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from megatron.config import Config
 from megatron.optimizer import register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 
@@ -52,7 +53,8 @@ class AdEMAMix(ElementwiseOptimizer):
 
 
 @register_optimizer("ademamix", state_copies=3.0, help="AdEMAMix (Adam + slow EMA); --ademamix-beta3/-alpha/-warmup-iters")
-def build_ademamix(groups: list[dict], args) -> torch.optim.Optimizer:
-    return AdEMAMix(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2, args.ademamix_beta3),
-                    alpha=args.ademamix_alpha, warmup=args.ademamix_warmup_iters,
-                    eps=args.adam_eps, weight_decay=args.weight_decay)
+def build_ademamix(groups: list[dict], config: Config) -> torch.optim.Optimizer:
+    o = config.optimizer
+    return AdEMAMix(groups, lr=config.schedule.lr, betas=(o.adam_beta1, o.adam_beta2, o.ademamix_beta3),
+                    alpha=o.ademamix_alpha, warmup=o.ademamix_warmup_iters, eps=o.adam_eps,
+                    weight_decay=o.weight_decay)

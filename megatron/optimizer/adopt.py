@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.config import Config
 from megatron.optimizer import register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 
@@ -42,6 +43,7 @@ class ADOPT(ElementwiseOptimizer):
 
 
 @register_optimizer("adopt", help="ADOPT (clip step^0.25, L2 weight decay); betas/eps from --adam-*")
-def build_adopt(groups: list[dict], args) -> torch.optim.Optimizer:
-    return ADOPT(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                 weight_decay=args.weight_decay)
+def build_adopt(groups: list[dict], config: Config) -> torch.optim.Optimizer:
+    o = config.optimizer
+    return ADOPT(groups, lr=config.schedule.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                 weight_decay=o.weight_decay)

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from megatron.config import Config
 from megatron.optimizer import needs_module, register_optimizer
 from megatron.optimizer.basic import adam_kwargs
 from megatron.optimizer.partition import PartitionedWeights
@@ -109,16 +110,16 @@ class GaLoreAdamW(PartitionedWeights, torch.optim.Optimizer):
 _need_galore = needs_module("galore_torch", "pip install galore-torch", "GaLore")
 
 
-def check_galore(args) -> list[str]:
-    errs = _need_galore(args)
-    if args.optimizer == "galoreadamw8bit":
+def check_galore(config: Config) -> list[str]:
+    errs, name = _need_galore(config), config.optimizer.optimizer
+    if name == "galoreadamw8bit":
         from megatron.optimizer.fallbacks import eight_bit_problems  # noqa: PLC0415
-        errs += eight_bit_problems(args)
-    if args.optimizer == "galoreadamw8bitperlayer":
+        errs += eight_bit_problems(config)
+    if name == "galoreadamw8bitperlayer":
         errs.append("--optimizer galoreadamw8bitperlayer steps each layer inside backward hooks, which DeepSpeed's "
                     "engine does not support: use --optimizer galoreadamw (or galoreadamw8bit)")
-    elif args.optimizer == "galoreadamw8bit" and (int(args.zero_stage) >= 1 or args.bf16
-                                                  or args.fp16):
+    elif name == "galoreadamw8bit" and (int(config.parallel.zero_stage) >= 1 or config.precision.bf16
+                                        or config.precision.fp16):
         errs.append("--optimizer galoreadamw8bit quantizes its states in blocks of each tensor, which ZeRO's (and "
                     "the bf16/fp16 optimizer's) flat partitions would mix: use --zero-stage 0 in fp32, or "
                     "--optimizer galoreadamw")
@@ -128,20 +129,20 @@ def check_galore(args) -> list[str]:
 @register_optimizer("galoreadamw", check=check_galore,
                     help="GaLore AdamW (rank 128, SVD projection every 200 steps, scale 0.25) on 2-D weights, AdamW "
                          "on the rest; every ZeRO stage and precision")
-def build_galore(groups: list[dict], args):
-    kw = adam_kwargs(args)
+def build_galore(groups: list[dict], config: Config):
+    kw = adam_kwargs(config)
     return GaLoreAdamW(galore_groups(groups), lr=kw["lr"], betas=kw["betas"], eps=kw["eps"],
                        weight_decay=kw["weight_decay"])
 
 
 @register_optimizer("galoreadamw8bit", check=check_galore, state_copies=0.5,
                     help="galore-torch GaLoreAdamW8bit (bitsandbytes 8-bit states: CUDA; ZeRO 0, fp32)")
-def build_galore8(groups: list[dict], args):
+def build_galore8(groups: list[dict], config: Config):
     from galore_torch import GaLoreAdamW8bit  # noqa: PLC0415
-    return GaLoreAdamW8bit(galore_groups(groups), **adam_kwargs(args))
+    return GaLoreAdamW8bit(galore_groups(groups), **adam_kwargs(config))
 
 
 @register_optimizer("galoreadamw8bitperlayer", check=check_galore, help="refused: per-layer GaLore needs "
                     "backward-hook stepping, not possible under DeepSpeed")
-def build_galore8_per_layer(groups: list[dict], args):
+def build_galore8_per_layer(groups: list[dict], config: Config):
     raise RuntimeError("galoreadamw8bitperlayer is refused by validate_args")

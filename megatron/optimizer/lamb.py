@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from megatron.config import Config
 from megatron.optimizer import have_module, register_optimizer, warn_once
 from megatron.optimizer.base import ElementwiseOptimizer
+from megatron.optimizer.basic import adam_kwargs
 from megatron.optimizer.partition import PartitionedWeights
 
 
@@ -51,9 +53,8 @@ class LAMB(PartitionedWeights, ElementwiseOptimizer):
         p.sub_(update * layout.per_element(g["lr"] * ratio, like=p))
 
 
-def _lamb(groups, args, **kw) -> LAMB:
-    return LAMB(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                weight_decay=args.weight_decay, **kw)
+def _lamb(groups, config: Config, **kw) -> LAMB:
+    return LAMB(groups, **adam_kwargs(config), **kw)
 
 
 def _ipex_works() -> bool:
@@ -68,36 +69,35 @@ def _ipex_works() -> bool:
 
 
 @register_optimizer("lamb", help="LAMB (bias-corrected, trust ratio ||w||/||u|| on every tensor)")
-def build_lamb(groups: list[dict], args) -> torch.optim.Optimizer:
-    return _lamb(groups, args)
+def build_lamb(groups: list[dict], config: Config) -> torch.optim.Optimizer:
+    return _lamb(groups, config)
 
 
-def _ipex_lamb(groups, args, fused: bool):
+def _ipex_lamb(groups, config: Config, fused: bool):
     if _ipex_works():
         from intel_extension_for_pytorch.optim._lamb import Lamb  # noqa: PLC0415
-        return Lamb(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                    weight_decay=args.weight_decay, fused=fused)
-    warn_once(args.optimizer, f"--optimizer {args.optimizer}: intel_extension_for_pytorch is not usable here; "
-              "running the same LAMB math from megatron/optimizer/lamb.py")
-    return _lamb(groups, args)
+        return Lamb(groups, **adam_kwargs(config), fused=fused)
+    name = config.optimizer.optimizer
+    warn_once(name, f"--optimizer {name}: intel_extension_for_pytorch is not usable here; running the same LAMB "
+              "math from megatron/optimizer/lamb.py")
+    return _lamb(groups, config)
 
 
 @register_optimizer("ipex.lamb", help="IPEX LAMB; falls back to lamb (same math) without a working IPEX")
-def build_ipex_lamb(groups: list[dict], args):
-    return _ipex_lamb(groups, args, fused=False)
+def build_ipex_lamb(groups: list[dict], config: Config):
+    return _ipex_lamb(groups, config, fused=False)
 
 
 @register_optimizer("ipex.fusedlamb", help="IPEX fused LAMB; falls back to lamb (same math) without a working IPEX")
-def build_ipex_fusedlamb(groups: list[dict], args):
-    return _ipex_lamb(groups, args, fused=True)
+def build_ipex_fusedlamb(groups: list[dict], config: Config):
+    return _ipex_lamb(groups, config, fused=True)
 
 
 @register_optimizer("ds.fusedlamb", help="DeepSpeed FusedLamb (CUDA); on CPU lamb with its [0.01, 10] ratio clamp")
-def build_ds_fusedlamb(groups: list[dict], args):
+def build_ds_fusedlamb(groups: list[dict], config: Config):
     if torch.cuda.is_available():
         from deepspeed.ops.lamb import FusedLamb  # noqa: PLC0415
-        return FusedLamb(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                         weight_decay=args.weight_decay)
+        return FusedLamb(groups, **adam_kwargs(config))
     warn_once("ds.fusedlamb", "--optimizer ds.fusedlamb: DeepSpeed's FusedLamb needs CUDA; running the same LAMB "
               "math (trust ratio clamped to [0.01, 10]) from megatron/optimizer/lamb.py")
-    return _lamb(groups, args, ratio_clamp=(0.01, 10.0))
+    return _lamb(groups, config, ratio_clamp=(0.01, 10.0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.config import Config
 from megatron.optimizer import register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 
@@ -30,5 +31,6 @@ class Lion(ElementwiseOptimizer):
 
 
 @register_optimizer("lion", state_copies=1.0, help="Lion (sign momentum); betas from --adam-beta1/2, decoupled weight decay")
-def build_lion(groups: list[dict], args) -> torch.optim.Optimizer:
-    return Lion(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+def build_lion(groups: list[dict], config: Config) -> torch.optim.Optimizer:
+    o = config.optimizer
+    return Lion(groups, lr=config.schedule.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)

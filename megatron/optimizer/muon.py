@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from megatron.config import Config
 from megatron.optimizer import get_param_groups, register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 from megatron.optimizer.partition import PartitionedWeights
@@ -253,7 +254,7 @@ class QKClip:
 
 
 # ----------------------------------------------------------------------------- registry entries
-def muon_groups(named, args) -> list[dict]:
+def muon_groups(named, config: Config) -> list[dict]:
     """Muon half (2-D hidden matrices, key ``muon=True``) + AdamW half (decay / no decay).
     (Not ``use_muon``: DeepSpeed's bf16 optimizer reads that key and would run its own Muon.)"""
     named = [(n, p) for n, p in named if p.requires_grad]
@@ -269,18 +270,19 @@ def muon_groups(named, args) -> list[dict]:
     return groups
 
 
-def _muon_kwargs(args) -> dict:
-    return dict(lr=args.lr, weight_decay=args.weight_decay, momentum=args.muon_momentum,
-                nesterov=args.muon_nesterov, ns_steps=args.muon_ns_steps,
-                adamw_betas=(args.muonadamw_beta1, args.muonadamw_beta2),
-                adamw_eps=args.muonadamw_eps,
+def _muon_kwargs(config: Config) -> dict:
+    o = config.optimizer
+    return dict(lr=config.schedule.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
+                nesterov=o.muon_nesterov, ns_steps=o.muon_ns_steps,
+                adamw_betas=(o.muonadamw_beta1, o.muonadamw_beta2),
+                adamw_eps=o.muonadamw_eps,
                 # Newton-Schulz in the training precision: bf16 matmuls (as torch.optim.Muon) for bf16/fp16
                 # runs; fp32 for fp32 runs, whose update then does not depend on how ZeRO partitions it
-                ns_dtype=torch.bfloat16 if args.bf16 or args.fp16 else torch.float32)
+                ns_dtype=torch.bfloat16 if config.precision.bf16 or config.precision.fp16 else torch.float32)
 
 
-def check_muon(args) -> list[str]:
-    if args.optimizer == "muonclip" and int(args.zero_stage) == 3:
+def check_muon(config: Config) -> list[str]:
+    if config.optimizer.optimizer == "muonclip" and int(config.parallel.zero_stage) == 3:
         return ["--optimizer muonclip rescales rows of the model's whole QKV weights after the step, which ZeRO-3 "
                 "keeps partitioned: use --zero-stage 1 or 2 (or --optimizer muon at ZeRO-3)"]
     return []
@@ -289,13 +291,13 @@ def check_muon(args) -> list[str]:
 @register_optimizer("muon", check=check_muon, groups=muon_groups,
                     help="Muon on 2-D hidden matrices (0.2*sqrt(max(A,B)) scale), AdamW on the rest; every ZeRO "
                          "stage and precision (Newton-Schulz on whole gathered matrices)")
-def build_muon(groups: list[dict], args):
-    return Muon(groups, **_muon_kwargs(args))
+def build_muon(groups: list[dict], config: Config):
+    return Muon(groups, **_muon_kwargs(config))
 
 
 @register_optimizer("muonclip", check=check_muon, groups=muon_groups,
                     help="Muon with QK-clip: heads whose max attention logit exceeds --muonclip-t get W_q, W_k "
                          "rescaled (ZeRO 0/1/2)")
-def build_muonclip(groups: list[dict], args):
-    return Muon(groups, **_muon_kwargs(args), adjust_lr="original",
-                qk_clip_t=args.muonclip_t, qk_clip_alpha=args.muonclip_alpha)
+def build_muonclip(groups: list[dict], config: Config):
+    return Muon(groups, **_muon_kwargs(config), adjust_lr="original",
+                qk_clip_t=config.optimizer.muonclip_t, qk_clip_alpha=config.optimizer.muonclip_alpha)

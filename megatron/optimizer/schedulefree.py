@@ -11,16 +11,17 @@ optimizer holds no parameters between steps, so there is nothing to swap.
 """
 from __future__ import annotations
 
+from megatron.config import Config
 from megatron.optimizer import needs_module, register_optimizer
 
 _need = needs_module("schedulefree", "pip install schedulefree", "the schedulefree package")
 
 
-def check_schedulefree(args) -> list[str]:
-    errs = _need(args)
-    if int(args.zero_stage) == 3:
-        errs.append(f"--optimizer {args.optimizer} swaps to its averaged weights for evaluation and checkpoints, "
-                    "which ZeRO-3's optimizer cannot do between steps: use --zero-stage 1 or 2")
+def check_schedulefree(config: Config) -> list[str]:
+    errs = _need(config)
+    if int(config.parallel.zero_stage) == 3:
+        errs.append(f"--optimizer {config.optimizer.optimizer} swaps to its averaged weights for evaluation and "
+                    "checkpoints, which ZeRO-3's optimizer cannot do between steps: use --zero-stage 1 or 2")
     return errs
 
 
@@ -34,23 +35,24 @@ def _training(opt):
     return opt
 
 
-def _common(args) -> dict:
-    return dict(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=int(args.lr_warmup_iters),
-                foreach=bool(args.schedulefree_for_each))
+def _common(config: Config) -> dict:
+    return dict(lr=config.schedule.lr, weight_decay=config.optimizer.weight_decay,
+                warmup_steps=int(config.schedule.lr_warmup_iters), foreach=bool(config.optimizer.schedulefree_for_each))
 
 
 @register_optimizer("adamwschedulefree", check=check_schedulefree,
                     help="schedulefree.AdamWScheduleFree (averaged weights used for eval and checkpoints)")
-def build_adamw_sf(groups: list[dict], args):
+def build_adamw_sf(groups: list[dict], config: Config):
     import schedulefree  # noqa: PLC0415
 
-    return _training(schedulefree.AdamWScheduleFree(groups, betas=(args.adam_beta1, args.adam_beta2),
-                                                    eps=args.adam_eps, **_common(args)))
+    o = config.optimizer
+    return _training(schedulefree.AdamWScheduleFree(groups, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                                                    **_common(config)))
 
 
 @register_optimizer("sgdschedulefree", check=check_schedulefree, state_copies=1.0,
                     help="schedulefree.SGDScheduleFree with --sgd-momentum")
-def build_sgd_sf(groups: list[dict], args):
+def build_sgd_sf(groups: list[dict], config: Config):
     import schedulefree  # noqa: PLC0415
 
-    return _training(schedulefree.SGDScheduleFree(groups, momentum=args.sgd_momentum, **_common(args)))
+    return _training(schedulefree.SGDScheduleFree(groups, momentum=config.optimizer.sgd_momentum, **_common(config)))

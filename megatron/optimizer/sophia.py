@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron.config import Config
 from megatron.optimizer import register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 from megatron.optimizer.partition import PartitionedWeights
@@ -132,20 +133,21 @@ def sampled_label_gradient(module: torch.nn.Module, params: list, replay: Callab
     return grads
 
 
-def check_sophiag(args) -> list[str]:
+def check_sophiag(config: Config) -> list[str]:
     errs = []
-    if int(args.zero_stage) == 3:
+    if int(config.parallel.zero_stage) == 3:
         errs.append("--optimizer sophiag refreshes its Hessian estimate from an extra backward through the model's "
                     "whole weights, which ZeRO-3 keeps partitioned: use --zero-stage 1 or 2")
-    if int(args.sophiag_hessian_interval) < 1:
-        errs.append(f"--sophiag-hessian-interval must be >= 1 (got {args.sophiag_hessian_interval})")
+    if int(config.optimizer.sophiag_hessian_interval) < 1:
+        errs.append(f"--sophiag-hessian-interval must be >= 1 (got {config.optimizer.sophiag_hessian_interval})")
     return errs
 
 
 @register_optimizer("sophiag", check=check_sophiag,
                     help="SophiaG with a Gauss-Newton-Bartlett Hessian refresh every --sophiag-hessian-interval steps")
-def build_sophiag(groups: list[dict], args) -> torch.optim.Optimizer:
-    bs = int(args.global_batch_size) * int(args.seq_length)
-    return SophiaG(groups, lr=args.lr, betas=(args.sophiag_beta1, args.sophiag_beta2),
-                   rho=args.sophiag_rho, weight_decay=args.weight_decay, bs=bs,
-                   hessian_interval=args.sophiag_hessian_interval, seed=args.seed)
+def build_sophiag(groups: list[dict], config: Config) -> torch.optim.Optimizer:
+    bs = int(config.training.global_batch_size) * int(config.model.seq_length)
+    o = config.optimizer
+    return SophiaG(groups, lr=config.schedule.lr, betas=(o.sophiag_beta1, o.sophiag_beta2),
+                   rho=o.sophiag_rho, weight_decay=o.weight_decay, bs=bs,
+                   hessian_interval=o.sophiag_hessian_interval, seed=config.model.seed)
