@@ -480,7 +480,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     errs.extend(ds_optimizer_block_problems(args))  # a DeepSpeed config "optimizer" block DeepSpeed would ignore
     errs.extend(parallel_problems(config))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
     errs.extend(pipeline_problems(config))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/core/pipeline_schedule.py)
-    errs.extend(ulysses_problems(config))  # Ulysses SP: heads / seq divisible by SP (megatron/core/sequence_parallel.py)
+    errs.extend(ulysses_problems(config))  # Ulysses SP: heads / seq divisible by SP (core/sequence_parallel.py)
     errs.extend(fp16_problems(args, args.zero_stage))  # loss-scaling flags and the fp16 block (megatron/fp16.py)
 
     for dest, message in REFUSED_FLAGS.items():  # upstream flags whose promise cannot be kept here

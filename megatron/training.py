@@ -312,8 +312,9 @@ def pretrain(args) -> dict:
 
     model, engine = setup_model_and_optimizer(args)
     device = engine.device
-    # the resolved configuration, each value's source, and warnings for suspicious settings
-    print_config(Config.from_args(args), model.config.num_parameters())  # whole model (a TP rank holds 1/TP of the matrices)
+    # the resolved configuration, each value's source, and warnings for suspicious settings; the parameters
+    # of the whole model (a TP rank holds 1/TP of the matrices)
+    print_config(Config.from_args(args), model.config.num_parameters())
 
     state = checkpointing.load_checkpoint(engine, args)
     summary = train(args, engine, train_ds, valid_ds, tokenizer.eod, device, state)

@@ -1,7 +1,8 @@
 """Profilers hanging off the loop: `--profile pt|pt-full` (torch profiler, Chrome trace) and
 DeepSpeed's flops profiler at `--flops-profiler-step` (configured through the DeepSpeed config).
 
-    profiler = Profiler.create(config.logging, config.runtime)  # no-op unless --profile and this rank is in --profile-ranks
+    # no-op unless --profile and this rank is in --profile-ranks
+    profiler = Profiler.create(config.logging, config.runtime)
     for iteration in ...:
         profiler.step(iteration)          # before the iteration runs
         train_step(...)
