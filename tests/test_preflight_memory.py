@@ -148,6 +148,21 @@ def test_refuse_warn_skip():
     assert pf.memory_problems(cfg(a), 512, limit=(1, "fake")) == ([], [], None)
 
 
+def test_check_memory_returns_the_estimate(monkeypatch):
+    """check_memory sets nothing on the configuration: it returns the estimate's line (the trainer keeps it
+    for the out-of-memory message), None when no estimate is made, and refuses what does not fit."""
+    a = args_for([])
+    a.padded_vocab_size = 512
+    config = cfg(a)
+    monkeypatch.setattr(pf, "meminfo_available", lambda: 1000 * GIB)
+    assert pf.check_memory(config) == pf.estimate_memory(config, 512).describe()
+    assert config.runtime.memory_estimate is None
+    assert pf.check_memory(config.replace(skip_memory_check=True)) is None
+    monkeypatch.setattr(pf, "meminfo_available", lambda: GIB // 100)
+    with pytest.raises(pf.ArgumentError, match="not enough memory: the estimate is "):
+        pf.check_memory(config)
+
+
 def test_7b_on_24_gib_is_refused_with_fixes():
     """The 7B preset (fp32 on CPU, ZeRO-1, one rank, micro-batch 1 x 4096) against 24 GiB."""
     a = parse_args(["--num-layers", "32", "--hidden-size", "4096", "--num-attention-heads", "32",

@@ -229,7 +229,7 @@ def save_checkpoint(engine, config: Config, iteration: int, consumed_train_sampl
         try:
             with open(os.path.join(part_dir, ARGS_FILE), "w") as f:
                 json.dump(record, f, indent=1)
-            # after every rank's files and the args: what no rank claimed is hashed here
+            # after every rank's files and ARGS_FILE: what no rank claimed is hashed here
             checkpoint_manifest.write_manifest(part_dir, entries, guard.algorithm if guard else
                                                checkpoint_manifest.default_algorithm(), tag, iteration)
         except OSError as e:
