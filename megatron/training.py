@@ -328,11 +328,12 @@ def pretrain(args) -> dict:
 
 
 def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.LoadedState) -> dict:
-    config = Config.from_args(args)
+    config = Config.from_args(args)  # after setup_model_and_optimizer (it sets --compile's fields checkpoints store)
     iteration, samples, tokens = state.iteration, state.consumed_train_samples, state.consumed_train_tokens
     # the loader's worker processes are forked here, before the logger starts its threads (forking a
     # process that runs other Python threads can deadlock the child: see data/loading.py)
-    batches_in = None if args.skip_train else iter(build_loader(train_ds, config, samples, config.data.dataloader_type))
+    batches_in = None if args.skip_train else iter(build_loader(train_ds, config, samples,
+                                                                config.data.dataloader_type))
     logger = TrainLogger.create(args, corpus_names=getattr(train_ds, "corpus_names", None), resumed=iteration > 0,
                                 skipped_steps=int(getattr(engine, "skipped_steps", 0) or 0))
     timers = logger.timers
