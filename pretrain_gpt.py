@@ -23,9 +23,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ERROR: {line}", file=sys.stderr)
         return 2
     if args.check_args:  # --check-args: also read the tokenizer and data files, then stop (megatron/resilience/preflight.py)
+        from megatron.config import Config
         from megatron.resilience.preflight import preflight_problems
 
-        problems = preflight_problems(args)
+        problems = preflight_problems(Config.from_args(args))
         for line in problems:
             print(f"ERROR: {line}", file=sys.stderr)
         print("check-args: OK" if not problems else f"check-args: {len(problems)} problem(s)", file=sys.stderr)

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.train_throughput import DEFAULT_MODEL, SMALL_MODEL, Ours, trainer_flags
     from megatron.checkpoint import checkpointing
+    from megatron.config import Config
 
     print(f"# checkpoint_io: {machine_line()}", flush=True)
     m = SMALL_MODEL if opts.small else DEFAULT_MODEL
@@ -55,13 +56,14 @@ def main(argv: list[str] | None = None) -> dict:
         ours.step()  # optimizer state exists
         engine, args = ours.engine, ours.args
         args.save = args.load = os.path.join(work, "ckpt")
+        config = Config.from_args(args)
         raw = os.path.join(work, "raw.pt")
         opt = getattr(engine, "basic_optimizer", None) or engine.optimizer
         times: dict[str, list[float]] = {}
         sizes: dict[str, int] = {}
 
         def ours_save(r: int) -> None:  # a new iteration each round, as in training
-            checkpointing.save_checkpoint(engine, args, r + 1, args.global_batch_size,
+            checkpointing.save_checkpoint(engine, config, r + 1, args.global_batch_size,
                                           args.global_batch_size * args.seq_length)
 
         def raw_save(r: int) -> None:
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             opt.load_state_dict(state["optimizer"])
 
         def ours_load(r: int) -> None:
-            checkpointing.load_checkpoint(engine, args)
+            checkpointing.load_checkpoint(engine, config)
 
         for r in range(opts.rounds):
             for pairs in ([("ours save", ours_save), ("raw save", raw_save)],

@@ -66,13 +66,14 @@ def worker(out: str, trainer_args: list[str]) -> int:
     rec: dict = {}
     check = training.check_memory
 
-    def check_memory(args):
+    def check_memory(config):
         rec["baseline"] = rss_bytes()
-        rec["parameters"] = parameters_per_rank(args, args.padded_vocab_size)
-        rec["activations"] = activation_bytes(args, args.padded_vocab_size)
-        rec["zero_stage"] = args.zero_stage
-        rec["dp"] = args.data_parallel_size
-        return check(args)
+        vocab = config.runtime.padded_vocab_size
+        rec["parameters"] = parameters_per_rank(config.model, config.parallel, vocab)
+        rec["activations"] = activation_bytes(config, vocab)
+        rec["zero_stage"] = config.parallel.zero_stage
+        rec["dp"] = config.runtime.data_parallel_size
+        return check(config)
 
     training.check_memory = check_memory
     setup = training.setup_model_and_optimizer

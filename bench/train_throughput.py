@@ -81,6 +81,7 @@ class Ours:
         import torch
 
         from megatron.arguments import parse_args
+        from megatron.config import Config
         from megatron.initialize import initialize_megatron
         from megatron.model.hf_convert import to_hf_state_dict
         from megatron.observability.timers import Timers
@@ -89,7 +90,7 @@ class Ours:
         args = parse_args(flags)
         initialize_megatron(args)
         tokenizer = training.build_tokenizer_and_vocab(args)
-        train_ds, _, _ = training.build_datasets(args)
+        train_ds, _, _ = training.build_datasets(Config.from_args(args))
         hf_state: dict = {}
 
         def before_engine(model):  # the initial weights, for the HF model (DeepSpeed may cast them)
@@ -98,7 +99,7 @@ class Ours:
 
         model, engine = training.setup_model_and_optimizer(args, before_engine=before_engine)
         del model
-        loader = training.build_loader(train_ds, args, consumed_samples=0)
+        loader = training.build_loader(train_ds, Config.from_args(args), consumed_samples=0)
         timers = Timers(log_level=2)  # batch-generator timer: the data wait (no sync cost on CPU)
         torch.manual_seed(0)
         return cls(args, engine, iter(loader), timers, tokenizer.eod, engine.device, hf_state)
@@ -125,6 +126,7 @@ class HFLoop:
         from transformers import LlamaForCausalLM
 
         from megatron.model.hf_convert import hf_config
+        from megatron.config import Config
         from megatron.training import build_datasets, build_loader, model_config
 
         a = ours.args
@@ -133,8 +135,9 @@ class HFLoop:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps,
                                 weight_decay=a.weight_decay)
-        train_ds, _, _ = build_datasets(a)
-        loader = build_loader(train_ds, a, consumed_samples=0)
+        config = Config.from_args(a)
+        train_ds, _, _ = build_datasets(config)
+        loader = build_loader(train_ds, config, consumed_samples=0)
         return cls(model, opt, iter(loader), a.bf16, a.clip_grad)
 
     def step(self) -> None:

@@ -601,7 +601,7 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
         return
     from megatron.checkpoint.checkpointing import saved_zero_stage  # noqa: PLC0415
 
-    if saved_zero_stage(args) not in (None, 0):
+    if saved_zero_stage(Config.from_args(args).checkpoint) not in (None, 0):
         return
     args.zero_stage_requested, args.zero_stage = args.zero_stage, 0
 
@@ -743,11 +743,13 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
         raise ArgumentError(str(e)) from None
     from megatron.checkpoint.checkpointing import check_checkpoint_files, load_problems  # noqa: PLC0415  (before DeepSpeed)
 
-    load_errs = check_checkpoint_files(args)  # sizes vs the manifest; may pick the intact tag (--fallback-...)
+    # sizes vs the manifest; may pick the intact tag (--fallback-to-intact-checkpoint: load_tag, checkpoint_fallback)
+    load_errs, changes = check_checkpoint_files(Config.from_args(args).checkpoint)
     if load_errs:
         raise ArgumentError("\n".join(load_errs))
+    vars(args).update(changes)
     single_replica_zero_stage(args)
-    load_errs = load_problems(args)
+    load_errs = load_problems(Config.from_args(args))
     if load_errs:
         raise ArgumentError("\n".join(load_errs))
     return args

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from megatron.config import Config
 from megatron.fp16 import DS_DEFAULTS, fp16_block
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ def zero_bucket_sizes(args) -> dict:
     if not args.hidden_size:  # no model shape (unit tests of other keys): nothing to size by
         return {}
     vocab = args.padded_vocab_size or args.vocab_size or 0
-    bucket = int(min(MAX_BUCKET, max(MIN_BUCKET, parameters_per_rank(args, vocab) // 8))) // 2 * 2  # even (DeepSpeed)
+    config = Config.from_args(args)
+    per_rank = parameters_per_rank(config.model, config.parallel, vocab)
+    bucket = int(min(MAX_BUCKET, max(MIN_BUCKET, per_rank // 8))) // 2 * 2  # even (DeepSpeed)
     return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
 
 

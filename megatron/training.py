@@ -183,7 +183,7 @@ class MicroBatchRunner(StepRunner):
     @torch.no_grad()
     def evaluate(self, valid_dataset) -> float:
         engine, args = self.engine, self.args
-        loader = build_loader(valid_dataset, args, consumed_samples=0, workers=False)
+        loader = build_loader(valid_dataset, self.config, consumed_samples=0, workers=False)
         engine.eval()
         total, n = torch.zeros((), device=self.device), 0
         it = iter(loader)
@@ -209,7 +209,7 @@ class PipelineRunner(StepRunner):
             return pipeline.train_batch(self.engine, data_iter, self._sample, guard, iteration)
 
     def evaluate(self, valid_dataset) -> float:
-        loader = build_loader(valid_dataset, self.args, consumed_samples=0, workers=False)
+        loader = build_loader(valid_dataset, self.config, consumed_samples=0, workers=False)
         return pipeline.evaluate(self.engine, loader, self.config.training, self.config.runtime, self._sample)
 
 
@@ -307,16 +307,20 @@ def pretrain(args) -> dict:
     """Train as configured by the validated `args`; returns a summary dict."""
     initialize_megatron(args)  # before DeepSpeed is imported: it picks DeepSpeed's accelerator
     tokenizer = build_tokenizer_and_vocab(args)
-    check_memory(args)  # the estimate vs the device / host memory, before any model or data is built
-    train_ds, valid_ds, _test_ds = build_datasets(args)
+    config = Config.from_args(args)  # with the rank and the vocabulary (--compile is decided with the model)
+    # the estimate vs the device / host memory, before any model or data is built; kept on `args` for
+    # pretrain_gpt.py's out-of-memory message
+    args.memory_estimate = check_memory(config)
+    train_ds, valid_ds, _test_ds = build_datasets(config)
 
     model, engine = setup_model_and_optimizer(args)
     device = engine.device
     # the resolved configuration, each value's source, and warnings for suspicious settings; the parameters
     # of the whole model (a TP rank holds 1/TP of the matrices)
-    print_config(Config.from_args(args), model.config.num_parameters())
+    config = Config.from_args(args)  # setup_model_and_optimizer decided --compile (a field checkpoints store)
+    print_config(config, model.config.num_parameters())
 
-    state = checkpointing.load_checkpoint(engine, args)
+    state = checkpointing.load_checkpoint(engine, config)
     summary = train(args, engine, train_ds, valid_ds, tokenizer.eod, device, state)
     if dist.is_initialized():
         dist.barrier()
@@ -327,16 +331,17 @@ def pretrain(args) -> dict:
 
 
 def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.LoadedState) -> dict:
+    config = Config.from_args(args)  # after setup_model_and_optimizer (it sets --compile's fields checkpoints store)
     iteration, samples, tokens = state.iteration, state.consumed_train_samples, state.consumed_train_tokens
     # the loader's worker processes are forked here, before the logger starts its threads (forking a
     # process that runs other Python threads can deadlock the child: see data/loading.py)
-    batches_in = None if args.skip_train else iter(build_loader(train_ds, args, samples, args.dataloader_type))
-    config = Config.from_args(args)  # the arguments are final here
+    batches_in = None if args.skip_train else iter(build_loader(train_ds, config, samples,
+                                                                config.data.dataloader_type))
     logger = TrainLogger.create(config, corpus_names=getattr(train_ds, "corpus_names", None), resumed=iteration > 0,
                                 skipped_steps=int(getattr(engine, "skipped_steps", 0) or 0))
     timers = logger.timers
     profiler = Profiler.create(config.logging, config.runtime)  # --profile pt|pt-full over --profile_steps
-    exits = ExitConditions(args)
+    exits = ExitConditions(config.training)
     guard = NumericsGuard.create(config)  # NaN/Inf loss or grads -> step skipped; --max-skipped-iterations; spikes
     summary = {"start_iteration": iteration, "initial_val_loss": None, "final_val_loss": None, "checkpoint": None}
     hooks = OptimizerHooks(engine, config.runtime)  # schedule-free eval weights, Sophia Hessian, MuonClip
@@ -354,7 +359,7 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     def save() -> None:
         if args.save:
             with timers("save-checkpoint", level=0), hooks.eval_weights():
-                summary["checkpoint"] = checkpointing.save_checkpoint(engine, args, iteration, samples, tokens)
+                summary["checkpoint"] = checkpointing.save_checkpoint(engine, config, iteration, samples, tokens)
 
     if args.eval_on_start and iteration == 0:
         summary["initial_val_loss"] = validate()

@@ -28,7 +28,7 @@ from distributed import ROOT, TINY_MODEL, make_dataset, run_trainer
 from megatron.checkpoint import manifest as cm
 from megatron.checkpoint import checkpointing as ck
 from megatron.arguments import ArgumentError, build_parser
-from megatron.config import default_args
+from megatron.config import Config, default_args
 
 MODEL = "mp_rank_00_model_states.pt"
 SHARD = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -75,13 +75,13 @@ def flip_byte(path: str, offset: int | None = None) -> None:
         f.write(bytes([b[0] ^ 0x01]))
 
 
-def load_args(load: str, **kw):
-    """The arguments of a run resuming `load`: the checkpoints' model (TINY_MODEL), these load flags."""
+def load_config(load: str, **kw) -> Config:
+    """The configuration of a run resuming `load`: the checkpoints' model (TINY_MODEL), these load flags."""
     model = {k: v for k, v in vars(build_parser().parse_args(TINY_MODEL)).items() if k in ck.ARCH_FIELDS}
     base = dict(model, load=load, load_tag=None, universal_checkpoint=False, fallback_to_intact_checkpoint=False,
                 finetune=False, no_load_optim=False, exit_on_missing_checkpoint=False, zero_stage=1,
                 pipeline_model_parallel_size=1)
-    return default_args(**{**base, **kw})
+    return Config.from_args(default_args(**{**base, **kw}))
 
 
 # ----------------------------------------------------------------------------- units
@@ -167,12 +167,13 @@ def test_damage_is_named_with_the_intact_tag(saved, tmp_path):
         ckpt = str(tmp_path / kind)
         shutil.copytree(saved.save, ckpt, ignore=shutil.ignore_patterns("tensorboard"))
         damage(os.path.join(ckpt, "global_step4"))
-        args = load_args(ckpt, verify_checkpoint=True)
-        errs = ck.check_checkpoint_files(args)
+        config = load_config(ckpt, verify_checkpoint=True)
+        errs, changes = ck.check_checkpoint_files(config.checkpoint)
+        assert changes == {}  # no fallback without the flag
         if kind == "flip" or (kind == "swap" and not errs):  # same size: only the checksums see it
             assert errs == []
             with pytest.raises(ArgumentError) as e:
-                ck.verify_before_load(args, "global_step4")
+                ck.verify_before_load(config, "global_step4")
             errs = [str(e.value)]
         assert len(errs) == 1 and "\n" not in errs[0], (kind, errs)
         assert errs[0].startswith(f"checkpoint {ckpt}/global_step4 is damaged: {what}"), (kind, errs[0])
@@ -184,18 +185,19 @@ def test_damage_is_named_with_the_intact_tag(saved, tmp_path):
         assert p.returncode == 1, p.stdout + p.stderr
         assert "global_step4: DAMAGED" in p.stdout and "global_step2: OK" in p.stdout
         assert what in p.stdout and p.stdout.rstrip().endswith("newest intact: global_step2"), p.stdout
-        args.fallback_to_intact_checkpoint = True
-        assert ck.check_checkpoint_files(args) == []
-        if args.load_tag is None:  # same size: the checksums find it at load time
-            assert ck.verify_before_load(args, "global_step4") == "global_step2"
-        assert args.load_tag == "global_step2" and "global_step4 is damaged" in args.checkpoint_fallback
+        config = config.replace(fallback_to_intact_checkpoint=True)
+        errs, changes = ck.check_checkpoint_files(config.checkpoint)
+        assert errs == []
+        if not changes:  # same size: the checksums find it at load time
+            changes = ck.verify_before_load(config, "global_step4")
+        assert changes["load_tag"] == "global_step2" and "global_step4 is damaged" in changes["checkpoint_fallback"]
     # both damaged: nothing intact to offer
     ckpt = str(tmp_path / "truncate")
     os.truncate(os.path.join(ckpt, "global_step2", MODEL), 10)
-    assert ck.check_checkpoint_files(load_args(ckpt)) == [
+    assert ck.check_checkpoint_files(load_config(ckpt).checkpoint) == ([
         f"checkpoint {ckpt}/global_step4 is damaged: {SHARD} has 1000 bytes, the manifest says "
         f"{os.path.getsize(os.path.join(saved.save, 'global_step4', SHARD))} (truncated); no other intact checkpoint "
-        f"in {ckpt}: restore the files from a copy, or start from scratch"]
+        f"in {ckpt}: restore the files from a copy, or start from scratch"], {})
     p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "verify_checkpoint.py"), saved.save],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert p.returncode == 0 and p.stdout.startswith("global_step4: OK (3 files"), p.stdout

@@ -17,7 +17,7 @@ from distributed import TINY_MODEL, env_for, launch_command, make_dataset, run_t
 
 from megatron.checkpoint import io as checkpoint_io
 from megatron.checkpoint import checkpointing as ck
-from megatron.config import default_args
+from megatron.config import Config, default_args
 
 N = 3  # stop at N, resume to 2N
 
@@ -226,8 +226,8 @@ def test_bad_load_messages(ref_run, data_list, tmp_path):
         assert errors and any(message in ln for ln in errors), (extra, errors, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and "deepspeed" not in proc.stdout.lower()
     # a plain resume from an empty directory is a fresh start (the launcher's LOAD=CKPT_DIR default)
-    assert ck.load_problems(default_args(load=str(empty), finetune=False, universal_checkpoint=False,
-                                            load_tag=None, exit_on_missing_checkpoint=False)) == []
+    assert ck.load_problems(Config.from_args(default_args(load=str(empty), finetune=False, universal_checkpoint=False,
+                                                          load_tag=None, exit_on_missing_checkpoint=False))) == []
 
 
 # ----------------------------------------------------------------------------- atomic commit / prune (unit)

@@ -217,6 +217,7 @@ def _logits_worker(rank: int, nproc: int, port: int, argv: list, out: str) -> No
     checkpointing.load_checkpoint, and save the logits of a fixed batch (rank 0)."""
     become_rank(rank, nproc, port)
     from megatron.arguments import parse_args
+    from megatron.config import Config
     from megatron.initialize import initialize_megatron
     from megatron.training import build_tokenizer_and_vocab, setup_model_and_optimizer
 
@@ -228,7 +229,7 @@ def _logits_worker(rank: int, nproc: int, port: int, argv: list, out: str) -> No
     engine.module.eval()
     with torch.no_grad():
         fresh = engine.module(tokens)  # the seed's initialization (the same at every TP size)
-    state = ck.load_checkpoint(engine, args)
+    state = ck.load_checkpoint(engine, Config.from_args(args))
     with torch.no_grad():
         logits = engine.module(tokens)  # gathered over the TP ranks
     if rank == 0:

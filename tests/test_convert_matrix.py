@@ -99,6 +99,7 @@ def _logits_worker(rank: int, nproc: int, port: int, argv: list, loads: dict, ou
     load it through checkpointing.load_checkpoint, and save the logits of TOKENS (rank 0)."""
     become_rank(rank, nproc, port)
     from megatron.arguments import parse_args
+    from megatron.config import Config
     from megatron.initialize import initialize_megatron
     from megatron.training import build_tokenizer_and_vocab, setup_model_and_optimizer
 
@@ -110,7 +111,7 @@ def _logits_worker(rank: int, nproc: int, port: int, argv: list, loads: dict, ou
         args.rank, args.local_rank, args.device_type = first.rank, first.local_rank, first.device_type
         build_tokenizer_and_vocab(args)
         _model, engine = setup_model_and_optimizer(args)
-        state = ck.load_checkpoint(engine, args)
+        state = ck.load_checkpoint(engine, Config.from_args(args))
         engine.module.eval()
         with torch.no_grad():
             result[name] = (engine.module(TOKENS), state.iteration)

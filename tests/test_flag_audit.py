@@ -571,7 +571,7 @@ def test_use_checkpoint_args(tmp_path):
                                      "--max-position-embeddings", "96"], env={})
     tag = tmp_path / "global_step5"
     tag.mkdir()
-    (tag / ARGS_FILE).write_text(json.dumps(model_args_record(saved)))
+    (tag / ARGS_FILE).write_text(json.dumps(model_args_record(Config.from_args(saved))))
     write_atomic(str(tmp_path / "latest"), "global_step5")
     args = _args("--load", str(tmp_path), "--use-checkpoint-args")
     assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.seq_length) == (3, 96, 256, 48)
@@ -588,11 +588,11 @@ def test_exit_duration_in_mins():
     from megatron.resilience.exits import ExitConditions
 
     args = _args("--exit-duration-in-mins", "0.5")
-    exits = ExitConditions(args)
+    exits = ExitConditions(Config.from_args(args).training)
     assert exits.reason(1) is None
     exits.start -= 31  # 31 s later
     assert exits.reason(2) == "exit-duration"
-    assert ExitConditions(_args()).reason(2) is None
+    assert ExitConditions(Config.from_args(_args()).training).reason(2) is None
 
 
 def test_dshampoo_flags_reach_distributed_shampoo(monkeypatch):

@@ -77,6 +77,7 @@ def _run(name: str, zero: int, data_list: str, out: str, extra: list[str]) -> di
     import json
 
     from megatron.checkpoint import checkpointing
+    from megatron.config import Config
     from megatron.initialize import initialize_megatron
     from megatron.optimizer import client_optimizer
     from megatron.training import build_datasets, build_tokenizer_and_vocab, setup_model_and_optimizer, train
@@ -90,9 +91,10 @@ def _run(name: str, zero: int, data_list: str, out: str, extra: list[str]) -> di
                                                 "--metrics-file", metrics, *extra])
     initialize_megatron(args)  # (again: re-seeds every generator, as a new process would)
     tokenizer = build_tokenizer_and_vocab(args)
-    train_ds, valid_ds, _ = build_datasets(args)
+    config = Config.from_args(args)
+    train_ds, valid_ds, _ = build_datasets(config)
     _model, engine = setup_model_and_optimizer(args)
-    state = checkpointing.load_checkpoint(engine, args)
+    state = checkpointing.load_checkpoint(engine, config)
     train(args, engine, train_ds, valid_ds, tokenizer.eod, engine.device, state)
     with open(metrics) as f:
         losses = {r["iteration"]: r["lm_loss"] for r in map(json.loads, f) if "lm_loss" in r}

@@ -17,6 +17,7 @@ from distributed import ROOT, TINY_MODEL, make_dataset
 
 from megatron.resilience import preflight as pf
 from megatron.arguments import parse_args
+from megatron.config import Config
 
 GIB = 2**30
 
@@ -24,6 +25,15 @@ GIB = 2**30
 def args_for(extra: list[str]) -> argparse.Namespace:
     return parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--train-iters", "10", "--lr", "0.001",
                                     "--data-path", "unused", *extra], env={})
+
+
+def cfg(a: argparse.Namespace) -> Config:
+    return Config.from_args(a)
+
+
+def params(a: argparse.Namespace, vocab: int) -> int:
+    c = cfg(a)
+    return pf.parameters_per_rank(c.model, c.parallel, vocab)
 
 
 def test_parameter_count_matches_the_model():
@@ -35,12 +45,12 @@ def test_parameter_count_matches_the_model():
         a.padded_vocab_size = 512
         a.sequence_parallel, a.recompute_granularity, a.recompute_num_layers = False, None, 1
         n = sum(p.numel() for p in GPTModel(model_config(a)).parameters())
-        assert pf.parameters_per_rank(a, 512) == n, extra
+        assert params(a, 512) == n, extra
 
 
 def test_model_states_by_stage_and_precision_by_hand():
     a = args_for(["--optimizer", "adamw"])
-    p = pf.parameters_per_rank(a, 512)
+    p = params(a, 512)
     for stage, dp, bf16, want in [
         # (weights, grads, optimizer): fp32 stage 0 = 4P, 4P, 2x4P Adam; ZeRO adds a float32 master (4P),
         # divided over the data-parallel ranks with the states; bf16 and ZeRO-3 also a float32 gradient
@@ -54,10 +64,10 @@ def test_model_states_by_stage_and_precision_by_hand():
         (3, 2, True, (2 * p / 2 + 2 * p, 2 * p / 2, (8 + 4 + 4) * p / 2)),
     ]:
         a.zero_stage, a.data_parallel_size, a.bf16 = stage, dp, bf16
-        est = pf.estimate_memory(a, 512, cpu=True)
+        est = pf.estimate_memory(cfg(a), 512, cpu=True)
         assert (est.weights, est.grads, est.optimizer) == pytest.approx(want), (stage, dp, bf16)
     a.bf16, a.zero_stage, a.data_parallel_size = False, 0, 1
-    assert pf.estimate_memory(a, 512, optimizer_copies=1.0).optimizer == 4 * p  # SGD / Lion: one state
+    assert pf.estimate_memory(cfg(a), 512, optimizer_copies=1.0).optimizer == 4 * p  # SGD / Lion: one state
     from megatron.optimizer import get_entry  # noqa: PLC0415
 
     assert [get_entry(n).state_copies for n in ("adamw", "sgd", "lion", "ademamix", "adam8bit")] == [2, 1, 1, 3, 0.5]
@@ -68,15 +78,15 @@ def test_activations_by_hand():
     t, h, ffn, d = 64, 64, 128, 16
     per_layer = t * (5 * h + (2 * 4 + 3 * 2) * d + h + 4 * ffn)
     logits = t * 512 * (4 + 12)
-    assert pf.activation_bytes(a, 512, cpu=True) == pytest.approx(2 * per_layer * 4 + logits)
+    assert pf.activation_bytes(cfg(a), 512, cpu=True) == pytest.approx(2 * per_layer * 4 + logits)
     a.recompute_granularity = "full"  # layer inputs + one layer recomputed
-    assert pf.activation_bytes(a, 512, cpu=True) == pytest.approx((2 * t * h + per_layer) * 4 + logits)
+    assert pf.activation_bytes(cfg(a), 512, cpu=True) == pytest.approx((2 * t * h + per_layer) * 4 + logits)
     a.recompute_granularity, a.bf16 = None, True  # bf16 on CPU: the explicit attention's s x s probabilities
-    assert pf.activation_bytes(a, 512, cpu=True) == pytest.approx(2 * (per_layer + 2 * 4 * 32 * 32) * 2 + t * 512 *
+    assert pf.activation_bytes(cfg(a), 512, cpu=True) == pytest.approx(2 * (per_layer + 2 * 4 * 32 * 32) * 2 + t * 512 *
                                                                   (2 + 12))
     a.bf16 = False
     a.micro_batch_size = 4  # linear in the micro-batch
-    assert pf.activation_bytes(a, 512, cpu=True) == pytest.approx(2 * (2 * per_layer * 4 + logits))
+    assert pf.activation_bytes(cfg(a), 512, cpu=True) == pytest.approx(2 * (2 * per_layer * 4 + logits))
 
 
 class _FakeDevice:
@@ -100,19 +110,19 @@ def test_device_limits_with_fakes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", fake.is_available)
     monkeypatch.setattr(torch.cuda, "device_count", fake.device_count)
     monkeypatch.setattr(torch.cuda, "mem_get_info", fake.mem_get_info)
-    assert pf.device_memory_limit(a, env={"LOCAL_RANK": "3"}) == (7 * GIB, "free memory of cuda:1")
+    assert pf.device_memory_limit(cfg(a).runtime, env={"LOCAL_RANK": "3"}) == (7 * GIB, "free memory of cuda:1")
     assert fake.asked == [1]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     xpu = _FakeDevice(5 * GIB, count=12)
     monkeypatch.setattr(torch, "xpu", xpu, raising=False)
-    assert pf.device_memory_limit(a, env={"LOCAL_RANK": "3"}) == (5 * GIB, "free memory of xpu:3")
+    assert pf.device_memory_limit(cfg(a).runtime, env={"LOCAL_RANK": "3"}) == (5 * GIB, "free memory of xpu:3")
     monkeypatch.setattr(torch, "xpu", argparse.Namespace(is_available=lambda: False), raising=False)
     # CPU: host MemAvailable shared by the ranks of this node
     monkeypatch.setattr(pf, "meminfo_available", lambda: 20 * GIB)
-    assert pf.device_memory_limit(a, env={"LOCAL_WORLD_SIZE": "4"}) == (5 * GIB, "host MemAvailable 20.0 GiB / 4 "
-                                                                                  "rank(s) on this node")
+    assert pf.device_memory_limit(cfg(a).runtime, env={"LOCAL_WORLD_SIZE": "4"}) == (
+        5 * GIB, "host MemAvailable 20.0 GiB / 4 rank(s) on this node")
     a.world_size = 2
-    assert pf.device_memory_limit(a, env={})[0] == 10 * GIB  # no local size known: every rank on this node
+    assert pf.device_memory_limit(cfg(a).runtime, env={})[0] == 10 * GIB  # no local size known: every rank on this node
 
 
 def test_meminfo_parsing(tmp_path):
@@ -124,18 +134,33 @@ def test_meminfo_parsing(tmp_path):
 
 def test_refuse_warn_skip():
     a = args_for([])  # tiny: ~0.6 GiB, runtime included
-    est = pf.estimate_memory(a, 512, cpu=True)
-    probs, warns, _ = pf.memory_problems(a, 512, limit=(int(est.total * 1.5), "fake"))
+    est = pf.estimate_memory(cfg(a), 512, cpu=True)
+    probs, warns, _ = pf.memory_problems(cfg(a), 512, limit=(int(est.total * 1.5), "fake"))
     assert (probs, warns) == ([], [])
-    probs, warns, _ = pf.memory_problems(a, 512, limit=(int(est.total / 0.9), "fake"))
+    probs, warns, _ = pf.memory_problems(cfg(a), 512, limit=(int(est.total / 0.9), "fake"))
     assert probs == [] and warns == [f"memory is tight: the estimate is {est.total / GIB:.1f} GiB per rank, 90% of "
                                      f"the {est.total / 0.9 / GIB:.1f} GiB available (fake)"]
-    probs, warns, _ = pf.memory_problems(a, 512, limit=(int(est.total * 0.5), "fake"))
+    probs, warns, _ = pf.memory_problems(cfg(a), 512, limit=(int(est.total * 0.5), "fake"))
     assert len(probs) == 1 and probs[0].startswith(f"not enough memory: the estimate is {est.total / GIB:.2f} GiB "
                                                    "per rank (weights ")
     assert "above the" in probs[0] and "--skip-memory-check" in probs[0]
     a.skip_memory_check = True
-    assert pf.memory_problems(a, 512, limit=(1, "fake")) == ([], [], None)
+    assert pf.memory_problems(cfg(a), 512, limit=(1, "fake")) == ([], [], None)
+
+
+def test_check_memory_returns_the_estimate(monkeypatch):
+    """check_memory sets nothing on the configuration: it returns the estimate's line (the trainer keeps it
+    for the out-of-memory message), None when no estimate is made, and refuses what does not fit."""
+    a = args_for([])
+    a.padded_vocab_size = 512
+    config = cfg(a)
+    monkeypatch.setattr(pf, "meminfo_available", lambda: 1000 * GIB)
+    assert pf.check_memory(config) == pf.estimate_memory(config, 512).describe()
+    assert config.runtime.memory_estimate is None
+    assert pf.check_memory(config.replace(skip_memory_check=True)) is None
+    monkeypatch.setattr(pf, "meminfo_available", lambda: GIB // 100)
+    with pytest.raises(pf.ArgumentError, match="not enough memory: the estimate is "):
+        pf.check_memory(config)
 
 
 def test_7b_on_24_gib_is_refused_with_fixes():
@@ -147,11 +172,11 @@ def test_7b_on_24_gib_is_refused_with_fixes():
                     "--untie-embeddings-and-output-weights", "--micro-batch-size", "1", "--train-iters", "10",
                     "--lr", "0.001", "--zero-stage", "1", "--tokenizer-type", "NullTokenizer", "--vocab-size",
                     "256000", "--data-path", "unused"], env={})
-    probs, _, est = pf.memory_problems(a, 256000, limit=(24 * GIB, "host"))
+    probs, _, est = pf.memory_problems(cfg(a), 256000, limit=(24 * GIB, "host"))
     from megatron.training import model_config  # noqa: PLC0415
 
     a.padded_vocab_size, a.sequence_parallel, a.recompute_granularity, a.recompute_num_layers = 256000, False, None, 1
-    p = pf.parameters_per_rank(a, 256000)
+    p = params(a, 256000)
     assert p == model_config(a).num_parameters() == 7_768_117_248  # the model config's own count
     assert a.zero_stage == 0  # one data-parallel replica runs ZeRO-1 as stage 0 (megatron/arguments.py)
     assert est.model_states == pytest.approx(16 * p)  # fp32 weights + gradients + Adam's two moments
@@ -163,11 +188,10 @@ def test_7b_on_24_gib_is_refused_with_fixes():
 def test_fixes_are_the_ones_that_fit():
     a = args_for(["--micro-batch-size", "8", "--global-batch-size", "8", "--seq-length", "64",
                   "--max-position-embeddings", "64"])
-    full = pf.estimate_memory(a, 512, cpu=True).total
-    recompute = pf.estimate_memory(argparse.Namespace(**{**vars(a), "recompute_granularity": "full"}), 512,
-                                   cpu=True).total
+    full = pf.estimate_memory(cfg(a), 512, cpu=True).total
+    recompute = pf.estimate_memory(cfg(a).replace(recompute_granularity="full"), 512, cpu=True).total
     assert recompute < full
-    fixes = pf._fixes(a, 512, (recompute + full) / 2, 2.0)
+    fixes = pf._fixes(cfg(a), 512, (recompute + full) / 2, 2.0)
     assert any(f.startswith("USE_ACTIVATION_CHECKPOINTING=1") for f in fixes)
     assert any(f.startswith("MICRO_BATCH=1") for f in fixes)
 

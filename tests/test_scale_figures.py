@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from distributed import ROOT
 
+from megatron.config import Config
 from tools import scale_figures as sf
 
 
@@ -28,7 +29,7 @@ def test_golden_aurora_256_nodes(tmp_path, monkeypatch):
     assert args.global_batch_size == 3072 and args.train_iters == 4_673_780_159_710 // 4096 // 3072
     # 32 x (QKV 4096 x (32 + 2 x 8) x 128 + O 4096^2 + SwiGLU 3 x 4096 x 11008 + 2 norms) + embedding and head + norm
     layer = 4096 * 48 * 128 + 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
-    assert sf.full_parameters(args, 256_000) == 32 * layer + 2 * 256_000 * 4096 + 4096 == 7_768_117_248
+    assert sf.full_parameters(Config.from_args(args), 256_000) == 32 * layer + 2 * 256_000 * 4096 + 4096 == 7_768_117_248
 
 
 @pytest.mark.parametrize("missing", ["--vocab-size", "output"])

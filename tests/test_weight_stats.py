@@ -56,10 +56,11 @@ def runs(tmp_path_factory):
 def batch_tokens(data_list: str, ref: str, iteration: int) -> torch.Tensor:
     """The input tokens of `iteration`'s global batch, read from the dataset the trainer built."""
     from megatron.arguments import parse_args
+    from megatron.config import Config
     from megatron.training import build_datasets
 
     args = parse_args(trainer_args(data_list, ref, ["--zero-stage", "0"]), env={})
-    train_ds, _, _ = build_datasets(args)
+    train_ds, _, _ = build_datasets(Config.from_args(args))
     rows = [torch.as_tensor(train_ds[i]["text"]) for i in range((iteration - 1) * GBS, iteration * GBS)]
     return torch.stack(rows)[:, :-1]
 

@@ -24,6 +24,7 @@ Checkpoint bytes (AdamW: 2 states; P parameters; w = 2 bytes bf16 / 4 fp32; D = 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -62,14 +63,16 @@ def trainer_args(dry_run_text: str):
     return parse_args(argv, env={"WORLD_SIZE": str(world)}), world
 
 
-def full_parameters(args, vocab: int) -> int:
+def full_parameters(config, vocab: int) -> int:
+    """Parameters of the whole model (no TP or PP split) of a `Config`."""
     from megatron.resilience.preflight import parameters_per_rank  # noqa: PLC0415
 
-    whole = argparse.Namespace(**{**vars(args), "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1})
-    return parameters_per_rank(whole, vocab)
+    whole = dataclasses.replace(config.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    return parameters_per_rank(config.model, whole, vocab)
 
 
 def report(path: str, vocab: int, fs_gbs: float, stream_gbs: float) -> None:
+    from megatron.config import Config  # noqa: PLC0415
     from megatron.resilience.preflight import estimate_memory  # noqa: PLC0415
 
     with open(path) as f:
@@ -83,7 +86,8 @@ def report(path: str, vocab: int, fs_gbs: float, stream_gbs: float) -> None:
           f"(--global-batch-size {args.global_batch_size})")
     print(f"tokens per step = GBS x seq {args.seq_length} = {tokens_step:,}; steps {args.train_iters:,}; "
           f"samples {args.train_iters * args.global_batch_size:,}; tokens {args.train_iters * tokens_step:,}")
-    p = full_parameters(args, vocab)
+    config = Config.from_args(args)
+    p = full_parameters(config, vocab)
     half = bool(args.bf16 or args.fp16)
     tied = "untied" if args.untie_embeddings_and_output_weights else "tied"
     dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
@@ -92,7 +96,7 @@ def report(path: str, vocab: int, fs_gbs: float, stream_gbs: float) -> None:
           f"{args.recompute_granularity or 'off'}):")
     print(f"{'ZeRO':>5} {'weights':>9} {'grads':>9} {'optim':>9} {'activ':>9} {'total GiB':>10}")
     for stage in range(4):
-        est = estimate_memory(argparse.Namespace(**{**vars(args), "zero_stage": stage}), vocab, cpu=False)
+        est = estimate_memory(config.replace(zero_stage=stage), vocab, cpu=False)
         print(f"{stage:>5} {est.weights / GIB:9.2f} {est.grads / GIB:9.2f} {est.optimizer / GIB:9.2f} "
               f"{est.activations / GIB:9.2f} {est.total / GIB:10.2f}")
     print(f"\ncheckpoint (AdamW; aggregate file system {fs_gbs:g} GB/s, one process {stream_gbs:g} GB/s):")
@@ -106,8 +110,12 @@ def report(path: str, vocab: int, fs_gbs: float, stream_gbs: float) -> None:
 def check_checkpoint(tag_dir: str) -> None:
     with open(os.path.join(tag_dir, "megatron_args.json")) as f:
         saved = json.load(f)
-    args = argparse.Namespace(**{"kv_channels": None, "add_bias_linear": False, **saved})
-    p = full_parameters(args, saved["padded_vocab_size"])
+    from megatron.config import Config  # noqa: PLC0415
+
+    declared = Config.section_of()  # the record also holds the iteration etc.
+    config = Config.from_args({"kv_channels": None, "add_bias_linear": False,
+                               **{k: v for k, v in saved.items() if k in declared}})
+    p = full_parameters(config, saved["padded_vocab_size"])
     stage, dp = saved["zero_stage"], saved["data_parallel_size"]
     half = str(saved.get("params_dtype")).replace("torch.", "") in ("bf16", "fp16", "bfloat16", "float16")
     b = checkpoint_bytes(p, stage, dp, half)

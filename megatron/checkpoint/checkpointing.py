@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron.config import saved_args
+from megatron.config import Config, ModelConfig, RuntimeConfig, saved_args
 from megatron.checkpoint import io as checkpoint_io
 from megatron.checkpoint import manifest as checkpoint_manifest
 from megatron.checkpoint.checks import (  # noqa: F401  (the checks before loading; imported from here too)
@@ -69,10 +69,6 @@ class LoadedState:
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _rank(args) -> int:
-    return int(args.rank or 0)
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -113,23 +109,23 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def universal_checkpoint_info(args) -> dict:
+def universal_checkpoint_info(model: ModelConfig, runtime: RuntimeConfig) -> dict:
     """What DeepSpeed's ds_to_universal needs to merge parameters across TP ranks (keys of
     DeepSpeed's checkpoint constants; patterns are `re.match`ed against full parameter names, and
     the converter's strict mode wants every pattern to match some parameter)."""
     vocab = [r"language_model\.embedding\.word_embeddings\.weight$"]
-    if args.untie_embeddings_and_output_weights:
+    if model.untie_embeddings_and_output_weights:
         vocab.append(r"language_model\.output_layer\.weight$")
     info = {
         "universal_checkpoint_version": 0.4,
-        "original_vocab_size": args.vocab_size_orig,
-        "padded_vocab_size": args.padded_vocab_size,
+        "original_vocab_size": runtime.vocab_size_orig,
+        "padded_vocab_size": runtime.padded_vocab_size,
         "vocabulary_parameter_patterns": vocab,
         "tp_replicated_parameter_patterns": [r".*layernorm\.weight$"],
         "parameter_with_row_parallelism_patterns": [r".*self_attention\.dense\.weight$",
                                                     r".*mlp\.dense_4h_to_h\.weight$"],
     }
-    if args.swiglu:
+    if model.swiglu:
         info["parameter_with_2_sub_params_cat_dim_0"] = [r".*mlp\.dense_h_to_4h\.weight$"]
     return info
 
@@ -142,13 +138,15 @@ def _json_safe(value):
     return str(value)
 
 
-def model_args_record(args) -> dict:
+def model_args_record(config: Config) -> dict:
+    """The model arguments written next to a checkpoint (ARGS_FILE), checked before loading it."""
     fields = ARCH_FIELDS + ("padded_vocab_size", "vocab_size_orig", "seq_length", "max_position_embeddings",
                             "layernorm_epsilon", "rope_theta", "rotary_percent", "tokenizer_type",
                             "tokenizer_model", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
                             "pipeline_model_parallel_size", "zero_stage", "world_size", "data_parallel_size",
                             "optimizer", "params_dtype", "init_method_std")
-    return {k: _json_safe(vars(args)[k]) for k in fields}
+    flat = vars(config.to_args())
+    return {k: _json_safe(flat[k]) for k in fields}
 
 
 # ----------------------------------------------------------------------------- save
@@ -184,69 +182,70 @@ def prune(save_dir: str, keep_last_n: int | None) -> list[str]:
     return deleted
 
 
-def save_checkpoint(engine, args, iteration: int, consumed_train_samples: int, consumed_train_tokens: int,
+def save_checkpoint(engine, config: Config, iteration: int, consumed_train_samples: int, consumed_train_tokens: int,
                     consumed_valid_samples: int = 0) -> str:
-    """Save on every rank (DeepSpeed writes the ZeRO shards); returns the checkpoint directory."""
+    """Save on every rank (DeepSpeed writes the ZeRO shards) to --save; returns the checkpoint directory."""
+    ckpt, rank, save = config.checkpoint, int(config.runtime.rank or 0), config.checkpoint.save
     tag = f"global_step{iteration}"
     partial = tag + PARTIAL_SUFFIX
-    if _rank(args) == 0:
-        os.makedirs(args.save, exist_ok=True)
-        shutil.rmtree(os.path.join(args.save, partial), ignore_errors=True)
+    if rank == 0:
+        os.makedirs(save, exist_ok=True)
+        shutil.rmtree(os.path.join(save, partial), ignore_errors=True)
     _barrier()
     scheduler = getattr(engine, "lr_scheduler", None)
     client_state = {
-        "args": saved_args(args),
+        "args": saved_args(config.to_args()),  # the upstream flat namespace, as upstream stores it
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": iteration,
         "consumed_train_samples": consumed_train_samples,
         "consumed_valid_samples": consumed_valid_samples,
         "tokens": consumed_train_tokens,
-        "universal_checkpoint_info": universal_checkpoint_info(args),
+        "universal_checkpoint_info": universal_checkpoint_info(config.model, config.runtime),
         # a copy DeepSpeed hands back even for module-only loads (CPT cooldown check)
         "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
     }
-    if not args.no_save_rng:
+    if not ckpt.no_save_rng:
         client_state["rng_state"] = _rng_state()
     if getattr(engine, "optimizer_param_names", None):  # what tools/convert_checkpoint needs at ZeRO stage 0
         client_state["optimizer_param_names"] = engine.optimizer_param_names
     # a failed write (disk full...) is recorded, not raised, so every rank finishes DeepSpeed's collectives
-    guard = checkpoint_io.guard_engine(engine, args)
+    guard = checkpoint_io.guard_engine(engine, ckpt)
     if guard is not None:
-        guard.start_save(inject_enospc=injected_fault(iteration, _rank(args)) == "enospc")
+        guard.start_save(inject_enospc=injected_fault(iteration, rank) == "enospc")
     failure = None
-    skip_optim = bool(args.no_save_optim) and hasattr(engine, "save_zero_checkpoint")
+    skip_optim = bool(ckpt.no_save_optim) and hasattr(engine, "save_zero_checkpoint")
     try:
         with without_optimizer_shards(engine, skip=skip_optim):
-            engine.save_checkpoint(args.save, tag=partial, client_state=client_state, save_latest=False,
+            engine.save_checkpoint(save, tag=partial, client_state=client_state, save_latest=False,
                                    exclude_frozen_parameters=False)
     except OSError as e:  # a file DeepSpeed writes itself (its zero_to_fp32.py copy)
-        failure = f"{e.filename or args.save}: [Errno {e.errno}] {e.strerror}"
+        failure = f"{e.filename or save}: [Errno {e.errno}] {e.strerror}"
     failure = failure or (guard.failure if guard is not None else None)
-    part_dir = os.path.join(args.save, partial)
-    entries = _gather_manifest_entries(guard, part_dir, _rank(args), failure)  # collective
-    if _rank(args) == 0 and failure is None:
-        record = model_args_record(args)
+    part_dir = os.path.join(save, partial)
+    entries = _gather_manifest_entries(guard, part_dir, rank, failure)  # collective
+    if rank == 0 and failure is None:
+        record = model_args_record(config)
         record.update(iteration=iteration, optimizer_states_saved=not skip_optim)
         try:
             with open(os.path.join(part_dir, ARGS_FILE), "w") as f:
                 json.dump(record, f, indent=1)
-            # after every rank's files and the args: what no rank claimed is hashed here
+            # after every rank's files and ARGS_FILE: what no rank claimed is hashed here
             checkpoint_manifest.write_manifest(part_dir, entries, guard.algorithm if guard else
                                                checkpoint_manifest.default_algorithm(), tag, iteration)
         except OSError as e:
             failure = f"{e.filename or part_dir}: [Errno {e.errno}] {e.strerror}" if e.errno else str(e)
-    _raise_if_save_failed(args, tag, failure)  # collective: instead of a barrier
-    if _rank(args) == 0:
+    _raise_if_save_failed(save, rank, tag, failure)  # collective: instead of a barrier
+    if rank == 0:
         try:
-            commit(args.save, partial, tag, iteration)
+            commit(save, partial, tag, iteration)
         except OSError as e:
-            failure = f"{e.filename or args.save}: [Errno {e.errno}] {e.strerror}"
+            failure = f"{e.filename or save}: [Errno {e.errno}] {e.strerror}"
         else:
-            deleted = prune(args.save, args.keep_last_n)
+            deleted = prune(save, ckpt.keep_last_n)
             if deleted:
-                log.info("--keep-last-n %s: deleted %s", args.keep_last_n, ", ".join(deleted))
-    _raise_if_save_failed(args, tag, failure)
-    return os.path.join(args.save, tag)
+                log.info("--keep-last-n %s: deleted %s", ckpt.keep_last_n, ", ".join(deleted))
+    _raise_if_save_failed(save, rank, tag, failure)
+    return os.path.join(save, tag)
 
 
 def _gather_manifest_entries(guard, part_dir: str, rank: int, failure: str | None) -> dict:
@@ -264,7 +263,7 @@ def _gather_manifest_entries(guard, part_dir: str, rank: int, failure: str | Non
     return {k: v for part in gathered for k, v in part.items()} if rank == 0 else {}
 
 
-def _raise_if_save_failed(args, tag: str, failure: str | None) -> None:
+def _raise_if_save_failed(save: str, rank: int, tag: str, failure: str | None) -> None:
     """Collective: if any rank's write failed, rank 0 removes the partial directory and every rank
     raises the same one-line CheckpointSaveError (the run stops: see ALCF/notes/reliability.md)."""
     failures = [failure]
@@ -274,16 +273,16 @@ def _raise_if_save_failed(args, tag: str, failure: str | None) -> None:
     bad = [(r, f) for r, f in enumerate(failures) if f]
     if not bad:
         return
-    partial = os.path.join(args.save, tag + PARTIAL_SUFFIX)
-    if _rank(args) == 0:
+    partial = os.path.join(save, tag + PARTIAL_SUFFIX)
+    if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
     _barrier()
-    rank, reason = bad[0]
-    where = f"rank {rank}: " if len(failures) > 1 else ""
+    bad_rank, reason = bad[0]
+    where = f"rank {bad_rank}: " if len(failures) > 1 else ""
     full = " (disk full)" if checkpoint_io.is_disk_full(reason) else ""
-    latest = read_tag(args.save)
+    latest = read_tag(save)
     raise checkpoint_io.CheckpointSaveError(
-        f"saving checkpoint {tag} to {args.save} failed{full}: {where}{reason}; 'latest' still names "
+        f"saving checkpoint {tag} to {save} failed{full}: {where}{reason}; 'latest' still names "
         f"{latest or 'no checkpoint'}"
         f"{'' if os.path.exists(partial) else f' and the incomplete {tag + PARTIAL_SUFFIX} was removed'}; "
         f"free space (or point --save elsewhere) and resume with --load")
@@ -339,53 +338,61 @@ def check_universal_atoms(tag_dir: str) -> None:
                 checkpoint_io.check_pickle_globals(os.path.join(root, name))
 
 
-def load_checkpoint(engine, args) -> LoadedState:
-    """Load `args.load` into the engine. Returns the iteration and data position to resume from."""
-    if not args.load:
+def load_checkpoint(engine, config: Config) -> LoadedState:
+    """Load `--load` into the engine. Returns the iteration and data position to resume from."""
+    ckpt = config.checkpoint
+    if not ckpt.load:
         return LoadedState()
-    errs = load_problems(args)
+    errs = load_problems(config)
     if errs:
         raise ArgumentError("\n".join(errs))
-    errs = check_checkpoint_files(args)  # (again: the files may have changed since the start-up checks)
+    errs, changes = check_checkpoint_files(ckpt)  # (again: the files may have changed since the start-up checks)
     if errs:
         raise ArgumentError("\n".join(errs))
-    universal = bool(args.universal_checkpoint)
-    tag = args.load_tag or read_tag(args.load, universal)
+    if changes:  # --fallback-to-intact-checkpoint: another tag
+        config = config.replace(**changes)
+        ckpt = config.checkpoint
+    load, rank, universal = ckpt.load, int(config.runtime.rank or 0), bool(ckpt.universal_checkpoint)
+    tag = ckpt.load_tag or read_tag(load, universal)
     if tag is None:
-        if _rank(args) == 0:
-            log.warning("no checkpoint found in %s; starting from scratch", args.load)
+        if rank == 0:
+            log.warning("no checkpoint found in %s; starting from scratch", load)
         return LoadedState()
-    if args.verify_checkpoint and not universal:
-        tag = verify_before_load(args, tag)
-    if _rank(args) == 0:
-        if args.checkpoint_fallback:
-            log.warning("--fallback-to-intact-checkpoint: %s", args.checkpoint_fallback)
-            print(f"WARNING: --fallback-to-intact-checkpoint: {args.checkpoint_fallback}", flush=True)
-        if not universal and not checkpoint_manifest.has_manifest(os.path.join(args.load, tag)):
+    if ckpt.verify_checkpoint and not universal:
+        changes = verify_before_load(config, tag)
+        if changes:
+            config = config.replace(**changes)
+            tag = changes["load_tag"]
+    if rank == 0:
+        fallback = config.runtime.checkpoint_fallback
+        if fallback:
+            log.warning("--fallback-to-intact-checkpoint: %s", fallback)
+            print(f"WARNING: --fallback-to-intact-checkpoint: {fallback}", flush=True)
+        if not universal and not checkpoint_manifest.has_manifest(os.path.join(load, tag)):
             log.info("checkpoint %s/%s has no manifest (written before manifests existed): its files are not "
-                     "verified", args.load, tag)
-    saved = read_saved_args(os.path.join(args.load, tag))
+                     "verified", load, tag)
+    saved = read_saved_args(os.path.join(load, tag))
     if saved:
-        check_architecture(saved, args, universal=universal)
-        if not saved.get("optimizer_states_saved", True) and not (args.finetune or args.no_load_optim):
-            raise ArgumentError(f"checkpoint {args.load}/{tag} was saved with --no-save-optim: add --no-load-optim "
+        check_architecture(saved, config, universal=universal)
+        if not saved.get("optimizer_states_saved", True) and not (ckpt.finetune or ckpt.no_load_optim):
+            raise ArgumentError(f"checkpoint {load}/{tag} was saved with --no-save-optim: add --no-load-optim "
                                 "(or --finetune) to load it")
 
-    module_only = bool(args.finetune)
-    guard = checkpoint_io.guard_engine(engine, args)  # DeepSpeed reads our files with torch.load(weights_only=True)
+    module_only = bool(ckpt.finetune)
+    guard = checkpoint_io.guard_engine(engine, ckpt)  # DeepSpeed reads our files with torch.load(weights_only=True)
     try:
-        if universal and not args.unsafe_checkpoint_load:  # DeepSpeed reads the atoms with weights_only=False
-            check_universal_atoms(os.path.join(args.load, tag))
+        if universal and not ckpt.unsafe_checkpoint_load:  # DeepSpeed reads the atoms with weights_only=False
+            check_universal_atoms(os.path.join(load, tag))
         path, client = engine.load_checkpoint(
-            args.load, tag=tag,
+            load, tag=tag,
             load_module_only=module_only,
-            load_optimizer_states=not (module_only or args.no_load_optim),
-            load_lr_scheduler_states=not (module_only or args.no_load_lr_state),
+            load_optimizer_states=not (module_only or ckpt.no_load_optim),
+            load_lr_scheduler_states=not (module_only or ckpt.no_load_lr_state),
         )
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
-            raise ArgumentError(f"checkpoint {args.load}/{tag} does not match the model arguments (use the same "
+            raise ArgumentError(f"checkpoint {load}/{tag} does not match the model arguments (use the same "
                                 f"MODEL_ARCH/flags): {' '.join(first[:3])[:600]}") from None
         raise
     except checkpoint_io.CheckpointLoadRefused as e:  # a pickle that could run code
@@ -394,11 +401,11 @@ def load_checkpoint(engine, args) -> LoadedState:
         if guard is not None:
             guard.end_load()
     if path is None:
-        raise ArgumentError(f"DeepSpeed could not load checkpoint {tag} from {args.load}")
+        raise ArgumentError(f"DeepSpeed could not load checkpoint {tag} from {load}")
     client = client or {}
-    saved_args = client.get("args") or {}
-    if not saved and not args.finetune:
-        check_architecture(saved_args, args, universal=universal)
+    stored = client.get("args") or {}  # the upstream namespace the checkpoint stores
+    if not saved and not ckpt.finetune:
+        check_architecture(stored, config, universal=universal)
 
     if module_only and universal:
         # DeepSpeed restores the optimizer moments and step from the universal atoms even for a
@@ -408,24 +415,25 @@ def load_checkpoint(engine, args) -> LoadedState:
     if scheduler is not None and hasattr(scheduler, "step"):
         scheduler.step(0)  # write the schedule's LR/WD back (a universal load copies the saved ones)
 
-    if args.finetune or args.reset_iteration:
+    if ckpt.finetune or ckpt.reset_iteration:
         engine.global_steps = 0
         engine.global_samples = 0
-        if args.finetune and _rank(args) == 0:
+        sched = config.schedule
+        if ckpt.finetune and rank == 0:
             warning = cooldown_warning(client.get("opt_param_scheduler"))
-            if warning and args.lr_warmup_fraction in (None, 0.0) and not args.lr_warmup_iters \
-                    and not args.lr_warmup_samples:
+            if warning and sched.lr_warmup_fraction in (None, 0.0) and not sched.lr_warmup_iters \
+                    and not sched.lr_warmup_samples:
                 log.warning("%s", warning)
                 print(f"WARNING: {warning}", flush=True)
         log.info("loaded weights from %s (%s: iteration, optimizer, scheduler and data restart)", path,
-                 "--finetune" if args.finetune else "--reset-iteration")
+                 "--finetune" if ckpt.finetune else "--reset-iteration")
         return LoadedState(path=path)
-    if "rng_state" in client and not args.no_load_rng:
+    if "rng_state" in client and not ckpt.no_load_rng:
         _set_rng_state(client["rng_state"])
     it = int(client.get("iteration", 0))
     state = LoadedState(
         iteration=it,
-        consumed_train_samples=int(client.get("consumed_train_samples", it * args.global_batch_size)),
+        consumed_train_samples=int(client.get("consumed_train_samples", it * config.training.global_batch_size)),
         consumed_valid_samples=int(client.get("consumed_valid_samples", 0)),
         consumed_train_tokens=int(client.get("tokens", 0)),
         path=path,

@@ -5,12 +5,15 @@
 file and the newest intact tag (or, with --fallback-to-intact-checkpoint, that tag is loaded)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Mapping
 
 import torch.distributed as dist
 
 from megatron.checkpoint import manifest as checkpoint_manifest
+from megatron.config import CheckpointConfig, Config
 from megatron.checkpoint.manifest import LATEST, LATEST_UNIVERSAL, TAG_RE, checkpoint_tags, read_tag
 from megatron.errors import ArgumentError
 
@@ -37,12 +40,12 @@ def read_saved_args(tag_dir: str) -> dict | None:
         return json.load(f)
 
 
-def saved_zero_stage(args) -> int | None:
+def saved_zero_stage(ckpt: CheckpointConfig) -> int | None:
     """The ZeRO stage of the checkpoint a plain (not universal) `--load` would resume, if known."""
-    load = args.load
-    if not load or args.universal_checkpoint or not os.path.isdir(load):
+    load = ckpt.load
+    if not load or ckpt.universal_checkpoint or not os.path.isdir(load):
         return None
-    tag = args.load_tag or read_tag(load)
+    tag = ckpt.load_tag or read_tag(load)
     saved = read_saved_args(os.path.join(load, tag)) if tag else None
     return saved.get("zero_stage") if saved else None
 
@@ -52,30 +55,32 @@ def _zero_layout(stage: int) -> str:
     return {0: "model-states file", 1: "ZeRO-1/2 shards", 2: "ZeRO-1/2 shards"}.get(stage, "ZeRO-3 shards")
 
 
-def architecture_mismatches(saved: dict, args, fields=ARCH_FIELDS) -> list[str]:
-    return [f"{k}: checkpoint {saved[k]!r} vs now {vars(args)[k]!r}"
+def architecture_mismatches(saved: dict, now: Mapping, fields=ARCH_FIELDS) -> list[str]:
+    """`saved` (a checkpoint's model arguments) against `now` (this run's values by field name)."""
+    return [f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}"
             for k in fields if k in saved and saved[k] is not None
-            and vars(args)[k] != saved[k]]
+            and now[k] != saved[k]]
 
 
-def load_problems(args) -> list[str]:
+def load_problems(config: Config) -> list[str]:
     """Problems with `--load` found from the file system alone (run before DeepSpeed starts).
 
     A missing or empty `--load` directory is fine for a plain resume (the launcher passes
     LOAD=CKPT_DIR for a fresh run too), unless --finetune, --universal-checkpoint, --load-tag or
     --exit-on-missing-checkpoint says that a checkpoint is expected."""
-    load = args.load
+    ckpt = config.checkpoint
+    load = ckpt.load
     if not load:
         return []
-    wanted = bool(args.finetune or args.universal_checkpoint or args.load_tag or args.exit_on_missing_checkpoint)
+    wanted = bool(ckpt.finetune or ckpt.universal_checkpoint or ckpt.load_tag or ckpt.exit_on_missing_checkpoint)
     if not os.path.isdir(load):
         if os.path.exists(load):
             return [f"--load {load} is a file; give the checkpoint directory (the one holding 'latest')"]
         return [f"--load {load}: no such directory (check LOAD / --load)"] if wanted else []
     errs: list[str] = []
     plain_tag = read_tag(load)
-    if args.universal_checkpoint:
-        tag = args.load_tag or read_tag(load, universal=True)
+    if ckpt.universal_checkpoint:
+        tag = ckpt.load_tag or read_tag(load, universal=True)
         if tag is None:
             if plain_tag is not None or checkpoint_tags(load):
                 tag0 = plain_tag or checkpoint_tags(load)[-1][1]
@@ -86,7 +91,7 @@ def load_problems(args) -> list[str]:
                             "check LOAD / --load")
             return errs
     else:
-        tag = args.load_tag or plain_tag
+        tag = ckpt.load_tag or plain_tag
         if tag is None:
             found = checkpoint_tags(load)
             if found:
@@ -98,22 +103,23 @@ def load_problems(args) -> list[str]:
                     "--exit-on-missing-checkpoint/--finetune/--load-tag to start from scratch"] if wanted else []
     tag_dir = os.path.join(load, tag)
     if not os.path.isdir(tag_dir):
-        source = "--load-tag" if args.load_tag else (LATEST_UNIVERSAL if args.universal_checkpoint else LATEST)
+        source = "--load-tag" if ckpt.load_tag else (LATEST_UNIVERSAL if ckpt.universal_checkpoint else LATEST)
         return [f"checkpoint {tag_dir} does not exist ({source} names {tag!r}); check --load / --load-tag"]
     saved = read_saved_args(tag_dir)
     if saved:
-        bad = architecture_mismatches(saved, args)
+        bad = architecture_mismatches(saved, vars(config.model))
         if bad:
             errs.append(f"checkpoint {tag_dir} was written for another model (use the same MODEL_ARCH / model "
                         "flags): " + "; ".join(bad))
         stage = saved.get("zero_stage")
-        if (stage is not None and not args.universal_checkpoint and not args.finetune and not args.no_load_optim
-                and _zero_layout(stage) != _zero_layout(args.zero_stage)):
+        zero_stage = config.parallel.zero_stage
+        if (stage is not None and not ckpt.universal_checkpoint and not ckpt.finetune and not ckpt.no_load_optim
+                and _zero_layout(stage) != _zero_layout(zero_stage)):
             errs.append(f"checkpoint {tag_dir} was saved at ZeRO stage {stage} (optimizer state in the "
-                        f"{_zero_layout(stage)}), this run uses stage {args.zero_stage}: resume with --zero-stage "
+                        f"{_zero_layout(stage)}), this run uses stage {zero_stage}: resume with --zero-stage "
                         f"{stage}, or convert it and load with --universal-checkpoint: {conversion_command(load, tag)}")
-        saved_pp, pp = saved.get("pipeline_model_parallel_size") or 1, args.pipeline_model_parallel_size or 1
-        if not args.universal_checkpoint and saved_pp != pp and max(saved_pp, pp) > 1:  # layer files vs one module
+        saved_pp, pp = saved.get("pipeline_model_parallel_size") or 1, config.parallel.pipeline_model_parallel_size or 1
+        if not ckpt.universal_checkpoint and saved_pp != pp and max(saved_pp, pp) > 1:  # layer files vs one module
             errs.append(f"checkpoint {tag_dir} was saved with pipeline parallel size {saved_pp}, this run has "
                         f"{pp}: resume with PP={saved_pp} (pipeline checkpoints cannot change their PP size)")
     return errs
@@ -142,26 +148,30 @@ def newest_intact_tag(load: str, damaged: str, verify=None) -> str | None:
     return None
 
 
-def check_checkpoint_files(args) -> list[str]:
+def _fallback(tag: str, errs: list[str], good: str) -> dict:
+    """The configuration changes that load `good` instead of the damaged `tag` (and say why at load time)."""
+    return {"load_tag": good, "checkpoint_fallback": f"{tag} is damaged ({errs[0]}): loading {good} instead"}
+
+
+def check_checkpoint_files(ckpt: CheckpointConfig) -> tuple[list[str], dict]:
     """Sizes (and missing / foreign files) of the checkpoint `--load` resumes, against its manifest:
-    one stat per file, before DeepSpeed starts. A damaged checkpoint is a problem naming the file and
-    the newest intact tag, or, with --fallback-to-intact-checkpoint, `args.load_tag` becomes that tag
-    (and `args.checkpoint_fallback` says why, for the warning at load time)."""
-    load = args.load
-    if not load or args.universal_checkpoint or not os.path.isdir(load):
-        return []
-    tag = args.load_tag or read_tag(load)
+    one stat per file, before DeepSpeed starts. Returns (problems, changes). A damaged checkpoint is a
+    problem naming the file and the newest intact tag, or, with --fallback-to-intact-checkpoint, no
+    problem and `changes` = {"load_tag": that tag, "checkpoint_fallback": why (the warning at load
+    time)}, for the caller to apply (`config.replace(**changes)`); otherwise `changes` is empty."""
+    load = ckpt.load
+    if not load or ckpt.universal_checkpoint or not os.path.isdir(load):
+        return [], {}
+    tag = ckpt.load_tag or read_tag(load)
     if not tag or not os.path.isdir(os.path.join(load, tag)):
-        return []  # load_problems says what is missing
+        return [], {}  # load_problems says what is missing
     errs = checkpoint_manifest.problems(os.path.join(load, tag))
     if not errs:
-        return []
+        return [], {}
     good = newest_intact_tag(load, tag)
-    if good and args.fallback_to_intact_checkpoint:
-        args.checkpoint_fallback = f"{tag} is damaged ({errs[0]}): loading {good} instead"
-        args.load_tag = good
-        return []
-    return [_damage_message(load, tag, errs, good)]
+    if good and ckpt.fallback_to_intact_checkpoint:
+        return [], _fallback(tag, errs, good)
+    return [_damage_message(load, tag, errs, good)], {}
 
 
 def _verify_checksums(tag_dir: str) -> list[str]:
@@ -181,27 +191,31 @@ def _verify_checksums(tag_dir: str) -> list[str]:
     return list(dict.fromkeys(p for part in gathered for p in part))  # the size problems are found by all
 
 
-def verify_before_load(args, tag: str) -> str:
-    """--verify-checkpoint: every checksum of the checkpoint about to be loaded (collective). Returns
-    the tag to load: `tag`, or with --fallback-to-intact-checkpoint the newest intact one."""
-    errs = _verify_checksums(os.path.join(args.load, tag))
+def verify_before_load(config: Config, tag: str) -> dict:
+    """--verify-checkpoint: every checksum of the checkpoint `tag` about to be loaded (collective).
+    Returns the configuration changes: none when `tag` is intact; with --fallback-to-intact-checkpoint
+    {"load_tag": the newest intact tag, "checkpoint_fallback": why}. Raises ArgumentError otherwise."""
+    ckpt = config.checkpoint
+    errs = _verify_checksums(os.path.join(ckpt.load, tag))
     if not errs:
-        return tag
-    good = newest_intact_tag(args.load, tag, verify=_verify_checksums)
-    if not (good and args.fallback_to_intact_checkpoint):
-        raise ArgumentError(_damage_message(args.load, tag, errs, good))
-    args.checkpoint_fallback = f"{tag} is damaged ({errs[0]}): loading {good} instead"
-    args.load_tag = good
-    errs = load_problems(args)  # the architecture checks, for the tag now loaded
+        return {}
+    good = newest_intact_tag(ckpt.load, tag, verify=_verify_checksums)
+    if not (good and ckpt.fallback_to_intact_checkpoint):
+        raise ArgumentError(_damage_message(ckpt.load, tag, errs, good))
+    changes = _fallback(tag, errs, good)
+    # the architecture checks, for the tag now loaded
+    errs = load_problems(dataclasses.replace(config, checkpoint=dataclasses.replace(ckpt, load_tag=good)))
     if errs:
         raise ArgumentError("\n".join(errs))
-    return good
+    return changes
 
 
-def check_architecture(saved: dict, args, universal: bool = False) -> None:
+def check_architecture(saved: dict, config: Config, universal: bool = False) -> None:
     """Raise with every mismatch between the checkpoint's model arguments and ours (incl. vocabulary)."""
-    vocab = ("vocab_size_orig",) if universal else ("padded_vocab_size",)
-    bad = architecture_mismatches(saved, args, ARCH_FIELDS + vocab)
+    runtime = config.runtime
+    vocab = {"vocab_size_orig": runtime.vocab_size_orig} if universal else \
+        {"padded_vocab_size": runtime.padded_vocab_size}
+    bad = architecture_mismatches(saved, {**vars(config.model), **vocab}, ARCH_FIELDS + tuple(vocab))
     if bad:
-        raise ArgumentError(f"checkpoint in {args.load} does not match the model arguments "
+        raise ArgumentError(f"checkpoint in {config.checkpoint.load} does not match the model arguments "
                             f"(use the same MODEL_ARCH/flags): " + "; ".join(bad))

@@ -38,6 +38,7 @@ import re
 import torch
 
 from megatron.checkpoint import manifest as checkpoint_manifest
+from megatron.config import CheckpointConfig
 from megatron.deepspeed_compat.engine import is_plain_torch_checkpoint_engine, replace_checkpoint_engine
 
 log = logging.getLogger(__name__)
@@ -263,12 +264,12 @@ def _file_key(path: str) -> tuple | None:
     return os.path.abspath(path), st.st_mtime_ns, st.st_size
 
 
-def guard_engine(engine, args) -> GuardedCheckpointEngine | None:
+def guard_engine(engine, ckpt: CheckpointConfig) -> GuardedCheckpointEngine | None:
     """Wrap `engine.checkpoint_engine` once; returns the wrapper (None when the engine has none)."""
     inner = replace_checkpoint_engine(engine, GuardedCheckpointEngine, GuardedCheckpointEngine)
     if inner is None:
         return None
-    inner.unsafe_load = bool(args.unsafe_checkpoint_load)
+    inner.unsafe_load = bool(ckpt.unsafe_checkpoint_load)
     return inner
 
 

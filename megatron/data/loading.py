@@ -7,40 +7,44 @@ import os
 import torch
 import torch.distributed as dist
 
+from megatron.config import Config
 from megatron.core import parallel_state
 
 
-def build_datasets(args):
+def build_datasets(config: Config):
     """Train/valid/test datasets from the data list, with the upstream sample budgets."""
     from megatron.data.blendable_dataset import build_train_valid_test_datasets, check_data_vocab  # noqa: PLC0415
     from megatron.data.data_list import DataListError, DataSource, parse_data_file_list, validate_sources  # noqa: PLC0415
 
-    if args.data_file_list:
-        sources = parse_data_file_list(args.data_file_list)
+    data, training = config.data, config.training
+    if data.data_file_list:
+        sources = parse_data_file_list(data.data_file_list)
     else:  # --data-path: "prefix" or "w1 prefix1 w2 prefix2 ..."
-        dp = args.data_path
+        dp = data.data_path
         pairs = [(1.0, dp[0])] if len(dp) == 1 else [(float(dp[i]), dp[i + 1]) for i in range(0, len(dp), 2)]
         sources = [DataSource(w, p, os.path.basename(p)) for w, p in pairs]
     validate_sources(sources)
-    gbs = args.global_batch_size
-    budgets = (args.train_iters * gbs,
-               (args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs,
-               args.eval_iters * gbs)
+    gbs, iters, evals = training.global_batch_size, training.train_iters, training.eval_iters
+    budgets = (iters * gbs,
+               (iters // training.eval_interval + 1) * evals * gbs,
+               evals * gbs)
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if args.padded_vocab_size:  # each rank samples its share of the files
+    vocab = config.runtime.padded_vocab_size
+    if vocab:  # each rank samples its share of the files
         try:  # also opens every .idx/.bin: a bad header or a token id >= vocab is one ERROR line
-            check_data_vocab([s.prefix for s in sources], args.padded_vocab_size, rank, world)
+            check_data_vocab([s.prefix for s in sources], vocab, rank, world)
         except ValueError as e:
             raise DataListError(str(e)) from None
     return build_train_valid_test_datasets(
-        sources, args.split, budgets, args.seq_length, args.seed, args.data_cache_path,
-        shuffle_sample_in_corpus=args.shuffle_sample_in_corpus,
-        blend_sample_in_corpus=args.blend_sample_in_corpus,
+        sources, data.split, budgets, config.model.seq_length, config.model.seed, data.data_cache_path,
+        shuffle_sample_in_corpus=data.shuffle_sample_in_corpus,
+        blend_sample_in_corpus=data.blend_sample_in_corpus,
         rank=rank, world_size=world, barrier=dist.barrier if distributed else None)
 
 
-def build_loader(dataset, args, consumed_samples: int, dataloader_type: str = "single", workers: bool = True):
+def build_loader(dataset, config: Config, consumed_samples: int, dataloader_type: str = "single",
+                 workers: bool = True):
     """Validation reads in order (the same samples every time); training as --dataloader-type says.
 
     `workers=False` reads in this process. Validation does: its few batches come from memory-mapped
@@ -53,11 +57,12 @@ def build_loader(dataset, args, consumed_samples: int, dataloader_type: str = "s
         return None
     sampler = build_sampler(
         dataloader_type, total_samples=len(dataset), consumed_samples=consumed_samples,
-        micro_batch_size=args.micro_batch_size,
+        micro_batch_size=config.training.micro_batch_size,
         data_parallel_rank=parallel_state.get_data_parallel_rank(),
         data_parallel_size=parallel_state.get_data_parallel_world_size())
     # its own generator: starting an iterator draws a seed, which from the global RNG would shift
     # dropout and SophiaG's sampled labels after a resume (the iterator starts after the RNG is restored)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers if workers else 0,
+    num_workers = config.data.num_workers if workers else 0
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        pin_memory=False, persistent_workers=False,
-                                       generator=torch.Generator().manual_seed(args.seed))
+                                       generator=torch.Generator().manual_seed(config.model.seed))

@@ -9,20 +9,22 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron.config import TrainingConfig
+
 
 class ExitConditions:
     """SIGTERM (--exit-signal-handler), --exit-interval, --exit-duration-in-mins, --kill-switch-file."""
 
-    def __init__(self, args):
-        self.args, self.start, self.signalled = args, time.time(), False
-        if args.exit_signal_handler:
+    def __init__(self, training: TrainingConfig):
+        self.training, self.start, self.signalled = training, time.time(), False
+        if training.exit_signal_handler:
             signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self.signalled = True
 
     def reason(self, iteration: int) -> str | None:
-        a = self.args
+        a = self.training
         flags = [self.signalled,
                  bool(a.exit_interval and iteration % a.exit_interval == 0),
                  bool(a.exit_duration_in_mins and (time.time() - self.start) / 60 > a.exit_duration_in_mins),

@@ -9,41 +9,42 @@ directories, so a bad data file or tokenizer path leaves nothing behind.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass
 
+from megatron.config import Config, DataConfig, ModelConfig, ParallelConfig, RuntimeConfig
 from megatron.errors import ArgumentError
 from megatron.data.data_list import DataListError, DataSource, parse_data_file_list, validate_sources
 
 log = logging.getLogger(__name__)
 
 
-def tokenizer_vocab(args: argparse.Namespace) -> tuple[int | None, list[str]]:
+def tokenizer_vocab(config: Config) -> tuple[int | None, list[str]]:
     """(padded vocabulary size or None, problems) of the configured tokenizer."""
     from megatron.tokenizer import build_tokenizer, pad_vocab_size  # noqa: PLC0415
 
-    ttype = args.tokenizer_type or ("NullTokenizer" if args.vocab_size else None)
+    data = config.data
+    ttype = data.tokenizer_type or ("NullTokenizer" if data.vocab_size else None)
     if ttype is None:
         return None, ["no tokenizer: give --tokenizer-type/--tokenizer-model (TOKENIZER_TYPE/TOKENIZER_MODEL) "
                       "or --vocab-size"]
     try:
-        tok = build_tokenizer(ttype, args.tokenizer_model, vocab_size=args.vocab_size,
-                              vocab_file=args.vocab_file, merge_file=args.merge_file,
-                              trust_remote_code=args.trust_remote_code)
-        return pad_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by,
-                              args.tensor_model_parallel_size), []
+        tok = build_tokenizer(ttype, data.tokenizer_model, vocab_size=data.vocab_size,
+                              vocab_file=data.vocab_file, merge_file=data.merge_file,
+                              trust_remote_code=data.trust_remote_code)
+        return pad_vocab_size(tok.vocab_size, config.model.make_vocab_size_divisible_by,
+                              config.parallel.tensor_model_parallel_size), []
     except (OSError, ValueError, RuntimeError, TypeError) as e:  # sentencepiece raises RuntimeError on a bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, [f"tokenizer {ttype} ({args.tokenizer_model}): {first}; check TOKENIZER_MODEL / --tokenizer-model"]
+        return None, [f"tokenizer {ttype} ({data.tokenizer_model}): {first}; check TOKENIZER_MODEL / --tokenizer-model"]
 
 
-def data_sources(args: argparse.Namespace) -> list[DataSource]:
+def data_sources(data: DataConfig) -> list[DataSource]:
     """The datasets of --data-file-list or --data-path (DataListError if the list is unusable)."""
-    if args.data_file_list:
-        return parse_data_file_list(args.data_file_list)
-    dp = args.data_path
+    if data.data_file_list:
+        return parse_data_file_list(data.data_file_list)
+    dp = data.data_path
     if len(dp) % 2 and len(dp) > 1:
         raise DataListError(f"--data-path: expected 'prefix' or 'weight prefix weight prefix ...', got {' '.join(dp)!r}")
     try:
@@ -53,13 +54,13 @@ def data_sources(args: argparse.Namespace) -> list[DataSource]:
     return [DataSource(w, p[:-4] if p.endswith(".bin") else p, os.path.basename(p)) for w, p in pairs]
 
 
-def data_problems(args: argparse.Namespace, vocab_size: int | None) -> list[str]:
+def data_problems(data: DataConfig, vocab_size: int | None) -> list[str]:
     """Unreadable list, missing files, bad `.idx`/`.bin` (magic, version, truncation), token ids >= vocab."""
     from megatron.data.blendable_dataset import check_data_vocab  # noqa: PLC0415
     from megatron.data.indexed_dataset import IndexedDataset  # noqa: PLC0415
 
     try:
-        sources = data_sources(args)
+        sources = data_sources(data)
         validate_sources(sources)
     except DataListError as e:
         return [str(e)]
@@ -78,11 +79,11 @@ def data_problems(args: argparse.Namespace, vocab_size: int | None) -> list[str]
     return errs
 
 
-def preflight_problems(args: argparse.Namespace) -> list[str]:
+def preflight_problems(config: Config) -> list[str]:
     """Every problem found by reading the tokenizer and the data (after `parse_args` succeeded)."""
-    vocab, errs = tokenizer_vocab(args)
-    errs += data_problems(args, vocab)
-    mem_errs, warnings, _est = memory_problems(args, vocab)
+    vocab, errs = tokenizer_vocab(config)
+    errs += data_problems(config.data, vocab)
+    mem_errs, warnings, _est = memory_problems(config, vocab)
     for w in warnings:
         print(f"WARNING: {w}", flush=True)
     return errs + mem_errs
@@ -120,21 +121,21 @@ class MemoryEstimate:
                 f"{self.activations / GIB:.2f}, runtime {self.runtime / GIB:.2f}; {self.notes})")
 
 
-def parameters_per_rank(args, vocab: int) -> int:
+def parameters_per_rank(model: ModelConfig, parallel: ParallelConfig, vocab: int) -> int:
     """Parameters one rank holds (TP splits matrices and the vocabulary, PP the layers; the first
     pipeline stage, which also holds the embedding, is the largest)."""
-    h, tp = args.hidden_size, args.tensor_model_parallel_size
-    heads, kv = args.num_attention_heads, args.num_key_value_heads or args.num_attention_heads
-    d = args.kv_channels or h // heads
-    ffn = args.ffn_hidden_size
-    bias = bool(args.add_bias_linear)
+    h, tp = model.hidden_size, parallel.tensor_model_parallel_size
+    heads, kv = model.num_attention_heads, model.num_key_value_heads or model.num_attention_heads
+    d = model.kv_channels or h // heads
+    ffn = model.ffn_hidden_size
+    bias = bool(model.add_bias_linear)
     attn = h * (heads + 2 * kv) * d + heads * d * h + (bias * ((heads + 2 * kv) * d + h))
-    mlp = h * ffn * (3 if args.swiglu else 2) + bias * (ffn * (2 if args.swiglu else 1) + h)
-    norms = 2 * h * (2 if args.normalization == "layernorm" else 1)  # LayerNorm: weight and bias
-    layers = -(-args.num_layers // args.pipeline_model_parallel_size)
-    embed = vocab * h * (2 if args.untie_embeddings_and_output_weights else 1)
-    if not args.use_rotary_position_embeddings:
-        embed += args.max_position_embeddings * h * tp  # replicated, not split
+    mlp = h * ffn * (3 if model.swiglu else 2) + bias * (ffn * (2 if model.swiglu else 1) + h)
+    norms = 2 * h * (2 if model.normalization == "layernorm" else 1)  # LayerNorm: weight and bias
+    layers = -(-model.num_layers // parallel.pipeline_model_parallel_size)
+    embed = vocab * h * (2 if model.untie_embeddings_and_output_weights else 1)
+    if not model.use_rotary_position_embeddings:
+        embed += model.max_position_embeddings * h * tp  # replicated, not split
     return int(layers * ((attn + mlp) / tp + norms) + embed / tp + h)
 
 
@@ -144,44 +145,48 @@ def on_cpu() -> bool:
     return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
-def activation_bytes(args, vocab: int, cpu: bool = True) -> float:
+def _half(config: Config) -> bool:
+    return bool(config.precision.bf16 or config.precision.fp16)
+
+
+def activation_bytes(config: Config, vocab: int, cpu: bool = True) -> float:
     """Activations one micro-batch keeps for the backward (summed over the layers of a pipeline stage,
     times the micro-batches 1F1B keeps in flight), plus the logits and the loss's float32 copies."""
-    e = 2 if (args.bf16 or args.fp16) else 4
-    tp, sp = args.tensor_model_parallel_size, args.ds_sequence_parallel_size
-    s, b = args.seq_length // sp, args.micro_batch_size
+    model, par = config.model, config.parallel
+    e = 2 if _half(config) else 4
+    tp, sp, pp = par.tensor_model_parallel_size, par.ds_sequence_parallel_size, par.pipeline_model_parallel_size
+    s, b = model.seq_length // sp, config.training.micro_batch_size
     t = s * b  # tokens of one micro-batch on this rank
-    h, ffn = args.hidden_size, args.ffn_hidden_size
-    heads, kv = args.num_attention_heads, args.num_key_value_heads or args.num_attention_heads
-    d = args.kv_channels or h // heads
-    seq_par = tp if args.sequence_parallel else 1
+    h, ffn = model.hidden_size, model.ffn_hidden_size
+    heads, kv = model.num_attention_heads, model.num_key_value_heads or model.num_attention_heads
+    d = model.kv_channels or h // heads
+    seq_par = tp if par.sequence_parallel else 1
     # per layer: norm inputs/outputs and residuals (h-wide, split by sequence parallelism), q/k/v and
     # rotated q/k, the attention output (split by TP), the MLP's gate/up/act/product (split by TP)
-    per_layer = t * (5 * h / seq_par + (2 * heads + 3 * kv) * d / tp + h / tp + ffn * (4 if args.swiglu else 2) / tp)
-    if (args.bf16 or args.fp16) and cpu:  # explicit attention keeps the s x s probabilities
+    per_layer = t * (5 * h / seq_par + (2 * heads + 3 * kv) * d / tp + h / tp + ffn * (4 if model.swiglu else 2) / tp)
+    if _half(config) and cpu:  # explicit attention keeps the s x s probabilities
         per_layer += b * (heads / tp) * s * s * sp  # (Ulysses: whole sequence, heads / SP)
-    layers = -(-args.num_layers // args.pipeline_model_parallel_size)
-    full = args.recompute_granularity == "full"
+    layers = -(-model.num_layers // pp)
+    full = config.training.recompute_granularity == "full"
     stored = layers * t * h / seq_par + per_layer if full else layers * per_layer  # full: layer inputs + one layer
-    in_flight = min(args.pipeline_model_parallel_size, args.num_micro_batches) if args.pipeline_model_parallel_size > 1 \
-        else 1
+    in_flight = min(pp, config.runtime.num_micro_batches) if pp > 1 else 1
     logits = t * vocab / tp * (e + 3 * 4)  # logits, their float32 copy, log-softmax and its gradient
     return stored * e * in_flight + logits
 
 
-def estimate_memory(args, vocab: int, optimizer_copies: float | None = None, cpu: bool | None = None
+def estimate_memory(config: Config, vocab: int, optimizer_copies: float | None = None, cpu: bool | None = None
                     ) -> MemoryEstimate:
     """Peak memory of one rank: weights, gradients, optimizer state and fp32 masters by ZeRO stage and
     precision, activations by micro-batch, sequence, recompute and TP/SP/PP, plus the runtime."""
     if optimizer_copies is None:
         from megatron.optimizer import get_entry  # noqa: PLC0415
 
-        optimizer_copies = get_entry(args.optimizer).state_copies
-    p = parameters_per_rank(args, vocab)
-    half = bool(args.bf16 or args.fp16)
+        optimizer_copies = get_entry(config.optimizer.optimizer).state_copies
+    p = parameters_per_rank(config.model, config.parallel, vocab)
+    half = _half(config)
     w = 2 if half else 4
-    stage = args.zero_stage
-    dp = max(1, args.data_parallel_size * args.ds_sequence_parallel_size)  # ZeRO partitions over DP x SP
+    stage = config.parallel.zero_stage
+    dp = max(1, config.runtime.data_parallel_size * config.parallel.ds_sequence_parallel_size)  # ZeRO: DP x SP
     states = optimizer_copies * 4 * p
     # float32 master weights: bf16 always; fp32 at ZeRO 1-3 too (ZeRO keeps a float32 copy of its partition)
     master = 4 * p if (half or stage > 0) else 0
@@ -194,12 +199,13 @@ def estimate_memory(args, vocab: int, optimizer_copies: float | None = None, cpu
         weights += w * min(p, 1e9)
     grads = w * p / (dp if stage >= 2 else 1)
     optimizer = (states + master + fp32_grads) / part
-    notes = (f"{p / 1e6:.0f}M parameters per rank, {'bf16' if args.bf16 else 'fp16' if args.fp16 else 'fp32'}, "
-             f"ZeRO-{stage} over {dp} rank(s), {args.optimizer} ({optimizer_copies:g} state copies), micro-batch "
-             f"{args.micro_batch_size} x {args.seq_length} tokens, recompute "
-             f"{args.recompute_granularity or 'off'}")
+    prec, training = config.precision, config.training
+    notes = (f"{p / 1e6:.0f}M parameters per rank, {'bf16' if prec.bf16 else 'fp16' if prec.fp16 else 'fp32'}, "
+             f"ZeRO-{stage} over {dp} rank(s), {config.optimizer.optimizer} ({optimizer_copies:g} state copies), "
+             f"micro-batch {training.micro_batch_size} x {config.model.seq_length} tokens, recompute "
+             f"{training.recompute_granularity or 'off'}")
     cpu = on_cpu() if cpu is None else cpu
-    return MemoryEstimate(weights, grads, optimizer, activation_bytes(args, vocab, cpu), notes=notes)
+    return MemoryEstimate(weights, grads, optimizer, activation_bytes(config, vocab, cpu), notes=notes)
 
 
 def process_rss() -> int:
@@ -231,7 +237,7 @@ def meminfo_available(path: str = "/proc/meminfo") -> int | None:
     return None
 
 
-def device_memory_limit(args, env=os.environ) -> tuple[int | None, str]:
+def device_memory_limit(runtime: RuntimeConfig, env=os.environ) -> tuple[int | None, str]:
     """(bytes one rank may use, where the number comes from). Accelerators: the free memory of this
     rank's device (torch.cuda / torch.xpu mem_get_info); CPU: host MemAvailable / ranks on the node."""
     import torch  # noqa: PLC0415
@@ -245,51 +251,51 @@ def device_memory_limit(args, env=os.environ) -> tuple[int | None, str]:
     avail = meminfo_available()
     if avail is None:
         return None, "unknown"
-    n = local_ranks(env, args.world_size)
+    n = local_ranks(env, runtime.world_size)
     return avail // n, f"host MemAvailable {avail / GIB:.1f} GiB / {n} rank(s) on this node"
 
 
-def _fixes(args, vocab: int, limit: float, copies: float) -> list[str]:
+def _fixes(config: Config, vocab: int, limit: float, copies: float) -> list[str]:
     """The cheapest changes that bring the estimate under the limit, in the order users try them."""
     tried = []
 
     def fits(label: str, **changes) -> None:
-        a = argparse.Namespace(**{**vars(args), **changes})
-        est = estimate_memory(a, vocab, copies)
+        est = estimate_memory(config.replace(**changes), vocab, copies)
         if est.total <= limit:
             tried.append(f"{label} ({est.total / GIB:.1f} GiB)")
 
-    if args.zero_stage < 3 and args.pipeline_model_parallel_size == 1:
+    par, training, dp = config.parallel, config.training, config.runtime.data_parallel_size
+    if par.zero_stage < 3 and par.pipeline_model_parallel_size == 1:
         fits("ZERO_STAGE=3 (--zero-stage 3)", zero_stage=3)
-    if args.recompute_granularity != "full":
+    if training.recompute_granularity != "full":
         fits("USE_ACTIVATION_CHECKPOINTING=1 (--recompute-granularity full)", recompute_granularity="full")
-    if args.micro_batch_size > 1:
+    if training.micro_batch_size > 1:
         fits("MICRO_BATCH=1 (--micro-batch-size 1, GRAD_ACC_STEPS up to keep the global batch)", micro_batch_size=1)
     for k in (2, 4, 8):
-        fits(f"{k}x the ranks on more nodes (data parallel {args.data_parallel_size * k}) with ZeRO-3",
-             data_parallel_size=args.data_parallel_size * k, zero_stage=3)
+        fits(f"{k}x the ranks on more nodes (data parallel {dp * k}) with ZeRO-3",
+             data_parallel_size=dp * k, zero_stage=3)
         if len(tried) and tried[-1].startswith(f"{k}x"):
             break
     return tried or ["a smaller model (MODEL_ARCH / --num-layers / --hidden-size)"]
 
 
-def memory_problems(args, vocab: int | None, env=os.environ, limit: tuple[int | None, str] | None = None
+def memory_problems(config: Config, vocab: int | None, env=os.environ, limit: tuple[int | None, str] | None = None
                     ) -> tuple[list[str], list[str], MemoryEstimate | None]:
     """(problems, warnings, estimate) of the memory check; ([], [], None) when it cannot be made."""
-    if vocab is None or args.skip_memory_check:
+    if vocab is None or config.training.skip_memory_check:
         return [], [], None
     from megatron.optimizer import get_entry  # noqa: PLC0415
 
     try:
-        copies = get_entry(args.optimizer).state_copies
+        copies = get_entry(config.optimizer.optimizer).state_copies
     except ValueError:
         return [], [], None
-    est = estimate_memory(args, vocab, copies)
-    cap, source = limit or device_memory_limit(args, env)
+    est = estimate_memory(config, vocab, copies)
+    cap, source = limit or device_memory_limit(config.runtime, env)
     if cap is None:
         return [], [], est
     if est.total > cap:
-        fixes = "; ".join(_fixes(args, vocab, cap, copies))
+        fixes = "; ".join(_fixes(config, vocab, cap, copies))
         return [f"not enough memory: the estimate is {est.describe()}, above the {cap / GIB:.1f} GiB available "
                 f"({source}); cheapest fixes: {fixes}; or --skip-memory-check to try anyway"], [], est
     if est.total > NEAR_FRACTION * cap:
@@ -315,25 +321,27 @@ def oom_message(e: BaseException, rank: int, estimate: str | None) -> str:
             "(ALCF/notes/reliability.md, 'Memory')")
 
 
-def check_memory(args) -> None:
+def check_memory(config: Config) -> str | None:
     """Refuse (ArgumentError) a configuration whose memory estimate exceeds what this rank has; warn
-    near it. The estimate is kept in `args.memory_estimate` for the out-of-memory message."""
+    near it. Returns the estimate's description (None if none was made), which the caller keeps as
+    `memory_estimate` for the out-of-memory message."""
     import torch  # noqa: PLC0415  (this module stays light for --check-args)
     import torch.distributed as dist  # noqa: PLC0415
 
-    problems, warnings, est = memory_problems(args, args.padded_vocab_size)
+    rank = config.runtime.rank
+    problems, warnings, est = memory_problems(config, config.runtime.padded_vocab_size)
     if dist.is_initialized() and dist.get_world_size() > 1:  # one rank short of memory stops them all
         refused = torch.tensor([float(bool(problems))])
         dist.all_reduce(refused, op=dist.ReduceOp.MAX)
         if refused.item() and not problems:
             problems = ["another rank has not enough memory for this configuration (see rank 0's line, or "
                         "MEGATRON_LOG_ALL_RANKS=1)"]
-    args.memory_estimate = est.describe() if est else None
-    if est and args.rank == 0:
+    if est and rank == 0:
         log.info("memory estimate: %s; this process uses %.2f GiB now", est.describe(), process_rss() / 2**30)
     for w in warnings:
-        if args.rank == 0:
+        if rank == 0:
             log.warning("%s", w)
             print(f"WARNING: {w}", flush=True)
     if problems:
         raise ArgumentError("\n".join(problems))
+    return est.describe() if est else None
