@@ -144,8 +144,8 @@ def train_one(spec: RunSpec) -> RunResult:
     val = windows(tokens, spec.val_batches, spec.batch, spec.seq, split, len(tokens), spec.seed + 1)
 
     torch.manual_seed(spec.seed)
-    model = GPTModel(model_config(args))
     config = Config.from_args(args)
+    model = GPTModel(model_config(config))
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -68,6 +68,7 @@ def trainer_flags(m: dict, data_list: str, iters: int, dtype: str, zero: int, ex
 class Ours:
     """Our trainer, one iteration per call."""
     args: argparse.Namespace
+    config: object  # megatron.config.Config of `args`, with --compile's decision
     engine: object
     data_iter: object
     timers: object
@@ -102,12 +103,12 @@ class Ours:
         loader = training.build_loader(train_ds, Config.from_args(args), consumed_samples=0)
         timers = Timers(log_level=2)  # batch-generator timer: the data wait (no sync cost on CPU)
         torch.manual_seed(0)
-        return cls(args, engine, iter(loader), timers, tokenizer.eod, engine.device, hf_state)
+        return cls(args, Config.from_args(args), engine, iter(loader), timers, tokenizer.eod, engine.device, hf_state)
 
     def step(self) -> None:
         from megatron.training import train_step
 
-        self.losses.append(train_step(self.engine, self.data_iter, self.args, self.eod, self.device, self.timers))
+        self.losses.append(train_step(self.engine, self.data_iter, self.config, self.eod, self.device, self.timers))
 
 
 @dataclass
@@ -130,7 +131,7 @@ class HFLoop:
         from megatron.training import build_datasets, build_loader, model_config
 
         a = ours.args
-        model = LlamaForCausalLM(hf_config(model_config(a), attn_implementation="sdpa"))
+        model = LlamaForCausalLM(hf_config(model_config(ours.config), attn_implementation="sdpa"))
         model.load_state_dict(ours.hf_state, strict=False)  # rotary inv_freq is a non-persistent buffer
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps,

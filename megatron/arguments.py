@@ -481,7 +481,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     errs.extend(parallel_problems(config))  # TP divisibility, sequence parallel, recompute (megatron/core/parallel_config.py)
     errs.extend(pipeline_problems(config))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/core/pipeline_schedule.py)
     errs.extend(ulysses_problems(config))  # Ulysses SP: heads / seq divisible by SP (core/sequence_parallel.py)
-    errs.extend(fp16_problems(args, args.zero_stage))  # loss-scaling flags and the fp16 block (megatron/fp16.py)
+    errs.extend(fp16_problems(config))  # loss-scaling flags and the fp16 block (megatron/fp16.py)
 
     for dest, message in REFUSED_FLAGS.items():  # upstream flags whose promise cannot be kept here
         if vars(args)[dest] not in (None, False):
@@ -729,8 +729,11 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
         raise ArgumentError("--start-weight-decay and --end-weight-decay are required when "
                             f"--weight-decay-incr-style is {args.weight_decay_incr_style}")
     args.params_dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    if args.lr_finder and (errs := configure_lr_finder(args)):  # outputs to {save}/lr_finder/, no checkpoint
-        raise ArgumentError("\n".join(errs))
+    if args.lr_finder:  # outputs to {save}/lr_finder/, no checkpoint, no evaluation
+        errs, changes = configure_lr_finder(Config.from_args(args))
+        if errs:
+            raise ArgumentError("\n".join(errs))
+        vars(args).update(changes)
     if args.save is not None and args.save_interval is None:
         args.save_interval = args.train_iters  # save at the end only
     if args.metrics_file is None and args.save is not None:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 MIN_BUCKET, MAX_BUCKET = 5_000_000, 500_000_000  # elements; DeepSpeed's default bucket is the maximum
 
 
-def zero_bucket_sizes(args) -> dict:
+def zero_bucket_sizes(config: Config) -> dict:
     """ZeRO's reduce and all-gather bucket sizes (elements) by model size: an eighth of
     this rank's parameters, at least 5e6, at most DeepSpeed's default 5e8. DeepSpeed's 5e8 exceeds
     every model below 500M parameters, so its gradient bucket grows to the whole model: a full-size
@@ -36,78 +36,77 @@ def zero_bucket_sizes(args) -> dict:
     ZeRO-3 3.32 -> 2.24 GiB per rank."""
     from megatron.resilience.preflight import parameters_per_rank  # noqa: PLC0415
 
-    if not args.hidden_size:  # no model shape (unit tests of other keys): nothing to size by
+    if not config.model.hidden_size:  # no model shape (unit tests of other keys): nothing to size by
         return {}
-    vocab = args.padded_vocab_size or args.vocab_size or 0
-    config = Config.from_args(args)
+    vocab = config.runtime.padded_vocab_size or config.data.vocab_size or 0
     per_rank = parameters_per_rank(config.model, config.parallel, vocab)
     bucket = int(min(MAX_BUCKET, max(MIN_BUCKET, per_rank // 8))) // 2 * 2  # even (DeepSpeed)
     return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
 
 
-def build_ds_config(args) -> dict:
+def build_ds_config(config: Config) -> dict:
     """DeepSpeed config: the launcher's JSON if given, with the batch, ZeRO, dtype and clipping
     fields always taken from the (validated) arguments, so a user's CLI flag wins over the file."""
     cfg: dict = {}
-    if args.deepspeed_config:
-        with open(args.deepspeed_config) as f:
+    if config.parallel.deepspeed_config:
+        with open(config.parallel.deepspeed_config) as f:
             cfg = json.load(f)
     wanted = {
-        "train_batch_size": args.global_batch_size,
-        "train_micro_batch_size_per_gpu": args.micro_batch_size,
-        "gradient_accumulation_steps": args.num_micro_batches,
-        "gradient_clipping": args.clip_grad,
+        "train_batch_size": config.training.global_batch_size,
+        "train_micro_batch_size_per_gpu": config.training.micro_batch_size,
+        "gradient_accumulation_steps": config.runtime.num_micro_batches,
+        "gradient_clipping": config.optimizer.clip_grad,
     }
     for k, v in wanted.items():
-        if k in cfg and cfg[k] != v and args.rank == 0:
+        if k in cfg and cfg[k] != v and config.runtime.rank == 0:
             log.warning("DeepSpeed config %s=%s replaced by %s from the arguments", k, cfg[k], v)
         cfg[k] = v
     zero = cfg.setdefault("zero_optimization", {})
-    zero["stage"] = args.zero_stage
-    if args.data_parallel_size * args.ds_sequence_parallel_size == 1:
+    zero["stage"] = config.parallel.zero_stage
+    if config.runtime.data_parallel_size * config.parallel.ds_sequence_parallel_size == 1:
         # one rank reduces nothing: contiguous gradients would only copy every gradient into a bucket
         zero.setdefault("contiguous_gradients", False)
-    if args.cpu_optimizer:  # --cpu-optimizer (CPU_OPTIMIZER=1 writes the same into the launcher's config)
+    if config.optimizer.cpu_optimizer:  # --cpu-optimizer (CPU_OPTIMIZER=1 writes the same into the launcher's config)
         zero.setdefault("offload_optimizer", {"device": "cpu"})
-    if args.overlap_grad_reduce:
+    if config.parallel.overlap_grad_reduce:
         zero["overlap_comm"] = True
-    if args.ddp_bucket_size:
-        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = int(args.ddp_bucket_size)
-    for k, v in zero_bucket_sizes(args).items():  # by model size, where neither a flag nor the file sets them
+    if config.parallel.ddp_bucket_size:
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = int(config.parallel.ddp_bucket_size)
+    for k, v in zero_bucket_sizes(config).items():  # by model size, where neither a flag nor the file sets them
         zero.setdefault(k, v)
-    if args.bf16 or args.fp16:
+    if config.precision.bf16 or config.precision.fp16:
         # Megatron's --accumulate-allreduce-grads-in-fp32, always: the gradients are averaged across ranks
         # and accumulated over micro-batches in fp32 (DeepSpeed's default sums them in bf16/fp16). Stage 0's
         # half-precision optimizer cannot accumulate in fp32: arguments.py refuses it where it would sum.
         cfg["communication_data_type"] = "fp32"
-        if args.zero_stage >= 1:
+        if config.parallel.zero_stage >= 1:
             cfg.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     # upstream's fp16 launch config has "bfloat16": {"enabled": false, "loss_scale": 1.0}; DeepSpeed's bf16
     # block refuses a loss_scale (bf16 has no loss scaling)
     bf16 = {k: v for k, v in cfg.get("bf16", cfg.get("bfloat16", {})).items() if k != "loss_scale"}
-    cfg["bf16"] = {**bf16, "enabled": bool(args.bf16)}
+    cfg["bf16"] = {**bf16, "enabled": bool(config.precision.bf16)}
     cfg.pop("bfloat16", None)
-    cfg["fp16"] = fp16_block(args, cfg.get("fp16", {}))  # --fp16 and the loss-scaling flags (megatron/fp16.py)
+    cfg["fp16"] = fp16_block(config.precision, cfg.get("fp16", {}))  # --fp16, the loss-scaling flags (megatron/fp16.py)
     cfg.setdefault("zero_allow_untested_optimizer", True)
     cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("wall_clock_breakdown", False)
     cfg["steps_per_print"] = max(int(cfg.get("steps_per_print", 1)), 10**9)  # we print our own line
-    if args.universal_checkpoint:
+    if config.checkpoint.universal_checkpoint:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
-    profiler = flops_profiler_config(args)  # --flops-profiler-step
+    profiler = flops_profiler_config(config)  # --flops-profiler-step
     if profiler:
         cfg["flops_profiler"] = profiler
     return cfg
 
 
-def flops_profiler_config(args) -> dict | None:
+def flops_profiler_config(config: Config) -> dict | None:
     """The DeepSpeed `flops_profiler` config section for `--flops-profiler-step` (None when not asked)."""
-    step = args.flops_profiler_step
+    step = config.logging.flops_profiler_step
     if step is None:
         return None
     # DeepSpeed profiles when its count of finished steps equals profile_step: iteration N = N - 1 finished
     return {"enabled": True, "profile_step": int(step) - 1, "module_depth": -1, "top_modules": 3, "detailed": True,
-            "output_file": os.path.join(args.trace_dir, f"flops-profile-step{step}.txt")}
+            "output_file": os.path.join(config.logging.trace_dir, f"flops-profile-step{step}.txt")}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ import json
 import math
 import os
 
+from megatron.config import Config, PrecisionConfig
+
 # flag dest -> (flag spelling, DeepSpeed fp16 key)
 SCALER_FLAGS = {
     "loss_scale": ("--loss-scale", "loss_scale"),
@@ -90,14 +92,14 @@ def _whole(x: float) -> bool:
     return math.isfinite(x) and float(x).is_integer()
 
 
-def fp16_block(args, from_file: dict) -> dict:
+def fp16_block(precision: PrecisionConfig, from_file: dict) -> dict:
     """The DeepSpeed ``fp16`` block: the launcher JSON's (`from_file`), enabled by --fp16, with the
     values of the flags given on the command line."""
-    block = {**from_file, "enabled": bool(args.fp16)}
-    if not args.fp16:
+    block = {**from_file, "enabled": bool(precision.fp16)}
+    if not precision.fp16:
         return block
     for dest, (_flag, key) in SCALER_FLAGS.items():
-        value = vars(args)[dest]
+        value = vars(precision)[dest]
         if value is None:
             continue
         if dest == "initial_loss_scale":
@@ -109,36 +111,37 @@ def fp16_block(args, from_file: dict) -> dict:
     return block
 
 
-def effective_settings(args) -> dict:
+def effective_settings(config: Config) -> dict:
     """The loss-scaler values DeepSpeed will use: flag > the DeepSpeed config's fp16 block > its default."""
-    block = fp16_block(args, _file_block(args.deepspeed_config))
+    block = fp16_block(config.precision, _file_block(config.parallel.deepspeed_config))
     return {**DS_DEFAULTS, **{k: v for k, v in block.items() if k in DS_DEFAULTS}}
 
 
-def describe(args) -> str:
+def describe(config: Config) -> str:
     """One line for the start-up configuration table."""
-    eff = effective_settings(args)
+    eff = effective_settings(config)
     if float(eff["loss_scale"]):
         return f"static {float(eff['loss_scale']):g}"
     return (f"dynamic: initial 2**{eff['initial_scale_power']}, window {eff['loss_scale_window']}, "
             f"hysteresis {eff['hysteresis']}, min {eff['min_loss_scale']}")
 
 
-def fp16_problems(args, zero_stage: int) -> list[str]:
+def fp16_problems(config: Config) -> list[str]:
     """Loss-scaling flags and the effective fp16 block, one line per problem naming the fix."""
-    given = [flag for dest, (flag, _) in SCALER_FLAGS.items() if vars(args)[dest] is not None]
-    if not args.fp16:
+    prec = config.precision
+    given = [flag for dest, (flag, _) in SCALER_FLAGS.items() if vars(prec)[dest] is not None]
+    if not prec.fp16:
         return [f"{', '.join(given)}: loss scaling applies to fp16 only; add --fp16 (DTYPE=fp16) or drop "
                 f"{'them' if len(given) > 1 else 'it'}"] if given else []
     errs: list[str] = []
-    if zero_stage == 0:
+    if config.parallel.zero_stage == 0:
         errs.append("--fp16 at ZeRO stage 0 is refused: DeepSpeed's stage 0 fp16 optimizer never scales the loss "
                     "(its updates come out loss-scale times too small and --clip-grad never applies), has no "
                     "hysteresis and unscales with the already-grown scale; use --zero-stage 1 (ZERO_STAGE=1) or 2, "
                     "or --bf16")
-    if args.pipeline_model_parallel_size > 1:
+    if config.parallel.pipeline_model_parallel_size > 1:
         errs.append("--fp16 with pipeline parallelism (PP > 1) is not tested here yet; use --bf16 or PP=1")
-    ls, ils, mls = args.loss_scale, args.initial_loss_scale, args.min_loss_scale
+    ls, ils, mls = prec.loss_scale, prec.initial_loss_scale, prec.min_loss_scale
     if ls is not None and not (math.isfinite(ls) and ls >= 0):
         errs.append(f"--loss-scale must be a finite number >= 0 (0 = dynamic loss scaling; got {ls})")
     if ils is not None and _power_of_two(ils) is None:
@@ -147,20 +150,21 @@ def fp16_problems(args, zero_stage: int) -> list[str]:
     if mls is not None and not (_whole(mls) and mls >= 1):
         errs.append(f"--min-loss-scale must be a whole number >= 1 (DeepSpeed's min_loss_scale is an integer; "
                     f"got {mls})")
-    if args.loss_scale_window is not None and not (_whole(args.loss_scale_window) and args.loss_scale_window >= 1):
-        errs.append(f"--loss-scale-window must be a whole number >= 1 (got {args.loss_scale_window})")
-    if args.hysteresis is not None and args.hysteresis < 1:
-        errs.append(f"--hysteresis must be >= 1 (got {args.hysteresis})")
+    if prec.loss_scale_window is not None and not (_whole(prec.loss_scale_window) and prec.loss_scale_window >= 1):
+        errs.append(f"--loss-scale-window must be a whole number >= 1 (got {prec.loss_scale_window})")
+    if prec.hysteresis is not None and prec.hysteresis < 1:
+        errs.append(f"--hysteresis must be >= 1 (got {prec.hysteresis})")
     if ls:  # static: the dynamic scaler's flags would do nothing
-        dyn = [SCALER_FLAGS[d][0] for d in DYNAMIC_ONLY if vars(args)[d] is not None]
+        dyn = [SCALER_FLAGS[d][0] for d in DYNAMIC_ONLY if vars(prec)[d] is not None]
         if dyn:
             errs.append(f"{', '.join(dyn)} only apply to dynamic loss scaling, but --loss-scale {ls:g} is static; "
                         "drop them or drop --loss-scale")
     if errs:
         return errs
     # the values DeepSpeed will use (flag > launcher JSON > DeepSpeed default)
-    eff = effective_settings(args)
-    where = f"the fp16 block of {args.deepspeed_config}" if args.deepspeed_config else "DeepSpeed's default"
+    eff = effective_settings(config)
+    ds_file = config.parallel.deepspeed_config
+    where = f"the fp16 block of {ds_file}" if ds_file else "DeepSpeed's default"
     try:
         dynamic = float(eff["loss_scale"]) == 0
         power, floor = int(eff["initial_scale_power"]), float(eff["min_loss_scale"])

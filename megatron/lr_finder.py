@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megatron.config import Config
+from megatron.config import Config, ScheduleConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,65 +124,63 @@ class FinderSettings:
     log_interval: int = 1
 
 
-def finder_steps(args: Any) -> int:
+def finder_steps(schedule: ScheduleConfig, training: TrainingConfig) -> int:
     """Sweep length: ``int(--lr-finder-fraction x TRAIN_ITERS)`` (upstream used a fixed 0.1)."""
-    return int(args.lr_finder_fraction * args.train_iters)
+    return int(schedule.lr_finder_fraction * training.train_iters)
 
 
-def configure_lr_finder(args: Any) -> list[str]:
-    """Check the ``--lr-finder-*`` flags and adapt the validated config for a range test.
+def configure_lr_finder(config: Config) -> tuple[list[str], dict]:
+    """Check the ``--lr-finder-*`` flags and work out how a range test changes the validated config.
 
     Outputs go to ``{--save}/lr_finder/`` (or ``./lr_finder/`` without ``--save``); ``--save``
     is then cleared so no checkpoint is written, evaluation is switched off (a model swept to
     a huge LR is not worth evaluating) and the metrics file defaults to the finder directory.
-    Returns the list of problems (empty when fine).
+    Returns (problems, changes): the problems (empty when fine) and the fields to set (flat names;
+    the argument adapter sets them).
     """
+    sched, training, out = config.schedule, config.training, config.logging
     errs = []
-    lo, hi = args.lr_finder_min, args.lr_finder_max
+    lo, hi = sched.lr_finder_min, sched.lr_finder_max
     if not (lo > 0 and math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         errs.append(f"--lr-finder-min ({lo}) and --lr-finder-max ({hi}) must satisfy 0 < min < max")
-    if not 0.0 < args.lr_finder_fraction <= 1.0:
-        errs.append(f"--lr-finder-fraction must be in (0, 1] (got {args.lr_finder_fraction})")
-    elif args.train_iters is not None and finder_steps(args) < 2:
-        errs.append(f"--lr-finder needs at least 2 steps; --lr-finder-fraction {args.lr_finder_fraction} x "
-                    f"TRAIN_ITERS {args.train_iters} gives {finder_steps(args)}: raise TRAIN_ITERS")
-    if not args.lr_finder_stop_factor > 1.0:
-        errs.append(f"--lr-finder-stop-factor must be > 1 (got {args.lr_finder_stop_factor}); "
+    if not 0.0 < sched.lr_finder_fraction <= 1.0:
+        errs.append(f"--lr-finder-fraction must be in (0, 1] (got {sched.lr_finder_fraction})")
+    elif training.train_iters is not None and finder_steps(sched, training) < 2:
+        errs.append(f"--lr-finder needs at least 2 steps; --lr-finder-fraction {sched.lr_finder_fraction} x "
+                    f"TRAIN_ITERS {training.train_iters} gives {finder_steps(sched, training)}: raise TRAIN_ITERS")
+    if not sched.lr_finder_stop_factor > 1.0:
+        errs.append(f"--lr-finder-stop-factor must be > 1 (got {sched.lr_finder_stop_factor}); "
                     "give a large value (e.g. 1e9) to never stop early")
-    if not 0.0 <= args.lr_finder_beta < 1.0:
-        errs.append(f"--lr-finder-beta must be in [0, 1) (got {args.lr_finder_beta})")
+    if not 0.0 <= sched.lr_finder_beta < 1.0:
+        errs.append(f"--lr-finder-beta must be in [0, 1) (got {sched.lr_finder_beta})")
     if errs:
-        return errs
-    base = os.path.abspath(args.save) if args.save else os.getcwd()
-    args.lr_finder_dir = os.path.join(base, OUT_SUBDIR)
-    args.save = None
-    args.save_interval = None
-    args.eval_iters = 0
-    args.eval_on_start = False
-    if args.metrics_file is None:
-        args.metrics_file = os.path.join(args.lr_finder_dir, "metrics.jsonl")
-    if args.tensorboard_dir is None:
-        args.tensorboard_dir = os.path.join(args.lr_finder_dir, "tensorboard")
-    return []
+        return errs, {}
+    save = config.checkpoint.save
+    out_dir = os.path.join(os.path.abspath(save) if save else os.getcwd(), OUT_SUBDIR)
+    return [], {"lr_finder_dir": out_dir, "save": None, "save_interval": None, "eval_iters": 0,
+                "eval_on_start": False,
+                "metrics_file": out.metrics_file or os.path.join(out_dir, "metrics.jsonl"),
+                "tensorboard_dir": out.tensorboard_dir or os.path.join(out_dir, "tensorboard")}
 
 
-def build_lr_finder(optimizer: Any, args: Any) -> "LRFinder":
+def build_lr_finder(optimizer: Any, config: Config) -> "LRFinder":
     """The finder that the trainer passes to DeepSpeed as its ``lr_scheduler``."""
+    sched, opt = config.schedule, config.optimizer
     settings = FinderSettings(
-        num_steps=finder_steps(args), min_lr=args.lr_finder_min, max_lr=args.lr_finder_max,
-        beta=args.lr_finder_beta, stop_factor=args.lr_finder_stop_factor, out_dir=args.lr_finder_dir,
-        weight_decay=float(args.start_weight_decay if args.start_weight_decay is not None else args.weight_decay),
-        log_interval=args.log_interval)
-    return LRFinder(optimizer, settings, write_outputs=args.rank == 0)
+        num_steps=finder_steps(sched, config.training), min_lr=sched.lr_finder_min, max_lr=sched.lr_finder_max,
+        beta=sched.lr_finder_beta, stop_factor=sched.lr_finder_stop_factor, out_dir=config.runtime.lr_finder_dir,
+        weight_decay=float(opt.start_weight_decay if opt.start_weight_decay is not None else opt.weight_decay),
+        log_interval=config.logging.log_interval)
+    return LRFinder(optimizer, settings, write_outputs=config.runtime.rank == 0)
 
 
-def build_lr_scheduler(optimizer: Any, args: Any) -> Any:
+def build_lr_scheduler(optimizer: Any, config: Config) -> Any:
     """The LR scheduler of a run: the range test with ``--lr-finder``, else the regular schedule."""
-    if args.lr_finder:
-        return build_lr_finder(optimizer, args)
+    if config.schedule.lr_finder:
+        return build_lr_finder(optimizer, config)
     from megatron.schedules import build_scheduler  # noqa: PLC0415
 
-    return build_scheduler(optimizer, Config.from_args(args))
+    return build_scheduler(optimizer, config)
 
 
 def active_lr_finder(engine: Any) -> "LRFinder | None":

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.checkpoint import checkpointing
-from megatron.config import Config
+from megatron.config import Config, DataConfig
 from megatron.arguments import ArgumentError, auto_compile
 from megatron.core import parallel_state
 from megatron.deepspeed_config import build_ds_config
@@ -59,53 +59,53 @@ def build_tokenizer_and_vocab(args):
     return tok
 
 
-def model_config(args) -> GPTConfig:
+def model_config(config: Config) -> GPTConfig:
+    """The model's shape and initialization (megatron/model) from the configuration."""
+    model = config.model
     return GPTConfig(
-        vocab_size=args.padded_vocab_size,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads,
-        ffn_hidden_size=args.ffn_hidden_size,
-        kv_channels=args.kv_channels,
-        max_position_embeddings=args.max_position_embeddings,
-        normalization=args.normalization,
-        layernorm_epsilon=args.layernorm_epsilon,
-        swiglu=args.swiglu,
-        use_rotary_position_embeddings=args.use_rotary_position_embeddings,
-        rope_theta=args.rope_theta,
-        rotary_percent=args.rotary_percent,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        add_bias_linear=args.add_bias_linear,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        init_method_std=args.init_method_std,
-        word_embedding_init_std=args.word_embedding_init_std if args.adjust_word_embedding_init else None,
-        init_method_xavier_uniform=args.init_method_xavier_uniform,
-        sequence_parallel=args.sequence_parallel,
-        recompute_granularity=args.recompute_granularity,
-        recompute_num_layers=args.recompute_num_layers,
-        **mup_model_fields(Config.from_args(args).model),  # MuP / CompleteP multipliers (neutral when off)
+        vocab_size=config.runtime.padded_vocab_size,
+        hidden_size=model.hidden_size,
+        num_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_key_value_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.kv_channels,
+        max_position_embeddings=model.max_position_embeddings,
+        normalization=model.normalization,
+        layernorm_epsilon=model.layernorm_epsilon,
+        swiglu=model.swiglu,
+        use_rotary_position_embeddings=model.use_rotary_position_embeddings,
+        rope_theta=model.rope_theta,
+        rotary_percent=model.rotary_percent,
+        untie_embeddings_and_output_weights=model.untie_embeddings_and_output_weights,
+        add_bias_linear=model.add_bias_linear,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        word_embedding_init_std=model.word_embedding_init_std if model.adjust_word_embedding_init else None,
+        init_method_xavier_uniform=model.init_method_xavier_uniform,
+        sequence_parallel=config.parallel.sequence_parallel,
+        recompute_granularity=config.training.recompute_granularity,
+        recompute_num_layers=config.runtime.recompute_num_layers,
+        **mup_model_fields(model),  # MuP / CompleteP multipliers (neutral when off)
     )
 
 
-
-
 # ----------------------------------------------------------------------------- one step
-def get_batch(batch: dict, args, eod: int | None, device):
+def get_batch(batch: dict, data: DataConfig, eod: int | None, device):
     text = torch.as_tensor(batch["text"]).long().to(device, non_blocking=True)
     tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
     loss_mask = torch.ones_like(tokens, dtype=torch.float32)
-    if args.eod_mask_loss and eod is not None:
+    if data.eod_mask_loss and eod is not None:
         loss_mask[tokens == eod] = 0.0
     return tokens, labels, loss_mask
 
 
-def forward_loss(engine, batch: dict, args, eod, device) -> torch.Tensor:
-    tokens, labels, mask = get_batch(batch, args, eod, device)
-    position_ids = reset_position_ids(tokens, eod) if args.reset_position_ids and eod is not None else None
+def forward_loss(engine, batch: dict, data: DataConfig, eod, device) -> torch.Tensor:
+    tokens, labels, mask = get_batch(batch, data, eod, device)
+    position_ids = reset_position_ids(tokens, eod) if data.reset_position_ids and eod is not None else None
     extra = {}
-    if args.reset_attention_mask and eod is not None:  # causal within each document
+    if data.reset_attention_mask and eod is not None:  # causal within each document
         extra["attention_mask"] = document_attention_mask(tokens, eod)
     # Ulysses SP > 1: this rank's slice of the sequence; the loss is the whole sequence's masked mean
     tokens, labels, mask, position_ids = (ulysses.shard(t) for t in (tokens, labels, mask, position_ids))
@@ -113,11 +113,11 @@ def forward_loss(engine, batch: dict, args, eod, device) -> torch.Tensor:
     return ulysses.whole_sequence_loss(losses, mask)
 
 
-def pipe_sample(batch: dict, args, eod, device) -> tuple:
+def pipe_sample(batch: dict, data: DataConfig, eod, device) -> tuple:
     """A micro-batch as DeepSpeed's pipeline engine takes it: (inputs, labels); the first stage
     reads (tokens[, position_ids]), the last (labels, loss_mask) for the same masked-mean loss."""
-    tokens, labels, mask = get_batch(batch, args, eod, device)
-    position_ids = reset_position_ids(tokens, eod) if args.reset_position_ids and eod is not None else None
+    tokens, labels, mask = get_batch(batch, data, eod, device)
+    position_ids = reset_position_ids(tokens, eod) if data.reset_position_ids and eod is not None else None
     return (tokens if position_ids is None else (tokens, position_ids)), (labels, mask)
 
 
@@ -135,9 +135,8 @@ class StepRunner:
     then one optimizer step) and for an evaluation, the same whether or not pipeline parallelism is
     on: `step_runner(...)` returns the micro-batch loop below or the pipeline engine's schedule."""
 
-    def __init__(self, engine, args, eod, device):
-        self.engine, self.args, self.eod, self.device = engine, args, eod, device
-        self.config = Config.from_args(args)
+    def __init__(self, engine, config: Config, eod, device):
+        self.engine, self.config, self.eod, self.device = engine, config, eod, device
         self.increment = scheduler_increment(self.config)  # LR-schedule units per iteration
 
     def train(self, data_iter, iteration: int = 0, timers: Timers | None = None, seen: list | None = None,
@@ -157,16 +156,16 @@ class MicroBatchRunner(StepRunner):
     """PP = 1: the micro-batches one after the other through `engine`, then `engine.step`."""
 
     def train(self, data_iter, iteration=0, timers=None, seen=None, guard=None) -> torch.Tensor:
-        engine, args, timers = self.engine, self.args, timers or Timers()
+        engine, config, timers = self.engine, self.config, timers or Timers()
         losses = []
-        for _ in range(args.num_micro_batches):
+        for _ in range(config.runtime.num_micro_batches):
             with timers("batch-generator", level=2):
                 batch = next(data_iter)
             if seen is not None:
                 seen.append(batch)
             with timers("forward-backward", level=1):
                 with timers("forward-compute", level=2):
-                    loss = forward_loss(engine, batch, args, self.eod, self.device)
+                    loss = forward_loss(engine, batch, config.data, self.eod, self.device)
                     if guard is not None:
                         loss = guard.inject(iteration, loss)  # test-only fault injection (MEGATRON_TEST_FAULTS)
                 with timers("backward-compute", level=2):
@@ -182,17 +181,17 @@ class MicroBatchRunner(StepRunner):
 
     @torch.no_grad()
     def evaluate(self, valid_dataset) -> float:
-        engine, args = self.engine, self.args
+        engine, config = self.engine, self.config
         loader = build_loader(valid_dataset, self.config, consumed_samples=0, workers=False)
         engine.eval()
         total, n = torch.zeros((), device=self.device), 0
         it = iter(loader)
-        for _ in range(args.eval_iters * args.num_micro_batches):
+        for _ in range(config.training.eval_iters * config.runtime.num_micro_batches):
             try:
                 batch = next(it)
             except StopIteration:
                 break
-            total += forward_loss(engine, batch, args, self.eod, self.device)
+            total += forward_loss(engine, batch, config.data, self.eod, self.device)
             n += 1
         engine.train()
         return float(dp_mean(total / max(n, 1)))
@@ -202,7 +201,7 @@ class PipelineRunner(StepRunner):
     """PP > 1: DeepSpeed's 1F1B schedule runs the micro-batches and the step (core/pipeline_schedule.py)."""
 
     def _sample(self, batch):
-        return pipe_sample(batch, self.args, self.eod, self.device)
+        return pipe_sample(batch, self.config.data, self.eod, self.device)
 
     def train(self, data_iter, iteration=0, timers=None, seen=None, guard=None) -> torch.Tensor:
         with (timers or Timers())("forward-backward", level=1):
@@ -213,19 +212,19 @@ class PipelineRunner(StepRunner):
         return pipeline.evaluate(self.engine, loader, self.config.training, self.config.runtime, self._sample)
 
 
-def step_runner(engine, args, eod, device) -> StepRunner:
-    return (PipelineRunner if pipeline.is_pipeline(engine) else MicroBatchRunner)(engine, args, eod, device)
+def step_runner(engine, config: Config, eod, device) -> StepRunner:
+    return (PipelineRunner if pipeline.is_pipeline(engine) else MicroBatchRunner)(engine, config, eod, device)
 
 
-def train_step(engine, data_iter, args, eod, device, timers: Timers | None = None,
+def train_step(engine, data_iter, config: Config, eod, device, timers: Timers | None = None,
                seen: list | None = None, guard: NumericsGuard | None = None, iteration: int = 0) -> torch.Tensor:
     """One iteration of `engine` (tests and benchmarks): `StepRunner.train`."""
-    return step_runner(engine, args, eod, device).train(data_iter, iteration, timers, seen, guard)
+    return step_runner(engine, config, eod, device).train(data_iter, iteration, timers, seen, guard)
 
 
-def replay_batches(batches: list, args, eod, device) -> list:
+def replay_batches(batches: list, config: Config, eod, device) -> list:
     """(tokens, loss_mask) of the given micro-batches, for OptimizerHooks.after_step."""
-    return [(tokens, mask) for tokens, _labels, mask in (get_batch(b, args, eod, device) for b in batches)]
+    return [(tokens, mask) for tokens, _labels, mask in (get_batch(b, config.data, eod, device) for b in batches)]
 
 
 def keep_compile_cache() -> str:
@@ -264,40 +263,41 @@ def setup_model_and_optimizer(args, before_engine=None):
     if args.rank == 0:
         print(f"> torch.compile: {args.compile_reason}", flush=True)
     config = Config.from_args(args)  # the arguments are final here
-    if args.pipeline_model_parallel_size > 1:  # this rank's stage, cut from the same GPTModel
-        return pipeline.setup_pipeline_engine(config, model_config(args), build_ds_config(args),
-                                              lambda optimizer: build_lr_scheduler(optimizer, args), before_engine)
-    model = GPTModel(model_config(args))
+    par, prec = config.parallel, config.precision
+    if par.pipeline_model_parallel_size > 1:  # this rank's stage, cut from the same GPTModel
+        return pipeline.setup_pipeline_engine(config, model_config(config), build_ds_config(config),
+                                              lambda optimizer: build_lr_scheduler(optimizer, config), before_engine)
+    model = GPTModel(model_config(config))
     if before_engine is not None:
         before_engine(model)
-    if args.compile:  # in place, so parameter and checkpoint names do not change
+    if config.training.compile:  # in place, so parameter and checkpoint names do not change
         keep_compile_cache()
         model.compile()
     # the optimizer is a client one or DeepSpeed's own (e.g. its ZeRO Muon): megatron/optimizer decides
     # mpu: ZeRO works over the data-parallel group, clipping and checkpoints know the TP ranks
-    kwargs = deepspeed_initialize_kwargs(model, config, build_ds_config(args),
-                                         lambda optimizer: build_lr_scheduler(optimizer, args))
+    kwargs = deepspeed_initialize_kwargs(model, config, build_ds_config(config),
+                                         lambda optimizer: build_lr_scheduler(optimizer, config))
     # saved with checkpoints: a ZeRO stage 0 checkpoint's optimizer state is indexed by position only
     names = {id(p): n for n, p in model.named_parameters()}
     groups = kwargs["optimizer"].param_groups if "optimizer" in kwargs else kwargs["model_parameters"]
     param_names = [[names[id(p)] for p in g["params"]] for g in groups]  # before ZeRO swaps in its partitions
-    if args.zero_stage == 3 and args.ds_sequence_parallel_size > 1:  # the group ZeRO-3 reduces over
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    if par.zero_stage == 3 and par.ds_sequence_parallel_size > 1:  # the group ZeRO-3 reduces over
+        dtype = torch.bfloat16 if prec.bf16 else torch.float16 if prec.fp16 else torch.float32
         ds_compat.partition_zero3_over_sequence_data_parallel(model, kwargs["config"], dtype,
                                                               parallel_state.DeepSpeedMPU())
     engine, _, _, _ = deepspeed.initialize(model=model, mpu=parallel_state.DeepSpeedMPU(), **kwargs)
-    if args.zero_stage == 3 and args.ds_sequence_parallel_size > 1:
-        ds_compat.sum_zero3_scatter_over_sequence_parallel(engine, args.ds_sequence_parallel_size)
+    if par.zero_stage == 3 and par.ds_sequence_parallel_size > 1:
+        ds_compat.sum_zero3_scatter_over_sequence_parallel(engine, par.ds_sequence_parallel_size)
     engine.optimizer_param_names = param_names
     # DeepSpeed behaviours changed on this engine, each explained in megatron/deepspeed_compat
-    if args.fp16:
+    if prec.fp16:
         ds_compat.defer_loss_scale_growth(engine.optimizer)  # grow the loss scale after the step, not before
-    if args.zero_stage == 0 and engine.seq_dp_world_size == 1:
+    if par.zero_stage == 0 and engine.seq_dp_world_size == 1:
         ds_compat.skip_single_replica_allreduce(engine)
     ds_compat.exact_grad_norm(engine)  # the fp64 gradient norm at every stage and precision
     ds_compat.skip_single_replica_reduction(engine)  # ZeRO-1/2 at one replica: no all-reduce over a group of one
     attach_layouts(engine)  # per-tensor optimizers see whole tensors through ZeRO's partitions
-    if args.zero_stage == 0 and args.bf16:
+    if par.zero_stage == 0 and prec.bf16:
         ds_compat.skip_bf16_overflow_scan(engine)
     return model, engine
 
@@ -321,7 +321,7 @@ def pretrain(args) -> dict:
     print_config(config, model.config.num_parameters())
 
     state = checkpointing.load_checkpoint(engine, config)
-    summary = train(args, engine, train_ds, valid_ds, tokenizer.eod, device, state)
+    summary = train(config, engine, train_ds, valid_ds, tokenizer.eod, device, state)
     if dist.is_initialized():
         dist.barrier()
         # tear the communicators down before the interpreter exits: left to process exit, gloo's
@@ -330,12 +330,12 @@ def pretrain(args) -> dict:
     return summary
 
 
-def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.LoadedState) -> dict:
-    config = Config.from_args(args)  # after setup_model_and_optimizer (it sets --compile's fields checkpoints store)
+def train(config: Config, engine, train_ds, valid_ds, eod, device, state: checkpointing.LoadedState) -> dict:
+    training, ckpt, runtime = config.training, config.checkpoint, config.runtime
     iteration, samples, tokens = state.iteration, state.consumed_train_samples, state.consumed_train_tokens
     # the loader's worker processes are forked here, before the logger starts its threads (forking a
     # process that runs other Python threads can deadlock the child: see data/loading.py)
-    batches_in = None if args.skip_train else iter(build_loader(train_ds, config, samples,
+    batches_in = None if training.skip_train else iter(build_loader(train_ds, config, samples,
                                                                 config.data.dataloader_type))
     logger = TrainLogger.create(config, corpus_names=getattr(train_ds, "corpus_names", None), resumed=iteration > 0,
                                 skipped_steps=int(getattr(engine, "skipped_steps", 0) or 0))
@@ -345,11 +345,11 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
     guard = NumericsGuard.create(config)  # NaN/Inf loss or grads -> step skipped; --max-skipped-iterations; spikes
     summary = {"start_iteration": iteration, "initial_val_loss": None, "final_val_loss": None, "checkpoint": None}
     hooks = OptimizerHooks(engine, config.runtime)  # schedule-free eval weights, Sophia Hessian, MuonClip
-    runner = step_runner(engine, args, eod, device)  # one iteration, with or without pipeline parallelism
+    runner = step_runner(engine, config, eod, device)  # one iteration, with or without pipeline parallelism
     finder = active_lr_finder(engine)  # --lr-finder: the LR range test is the engine's scheduler
 
     def validate() -> float | None:
-        if valid_ds is None or args.eval_iters == 0:
+        if valid_ds is None or training.eval_iters == 0:
             return None
         with timers("evaluate", level=0), hooks.eval_weights():
             loss = runner.evaluate(valid_ds)
@@ -357,48 +357,48 @@ def train(args, engine, train_ds, valid_ds, eod, device, state: checkpointing.Lo
         return loss
 
     def save() -> None:
-        if args.save:
+        if ckpt.save:
             with timers("save-checkpoint", level=0), hooks.eval_weights():
                 summary["checkpoint"] = checkpointing.save_checkpoint(engine, config, iteration, samples, tokens)
 
-    if args.eval_on_start and iteration == 0:
+    if training.eval_on_start and iteration == 0:
         summary["initial_val_loss"] = validate()
 
-    data_iter = None if args.skip_train else guard.wrap_data(  # --skip-train: a finished run's data is used up
-        logger.count_corpora(batches_in), iteration, args.num_micro_batches)
+    data_iter = None if training.skip_train else guard.wrap_data(  # --skip-train: a finished run's data is used up
+        logger.count_corpora(batches_in), iteration, runtime.num_micro_batches)
     engine.train()
     logger.watch(engine)  # --log-num-zeros-in-grad reads the gradient inside the step
     last_saved = iteration
-    while (not args.skip_train and iteration < args.train_iters  # --skip-train: only the evaluation below
-           and not (args.train_tokens and tokens >= args.train_tokens)):
+    while (not training.skip_train and iteration < training.train_iters  # --skip-train: only the evaluation below
+           and not (training.train_tokens and tokens >= training.train_tokens)):
         batches: list = []
         profiler.step(iteration + 1)
         loss = runner.train(data_iter, iteration + 1, timers, seen=batches, guard=guard)
         iteration += 1
-        hooks.after_step(iteration, lambda: replay_batches(batches, args, eod, device))
-        samples += args.global_batch_size
-        tokens += args.global_batch_size * args.seq_length
+        hooks.after_step(iteration, lambda: replay_batches(batches, config, eod, device))
+        samples += training.global_batch_size
+        tokens += training.global_batch_size * config.model.seq_length
         logger.train(iteration, loss, engine, samples, tokens)
-        if args.compile and iteration == state.iteration + 1 and args.rank == 0:  # the first step compiled the graphs
+        if training.compile and iteration == state.iteration + 1 and runtime.rank == 0:  # the first step compiled
             print(f"> torch.compile: {compile_report()}", flush=True)
-        if guard.end_iteration(iteration, float(loss), args.rank):  # --max-skipped-iterations in a row
+        if guard.end_iteration(iteration, float(loss), runtime.rank):  # --max-skipped-iterations in a row
             save()  # the weights are those of the last good step
             raise NumericalFaultError(
                 f"{guard.skipped_in_a_row} iterations in a row (up to {iteration}) had a non-finite loss or "
-                f"gradient; checkpoint of the last good state saved to {args.save} (lower --lr, check the data, "
-                "or raise --max-skipped-iterations)" if args.save else
+                f"gradient; checkpoint of the last good state saved to {ckpt.save} (lower --lr, check the data, "
+                "or raise --max-skipped-iterations)" if ckpt.save else
                 f"{guard.skipped_in_a_row} iterations in a row (up to {iteration}) had a non-finite loss or "
                 "gradient (no --save: nothing saved); lower --lr or check the data")
         if finder and finder.record(iteration, loss):
             break
-        if args.eval_interval and iteration % args.eval_interval == 0 and iteration != args.train_iters:
+        if training.eval_interval and iteration % training.eval_interval == 0 and iteration != training.train_iters:
             validate()
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
+        if ckpt.save and ckpt.save_interval and iteration % ckpt.save_interval == 0:
             save()
             last_saved = iteration
         reason = exits.reason(iteration)
         if reason:
-            if args.rank == 0:
+            if runtime.rank == 0:
                 print(f"> exiting at iteration {iteration} ({reason})", flush=True)
             break
 

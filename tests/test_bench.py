@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from megatron.arguments import compile_problems
-from megatron.config import default_args
+from megatron.config import Config, default_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_RATIO = 0.9
@@ -95,12 +95,12 @@ def test_zero_overlap_and_bucket_flags_reach_the_deepspeed_config(tmp_path):
     base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
             "--lr", "1e-3", "--train-iters", "2", "--data-file-list", str(data), "--deepspeed_config", str(cfg_file)]
     env = {"WORLD_SIZE": "1"}
-    kept = build_ds_config(parse_args(base, env=env))["zero_optimization"]
+    kept = build_ds_config(Config.from_args(parse_args(base, env=env)))["zero_optimization"]
     # the file's reduce bucket wins; the all-gather bucket it leaves out is sized by the model (the floor here)
     assert kept["overlap_comm"] is False and kept["reduce_bucket_size"] == 7
     assert kept["allgather_bucket_size"] == 5_000_000
-    zero = build_ds_config(parse_args(base + ["--overlap-grad-reduce", "--ddp-bucket-size", "5e7"],
-                                      env=env))["zero_optimization"]
+    zero = build_ds_config(Config.from_args(parse_args(base + ["--overlap-grad-reduce", "--ddp-bucket-size", "5e7"],
+                                                       env=env)))["zero_optimization"]
     assert zero["overlap_comm"] is True
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
     with pytest.raises(ArgumentError, match="--ddp-bucket-size must be > 0"):
@@ -132,7 +132,7 @@ def test_zero_bucket_sizes_by_model_size(layers, hidden, vocab, bucket, tmp_path
             "--vocab-size", str(vocab), "--zero-stage", "2"]
     args = parse_args(argv, env={"WORLD_SIZE": "1"})
     args.padded_vocab_size = vocab
-    zero = build_ds_config(args)["zero_optimization"]
+    zero = build_ds_config(Config.from_args(args))["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == bucket
 
 

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -435,6 +434,7 @@ def test_to_hf_and_back(phase1, data_list, tmp_path):
     from_hf.py of that directory trains 1 step from the same weights."""
     from transformers import AutoModelForCausalLM
 
+    from megatron.config import Config
     from megatron.model import GPTModel
     from megatron.training import model_config
     from tools.convert_checkpoint import from_hf, to_hf
@@ -448,7 +448,7 @@ def test_to_hf_and_back(phase1, data_list, tmp_path):
     assert {"config.json", "model.safetensors"} <= set(os.listdir(hf_dir))
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
     args = to_hf.saved_args(os.path.join(save, f"global_step{2 * N}"))
-    ours = GPTModel(model_config(SimpleNamespace(**args)))
+    ours = GPTModel(model_config(Config.from_saved(args)))
     ours.load_state_dict(to_hf.load_fp32_weights(save, f"global_step{2 * N}"))
     ours.eval()
     tokens = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))

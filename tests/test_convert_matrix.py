@@ -132,13 +132,13 @@ def logits_of(nproc: int, loads: dict, out: str, *flags: str) -> dict:
 
 def gpt_logits(weights: dict, save: str) -> torch.Tensor:
     """Logits of TOKENS from a PP = 1 GPTModel holding `weights` (the checkpoint's own model arguments)."""
-    from types import SimpleNamespace
+    from megatron.config import Config
 
     from megatron.model import GPTModel
     from megatron.training import model_config
     from tools.convert_checkpoint.to_hf import saved_args
 
-    model = GPTModel(model_config(SimpleNamespace(**saved_args(os.path.join(save, f"global_step{SAVED}")))))
+    model = GPTModel(model_config(Config.from_saved(saved_args(os.path.join(save, f"global_step{SAVED}")))))
     model.load_state_dict({k: v.float() for k, v in weights.items()})
     model.eval()
     with torch.no_grad():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron import deepspeed_compat as compat
+from megatron.config import Config
 
 
 def test_the_deepspeed_internals_we_replace_or_read_exist():
@@ -200,7 +201,7 @@ def _clip0_worker(rank: int, port: int, out_dir: str) -> None:
         seen["norm"] = float(compat.fp64_sq_norm([p.grad for p in engine.module.parameters()]).sqrt())
     engine.optimizer.register_step_pre_hook(record)
     tokens = torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))
-    training.train_step(engine, iter([{"text": tokens}]), args, None, engine.device)
+    training.train_step(engine, iter([{"text": tokens}]), Config.from_args(args), None, engine.device)
     norm = engine.get_global_grad_norm()
     torch.save({"norm": None if norm is None else float(norm), "seen": seen["norm"]}, os.path.join(out_dir, "rank0.pt"))
 
@@ -240,7 +241,8 @@ def _single_replica_worker(rank: int, port: int, out_dir: str) -> None:
         _model, engine = training.setup_model_and_optimizer(args)
         out[f"{name}_installed"] = "buffered_reduce_fallback" in vars(engine.optimizer)
         data = iter(batches)
-        losses = [float(training.train_step(engine, data, args, None, engine.device)) for _ in range(3)]
+        config = Config.from_args(args)
+        losses = [float(training.train_step(engine, data, config, None, engine.device)) for _ in range(3)]
         out[name] = {"losses": losses, "params": [p.detach().clone() for p in engine.module.parameters()],
                      "norm": float(engine.get_global_grad_norm())}
     torch.save(out, os.path.join(out_dir, "rank0.pt"))

@@ -653,7 +653,7 @@ def test_lr_finder_beta(tmp_path):
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
     args = _args("--lr-finder", "--lr-finder-beta", "0.5", "--save", str(tmp_path))
     args.rank = 1  # no output files
-    finder = build_lr_finder(opt, args)
+    finder = build_lr_finder(opt, Config.from_args(args))
     for it, loss in enumerate([4.0, 2.0, 3.0], 1):
         finder.step()  # DeepSpeed's scheduler step after the optimizer step, then the loss is recorded
         finder.record(it, loss)
@@ -697,11 +697,11 @@ def test_fp32_gradient_reduction_is_always_on():
     for flags in (("--accumulate-allreduce-grads-in-fp32",), ()):
         args = _args("--bf16", "--zero-stage", "1", "--keep-zero-stage", *flags)
         args.rank = 0
-        cfg = build_ds_config(args)
+        cfg = build_ds_config(Config.from_args(args))
         assert cfg["communication_data_type"] == "fp32" and cfg["data_types"] == {"grad_accum_dtype": "fp32"}
     args = _args("--accumulate-allreduce-grads-in-fp32", "--zero-stage", "1")  # fp32: nothing to change
     args.rank = 0
-    assert "communication_data_type" not in build_ds_config(args)
+    assert "communication_data_type" not in build_ds_config(Config.from_args(args))
     with pytest.raises(ArgumentError, match="DeepSpeed's stage 0 bf16 optimizer sums the gradients of micro-batches"):
         _args("--bf16", "--zero-stage", "0", "--global-batch-size", "4")
     _args("--bf16", "--zero-stage", "0")  # one replica, one micro-batch: nothing to add up
@@ -712,10 +712,10 @@ def test_cpu_optimizer_offloads():
 
     args = _args("--cpu-optimizer", "--zero-stage", "2")
     args.rank = 0
-    assert build_ds_config(args)["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert build_ds_config(Config.from_args(args))["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     args = _args("--zero-stage", "2")
     args.rank = 0
-    assert "offload_optimizer" not in build_ds_config(args)["zero_optimization"]
+    assert "offload_optimizer" not in build_ds_config(Config.from_args(args))["zero_optimization"]
     with pytest.raises(ArgumentError, match="--cpu-optimizer offloads the optimizer with ZeRO"):
         _args("--cpu-optimizer", "--zero-stage", "0")
 

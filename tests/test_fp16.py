@@ -17,7 +17,6 @@ catches a step unscaled by the wrong scale (DeepSpeed's growth before unscaling 
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -35,7 +34,7 @@ from megatron.checkpoint.io import torch_load
 from megatron.deepspeed_compat.engine import defer_loss_scale_growth
 from megatron.fp16 import SCALER_FLAGS, fp16_block, fp16_problems, loss_scale
 from megatron.observability.numerics import NumericalFaultError, NumericsGuard
-from megatron.config import default_args
+from megatron.config import Config, default_args
 
 U16 = 2.0 ** -11
 FP16_LOSS_BOUND = 2 * (2 * 3 * U16 * 8 * 8 * 0.02)  # see the module docstring
@@ -46,10 +45,10 @@ CROSS_STAGE = 1e-4
 
 
 # ------------------------------------------------------------------------------------------------ flags
-def ns(**kw) -> argparse.Namespace:
+def ns(**kw) -> Config:
     base = dict(fp16=True, bf16=False, deepspeed_config=None, pipeline_model_parallel_size=1,
                 **{dest: None for dest in SCALER_FLAGS})
-    return default_args(**{**base, **kw})
+    return Config.from_args(default_args(**{**base, **kw}))
 
 
 def write_json(tmp_path, cfg: dict) -> str:
@@ -61,14 +60,14 @@ def write_json(tmp_path, cfg: dict) -> str:
 def test_flags_map_to_the_deepspeed_block_and_override_the_launcher_json(tmp_path):
     launcher = {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     args = ns(deepspeed_config=write_json(tmp_path, {"fp16": launcher}))
-    assert fp16_block(args, launcher) == launcher  # no flag: the launcher's block as it is
+    assert fp16_block(args.precision, launcher) == launcher  # no flag: the launcher's block as it is
     args = ns(initial_loss_scale=2.0 ** 32, min_loss_scale=4.0, loss_scale_window=50.0, hysteresis=1)
-    assert fp16_block(args, launcher) == {"enabled": True, "loss_scale": 0, "initial_scale_power": 32,
+    assert fp16_block(args.precision, launcher) == {"enabled": True, "loss_scale": 0, "initial_scale_power": 32,
                                           "loss_scale_window": 50, "hysteresis": 1, "min_loss_scale": 4}
-    assert fp16_block(ns(loss_scale=1024.0), launcher)["loss_scale"] == 1024.0
-    assert fp16_block(ns(fp16=False), launcher) == {**launcher, "enabled": False}  # bf16/fp32 run, fp16 JSON
+    assert fp16_block(ns(loss_scale=1024.0).precision, launcher)["loss_scale"] == 1024.0
+    assert fp16_block(ns(fp16=False).precision, launcher) == {**launcher, "enabled": False}  # bf16/fp32 run, fp16 JSON
     for a in (args, ns(loss_scale=1024.0), ns()):
-        assert fp16_problems(a, zero_stage=1) == []
+        assert fp16_problems(a.replace(zero_stage=1)) == []
     # the start-up table's line: flag > the launcher JSON > DeepSpeed's default
     from megatron.fp16 import describe
 
@@ -108,13 +107,13 @@ def test_build_ds_config_takes_the_fp16_block_and_drops_the_bf16_loss_scale(tmp_
      "initial loss scale 2**2 is below the minimum loss scale 8: raise --initial-loss-scale or lower --min-loss-scale"),
 ])
 def test_bad_values_refused_with_the_fix(kw, stage, message):
-    errs = fp16_problems(ns(**kw), zero_stage=stage)
+    errs = fp16_problems(ns(**kw, zero_stage=stage))
     assert len(errs) == 1 and errs[0].startswith(message), errs
 
 
 def test_bad_launcher_json_refused(tmp_path):
     args = ns(deepspeed_config=write_json(tmp_path, {"fp16": {"enabled": True, "loss_scale_window": 0}}))
-    (err,) = fp16_problems(args, zero_stage=1)
+    (err,) = fp16_problems(args.replace(zero_stage=1))
     assert "invalid fp16 loss-scaler settings" in err and "ds.json" in err and "loss_scale_window >= 1" in err
 
 

@@ -387,7 +387,7 @@ def test_parameter_names():
 
 def test_trainer_forward_loss_applies_reset_flags():
     """training.forward_loss passes --reset-attention-mask / --reset-position-ids to the model."""
-    from types import SimpleNamespace
+    from megatron.config import DataConfig
 
     from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
     from megatron.training import forward_loss
@@ -400,9 +400,9 @@ def test_trainer_forward_loss_applies_reset_flags():
     x, y = text[:, :-1], text[:, 1:]
 
     def loss(reset_mask: bool, reset_pos: bool) -> float:
-        args = SimpleNamespace(eod_mask_loss=False, reset_position_ids=reset_pos, reset_attention_mask=reset_mask)
+        data = DataConfig(eod_mask_loss=False, reset_position_ids=reset_pos, reset_attention_mask=reset_mask)
         with torch.no_grad():
-            return float(forward_loss(model, {"text": text}, args, eod, torch.device("cpu")))
+            return float(forward_loss(model, {"text": text}, data, eod, torch.device("cpu")))
 
     with torch.no_grad():
         want = model(x, position_ids=reset_position_ids(x, eod), labels=y,

@@ -168,7 +168,8 @@ def run_cell(name: str, zero: int, precision: str, rank: int, rows: list[torch.T
     initial = {}
     model, engine = training.setup_model_and_optimizer(
         args, before_engine=lambda m: initial.setdefault("model", copy.deepcopy(m)))
-    hooks = OptimizerHooks(engine, Config.from_args(args).runtime)
+    config = Config.from_args(args)
+    hooks = OptimizerHooks(engine, config.runtime)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     losses, norm, clips, scales, skipped = [], None, [], [], []
     engine.train()
@@ -176,12 +177,12 @@ def run_cell(name: str, zero: int, precision: str, rank: int, rows: list[torch.T
         mine = {"text": batch[2 * rank:2 * rank + 2]}
         scales.append(loss_scale(engine))
         before = engine.skipped_steps
-        loss = training.train_step(engine, iter([mine]), args, None, engine.device, iteration=it)
+        loss = training.train_step(engine, iter([mine]), config, None, engine.device, iteration=it)
         if engine.skipped_steps != before:
             skipped.append(it)
         if it == 1:
             norm = engine.get_global_grad_norm()
-        out = hooks.after_step(it, lambda m=mine: training.replay_batches([m], args, None, engine.device))
+        out = hooks.after_step(it, lambda m=mine: training.replay_batches([m], config, None, engine.device))
         if "muonclip_heads_clipped" in out:
             clips.append(out["muonclip_heads_clipped"])
         losses.append(float(loss))

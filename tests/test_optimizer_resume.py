@@ -95,7 +95,8 @@ def _run(name: str, zero: int, data_list: str, out: str, extra: list[str]) -> di
     train_ds, valid_ds, _ = build_datasets(config)
     _model, engine = setup_model_and_optimizer(args)
     state = checkpointing.load_checkpoint(engine, config)
-    train(args, engine, train_ds, valid_ds, tokenizer.eod, engine.device, state)
+    config = Config.from_args(args)  # with --compile's decision
+    train(config, engine, train_ds, valid_ds, tokenizer.eod, engine.device, state)
     with open(metrics) as f:
         losses = {r["iteration"]: r["lm_loss"] for r in map(json.loads, f) if "lm_loss" in r}
     opt_state = client_optimizer(engine).state_dict()["state"]

@@ -44,7 +44,7 @@ def test_parameter_count_matches_the_model():
         a = args_for(extra)
         a.padded_vocab_size = 512
         a.sequence_parallel, a.recompute_granularity, a.recompute_num_layers = False, None, 1
-        n = sum(p.numel() for p in GPTModel(model_config(a)).parameters())
+        n = sum(p.numel() for p in GPTModel(model_config(Config.from_args(a))).parameters())
         assert params(a, 512) == n, extra
 
 
@@ -177,7 +177,7 @@ def test_7b_on_24_gib_is_refused_with_fixes():
 
     a.padded_vocab_size, a.sequence_parallel, a.recompute_granularity, a.recompute_num_layers = 256000, False, None, 1
     p = params(a, 256000)
-    assert p == model_config(a).num_parameters() == 7_768_117_248  # the model config's own count
+    assert p == model_config(Config.from_args(a)).num_parameters() == 7_768_117_248  # the model config's own count
     assert a.zero_stage == 0  # one data-parallel replica runs ZeRO-1 as stage 0 (megatron/arguments.py)
     assert est.model_states == pytest.approx(16 * p)  # fp32 weights + gradients + Adam's two moments
     assert len(probs) == 1 and "above the 24.0 GiB available (host)" in probs[0]

@@ -112,9 +112,7 @@ def check_checkpoint(tag_dir: str) -> None:
         saved = json.load(f)
     from megatron.config import Config  # noqa: PLC0415
 
-    declared = Config.section_of()  # the record also holds the iteration etc.
-    config = Config.from_args({"kv_channels": None, "add_bias_linear": False,
-                               **{k: v for k, v in saved.items() if k in declared}})
+    config = Config.from_saved({"kv_channels": None, "add_bias_linear": False, **saved})  # (+ iteration etc.)
     p = full_parameters(config, saved["padded_vocab_size"])
     stage, dp = saved["zero_stage"], saved["data_parallel_size"]
     half = str(saved.get("params_dtype")).replace("torch.", "") in ("bf16", "fp16", "bfloat16", "float16")

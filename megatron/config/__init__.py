@@ -76,6 +76,13 @@ class Config:
             parts[where[k]][k] = v
         return cls(**{sec: kind(**parts[sec]) for sec, kind in cls.sections().items()})
 
+    @classmethod
+    def from_saved(cls, values: dict) -> Config:
+        """The tree of a checkpoint's stored arguments: the fields it declares (an upstream checkpoint
+        also stores flags this framework does not have), the defaults for the ones it lacks."""
+        where = cls.section_of()
+        return cls.from_args({k: v for k, v in values.items() if k in where})
+
     def to_args(self) -> argparse.Namespace:
         """The flat upstream namespace (`args`) of this tree."""
         return argparse.Namespace(**{k: v for sec in self.sections() for k, v in vars(getattr(self, sec)).items()})

@@ -115,7 +115,7 @@ def config_rows(config: Config, num_params: int | None, parser: argparse.Argumen
     if config.precision.fp16:
         from megatron.fp16 import describe  # noqa: PLC0415
 
-        add("model", "loss scaling", None, describe(config.to_args()))  # flags > the DeepSpeed config > its defaults
+        add("model", "loss scaling", None, describe(config))  # flags > the DeepSpeed config > its defaults
     add("parallel", "world size", "world_size")
     add("parallel", "TP / PP / SP", "tensor_model_parallel_size",
         f"{flat['tensor_model_parallel_size']} / {flat['pipeline_model_parallel_size']} / "

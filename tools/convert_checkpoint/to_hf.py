@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import sys
-from types import SimpleNamespace
 
 try:  # imported as tools.convert_checkpoint.to_hf
     from tools.convert_checkpoint._cli import run_cli
@@ -168,13 +167,13 @@ def export(load: str, output: str, *, tag: str | None = None, universal: bool = 
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from megatron.model.hf_convert import hf_config, to_hf_state_dict  # noqa: PLC0415
+    from megatron.config import Config  # noqa: PLC0415
     from megatron.training import model_config  # noqa: PLC0415
 
     tag = _resolve_tag(load, tag, universal)
     tag_dir = os.path.join(load, tag)
     args = saved_args(tag_dir)
-    ns = SimpleNamespace(**args)
-    config = model_config(ns)
+    config = model_config(Config.from_saved(args))
     weights = load_fp32_weights(load, tag)
     for name in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
         w = weights.get(name)
