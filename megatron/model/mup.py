@@ -142,22 +142,22 @@ class Parametrization:
         }
 
     @classmethod
-    def from_config(cls, args: ModelConfig) -> "Parametrization":
+    def from_config(cls, model: ModelConfig) -> "Parametrization":
         """From a validated model section (`ModelConfig.mup_problems()` returned nothing)."""
-        mup = bool(args.enable_mup)
-        depth = bool(args.enable_depth_scale)
+        mup = bool(model.enable_mup)
+        depth = bool(model.enable_depth_scale)
         width_mult, depth_mult, depth_base = 1.0, 1.0, None
         if mup:
-            base = args.mup_base_width
-            width_mult = args.hidden_size / base if base else float(args.mup_width_multiplier)
+            base = model.mup_base_width
+            width_mult = model.hidden_size / base if base else float(model.mup_width_multiplier)
         if depth:
-            depth_base = args.depth_base
-            depth_mult = args.num_layers / depth_base if depth_base else float(args.depth_multiplier)
+            depth_base = model.depth_base
+            depth_mult = model.num_layers / depth_base if depth_base else float(model.depth_multiplier)
             if not depth_base:
-                depth_base = args.num_layers / depth_mult
-        return cls(mup=mup, width_mult=width_mult, input_alpha=args.mup_input_alpha,
-                   output_alpha=args.mup_output_alpha, attn_alpha=args.mup_attn_alpha,
-                   depth=depth, depth_mult=depth_mult, depth_alpha=args.depth_alpha,
+                depth_base = model.num_layers / depth_mult
+        return cls(mup=mup, width_mult=width_mult, input_alpha=model.mup_input_alpha,
+                   output_alpha=model.mup_output_alpha, attn_alpha=model.mup_attn_alpha,
+                   depth=depth, depth_mult=depth_mult, depth_alpha=model.depth_alpha,
                    depth_base=depth_base)
 
 
