@@ -348,13 +348,16 @@ def train(config: Config, engine, train_ds, valid_ds, eod, device, state: checkp
     runner = step_runner(engine, config, eod, device)  # one iteration, with or without pipeline parallelism
     finder = active_lr_finder(engine)  # --lr-finder: the LR range test is the engine's scheduler
 
+    validated: dict[int, float] = {}  # iteration -> validation loss (the same weights are not evaluated twice)
+
     def validate() -> float | None:
         if valid_ds is None or training.eval_iters == 0:
             return None
-        with timers("evaluate", level=0), hooks.eval_weights():
-            loss = runner.evaluate(valid_ds)
-        logger.validation(iteration, loss, tokens, samples)
-        return loss
+        if iteration not in validated:
+            with timers("evaluate", level=0), hooks.eval_weights():
+                validated[iteration] = runner.evaluate(valid_ds)
+            logger.validation(iteration, validated[iteration], tokens, samples)
+        return validated[iteration]
 
     def save() -> None:
         if ckpt.save:

@@ -77,12 +77,14 @@ def test_two_processes_with_mpiexec(demo_data, tmp_path):
 
 
 def test_demo_loss_falls(demo_data, tmp_path):
-    """The demo exactly as `bash train_alcf.sh` configures it (7M model, 8 x 256 tokens per step, the
-    400-step LR schedule), stopped after 80 steps with --exit-interval: the validation loss is already
-    at most 2/3 of the initial one (the full demo goes on to step 400)."""
-    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data)}, "--exit-interval", "80")
+    """The demo exactly as `bash train_alcf.sh` configures it (the `demo` model, 6 x 256 tokens per step,
+    the 580-step LR schedule), stopped after 100 steps with --exit-interval: the validation loss is
+    already below 0.7 of the initial one (measured 0.645 and 0.647 over two seeds; the full demo goes on
+    to step 580 and about 5.19). Iteration 100 is evaluated once, although both the evaluation interval
+    and the exit fall on it."""
+    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data)}, "--exit-interval", "100")
     assert_clean(proc)
     assert "demo run" in proc.stderr + proc.stdout
     _, val = metrics_of(tmp_path)
-    assert [r["iteration"] for r in val] == [0, 80]
-    assert val[-1]["val_loss"] <= (2 / 3) * val[0]["val_loss"], val
+    assert [r["iteration"] for r in val] == [0, 100]
+    assert val[-1]["val_loss"] < 0.7 * val[0]["val_loss"], val

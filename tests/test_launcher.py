@@ -303,7 +303,7 @@ PRESETS = {
     "70B": (64, 80, 8192, 8, 28672, 8192, "AuroraGPT-70B"),
     "tiny": (4, 2, 64, 2, 192, 64, "tiny"),
     "7M": (4, 4, 256, 2, 704, 256, "7M"),
-    "demo": (4, 4, 256, 2, 704, 256, "7M"),
+    "demo": (4, 2, 192, 2, 512, 256, "demo"),
     "30M": (8, 6, 512, 4, 1408, 512, "30M"),
 }
 
@@ -718,11 +718,11 @@ def test_demo_mode(tmp_path):
     assert d.last("--data-file-list") == f"{demo}/shakespeare.txt"
     assert d.last("--tokenizer-type") == "SentencePieceTokenizer"
     assert d.last("--tokenizer-model") == f"{demo}/tokenizer.model"
-    expect = {"--train-iters": "400", "--micro-batch-size": "8", "--global-batch-size": "8", "--lr": "0.001",
-              "--lr-warmup-fraction": "0.05", "--min-lr": "0.0001", "--eval-interval": "100", "--eval-iters": "10",
-              "--save-interval": "200", "--log-interval": "10", "--zero-stage": "1", "--hidden-size": "256",
-              "--num-layers": "4", "--seq-length": "256", "--data-cache-path":
-              "checkpoints/7M-ws1-ds-stage1-nl4-hs256-mb8-seq256-gb8-sp1-pp1-tp1-fp32-optadamw-lr0.001-lwf0.05"
+    expect = {"--train-iters": "580", "--micro-batch-size": "6", "--global-batch-size": "6", "--lr": "0.002",
+              "--lr-warmup-fraction": "0.05", "--min-lr": "0.0001", "--eval-interval": "100", "--eval-iters": "13",
+              "--save-interval": "200", "--log-interval": "10", "--zero-stage": "1", "--hidden-size": "192",
+              "--num-layers": "2", "--ffn-hidden-size": "512", "--seq-length": "256", "--data-cache-path":
+              "checkpoints/demo-ws1-ds-stage1-nl2-hs192-mb6-seq256-gb6-sp1-pp1-tp1-fp32-optadamw-lr0.002-lwf0.05"
               "_ntok0B/.cache/shakespeare/index-cache"}
     for flag, value in expect.items():
         assert d.last(flag) == value, flag
@@ -740,7 +740,7 @@ def test_demo_respects_user_settings(tmp_path):
     assert (d.last("--hidden-size"), d.last("--lr"), d.last("--train-iters")) == ("64", "0.01", "20")
     assert (d.last("--lr-warmup-fraction"), d.last("--micro-batch-size")) == ("0.1", "2")
     assert d.last("--tokenizer-model") == "other.model" and d.last("--eval-iters") == "1"
-    d = dry(base_env(WORKING_DIR=tmp_path, TRAIN_TOKENS="204800"))  # tokens decide: 204800 // 256 // 8
+    d = dry(base_env(WORKING_DIR=tmp_path, TRAIN_TOKENS="153600"))  # tokens decide: 153600 // 256 // 6
     assert d.last("--train-iters") == "100"
 
 
