@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron.checkpoint import checkpointing
 from megatron.config import Config, DataConfig
-from megatron.arguments import ArgumentError, auto_compile
+from megatron.arguments import auto_compile
 from megatron.core import parallel_state
 from megatron.deepspeed_config import build_ds_config
 from megatron.core import sequence_parallel as ulysses
@@ -24,6 +24,7 @@ from megatron.data.loading import build_datasets, build_loader
 from megatron.resilience.exits import ExitConditions
 from megatron.resilience.preflight import check_memory
 from megatron.initialize import initialize_megatron
+from megatron.tokenizer import run_tokenizer
 from megatron.model import GPTConfig, GPTModel
 from megatron import deepspeed_compat as ds_compat
 from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
@@ -43,19 +44,9 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- builders
 def build_tokenizer_and_vocab(args):
-    """The tokenizer (for the vocabulary size and EOD id) and the padded vocabulary size."""
-    from megatron.tokenizer import build_tokenizer, pad_vocab_size  # noqa: PLC0415
-
-    ttype = args.tokenizer_type or ("NullTokenizer" if args.vocab_size else None)
-    if ttype is None:
-        raise ArgumentError("no tokenizer: give --tokenizer-type/--tokenizer-model (TOKENIZER_TYPE/TOKENIZER_MODEL) "
-                         "or --vocab-size")
-    tok = build_tokenizer(ttype, args.tokenizer_model, vocab_size=args.vocab_size,
-                          vocab_file=args.vocab_file, merge_file=args.merge_file,
-                          trust_remote_code=args.trust_remote_code)
+    """The tokenizer (for the vocabulary size and EOD id); sets the vocabulary sizes on `args`."""
+    tok, args.padded_vocab_size = run_tokenizer(Config.from_args(args))
     args.vocab_size_orig = tok.vocab_size
-    args.padded_vocab_size = pad_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by,
-                                            args.tensor_model_parallel_size)
     return tok
 
 

@@ -5,7 +5,6 @@
 file and the newest intact tag (or, with --fallback-to-intact-checkpoint, that tag is loaded)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -203,8 +202,7 @@ def verify_before_load(config: Config, tag: str) -> dict:
     if not (good and ckpt.fallback_to_intact_checkpoint):
         raise ArgumentError(_damage_message(ckpt.load, tag, errs, good))
     changes = _fallback(tag, errs, good)
-    # the architecture checks, for the tag now loaded
-    errs = load_problems(dataclasses.replace(config, checkpoint=dataclasses.replace(ckpt, load_tag=good)))
+    errs = load_problems(config.replace(**changes))  # the architecture checks, for the tag now loaded
     if errs:
         raise ArgumentError("\n".join(errs))
     return changes

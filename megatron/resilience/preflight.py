@@ -22,21 +22,16 @@ log = logging.getLogger(__name__)
 
 def tokenizer_vocab(config: Config) -> tuple[int | None, list[str]]:
     """(padded vocabulary size or None, problems) of the configured tokenizer."""
-    from megatron.tokenizer import build_tokenizer, pad_vocab_size  # noqa: PLC0415
+    from megatron.tokenizer import run_tokenizer  # noqa: PLC0415
 
     data = config.data
-    ttype = data.tokenizer_type or ("NullTokenizer" if data.vocab_size else None)
-    if ttype is None:
-        return None, ["no tokenizer: give --tokenizer-type/--tokenizer-model (TOKENIZER_TYPE/TOKENIZER_MODEL) "
-                      "or --vocab-size"]
     try:
-        tok = build_tokenizer(ttype, data.tokenizer_model, vocab_size=data.vocab_size,
-                              vocab_file=data.vocab_file, merge_file=data.merge_file,
-                              trust_remote_code=data.trust_remote_code)
-        return pad_vocab_size(tok.vocab_size, config.model.make_vocab_size_divisible_by,
-                              config.parallel.tensor_model_parallel_size), []
+        return run_tokenizer(config)[1], []
+    except ArgumentError as e:  # no tokenizer at all
+        return None, [str(e)]
     except (OSError, ValueError, RuntimeError, TypeError) as e:  # sentencepiece raises RuntimeError on a bad file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        ttype = data.tokenizer_type or "NullTokenizer"
         return None, [f"tokenizer {ttype} ({data.tokenizer_model}): {first}; check TOKENIZER_MODEL / --tokenizer-model"]
 
 
