@@ -28,7 +28,8 @@
 #   optimizer  OPT|OPTIMIZER|OPTIM [adamw], LR [0.0002], MIN_LR, LR_DECAY_STYLE [cosine],
 #              LR_WARMUP_FRAC|LR_WARMUP_FRACTION [0.05], LR_DECAY_ITERS, WEIGHT_DECAY [0.1],
 #              ADAM_BETA1 [0.9], ADAM_BETA2 [0.95], ADAM_EPS [0.00001], CLIP_GRAD [1.0],
-#              DTYPE [machine; bf16 with an accelerator, fp32 on CPU], OVERRIDE_CKPT_OPT_PARAM
+#              DTYPE [machine; bf16 with an accelerator or a CPU with native bf16, else fp32],
+#              OVERRIDE_CKPT_OPT_PARAM
 #   logging    LOG_INTERVAL [1], EVAL_INTERVAL [100], EVAL_ITERS [20], SAVE_INTERVAL [50],
 #              TIMING_LOG_LEVEL [1], NO_TENSORBOARD, FLOPS_PROFILER, COMMS_LOGGER [false];
 #              read by the trainer: TORCH_PROFILER_ENABLE (1: torch profiler over the whole run,
@@ -45,7 +46,8 @@
 #              HOSTFILE|PBS_NODEFILE, NGPU_PER_HOST|GPUS_PER_NODE (ranks per node), WORLD_SIZE,
 #              CPU_BIND, MPIEXEC, MASTER_ADDR [127.0.0.1], MASTER_PORT [a free port], OMP_NUM_THREADS,
 #              BE|CCL|NCCL (backend), DRY_RUN, DEBUG, ALCF_HOSTNAME (host name used for machine
-#              detection and the log directory), CHECK_ARGS [1: run pretrain_gpt.py --check-args
+#              detection and the log directory), ALCF_CPUINFO [/proc/cpuinfo: the CPU flags that
+#              choose DTYPE on a CPU], CHECK_ARGS [1: run pretrain_gpt.py --check-args
 #              (flags, tokenizer, data files) before anything is written; 0: skip]
 
 ALCF_REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -334,6 +336,7 @@ alcf_setup_params() {
     _alcf_default MODEL_ARCH 7B
     _alcf_apply_preset          # model shape (MODEL_ARCH)
     _alcf_generic_defaults      # everything still unset: upstream's values
+    _alcf_cpu_dtype             # DTYPE on a CPU: bf16 where the CPU has native bf16, else fp32
     _alcf_check_values          # numbers are numbers, choices are known (sets _ALCF_OK_INTS)
     _alcf_resolve_data_list     # DATA_FILE_LIST found and made absolute
     _alcf_resolve_tokenizer     # explicit, else a tokenizer.model next to the list
@@ -414,6 +417,7 @@ _alcf_demo_defaults() {
 # Per-machine defaults (upstream setParams); an unknown machine gets generic ones.
 _alcf_machine_defaults() {
     FLASH_FLAG=""
+    if [[ -n "${DTYPE:-}" ]]; then DTYPE_WHY="set by DTYPE"; else DTYPE_WHY="${MACHINE}'s default"; fi
     case "$MACHINE" in
         aurora|sunspot)
             _alcf_default BE "${CCL:-ccl}"; _alcf_default DTYPE bf16
@@ -432,9 +436,45 @@ _alcf_machine_defaults() {
         *)
             # The Python side picks the backend from the hardware unless one is asked for.
             _alcf_default BE "${CCL:-${NCCL:-}}"
-            if (( ACCEL_COUNT > 0 )); then _alcf_default DTYPE bf16; else _alcf_default DTYPE fp32; fi ;;
+            # on a CPU, DTYPE is chosen once the ZeRO stage and batch are known (_alcf_cpu_dtype)
+            if (( ACCEL_COUNT > 0 )) && [[ -z "${DTYPE:-}" ]]; then DTYPE=bf16; DTYPE_WHY="an accelerator is present"; fi ;;
     esac
     [[ -n "${NO_FLASH_ATTN:-}" ]] && FLASH_FLAG=""
+}
+
+# The CPU feature that makes bf16 native (AMX or AVX512-BF16 on x86, BF16 on Arm), printed; fails when
+# there is none. ALCF_CPUINFO replaces /proc/cpuinfo (tests).
+_alcf_cpu_bf16_feature() {
+    local info="${ALCF_CPUINFO:-/proc/cpuinfo}" f
+    [[ -r "$info" ]] || return 1
+    for f in amx_bf16 avx512_bf16 bf16; do
+        if grep -qE "^(flags|Features)[[:space:]]*:(.*[[:space:]])?${f}([[:space:]]|$)" "$info"; then
+            printf '%s' "$f"; return 0
+        fi
+    done
+    return 1
+}
+
+# DTYPE for a run on CPUs (no accelerator) that did not set it: bf16 where the CPU multiplies bf16
+# natively (2.1x fp32's speed for the demo's step on AVX512-BF16: ALCF/notes/launcher.md), fp32 elsewhere (bf16 is
+# emulated there, slower than fp32), and fp32 where bf16 would be refused (ZeRO stage 0 with several
+# replicas or micro-batches: megatron/arguments.py). DTYPE_WHY says which rule chose it.
+_alcf_cpu_dtype() {
+    [[ -n "${DTYPE:-}" ]] && return 0
+    local feature replicas=1
+    if [[ "$WORLD_SIZE" =~ ^[0-9]+$ && "$TP" =~ ^[1-9][0-9]*$ && "$PP" =~ ^[1-9][0-9]*$ ]]; then
+        replicas=$(( WORLD_SIZE / (TP * PP) ))
+    fi
+    if ! feature="$(_alcf_cpu_bf16_feature)"; then
+        DTYPE=fp32
+        DTYPE_WHY="automatic: this CPU has no native bf16 (no amx_bf16/avx512_bf16/bf16 flag), where fp32 is faster; DTYPE=bf16 to force bf16"
+    elif [[ "$ZERO_STAGE" == 0 ]] && [[ "${GRAD_ACC_STEPS}" != 1 || "$replicas" != 1 ]]; then
+        DTYPE=fp32
+        DTYPE_WHY="automatic: this CPU has native bf16 (${feature}), but bf16 at ZERO_STAGE=0 needs one replica and one micro-batch per step; ZERO_STAGE=1 and DTYPE=bf16 for bf16"
+    else
+        DTYPE=bf16
+        DTYPE_WHY="automatic: this CPU has native bf16 (${feature}), faster than fp32; DTYPE=fp32 to force fp32"
+    fi
 }
 
 # Generic defaults (upstream values) for whatever the user, the demo, the machine and the preset left unset.
@@ -860,6 +900,7 @@ alcf_print_summary() {
         "tokens/step|$((GLOBAL_BATCH * SEQ))" \
         "optimizer / lr|${OPT} / ${LR} (${LR_DECAY_STYLE}, warmup ${LR_WARMUP_FRAC})" \
         "dtype / ZeRO|${DTYPE} / ${ZERO_STAGE}" \
+        "dtype chosen by|${DTYPE_WHY}" \
         "data list|${DATA_FILE_LIST}" \
         "run dir|${CKPT_DIR}" \
         "log file|${OUTPUT_LOG}"; do
@@ -920,6 +961,7 @@ alcf_main() {
             "$MACHINE" "$HOSTNAME_SHORT" "$JOB_TYPE" "$WORLD_SIZE" "$NHOSTS" "$NPROC_LOCAL"
         (( DEMO )) && printf '# demo data list: %s (built by tools/build_demo_data.py on a real run)\n' "$DATA_FILE_LIST"
         printf '# run name: %s\n' "$RUN_NAME"
+        printf '# precision: %s (%s)\n' "$DTYPE" "$DTYPE_WHY"
         printf '# DeepSpeed config %s:\n' "$DS_CONFIG"
         alcf_ds_config || return 1
         printf '# environment: %s\n' "${LAUNCH_ENV[*]}"
@@ -974,6 +1016,7 @@ alcf_main() {
 
     {
         printf '[train_alcf] finished with exit status %s\n' "$rc"
+        printf '[train_alcf]   precision:       %s (%s)\n' "$DTYPE" "$DTYPE_WHY"
         printf '[train_alcf]   log file:        %s\n' "${WORKING_DIR}/${OUTPUT_LOG}"
         printf '[train_alcf]   checkpoints:     %s\n' "$(_alcf_abs "$SAVE")"
         printf '[train_alcf]   tensorboard:     %s\n' "$(_alcf_abs "$TB_DIR")"

@@ -11,6 +11,12 @@ if ROOT not in sys.path:
 # Every trainer the suite starts would otherwise import wandb and ask its API for a login (1-2.5 s per
 # run). Tests of the W&B path pass their own WANDB_MODE (test_training_log.py).
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The launcher picks DTYPE on a CPU from its flags (bf16 where it has native bf16, else fp32). The suite pins
+# it to what a CPU without native bf16 gets, so no expectation depends on the machine running it; the rule
+# itself is tested with both kinds of cpuinfo (test_launcher.py), and the demo test runs the machine's real
+# choice (test_end_to_end.py).
+CPUINFO_NO_BF16 = os.path.join(ROOT, "tests", "assets", "cpuinfo-avx2.txt")
+os.environ.setdefault("ALCF_CPUINFO", CPUINFO_NO_BF16)
 
 
 def pytest_configure(config):

@@ -290,7 +290,8 @@ def test_trainer_without_check_refuses_bad_data(data, tmp_path, extra, message):
 def launcher(env_extra: dict, wd: Path) -> subprocess.CompletedProcess:
     venv = Path(sys.prefix)
     env = {"PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}", "HOME": str(wd),
-           "LANG": "C.UTF-8", "ALCF_HOSTNAME": "testbox", "WORKING_DIR": str(wd), "VIRTUAL_ENV": str(venv),
+           "LANG": "C.UTF-8", "ALCF_HOSTNAME": "testbox", "ALCF_CPUINFO": os.environ["ALCF_CPUINFO"],
+           "WORKING_DIR": str(wd), "VIRTUAL_ENV": str(venv),
            "PYTHON": sys.executable, "TRAIN_ITERS": "10", "NLAYERS": "2", "HIDDEN": "64", "HEADS": "4",
            "NUM_KV_HEAD": "2", "SEQ": "32", "MICRO_BATCH": "2", "GLOBAL_BATCH": "2",
            "TOKENIZER_TYPE": "NullTokenizer", "TORCH_EXTENSIONS_DIR": os.path.join(sys.prefix, "torch_extensions")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,10 +82,19 @@ def test_demo_loss_falls(demo_data, tmp_path):
     the 580-step LR schedule), stopped after 100 steps with --exit-interval: the validation loss is
     already below 0.7 of the initial one (measured 0.645 and 0.647 over two seeds; the full demo goes on
     to step 580 and about 5.19). Iteration 100 is evaluated once, although both the evaluation interval
-    and the exit fall on it."""
-    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data)}, "--exit-interval", "100")
+    and the exit fall on it.
+
+    It runs the precision the launcher picks for this machine's CPU, as a user's first run does: bf16 where
+    the CPU has native bf16 (0.649 measured at iteration 100), fp32 elsewhere."""
+    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data), "ALCF_CPUINFO": "/proc/cpuinfo"},
+                        "--exit-interval", "100")
     assert_clean(proc)
     assert "demo run" in proc.stderr + proc.stdout
+    with open("/proc/cpuinfo") as f:
+        flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split(":", 1)[1].split()}
+    dtype = "bf16" if flags & {"amx_bf16", "avx512_bf16", "bf16"} else "fp32"
+    assert f"[train_alcf]   precision:       {dtype} (automatic: this CPU has " in proc.stdout
+    assert re.search(rf"^\| precision +\| {dtype} +\|$", proc.stdout, re.M)
     _, val = metrics_of(tmp_path)
     assert [r["iteration"] for r in val] == [0, 100]
     assert val[-1]["val_loss"] < 0.7 * val[0]["val_loss"], val

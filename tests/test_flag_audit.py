@@ -305,6 +305,7 @@ ENV_EFFECT = {
     "ADAM_BETA2": "test_launcher.py::test_env_var_sets_flag",
     "ADAM_EPS": "test_launcher.py::test_env_var_sets_flag",
     "ALCF_HOSTNAME": "test_launcher.py::test_pbs_aurora_launch",
+    "ALCF_CPUINFO": "test_launcher.py::test_cpu_dtype_follows_native_bf16",
     "ALCF_TORCH_CPU_VERSION": "test_flag_audit.py::test_alcf_torch_cpu_version_pins_the_cpu_torch",
     "BE": "test_launcher.py::test_env_var_sets_flag",
     "CCL": "test_launcher.py::test_env_var_sets_flag",

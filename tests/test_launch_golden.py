@@ -58,7 +58,7 @@ def dry_run(machine: str, nodes: int, tmp: Path) -> tuple[str, str]:
     env = {"PATH": f"{bindir}{os.pathsep}/usr/bin:/bin", "HOME": str(tmp), "LANG": "C.UTF-8", "DRY_RUN": "1",
            "ALCF_HOSTNAME": host, "MPIEXEC": PALS_MPIEXEC, "WORKING_DIR": str(wd),
            "DATA_FILE_LIST": str(wd / "lists" / "dolma.txt"), "PYTHON": "python3", "VIRTUAL_ENV": "/venv",
-           "MASTER_PORT": "29500"}
+           "MASTER_PORT": "29500", "ALCF_CPUINFO": os.environ["ALCF_CPUINFO"]}
     if sched == "pbs":
         nodefile = tmp / "nodefile"
         nodefile.write_text("".join(f"{host[:-1] if host[-1].isdigit() else host}{i}\n" for i in range(nodes)))

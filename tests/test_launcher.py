@@ -56,6 +56,7 @@ def base_env(**extra: str) -> dict:
         "HOME": os.environ.get("HOME", "/tmp"),
         "LANG": "C.UTF-8",
         "ALCF_HOSTNAME": GENERIC_HOST,
+        "ALCF_CPUINFO": os.environ["ALCF_CPUINFO"],  # a CPU without native bf16 (tests/conftest.py)
         # the machines' own mpiexec (Cray PALS), not the venv's MPICH hydra, which gets -bind-to instead
         "MPIEXEC": PALS_MPIEXEC,
     }
@@ -212,6 +213,47 @@ def test_env_var_sets_flag(env, extra, flag, value):
     else:
         assert d.last(flag) == value
         assert d.count(flag) == 1
+
+
+CPUINFO = {name: str(ROOT / "tests" / "assets" / f"cpuinfo-{name}.txt") for name in ("avx2", "avx512-bf16", "arm-bf16")}
+CPU_DTYPE_CASES = [
+    # (cpuinfo, settings, DTYPE chosen, the reason's words)
+    ("avx2", {}, "fp32", "automatic: this CPU has no native bf16"),
+    ("avx512-bf16", {}, "bf16", "automatic: this CPU has native bf16 (avx512_bf16), faster than fp32"),
+    ("arm-bf16", {}, "bf16", "automatic: this CPU has native bf16 (bf16)"),
+    ("missing", {}, "fp32", "automatic: this CPU has no native bf16"),
+    # bf16 at stage 0 is refused with several micro-batches or replicas (megatron/arguments.py): fp32 instead
+    ("avx512-bf16", {"ZERO_STAGE": "0", "GRAD_ACC_STEPS": "2"}, "fp32", "but bf16 at ZERO_STAGE=0 needs one replica"),
+    ("avx512-bf16", {"ZERO_STAGE": "0", "NPROC": "2"}, "fp32", "but bf16 at ZERO_STAGE=0 needs one replica"),
+    ("avx512-bf16", {"ZERO_STAGE": "0"}, "bf16", "automatic: this CPU has native bf16"),
+    ("avx512-bf16", {"DTYPE": "fp32"}, "fp32", "set by DTYPE"),
+    ("avx2", {"DTYPE": "bf16"}, "bf16", "set by DTYPE"),
+]
+
+
+@pytest.mark.parametrize("cpu,extra,dtype,why", CPU_DTYPE_CASES,
+                         ids=[f"{c}-{'+'.join(f'{k}={v}' for k, v in e.items()) or 'default'}"
+                              for c, e, _, _ in CPU_DTYPE_CASES])
+def test_cpu_dtype_follows_native_bf16(env, tmp_path, cpu, extra, dtype, why):
+    """On a CPU, an unset DTYPE is bf16 where the CPU multiplies bf16 natively and fp32 elsewhere; the
+    choice and its reason are printed (DRY_RUN, the start-up table and the end of the run)."""
+    info = CPUINFO.get(cpu, str(tmp_path / "no-such-cpuinfo"))
+    d = dry({**env, "ALCF_CPUINFO": info, "TRAIN_ITERS": "10", **extra})
+    (line,) = [ln for ln in d.stdout.splitlines() if ln.startswith("# precision: ")]
+    assert line.startswith(f"# precision: {dtype} (") and why in line, line
+    assert d.has("--bf16") == (dtype == "bf16") and not d.has("--fp16")
+    assert f"-{dtype}-opt" in d.last("--save") and d.last("--deepspeed_config").endswith(f"_{dtype}.json")
+    assert d.config.get("bfloat16", {}).get("enabled", False) == (dtype == "bf16")
+
+
+def test_accelerator_dtype_is_bf16_whatever_the_cpu(env, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA A100'\n")
+    (bindir / "nvidia-smi").chmod(0o755)
+    d = dry({**env, "ALCF_CPUINFO": CPUINFO["avx2"], "TRAIN_ITERS": "10", "PATH": f"{bindir}:{env['PATH']}",
+             "BE": "gloo"})
+    assert "# precision: bf16 (an accelerator is present)" in d.stdout and d.has("--bf16")
 
 
 ABSENT_CASES = [

@@ -254,7 +254,7 @@ def test_launcher_names_a_sigkilled_rank(tmp_path):
     lst = tmp_path / "list.txt"
     lst.write_text("1.0 /data/books books\n")
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8",
-           "ALCF_HOSTNAME": "testbox", "WORKING_DIR": str(tmp_path), "DATA_FILE_LIST": str(lst), "EXEC": str(fake),
+           "ALCF_HOSTNAME": "testbox", "ALCF_CPUINFO": os.environ["ALCF_CPUINFO"], "WORKING_DIR": str(tmp_path), "DATA_FILE_LIST": str(lst), "EXEC": str(fake),
            "MODEL_ARCH": "tiny", "TRAIN_ITERS": "5", "PYTHON": sys.executable, "VIRTUAL_ENV": sys.prefix}
     p = subprocess.run(["bash", os.path.join(ROOT, "train_alcf.sh")], env=env, capture_output=True, text=True,
                        timeout=120)
@@ -271,7 +271,7 @@ def test_launcher_refuses_the_7b_preset_on_this_machine(data_list, tmp_path):
     if avail is None or avail > 100 * GIB:  # pragma: no cover - a machine where it might fit
         pytest.skip("needs a machine with less than 100 GiB available")
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8",
-           "ALCF_HOSTNAME": "testbox", "WORKING_DIR": str(tmp_path), "DATA_FILE_LIST": data_list,
+           "ALCF_HOSTNAME": "testbox", "ALCF_CPUINFO": os.environ["ALCF_CPUINFO"], "WORKING_DIR": str(tmp_path), "DATA_FILE_LIST": data_list,
            "TOKENIZER_TYPE": "NullTokenizer", "TRAIN_ITERS": "5", "PYTHON": sys.executable,
            "VIRTUAL_ENV": sys.prefix, "PYTHONPATH": ROOT}
     t = time.perf_counter()

@@ -125,6 +125,7 @@ def test_timers_block_and_summary_table(run):
                   "final val loss (PPL)", "checkpoint", "tensorboard", "metrics"):
         assert re.search(rf"^\| {re.escape(label)} +\| ", summary, re.M), label
     assert f"{ITERS * GBS * SEQ:,}" in summary and "global_step6" in summary
+    assert re.search(r"^\| precision +\| fp32 +\|$", summary, re.M)  # no --bf16/--fp16
     assert f"| model compute        | {ITERS * FLOPS_PER_ITER / 1e12:.4g} TFLOP ({ITERS} iterations x 0.1762 GFLOP)" in summary
 
 

@@ -372,6 +372,7 @@ class TrainLogger:
                      f"{_human_seconds(t.excluded.get('evaluate', 0.0))} evaluation, "
                      f"{_human_seconds(t.excluded.get('save-checkpoint', 0.0))} checkpoints"),
             ("mean tokens/s", f"{tok_s:,.1f} ({tok_s / cfg.runtime.world_size:,.1f} per device)"),
+            ("precision", "bf16" if cfg.precision.bf16 else "fp16" if cfg.precision.fp16 else "fp32"),
             ("mean TFLOPS/device", _fmt_tflops(tflops)),
             ("model compute", f"{per_iteration * t.iterations / 1e12:.4g} TFLOP ({t.iterations} iterations x "
                               f"{per_iteration / 1e9:.4g} GFLOP)"),
