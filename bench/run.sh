@@ -25,12 +25,12 @@ mkdir -p "$OUT"
 if [[ "${QUICK:-0}" == 1 ]]; then
     benches=(
         "train_throughput|train_throughput|--small --rounds 4 --warmup 1"
-        "zero_tax|zero_tax|--small --rounds 4 --warmup 1"
+        "zero_tax|zero_tax|--small --rounds 3 --warmup 1"
         "scaling|scaling|--rounds 1 --iters 4"
         "checkpoint_io|checkpoint_io|--small --rounds 2"
         "startup|startup|--rounds 1 --data-wait-iters 0"
         "data_index|data_index|--files 200 --samples 2000000 --rounds 1"
-        "preprocess|preprocess|--repeat 1"
+        "preprocess|preprocess|--repeat 2"
     )
     printf 'train_throughput_compile\tskip\tQUICK: compiling takes minutes\n' >> "${OUT}/manifest.tsv"
     MEM_FLAGS="--configs z0,z3"
