@@ -14,8 +14,8 @@ Times, in the same run and on the same files:
 
 The last line is `ratio ours/mcore=<wall> cpu_ours/mcore=<CPU> warm_seconds=<s>` (goals: <= 1.0 and
 < 5 s). Both sides' top-level blend indices are compared (they must be identical). `--ours-only`
-skips megatron-core (no second venv): our cold and warm build times and the size of the index cache, for growth measurements
-(ALCF/notes/scale.md).
+skips megatron-core (no second venv): our cold and warm build times and the size of the index
+cache, for growth measurements (ALCF/notes/scale.md).
 """
 from __future__ import annotations
 

@@ -59,8 +59,9 @@ for entry in "${benches[@]}"; do
     printf '=== %s: bench/%s.py %s\n' "$name" "$script" "${flags:-(defaults)}"
     start=$SECONDS
     set +e
+    # DeepSpeed's log lines ("[...") go to the log file only
     # shellcheck disable=SC2086  # flags are words
-    "$PY" "${ROOT}/bench/${script}.py" $flags < /dev/null 2>&1 | tee "$log" | grep -v '^\['  # DeepSpeed's log: file only
+    "$PY" "${ROOT}/bench/${script}.py" $flags < /dev/null 2>&1 | tee "$log" | grep -v '^\['
     rc=${PIPESTATUS[0]}
     set -e
     printf '=== %s: exit %d, %d s\n' "$name" "$rc" $((SECONDS - start))
