@@ -87,6 +87,7 @@ case "$(basename "$1")" in
   startup.py) echo "[2026] [INFO] launching"; echo "Traceback: boom" >&2; exit 3 ;;
   data_index.py) echo "ratio ours/mcore=0.900 cpu_ours/mcore=0.9 warm_seconds=1.5" ;;
   preprocess.py) echo "ratio ours/raw=1.000" ;;
+  memory.py) [[ "$2 $3" == "--configs z0,z3" ]] || exit 7; echo "ratio max=1.20 zero3/zero0=0.50" ;;
   *) echo "unexpected $*" >&2; exit 9 ;;
 esac
 """
@@ -115,13 +116,14 @@ def test_run_sh_table_and_exit_status(tmp_path):
     assert "[2026] [INFO]" not in proc.stdout and "[2026] [INFO]" in (out / "startup.txt").read_text()
     assert "Traceback: boom" in (out / "startup.txt").read_text()  # stderr kept in the log
 
-    # every bench passing: exit 0
+    # every bench passing, memory.py too (QUICK: ZeRO-0 and -3 only): exit 0
     fake.write_text(FAKE_PYTHON.replace('echo "[2026] [INFO] launching"; echo "Traceback: boom" >&2; exit 3',
                                         'echo "first_step_seconds=6.0"'))
-    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "run.sh")], env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "run.sh")], env={**env, "MEMORY": "1"},
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "FAILED" not in proc.stdout
+    assert "FAILED" not in proc.stdout and "not run (MEMORY" not in proc.stdout
+    assert re.search(r"memory ZeRO-3 / ZeRO-0 model states +\| +0\.500 \| <= 0\.600 +\| ok", proc.stdout)
 
 
 def test_targets_cli_usage(tmp_path):
