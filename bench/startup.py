@@ -24,7 +24,7 @@ process was launched:
     step 1        the first training iteration (the data loader's first batch included)
 
 The launcher's own time (bash, argument and DeepSpeed-config generation) is measured separately
-with DRY_RUN=1 and added to the total. Final line: `first_step_seconds <median total>`.
+with DRY_RUN=1 and added to the total. Final line: `first_step_seconds=<median total>`.
 """
 from __future__ import annotations
 
@@ -69,8 +69,10 @@ def _probe(argv: list[str]) -> None:
     from megatron.observability import training_log  # noqa: PLC0415
 
     training_log.resolve_peak = after(training_log.resolve_peak, "MFU peak")
-    training.evaluate = after(training.evaluate, "eval on start")
-    real_step = training.train_step
+    # the loop's evaluation and iterations go through its step runner (PP = 1 in the demo)
+    runner = training.MicroBatchRunner
+    runner.evaluate = after(runner.evaluate, "eval on start")
+    real_step = runner.train
 
     def first_step(*a, **k):
         real_step(*a, **k)
@@ -84,7 +86,7 @@ def _probe(argv: list[str]) -> None:
         print(f"PHASE\ttotal\t{prev - t_launch:.3f}", flush=True)
         os._exit(0)
 
-    training.train_step = first_step
+    runner.train = first_step
     import deepspeed  # noqa: PLC0415
 
     real_init = deepspeed.initialize
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append([f"(demo data wait, iterations {opts.data_wait_iters // 2 + 1}-{opts.data_wait_iters})",
                      f"{wait * 100:.2f}% of step"])
     print_table(f"startup: demo config, warm cache, medians of {opts.rounds} runs", ["phase", "seconds"], rows)
-    print(f"first_step_seconds {total:.2f}", flush=True)
+    print(f"first_step_seconds={total:.2f}", flush=True)
     import shutil  # noqa: PLC0415
 
     shutil.rmtree(work, ignore_errors=True)

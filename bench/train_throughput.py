@@ -20,7 +20,7 @@ the per-round ratios ("ours/hf"); "best/best" is the ratio of the fastest iterat
 loaded machine disturbs least (load only ever adds time). "data wait" is the share of our
 iteration time spent waiting for the next batch (the trainer's batch-generator timer). MFU = model FLOPs per iteration (Megatron's formula,
 `megatron.observability.mfu.flops_per_iteration`) / step time / the matmul peak measured between rounds.
-Final line: `ratio <ours/hf tokens/s, fp32> <bf16>` (the smaller first is what CI checks).
+Final line: `ratio fp32=<ours/hf tokens/s> bf16=<...> mfu_fp32=<ours MFU, a fraction> mfu_bf16=<...>`.
 """
 from __future__ import annotations
 
@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(results, f, indent=1)
-    print("ratio " + " ".join(f"{r['dtype']}={r['ratio']:.3f}" for r in results), flush=True)
+    print("ratio " + " ".join(f"{r['dtype']}={r['ratio']:.3f}" for r in results) + " "
+          + " ".join(f"mfu_{r['dtype']}={r['ours_mfu']:.4f}" for r in results), flush=True)
     return results
 
 

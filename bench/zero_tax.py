@@ -8,7 +8,8 @@ data, optimizer and `train_step`), rank 0 of 1: stage 0, and ZeRO-`--stage` with
 run it as stage 0), once as the trainer runs it and once "as is" (without
 megatron/deepspeed_compat's `skip_single_replica_reduction`). `--zero-config` is merged into the DeepSpeed config's `zero_optimization` block
 of the ZeRO side (a settings sweep). Timed alternately, iteration by iteration; ratio = the median
-of the per-round stage-0-time / ZeRO-time (1.0 = no tax). Final line: `ratio fp32=<x> bf16=<y>`.
+of the per-round stage-0-time / ZeRO-time (1.0 = no tax).
+Final line: `ratio fp32=<x> bf16=<y> as_is_fp32=<..> as_is_bf16=<..>`.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{r['best_ratio']:.3f}", f"{r['zero_as_is_s']:.3f}", f"{r['ratio_as_is']:.3f}",
                   "%.6f/%.6f/%.6f" % tuple(r["last_losses"])] for r in results])
     print("ratio " + " ".join(f"{r['dtype']}={r['ratio']:.3f}" for r in results)
-          + " as_is " + " ".join(f"{r['dtype']}={r['ratio_as_is']:.3f}" for r in results), flush=True)
+          + " " + " ".join(f"as_is_{r['dtype']}={r['ratio_as_is']:.3f}" for r in results), flush=True)
     return results
 
 
