@@ -16,6 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 def run_launcher(workdir, env_extra: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`bash train_alcf.sh *args` in `workdir`; like run_trainer (distributed.py), --peak-tflops 1 unless
+    `args` give it: no test of the launcher reads the MFU, whose peak the trainer would measure at start."""
+    if "--peak-tflops" not in args:
+        args = (*args, "--peak-tflops", "1")
     env = env_for(1)
     env.pop("DS_ACCELERATOR", None)
     env.update(WORKING_DIR=str(workdir), VIRTUAL_ENV=sys.prefix, PYTHON=sys.executable,
@@ -77,14 +81,15 @@ def test_two_processes_with_mpiexec(demo_data, tmp_path):
 
 
 def test_demo_loss_falls(demo_data, tmp_path):
-    """The demo exactly as `bash train_alcf.sh` configures it (the `demo` model, 6 x 256 tokens per step,
-    the 580-step LR schedule), stopped after 100 steps with --exit-interval: the validation loss is
-    already below 0.7 of the initial one (measured 0.645 and 0.647 over two seeds; the full demo goes on
-    to step 580 and about 5.19). Iteration 100 is evaluated once, although both the evaluation interval
-    and the exit fall on it."""
-    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data)}, "--exit-interval", "100")
+    """The demo as `bash train_alcf.sh` configures it (the `demo` model, 6 x 256 tokens per step, the
+    580-step LR schedule), evaluated every 40 steps (EVAL_INTERVAL) and stopped at 40 with --exit-interval,
+    just past the warm-up: the validation loss is already below 0.75 of the initial one (measured 0.717;
+    0.692 at 60, 0.645 at 100; the full demo goes on to step 580 and about 5.19). Iteration 40 is evaluated
+    once, although both the evaluation interval and the exit fall on it."""
+    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data), "EVAL_INTERVAL": "40"},
+                        "--exit-interval", "40")
     assert_clean(proc)
     assert "demo run" in proc.stderr + proc.stdout
     _, val = metrics_of(tmp_path)
-    assert [r["iteration"] for r in val] == [0, 100]
-    assert val[-1]["val_loss"] < 0.7 * val[0]["val_loss"], val
+    assert [r["iteration"] for r in val] == [0, 40]
+    assert val[-1]["val_loss"] < 0.75 * val[0]["val_loss"], val

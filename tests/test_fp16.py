@@ -260,7 +260,7 @@ def runs(data_list, tmp_path_factory):
             "--lr", "0.003", "--min-lr", "0.0003", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
             "--clip-grad", "1.0", "--weight-decay", "0.1", "--log-interval", "1", "--eval-iters", "0",
             "--num-workers", "0", "--zero-stage", stage, "--keep-zero-stage", "--deepspeed", "--seed", "1234",
-            "--metrics-file", metrics, *extra], nproc=2, launcher="torchrun",
+            "--metrics-file", metrics, *extra], nproc=2, launcher="ranks",
             env_extra={"MEGATRON_TEST_FAULTS": "overflow@3:1" if "static" in name else ""})
         out[name] = records(metrics)
     out["static-ckpt"] = str(root / "static" / "ckpt")
