@@ -46,7 +46,18 @@ def test_flag_wins_and_cpu_peak_is_measured():
 
 def test_matmul_benchmark_counts_two_n_cubed_flops(monkeypatch):
     """With time frozen except for one known advance, the reported rate is 2 n^3 * reps / seconds."""
-    clock = iter([0.0] + [10.0] * 100)
+    clock = iter([0.0, 0.0, 0.0] + [10.0] * 100)  # a warm-up matmul of 0 s, then the timed loop
     monkeypatch.setattr("megatron.observability.mfu.time.perf_counter", lambda: next(clock))
     got = measure_matmul_tflops(torch.float32, n=64, min_seconds=1.0)
     assert got == pytest.approx(2 * 64**3 * 4 / 10.0 / 1e12)  # stops after the first check (4 matmuls)
+
+
+def test_a_matmul_slower_than_the_budget_is_the_measurement(monkeypatch):
+    """fp16 on a CPU without native fp16 takes ~2 s per 1024^3 matmul: the warm-up matmul that already
+    took longer than `min_seconds` is the measurement (the clock is read twice, no further matmul)."""
+    clock = iter([0.0, 5.0])
+    monkeypatch.setattr("megatron.observability.mfu.time.perf_counter", lambda: next(clock))
+    calls = []
+    monkeypatch.setattr("megatron.observability.mfu._synchronizer", lambda kind: lambda: calls.append(kind))
+    assert measure_matmul_tflops(torch.float32, n=64, min_seconds=1.0) == pytest.approx(2 * 64**3 / 5.0 / 1e12)
+    assert calls == ["cpu"]  # one matmul, synchronized once
