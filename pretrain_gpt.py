@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         # optimizer) run without the cyclic GC (disabled below) and their ~300k long-lived objects are frozen
         # out of it: its full collections during the imports, and each gc.collect() DeepSpeed makes while
         # building its optimizers, cost ~0.2 s of CPU each otherwise.
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo as _dynamo  # noqa: F401
 
         gc.freeze()
         gc.enable()

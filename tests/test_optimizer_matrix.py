@@ -227,7 +227,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     from megatron.initialize import initialize_megatron
 
     initialize_megatron(parse_args(argv("adamw", 1, "fp32"), env={"WORLD_SIZE": "2"}))
-    import torch._dynamo  # noqa: F401 - torch.optim imports it with the first optimizer
+    import torch._dynamo as _dynamo  # noqa: F401 - torch.optim imports it with the first optimizer
 
     # the imported objects out of the cyclic GC (as pretrain_gpt.py does): DeepSpeed's gc.collect() calls (bf16
     # optimizer, ZeRO-3 partitions), several per cell, then cost microseconds instead of ~0.2 s each
