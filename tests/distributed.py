@@ -55,7 +55,10 @@ def env_for(nproc: int, threads: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = str(threads or max(1, 2 // nproc))
+    # one thread per process by default: the tiny models gain nothing from a second one, and OpenMP threads that
+    # share a core (2 xdist workers on 2 cores, or `taskset -c 0`) spin-wait: 20 steps of the tiny model took
+    # 10-14 s of CPU at 2 threads on a loaded 2-core machine, 2.2-2.5 s at 1
+    env["OMP_NUM_THREADS"] = str(threads or 1)
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env["DS_ACCELERATOR"] = "cpu"
     return env

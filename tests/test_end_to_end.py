@@ -86,8 +86,8 @@ def test_demo_loss_falls(demo_data, tmp_path):
     just past the warm-up: the validation loss is already below 0.75 of the initial one (measured 0.717;
     0.692 at 60, 0.645 at 100; the full demo goes on to step 580 and about 5.19). Iteration 40 is evaluated
     once, although both the evaluation interval and the exit fall on it."""
-    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data), "EVAL_INTERVAL": "40"},
-                        "--exit-interval", "40")
+    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data), "EVAL_INTERVAL": "40",
+                                   "OMP_NUM_THREADS": "1"}, "--exit-interval", "40")
     assert_clean(proc)
     assert "demo run" in proc.stderr + proc.stdout
     _, val = metrics_of(tmp_path)
