@@ -17,14 +17,16 @@ pytestmark = pytest.mark.slow
 
 def run_launcher(workdir, env_extra: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """`bash train_alcf.sh *args` in `workdir`; like run_trainer (distributed.py), --peak-tflops 1 unless
-    `args` give it: no test of the launcher reads the MFU, whose peak the trainer would measure at start."""
+    `args` give it (no test of the launcher reads the MFU, whose peak the trainer would measure at start)
+    and one thread per process unless `env_extra` sets OMP_NUM_THREADS (the launcher's default, one
+    thread per core, is tested by test_launcher.py)."""
     if "--peak-tflops" not in args:
         args = (*args, "--peak-tflops", "1")
     env = env_for(1)
     env.pop("DS_ACCELERATOR", None)
     env.update(WORKING_DIR=str(workdir), VIRTUAL_ENV=sys.prefix, PYTHON=sys.executable,
                PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"], **env_extra)
-    for var in ("DATA_FILE_LIST", "OMP_NUM_THREADS", "PBS_NODEFILE", "HOSTFILE", "SLURM_JOB_ID", "PBS_JOBID"):
+    for var in ("DATA_FILE_LIST", "PBS_NODEFILE", "HOSTFILE", "SLURM_JOB_ID", "PBS_JOBID"):
         if var not in env_extra:
             env.pop(var, None)
     return subprocess.run(["bash", os.path.join(ROOT, "train_alcf.sh"), *args], env=env, cwd=str(workdir),
@@ -86,8 +88,8 @@ def test_demo_loss_falls(demo_data, tmp_path):
     just past the warm-up: the validation loss is already below 0.75 of the initial one (measured 0.717;
     0.692 at 60, 0.645 at 100; the full demo goes on to step 580 and about 5.19). Iteration 40 is evaluated
     once, although both the evaluation interval and the exit fall on it."""
-    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data), "EVAL_INTERVAL": "40",
-                                   "OMP_NUM_THREADS": "1"}, "--exit-interval", "40")
+    proc = run_launcher(tmp_path, {"DEMO_DATA_DIR": os.path.dirname(demo_data), "EVAL_INTERVAL": "40"},
+                        "--exit-interval", "40")
     assert_clean(proc)
     assert "demo run" in proc.stderr + proc.stdout
     _, val = metrics_of(tmp_path)
