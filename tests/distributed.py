@@ -8,6 +8,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 
@@ -53,7 +55,10 @@ def env_for(nproc: int, threads: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = str(threads or max(1, 2 // nproc))
+    # one thread per process by default: the tiny models gain nothing from a second one, and OpenMP threads that
+    # share a core (2 xdist workers on 2 cores, or `taskset -c 0`) spin-wait: 20 steps of the tiny model took
+    # 10-14 s of CPU at 2 threads on a loaded 2-core machine, 2.2-2.5 s at 1
+    env["OMP_NUM_THREADS"] = str(threads or 1)
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env["DS_ACCELERATOR"] = "cpu"
     return env
@@ -84,14 +89,54 @@ def launch_command(nproc: int, launcher: str) -> list[str]:
     raise ValueError(launcher)
 
 
+def run_ranks(cmd: list[str], nproc: int, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`nproc` ranks of `cmd` started directly with the variables torchrun gives its workers (RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), without torchrun's agent process (its
+    own `import torch` is ~2 s of CPU per launch). As under torchrun, the first rank that fails stops
+    the others; the result holds its exit status and the ranks' outputs in rank order."""
+    port, procs, status = free_port(), [], 0
+    with tempfile.TemporaryDirectory() as logs:
+        log = lambda rank, kind: os.path.join(logs, f"{rank}.{kind}")  # noqa: E731
+        for rank in range(nproc):
+            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            with open(log(rank, "out"), "w") as out, open(log(rank, "err"), "w") as err:
+                procs.append(subprocess.Popen(cmd, env=rank_env, cwd=ROOT, stdout=out, stderr=err))
+        deadline = time.monotonic() + timeout
+        while status == 0 and any(p.poll() is None for p in procs):
+            status = next((p.returncode for p in procs if p.returncode), 0)
+            if status == 0 and time.monotonic() > deadline:
+                status = None
+            time.sleep(0.05)
+        status = status if status != 0 else next((p.returncode for p in procs if p.returncode), 0)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        if status is None:
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        out, err = ["".join(open(log(rank, kind)).read() for rank in range(nproc)) for kind in ("out", "err")]
+    return subprocess.CompletedProcess(cmd, status, out, err)
+
+
 def run_trainer(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 600,
                 check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """The trainer in `nproc` processes started by `launcher`: "python" (one process), "torchrun",
+    "mpiexec", or "ranks" (the ranks directly with torchrun's variables: the tests that are not about
+    the launcher itself, without the cost of torchrun's agent). Without --peak-tflops in `args` it gets
+    --peak-tflops 1: the trainer would otherwise measure the MFU peak at start (0.3 s of matmuls per rank),
+    which test_mfu.py tests and no trainer test here reads."""
+    if "--peak-tflops" not in args:
+        args = [*args, "--peak-tflops", "1"]
     env = env_for(nproc)
     if launcher == "mpiexec":
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env.update(env_extra or {})
-    proc = subprocess.run(launch_command(nproc, launcher) + args, env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    if launcher == "ranks":
+        proc = run_ranks([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *args], nproc, env, timeout)
+    else:
+        proc = subprocess.run(launch_command(nproc, launcher) + args, env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -251,7 +251,7 @@ def test_two_rank_save_writes_one_complete_manifest(data_list, tmp_path):
     out = str(tmp_path / "run")
     save = os.path.join(out, "ckpt")
     run_trainer(trainer_args(data_list, out, iters=2, extra=("--save", save, "--save-interval", "2")), nproc=2,
-                launcher="torchrun")
+                launcher="ranks")
     tag_dir = os.path.join(save, "global_step2")
     m = cm.read_manifest(tag_dir)
     shards = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]

@@ -75,7 +75,7 @@ def test_exact_resume(data_list, tmp_path, zero, bf16, nproc):
     keep = ("--keep-zero-stage",) if nproc == 1 else ()  # one replica would run ZeRO-1/2 as stage 0
     run_trainer(trainer_args(data_list, ref, zero=zero, bf16=bf16,
                              extra=(*keep, "--save", save, "--save-interval", str(N))), nproc=nproc,
-                launcher="torchrun")
+                launcher="ranks")
     want = metrics(ref)
     assert sorted(want) == list(range(1, 2 * N + 1))
     # resume from the N checkpoint: a copy where `latest` still names it
@@ -84,7 +84,7 @@ def test_exact_resume(data_list, tmp_path, zero, bf16, nproc):
     shutil.copytree(os.path.join(save, f"global_step{N}"), os.path.join(ckpt, f"global_step{N}"))
     ck.write_atomic(os.path.join(ckpt, "latest"), f"global_step{N}")
     run_trainer(trainer_args(data_list, res, zero=zero, bf16=bf16, extra=(*keep, "--load", ckpt, "--save", ckpt)),
-                nproc=nproc, launcher="torchrun")
+                nproc=nproc, launcher="ranks")
     got = metrics(res)
     assert_same_run(got, want, range(N + 1, 2 * N + 1))
     assert ck.read_tag(ckpt) == f"global_step{2 * N}"

@@ -62,7 +62,7 @@ def phase1(data_list, tmp_path_factory):
     save = os.path.join(out, "ckpt")
     run_trainer(targs(data_list, out, extra=("--lr-decay-style", "constant", "--lr-warmup-iters", "2",
                                              "--save", save, "--save-interval", str(N))),
-                nproc=2, launcher="torchrun")
+                nproc=2, launcher="ranks")
     return save, metrics(out)
 
 
@@ -99,7 +99,7 @@ def test_universal_from_zero3(data_list, tmp_path):
     out3, save = str(tmp_path / "zero3"), str(tmp_path / "zero3" / "ckpt")
     run_trainer(targs(data_list, out3, zero=3, extra=("--lr-decay-style", "constant", "--lr-warmup-iters", "2",
                                                       "--save", save, "--save-interval", str(N))),
-                nproc=2, launcher="torchrun")
+                nproc=2, launcher="ranks")
     want = metrics(out3)
     ckpt = copy_ckpt(save, str(tmp_path / "ckpt"), f"global_step{N}")
     tag = d2u.convert(os.path.join(ckpt, f"global_step{N}"), os.path.join(ckpt, f"global_step{N}_universal"))
@@ -146,7 +146,7 @@ def test_universal_from_zero_stage0(data_list, tmp_path, dtype, nproc, zero):
     out = str(tmp_path / "run")
     run_trainer(targs(data_list, out, zero=zero, extra=(*bf16, "--lr-decay-style", "constant", "--lr-warmup-iters",
                                                         "2", "--load", ckpt, "--universal-checkpoint")),
-                nproc=nproc, launcher="torchrun" if nproc > 1 else "python")
+                nproc=nproc, launcher="ranks")
     got = metrics(out)
     assert sorted(got) == list(range(N + 1, 2 * N + 1))
     tol = 1e-6 if dtype == "fp32" else 2e-3  # bf16: ZeRO accumulates the bf16 gradients in another order
@@ -182,7 +182,7 @@ def muon_phase1(data_list, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("muon1"))
     save = os.path.join(out, "ckpt")
     run_trainer(targs(data_list, out, extra=(*MUON, "--save", save, "--save-interval", str(N))),
-                nproc=2, launcher="torchrun", env_extra=NO_COMPILE)
+                nproc=2, launcher="ranks", env_extra=NO_COMPILE)
     return save, metrics(out)
 
 
@@ -202,7 +202,7 @@ def test_universal_muon_dp2_to_dp1(muon_phase1, data_list, tmp_path, nproc, zero
     assert sorted(os.listdir(head)) == ["exp_avg.pt", "exp_avg_sq.pt", "fp32.pt", "step.pt"]
     out = str(tmp_path / "run")
     run_trainer(targs(data_list, out, zero=zero, extra=(*MUON, "--load", ckpt, "--universal-checkpoint")),
-                nproc=nproc, launcher="torchrun" if nproc > 1 else "python", env_extra=NO_COMPILE)
+                nproc=nproc, launcher="ranks", env_extra=NO_COMPILE)
     got = metrics(out)
     assert sorted(got) == list(range(N + 1, 2 * N + 1))
     for i in range(N + 1, 2 * N + 1):
@@ -257,7 +257,7 @@ def test_universal_across_tp(phase1, data_list, tmp_path, src, dst):
         save, it, plain = str(tmp_path / "ckpt"), 2, ()
         run_trainer(targs(data_list, str(tmp_path / "train"), iters=it, extra=(
             "--tensor-model-parallel-size", "2", "--lr-decay-style", "constant", "--save", save)),
-            nproc=2, launcher="torchrun")
+            nproc=2, launcher="ranks")
     else:  # its ZeRO shards are for DP=2: the reference reads the weights only
         save, it, plain = copy_ckpt(phase1[0], str(tmp_path / "ckpt"), f"global_step{N}"), N, ("--no-load-optim",)
     want = logits_after_load(src, save, str(tmp_path / "want.pt"), *plain)
@@ -347,7 +347,7 @@ def test_non_adam_state_sgd_momentum(data_list, tmp_path):
     ref, save = str(tmp_path / "ref"), str(tmp_path / "ref" / "ckpt")
     sgd = ("--optimizer", "sgd", "--sgd-momentum", "0.9", "--lr-decay-style", "constant")
     run_trainer(targs(data_list, ref, zero=2, extra=(*sgd, "--save", save, "--save-interval", str(N))),
-                nproc=2, launcher="torchrun")
+                nproc=2, launcher="ranks")
     want = metrics(ref)
     ckpt = copy_ckpt(save, str(tmp_path / "ckpt"), f"global_step{N}")
     stock = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",

@@ -69,7 +69,7 @@ def sources(data_list, tmp_path_factory) -> dict:
         d = str(tmp_path_factory.mktemp(name))
         save = os.path.join(d, "ckpt")
         run_trainer(train_args(data_list, d, *flags, "--save", save, "--save-interval", str(SAVED)),
-                    nproc=2, launcher="torchrun")
+                    nproc=2, launcher="ranks")
         conv = os.path.join(d, "converted")
         os.makedirs(conv)
         tag = f"global_step{SAVED}"
@@ -186,7 +186,7 @@ def test_next_steps_equal_unconverted_continuation(sources, data_list, tmp_path,
     seed = SOURCES[source][-2:]  # the data order (and the RNG state the checkpoint restores) of the source run
     run_trainer(train_args(data_list, str(tmp_path), *seed, "--zero-stage", zero, "--load", conv,
                            "--universal-checkpoint"),
-                nproc=nproc, launcher="torchrun" if nproc > 1 else "python")
+                nproc=nproc, launcher="ranks")
     got, _ = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     assert sorted(got) == [2, 3]
     for i in got:

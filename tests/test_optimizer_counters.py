@@ -84,7 +84,7 @@ def test_muonclip_total_continues_through_a_trainer_resume(tmp_path, stage, rank
                                                        stderr)}
 
     ref = str(tmp_path / "ref")
-    launch = {"nproc": ranks, "launcher": "torchrun" if ranks > 1 else "python"}
+    launch = {"nproc": ranks, "launcher": "ranks"}
     want = totals(run_trainer(args(ref, ("--save", f"{ref}/ckpt", "--save-interval", "2")), **launch).stderr)
     assert sorted(want) == [1, 2, 3, 4] and want[2] > 0 and want[4] > want[2], want
     ckpt = str(tmp_path / "res" / "ckpt")

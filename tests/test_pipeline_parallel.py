@@ -137,7 +137,7 @@ def runs(data_list, tmp_path_factory):
     out = {}
     for name, nproc, extra in (("pp1", 1, ()), ("pp2", 2, ("--pipeline-model-parallel-size", "2"))):
         d = str(tmp_path_factory.mktemp(name))
-        run_trainer(trainer_args(data_list, d, *extra), nproc=nproc, launcher="torchrun" if nproc > 1 else "python")
+        run_trainer(trainer_args(data_list, d, *extra), nproc=nproc, launcher="ranks")
         out[name] = d
     return out
 
@@ -179,7 +179,7 @@ def test_pp2_resume_equals_uninterrupted(runs, data_list, tmp_path):
         with open(os.path.join(ckpt, name), "w") as f:
             f.write(text)
     run_trainer(trainer_args(data_list, str(tmp_path), "--pipeline-model-parallel-size", "2", "--load", ckpt),
-                nproc=2, launcher="torchrun")
+                nproc=2, launcher="ranks")
     want, _ = read_metrics(os.path.join(runs["pp2"], "metrics.jsonl"))
     got, _ = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
     assert sorted(got) == [4, 5, 6]
@@ -202,7 +202,7 @@ def test_pp2_skips_nan_iteration(data_list, tmp_path):
     """MEGATRON_TEST_FAULTS=nan@2: iteration 2 is skipped on both stages (no update, no LR step)."""
     run_trainer(trainer_args(data_list, str(tmp_path), "--pipeline-model-parallel-size", "2", "--train-iters", "3",
                              "--eval-iters", "0"),
-                nproc=2, launcher="torchrun", env_extra={"MEGATRON_TEST_FAULTS": "nan@2"})
+                nproc=2, launcher="ranks", env_extra={"MEGATRON_TEST_FAULTS": "nan@2"})
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         recs = {r["iteration"]: r for r in map(json.loads, f) if "lm_loss" in r}
     assert recs[2]["lm_loss"] != recs[2]["lm_loss"]  # NaN

@@ -103,7 +103,7 @@ def test_trainer_sp2_zero3_matches_zero1(tmp_path):
     for stage in (1, 3):
         out = str(tmp_path / f"z{stage}")
         run_trainer(_trainer_args(data_list, out, "--ds-sequence-parallel-size", "2", "--zero-stage", str(stage),
-                                  "--save-interval", "2"), nproc=2, launcher="torchrun")
+                                  "--save-interval", "2"), nproc=2, launcher="ranks")
         weights = get_fp32_state_dict_from_zero_checkpoint(os.path.join(out, "ckpt"), tag=f"global_step{ITERS}")
         runs[stage] = (_records(os.path.join(out, "metrics.jsonl")), weights)
     (r1, w1), (r3, w3) = runs[1], runs[3]
@@ -120,7 +120,7 @@ def test_trainer_sp2_zero3_matches_zero1(tmp_path):
     resumed = str(tmp_path / "z3-resumed")
     run_trainer(_trainer_args(data_list, resumed, "--ds-sequence-parallel-size", "2", "--zero-stage", "3",
                               "--load", os.path.join(out, "ckpt"), "--load-tag", "global_step2"),
-                nproc=2, launcher="torchrun")
+                nproc=2, launcher="ranks")
     again = _records(os.path.join(resumed, "metrics.jsonl"))
     assert sorted(again) == [3]
     for key in ("lm_loss", "grad_norm"):

@@ -286,7 +286,7 @@ def tp2_run(data_list, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tp2"))
     proc = run_trainer(_trainer_args(data_list, out, "--tensor-model-parallel-size", "2",
                                      "--save", os.path.join(out, "ckpt"), "--save-interval", str(ITERS // 2)),
-                       nproc=2, launcher="torchrun")
+                       nproc=2, launcher="ranks")
     losses, _ = read_metrics(os.path.join(out, "metrics.jsonl"))
     return out, losses, proc.stdout
 
@@ -344,7 +344,7 @@ def test_trainer_tp2_resume(tp2_run, data_list, tmp_path):
     with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write(str(half))
     run_trainer(_trainer_args(data_list, str(tmp_path), "--tensor-model-parallel-size", "2", "--load", ckpt,
-                              "--use-checkpoint-opt_param-scheduler"), nproc=2, launcher="torchrun")
+                              "--use-checkpoint-opt_param-scheduler"), nproc=2, launcher="ranks")
     got, _ = read_metrics(os.path.join(str(tmp_path), "metrics.jsonl"))
     _assert_same(got, {i: want[i] for i in range(half + 1, ITERS + 1)}, tol=1e-6)
 
@@ -355,7 +355,7 @@ def test_trainer_tp2_sequence_parallel_recompute_zero2(tp1_losses, data_list, tm
     from distributed import read_metrics, run_trainer
 
     run_trainer(_trainer_args(data_list, str(tmp_path), "--tensor-model-parallel-size", "2", "--sequence-parallel",
-                              "--checkpoint-activations", "--zero-stage", "2"), nproc=2, launcher="torchrun")
+                              "--checkpoint-activations", "--zero-stage", "2"), nproc=2, launcher="ranks")
     got, _ = read_metrics(os.path.join(str(tmp_path), "metrics.jsonl"))
     _assert_same(got, tp1_losses)
 

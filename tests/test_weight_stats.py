@@ -48,7 +48,7 @@ def runs(tmp_path_factory):
     out["ref"] = (records(ref), proc.stdout)
     for name, (nproc, extra) in LAYOUTS.items():
         d = str(root / name)
-        proc = run_trainer(trainer_args(data_list, d, extra), nproc=nproc, launcher="torchrun")
+        proc = run_trainer(trainer_args(data_list, d, extra), nproc=nproc, launcher="ranks")
         out[name] = (records(d), proc.stdout)
     return data_list, ref, out
 
