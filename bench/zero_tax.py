@@ -7,9 +7,10 @@ data, optimizer and `train_step`), rank 0 of 1: stage 0, and ZeRO-`--stage` with
 --keep-zero-stage (DeepSpeed's ZeRO optimizer with one replica; without the flag the trainer would
 run it as stage 0), once as the trainer runs it and once "as is" (without
 megatron/deepspeed_compat's single-replica changes, `SINGLE_REPLICA_CHANGES`). `--zero-config` is
-merged into the DeepSpeed config's `zero_optimization` block of the ZeRO side (a settings sweep). Timed alternately, iteration by iteration; ratio = the median
-of the per-round stage-0-time / ZeRO-time (1.0 = no tax); "CPU" ratios are the same with the process CPU
-time of each iteration, which other processes' load disturbs much less than wall time. Final line:
+merged into the DeepSpeed config's `zero_optimization` block of the ZeRO side (a settings sweep).
+Timed alternately, iteration by iteration; ratio = the median of the per-round stage-0-time /
+ZeRO-time (1.0 = no tax); "CPU" ratios are the same with the process CPU time of each iteration,
+which other processes' load disturbs much less than wall time. Final line:
 `ratio fp32=<x> bf16=<y> as_is ... cpu ...`.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from bench.train_throughput import DEFAULT_MODEL, SMALL_MODEL, Ours, trainer_fla
 
 # megatron/deepspeed_compat's changes to DeepSpeed at one data-parallel replica ("as is" = none of them)
 SINGLE_REPLICA_CHANGES = ("skip_single_replica_reduction", "skip_single_replica_allreduce",
-                          "share_single_replica_master_weights")
+                          "share_single_replica_master_weights", "copy_first_bf16_gradient")
 
 
 def compare(m: dict, dtype: str, stage: int, zero_config: dict, rounds: int, warmup: int, workdir: str) -> dict:

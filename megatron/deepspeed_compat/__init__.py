@@ -10,7 +10,8 @@ silently in a run.
   the ZeRO loss scaler's growth after the step (`defer_loss_scale_growth`), no all-reduce over one
   replica (`skip_single_replica_allreduce` at stage 0 and bf16 ZeRO-1, `skip_single_replica_reduction`
   at ZeRO-1/2), the fp32 weights as ZeRO-1/2's master copy at one replica
-  (`share_single_replica_master_weights`), no zero-gradient optimizer step when the bf16 stage 0
+  (`share_single_replica_master_weights`), bf16 ZeRO-1's fp32 gradient copies overwritten rather than
+  zeroed and added to (`copy_first_bf16_gradient`), no zero-gradient optimizer step when the bf16 stage 0
   optimizer is built (`forget_initial_zero_step`), no second inf/NaN scan at bf16 stage 0
   (`skip_bf16_overflow_scan`), the pipeline's optimizer step (`wrap_model_step`), `--no-save-optim`
   under ZeRO (`without_optimizer_shards`), the checkpoint engine (`replace_checkpoint_engine`), a
@@ -30,7 +31,7 @@ from __future__ import annotations
 import os
 
 from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers use)
-    allow_fp16_on_cpu, defer_loss_scale_growth, forget_initial_zero_step, innermost_optimizer,
+    allow_fp16_on_cpu, copy_first_bf16_gradient, defer_loss_scale_growth, forget_initial_zero_step, innermost_optimizer,
     partition_zero3_over_sequence_data_parallel, replace_checkpoint_engine, share_single_replica_master_weights,
     skip_bf16_overflow_scan, skip_single_replica_allreduce, skip_single_replica_reduction, step_without_update,
     sum_zero3_scatter_over_sequence_parallel, without_optimizer_shards, wrap_model_step)

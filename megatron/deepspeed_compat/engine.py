@@ -127,6 +127,50 @@ def skip_bf16_overflow_scan(engine) -> None:
         checker.check = lambda param_groups=None: False
 
 
+def copy_first_bf16_gradient(engine) -> bool:
+    """DeepSpeed's `BF16_Optimizer` (bf16 ZeRO-1) zeroes its fp32 gradient copies after every step
+    (`clear_hp_grads`) and adds each bf16 gradient into them (`_update_hp_grad`): a full fp32 fill
+    and a read of the zeros per step, 3-4 % of a bf16 step at one replica. Here a copy that holds
+    no gradient of this step yet is overwritten with the gradient (0 + g is g, bit for bit); later
+    micro-batches add as before. Only the "has a gradient" flags are cleared after the step, and
+    the copies of parameters that got no gradient in a backward are zeroed right after it
+    (`backward_epilogue`), before anything reads them. One data-parallel replica only (what the
+    tests cover); not with DeepSpeed's AutoEP folding (which corrects the gradient while adding).
+    True when installed."""
+    opt = getattr(engine, "optimizer", None)
+    if type(opt).__name__ != "BF16_Optimizer" or engine.seq_dp_world_size != 1 or \
+            getattr(opt, "autoep_folding_tp_group", None) is not None:
+        return False
+    update, epilogue = opt._update_hp_grad, opt.backward_epilogue
+    has, grads = opt.fp32_groups_has_gradients, opt.fp32_groups_gradients
+
+    def update_hp_grad(lp, group_idx, param_idx, clear_lp_grads):
+        if lp.grad is None or has[group_idx][param_idx]:
+            return update(lp, group_idx, param_idx, clear_lp_grads)
+        hp_grad = grads[group_idx][param_idx]
+        hp_grad.copy_(lp.grad.view(hp_grad.shape))
+        lp._hp_grad = hp_grad
+        has[group_idx][param_idx] = True
+        if clear_lp_grads:
+            lp.grad.zero_()
+        return None
+
+    def clear_hp_grads():
+        for flags in has:
+            flags[:] = [False] * len(flags)
+
+    def backward_epilogue(*args, **kwargs):
+        result = epilogue(*args, **kwargs)
+        for flags, group in zip(has, grads):
+            for flag, hp_grad in zip(flags, group):
+                if not flag:
+                    hp_grad.zero_()
+        return result
+
+    opt._update_hp_grad, opt.clear_hp_grads, opt.backward_epilogue = update_hp_grad, clear_hp_grads, backward_epilogue
+    return True
+
+
 def forget_initial_zero_step(engine) -> bool:
     """DeepSpeed's stage-0 half-precision optimizers (`FP16_UnfusedOptimizer`: bf16 at stage 0 with
     torch's optimizers; `FP16_Optimizer`) call `initialize_optimizer_states` when they are built: one
