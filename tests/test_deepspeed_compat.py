@@ -368,6 +368,22 @@ def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
         out[dtype, zero, as_is, micro] = {
             "losses": losses, "installed": installed, "optimizer": type(engine.optimizer).__name__,
             "params": [p.detach().float().clone() for p in engine.module.parameters()]}
+    # MuonClip scales a weight and its master fragment (PartitionedWeights.scale_model_param): once, when
+    # the master is the weights' own buffer
+    from megatron.optimizer import client_optimizer
+
+    args = parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "4",
+                                    "--zero-stage", "1", "--keep-zero-stage", "--optimizer", "muonclip", "--lr", "1e-2",
+                                    "--data-path", "x", "--eval-iters", "0"], env={"WORLD_SIZE": "1"})
+    initialize_megatron(args)
+    training.build_tokenizer_and_vocab(args)
+    _model, engine = training.setup_model_and_optimizer(args)
+    weight = engine.module.language_model.encoder.layers[0].self_attention.query_key_value.weight
+    before, factor = weight.detach().clone(), torch.linspace(0.5, 1.0, weight.shape[0])[:, None]
+    client_optimizer(engine).scale_model_param(weight, factor)
+    master = engine.optimizer.single_partition_of_fp32_groups[0]
+    out["muonclip"] = {"shared": master.data_ptr() == engine.optimizer.bit16_groups_flat[0].data_ptr(),
+                       "scaled": weight.detach().clone(), "want": before * factor}
     torch.save(out, os.path.join(out_dir, "rank0.pt"))
 
 
@@ -395,6 +411,8 @@ def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
     assert installed("bf16", 1) == installed("bf16", 1, False, 2) == ["copy_first_bf16_gradient",
                                                                      "skip_single_replica_allreduce"]
     assert installed("bf16", 1, True) == installed("bf16", 1, True, 2) == installed("bf16", 2) == []
+    clip = r["muonclip"]  # scaled once, not by factor^2 through the shared master
+    assert clip["shared"] and torch.equal(clip["scaled"], clip["want"])
     for dtype, micro in (("fp32", 1), ("bf16", 1), ("bf16", 2)):
         changed, as_is = r[dtype, 1, False, micro], r[dtype, 1, True, micro]
         assert changed["losses"] == as_is["losses"], (dtype, micro)
