@@ -387,6 +387,7 @@ def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(out, os.path.join(out_dir, "rank0.pt"))
 
 
+@pytest.mark.slow
 def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
     """Real ZeRO-1/2 at one rank (--keep-zero-stage) against stage 0, 4 steps with clipping, fp32 and bf16.
     The single-replica changes (bf16 ZeRO-1's BF16_Optimizer: no all-reduce over the group of one, its
