@@ -580,8 +580,8 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
     """ZeRO-1/2 with one data-parallel replica partitions nothing, yet DeepSpeed's ZeRO optimizer
     still flattens the gradients into its partition every step: it was 8 % of a step on
     bench/train_throughput.py's model (ZeRO-1 0.935x the HF loop's tokens/s, stage 0 1.02x); with
-    megatron/deepspeed_compat's single-replica changes bf16 ZeRO-1 is at stage 0's speed, fp32 was
-    0.92-1.06x on a loaded machine (bench/README.md). Such runs use stage 0 (the same update, fp32
+    megatron/deepspeed_compat's single-replica changes ZeRO-1 / stage 0 is 0.987 in bf16 and 0.974
+    in fp32 (bench/zero_tax.py, bench/README.md). Such runs use stage 0 (the same update, fp32
     and bf16; its checkpoints convert to universal as ZeRO ones do); `args.zero_stage_requested` keeps what was asked.
 
     Kept as asked: --keep-zero-stage, PP > 1, a universal load (DeepSpeed loads those into its ZeRO
