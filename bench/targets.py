@@ -68,6 +68,8 @@ TARGETS = [
     T("train_throughput_compile", "mfu_bf16", "--compile bf16 MFU", ">=", 0.80, unit="%"),
     T("zero_tax", "fp32", "zero_tax ZeRO-1 1 replica / stage 0, fp32", ">=", 0.98),
     T("zero_tax", "bf16", "zero_tax ZeRO-1 1 replica / stage 0, bf16", ">=", 0.98),
+    T("zero_tax", "cpu_fp32", "zero_tax same, process CPU time, fp32", "report"),
+    T("zero_tax", "cpu_bf16", "zero_tax same, process CPU time, bf16", "report"),
     T("scaling", "zero1", "scaling 2-rank efficiency ZeRO-1", ">=", 0.97, limit=2.0),
     T("scaling", "zero2", "scaling 2-rank efficiency ZeRO-2", ">=", 0.97, limit=2.0),
     T("scaling", "zero3", "scaling 2-rank efficiency ZeRO-3", ">=", 0.93, limit=2.0),

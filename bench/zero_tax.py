@@ -6,10 +6,12 @@ All sides are our trainer in this process (bench/train_throughput.py's `Ours`: t
 data, optimizer and `train_step`), rank 0 of 1: stage 0, and ZeRO-`--stage` with
 --keep-zero-stage (DeepSpeed's ZeRO optimizer with one replica; without the flag the trainer would
 run it as stage 0), once as the trainer runs it and once "as is" (without
-megatron/deepspeed_compat's `skip_single_replica_reduction`). `--zero-config` is merged into the DeepSpeed config's `zero_optimization` block
-of the ZeRO side (a settings sweep). Timed alternately, iteration by iteration; ratio = the median
-of the per-round stage-0-time / ZeRO-time (1.0 = no tax).
-Final line: `ratio fp32=<x> bf16=<y> as_is_fp32=<..> as_is_bf16=<..>`.
+megatron/deepspeed_compat's single-replica changes, `SINGLE_REPLICA_CHANGES`). `--zero-config` is
+merged into the DeepSpeed config's `zero_optimization` block of the ZeRO side (a settings sweep).
+Timed alternately, iteration by iteration; ratio = the median of the per-round stage-0-time /
+ZeRO-time (1.0 = no tax); "CPU" ratios are the same with the process CPU time of each iteration,
+which other processes' load disturbs much less than wall time. Final line (key=value, bench/targets.py):
+`ratio fp32=<x> bf16=<y> as_is_fp32=.. as_is_bf16=.. cpu_fp32=.. cpu_bf16=.. cpu_as_is_fp32=.. cpu_as_is_bf16=..`.
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ from bench.common import Interleaved, machine_line, print_table, single_rank_env
 from bench.train_throughput import DEFAULT_MODEL, SMALL_MODEL, Ours, trainer_flags  # noqa: E402
 
 
+# megatron/deepspeed_compat's changes to DeepSpeed at one data-parallel replica ("as is" = none of them)
+SINGLE_REPLICA_CHANGES = ("skip_single_replica_reduction", "skip_single_replica_allreduce",
+                          "share_single_replica_master_weights", "copy_first_bf16_gradient")
+
+
 def compare(m: dict, dtype: str, stage: int, zero_config: dict, rounds: int, warmup: int, workdir: str) -> dict:
     iters = warmup + rounds + 2
     data_list = write_corpus(os.path.join(workdir, f"data-{dtype}"), (iters + 1) * m["mbs"] * (m["seq"] + 1) * 2,
@@ -37,18 +44,22 @@ def compare(m: dict, dtype: str, stage: int, zero_config: dict, rounds: int, war
     flags = trainer_flags(m, data_list, iters, dtype, stage, ["--keep-zero-stage", "--deepspeed_config", ds_json])
     base = Ours.build(trainer_flags(m, data_list, iters, dtype, 0, []))
     zero = Ours.build(flags)
-    skip = deepspeed_compat.skip_single_replica_reduction
-    deepspeed_compat.skip_single_replica_reduction = lambda engine: False  # DeepSpeed's reduction over a group of one
+    saved = {name: getattr(deepspeed_compat, name) for name in SINGLE_REPLICA_CHANGES}
+    for name in SINGLE_REPLICA_CHANGES:  # DeepSpeed's ZeRO optimizer as it is at one replica
+        setattr(deepspeed_compat, name, lambda engine: False)
     try:
         as_is = Ours.build(flags)
     finally:
-        deepspeed_compat.skip_single_replica_reduction = skip
+        for name, fn in saved.items():
+            setattr(deepspeed_compat, name, fn)
     assert (base.args.zero_stage, zero.args.zero_stage) == (0, stage)
     bench = Interleaved({"stage0": base.step, "zero": zero.step, "zero_as_is": as_is.step})
     bench.run(rounds, warmup=warmup)
     return {"dtype": dtype, "stage0_s": bench.median("stage0"), "zero_s": bench.median("zero"),
             "zero_as_is_s": bench.median("zero_as_is"), "ratio": bench.ratio("zero", "stage0"),
             "ratio_as_is": bench.ratio("zero_as_is", "stage0"),
+            "cpu_ratio": bench.ratio("zero", "stage0", cpu=True),
+            "cpu_ratio_as_is": bench.ratio("zero_as_is", "stage0", cpu=True),
             "best_ratio": min(bench.samples["stage0"]) / min(bench.samples["zero"]),
             "losses": [float(base.losses[0]), float(zero.losses[0]), float(as_is.losses[0])],
             "last_losses": [float(base.losses[-1]), float(zero.losses[-1]), float(as_is.losses[-1])]}
@@ -70,14 +81,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as workdir:
         results = [compare(m, d, opts.stage, zc, opts.rounds, opts.warmup, workdir) for d in opts.dtypes.split(",")]
     print_table(f"ZeRO-{opts.stage} at one replica vs stage 0, medians of {opts.rounds} interleaved iterations "
-                "(as is = without skip_single_replica_reduction)",
-                ["dtype", "stage 0 s/iter", f"ZeRO-{opts.stage} s/iter", "ratio", "best/best", "as is s/iter",
-                 "as is ratio", "last loss 0/Z/as is"],
+                "(as is = without deepspeed_compat's single-replica changes)",
+                ["dtype", "stage 0 s/iter", f"ZeRO-{opts.stage} s/iter", "ratio", "CPU ratio", "best/best",
+                 "as is s/iter", "as is ratio", "as is CPU ratio", "last loss 0/Z/as is"],
                 [[r["dtype"], f"{r['stage0_s']:.3f}", f"{r['zero_s']:.3f}", f"{r['ratio']:.3f}",
-                  f"{r['best_ratio']:.3f}", f"{r['zero_as_is_s']:.3f}", f"{r['ratio_as_is']:.3f}",
+                  f"{r['cpu_ratio']:.3f}", f"{r['best_ratio']:.3f}", f"{r['zero_as_is_s']:.3f}",
+                  f"{r['ratio_as_is']:.3f}", f"{r['cpu_ratio_as_is']:.3f}",
                   "%.6f/%.6f/%.6f" % tuple(r["last_losses"])] for r in results])
     print("ratio " + " ".join(f"{r['dtype']}={r['ratio']:.3f}" for r in results)
-          + " " + " ".join(f"as_is_{r['dtype']}={r['ratio_as_is']:.3f}" for r in results), flush=True)
+          + " " + " ".join(f"as_is_{r['dtype']}={r['ratio_as_is']:.3f}" for r in results)
+          + " " + " ".join(f"cpu_{r['dtype']}={r['cpu_ratio']:.3f}" for r in results)
+          + " " + " ".join(f"cpu_as_is_{r['dtype']}={r['cpu_ratio_as_is']:.3f}" for r in results), flush=True)
     return results
 
 

@@ -80,6 +80,34 @@ def test_the_engine_overrides_rely_on_what_deepspeed_has():
     assert _params(DeepSpeedZeroOptimizer.buffered_reduce_fallback)[:3] == ["self", "rank", "grads"]
     for attr in ("self.real_dp_process_group", "self.sequence_parallel_size", "self.contiguous_gradients"):
         assert attr in zero12_src, attr
+    # skip_single_replica_allreduce with BF16_Optimizer: the engine reduces its fp32 gradient copies there
+    fallback_src = inspect.getsource(eng.DeepSpeedEngine.buffered_allreduce_fallback)
+    assert "self.optimizer.get_grads_for_reduction()" in fallback_src
+    # share_single_replica_master_weights: ZeRO 1/2 step the fp32 master and copy it into the weights' partition;
+    # _link_all_hp_params rebuilds the parameters' links into the master (as DeepSpeed does after moving it)
+    step_src = inspect.getsource(DeepSpeedZeroOptimizer.step)
+    assert "bit16_partitions[partition_id].data.copy_(fp32_partition.data)" in step_src
+    assert _params(DeepSpeedZeroOptimizer._link_all_hp_params) == ["self"]
+    for attr in ("self.single_partition_of_fp32_groups", "self.parallel_partitioned_bit16_groups", "self.cpu_offload"):
+        assert attr in zero12_src, attr
+    # copy_first_bf16_gradient: BF16_Optimizer adds into the fp32 copies, zeroes them in clear_hp_grads, and
+    # the engine calls its backward_epilogue (which calls _update_hp_grad) before reducing
+    import deepspeed.runtime.bf16_optimizer as bf16  # noqa: PLC0415
+
+    bf16_src = inspect.getsource(bf16.BF16_Optimizer)
+    assert _params(bf16.BF16_Optimizer._update_hp_grad) == ["self", "lp", "group_idx", "param_idx", "clear_lp_grads"]
+    assert "hp_grad.data.add_(" in inspect.getsource(bf16.BF16_Optimizer._update_hp_grad)
+    assert "flat_gradients.zero_()" in inspect.getsource(bf16.BF16_Optimizer.clear_hp_grads)
+    for attr in ("self._update_hp_grad(", "self.clear_hp_grads()", "self.fp32_groups_has_gradients",
+                 "self.fp32_groups_gradients[", "self.autoep_folding_tp_group"):
+        assert attr in bf16_src, attr
+    assert "self.optimizer.backward_epilogue()" in engine_src
+    # forget_initial_zero_step: the stage 0 half-precision optimizers step once at construction
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    for cls in (FP16_UnfusedOptimizer, FP16_Optimizer):
+        assert "self.initialize_optimizer_states()" in inspect.getsource(cls.__init__), cls
+        assert "self.optimizer.step()" in inspect.getsource(cls.initialize_optimizer_states), cls
+        assert _params(cls.refresh_fp32_params) == ["self"], cls
     # skip_bf16_overflow_scan: the stage 0 half-precision optimizer's checker and its NaN skip
     fp16_src = inspect.getsource(FP16_Optimizer)
     assert "overflow_checker" in fp16_src and "_skip_invalid_grad_norm" in fp16_src
@@ -294,3 +322,109 @@ def test_deepspeed_internals_are_reached_only_through_deepspeed_compat():
                         if pattern.search(line):
                             offenders.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
     assert offenders == []
+
+
+def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    from distributed import TINY_MODEL
+
+    from megatron import deepspeed_compat, training
+    from megatron.arguments import parse_args
+    from megatron.initialize import initialize_megatron
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    batches = [{"text": torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))}] * 8  # learnable
+    single_replica = ("skip_single_replica_allreduce", "share_single_replica_master_weights",
+                      "copy_first_bf16_gradient")
+    overrides = (*single_replica, "forget_initial_zero_step")
+    originals = {name: getattr(deepspeed_compat, name) for name in overrides}
+    out = {}
+    cases = [(dtype, zero, as_is, 1) for dtype in ("fp32", "bf16") for zero, as_is in
+             ((0, False), (1, False), (1, True), (2, False))]
+    cases += [("bf16", 1, False, 2), ("bf16", 1, True, 2)]  # 2 micro-batches: the second one adds
+    for dtype, zero, as_is, micro in cases:
+        args = parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size", str(2 * micro),
+                                        "--train-iters", "4", "--lr", "1e-2", "--clip-grad", "0.5",
+                                        "--zero-stage", str(zero), "--keep-zero-stage", "--data-path", "x",
+                                        "--eval-iters", "0"]
+                          + (["--bf16"] if dtype == "bf16" else []), env={"WORLD_SIZE": "1"})
+        initialize_megatron(args)
+        training.build_tokenizer_and_vocab(args)
+        installed = {}
+        for name in overrides:  # "as is": DeepSpeed's ZeRO-1 without the single-replica changes
+            original = originals[name]
+            setattr(deepspeed_compat, name, (lambda engine: False) if as_is and name in single_replica else
+                    (lambda engine, _f=original, _n=name: installed.setdefault(_n, _f(engine))))
+        try:
+            torch.manual_seed(1234)
+            _model, engine = training.setup_model_and_optimizer(args)
+        finally:
+            for name in overrides:
+                setattr(deepspeed_compat, name, originals[name])
+        data, config = iter(batches), Config.from_args(args)
+        losses = [float(training.train_step(engine, data, config, None, engine.device)) for _ in range(4)]
+        out[dtype, zero, as_is, micro] = {
+            "losses": losses, "installed": installed, "optimizer": type(engine.optimizer).__name__,
+            "params": [p.detach().float().clone() for p in engine.module.parameters()]}
+    # MuonClip scales a weight and its master fragment (PartitionedWeights.scale_model_param): once, when
+    # the master is the weights' own buffer
+    from megatron.optimizer import client_optimizer
+
+    args = parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "4",
+                                    "--zero-stage", "1", "--keep-zero-stage", "--optimizer", "muonclip", "--lr", "1e-2",
+                                    "--data-path", "x", "--eval-iters", "0"], env={"WORLD_SIZE": "1"})
+    initialize_megatron(args)
+    training.build_tokenizer_and_vocab(args)
+    _model, engine = training.setup_model_and_optimizer(args)
+    weight = engine.module.language_model.encoder.layers[0].self_attention.query_key_value.weight
+    before, factor = weight.detach().clone(), torch.linspace(0.5, 1.0, weight.shape[0])[:, None]
+    client_optimizer(engine).scale_model_param(weight, factor)
+    master = engine.optimizer.single_partition_of_fp32_groups[0]
+    out["muonclip"] = {"shared": master.data_ptr() == engine.optimizer.bit16_groups_flat[0].data_ptr(),
+                       "scaled": weight.detach().clone(), "want": before * factor}
+    torch.save(out, os.path.join(out_dir, "rank0.pt"))
+
+
+@pytest.mark.slow
+def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
+    """Real ZeRO-1/2 at one rank (--keep-zero-stage) against stage 0, 4 steps with clipping, fp32 and bf16.
+    The single-replica changes (bf16 ZeRO-1's BF16_Optimizer: no all-reduce over the group of one, its
+    first gradient copied rather than added to zeros; fp32 ZeRO-1/2: the weights are the master copy)
+    are installed where they apply and give the same bits as DeepSpeed's ZeRO-1 without them, with
+    one micro-batch and with two (bf16). With bf16 stage 0's start-up zero step undone
+    (forget_initial_zero_step: without it stage 0's losses were 6.2708, 5.6025, 5.8830 against
+    ZeRO-1's 6.2708, 5.5533, 6.1975), ZeRO-1/2 equal stage 0 within float rounding (fp32: 1e-6
+    relative on the losses and weights; bf16: 2e-3 on the losses and 2^-7 of the largest weight)."""
+    from distributed import spawn_workers
+
+    (r,) = spawn_workers(_zero_vs_stage0_worker, 1, str(tmp_path))
+
+    def installed(dtype, zero, as_is=False, micro=1):
+        return sorted(name for name, done in r[dtype, zero, as_is, micro]["installed"].items() if done)
+
+    assert installed("fp32", 0) == ["skip_single_replica_allreduce"]
+    assert installed("fp32", 1) == installed("fp32", 2) == ["share_single_replica_master_weights"]
+    assert r["bf16", 0, False, 1]["optimizer"] == "FP16_UnfusedOptimizer"
+    assert installed("bf16", 0) == ["forget_initial_zero_step", "skip_single_replica_allreduce"]
+    assert r["bf16", 1, False, 1]["optimizer"] == r["bf16", 1, False, 2]["optimizer"] == "BF16_Optimizer"
+    assert installed("bf16", 1) == installed("bf16", 1, False, 2) == ["copy_first_bf16_gradient",
+                                                                     "skip_single_replica_allreduce"]
+    assert installed("bf16", 1, True) == installed("bf16", 1, True, 2) == installed("bf16", 2) == []
+    clip = r["muonclip"]  # scaled once, not by factor^2 through the shared master
+    assert clip["shared"] and torch.equal(clip["scaled"], clip["want"])
+    for dtype, micro in (("fp32", 1), ("bf16", 1), ("bf16", 2)):
+        changed, as_is = r[dtype, 1, False, micro], r[dtype, 1, True, micro]
+        assert changed["losses"] == as_is["losses"], (dtype, micro)
+        assert all(torch.equal(a, b) for a, b in zip(changed["params"], as_is["params"])), (dtype, micro)
+    for dtype in ("fp32", "bf16"):
+        base = r[dtype, 0, False, 1]
+        assert base["losses"][3] < base["losses"][0] - 0.05, dtype  # it trained
+        for zero in (1, 2):
+            got = r[dtype, zero, False, 1]
+            assert got["losses"][0] == base["losses"][0], (dtype, zero)
+            assert got["losses"] == pytest.approx(base["losses"], rel=1e-6 if dtype == "fp32" else 2e-3), (dtype, zero)
+            tol = 1e-6 if dtype == "fp32" else 2 ** -7
+            for a, b in zip(got["params"], base["params"]):
+                assert (a - b).abs().max() <= tol * b.abs().max(), (dtype, zero)

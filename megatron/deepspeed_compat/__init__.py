@@ -8,8 +8,11 @@ silently in a run.
 * `norms`: the gradient norm in fp64 at every ZeRO stage and precision (`exact_grad_norm`).
 * `engine`: per-engine changes after `deepspeed.initialize` -- fp16 on CPU (`allow_fp16_on_cpu`),
   the ZeRO loss scaler's growth after the step (`defer_loss_scale_growth`), no all-reduce over one
-  replica (`skip_single_replica_allreduce` at stage 0, `skip_single_replica_reduction` at ZeRO-1/2),
-  no second inf/NaN scan at bf16 stage 0
+  replica (`skip_single_replica_allreduce` at stage 0 and bf16 ZeRO-1, `skip_single_replica_reduction`
+  at ZeRO-1/2), the fp32 weights as ZeRO-1/2's master copy at one replica
+  (`share_single_replica_master_weights`), bf16 ZeRO-1's fp32 gradient copies overwritten rather than
+  zeroed and added to (`copy_first_bf16_gradient`), no zero-gradient optimizer step when the bf16 stage 0
+  optimizer is built (`forget_initial_zero_step`), no second inf/NaN scan at bf16 stage 0
   (`skip_bf16_overflow_scan`), the pipeline's optimizer step (`wrap_model_step`), `--no-save-optim`
   under ZeRO (`without_optimizer_shards`), the checkpoint engine (`replace_checkpoint_engine`), a
   skipped step (`step_without_update`); and before it, ZeRO-3's parameters partitioned over the
@@ -28,10 +31,10 @@ from __future__ import annotations
 import os
 
 from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers use)
-    allow_fp16_on_cpu, defer_loss_scale_growth, innermost_optimizer, partition_zero3_over_sequence_data_parallel,
-    replace_checkpoint_engine, skip_bf16_overflow_scan, skip_single_replica_allreduce, skip_single_replica_reduction,
-    step_without_update, sum_zero3_scatter_over_sequence_parallel, without_optimizer_shards,
-    wrap_model_step)
+    allow_fp16_on_cpu, copy_first_bf16_gradient, defer_loss_scale_growth, forget_initial_zero_step, innermost_optimizer,
+    partition_zero3_over_sequence_data_parallel, replace_checkpoint_engine, share_single_replica_master_weights,
+    skip_bf16_overflow_scan, skip_single_replica_allreduce, skip_single_replica_reduction, step_without_update,
+    sum_zero3_scatter_over_sequence_parallel, without_optimizer_shards, wrap_model_step)
 from megatron.deepspeed_compat.norms import (  # noqa: F401
     exact_grad_norm, fp64_clip_grad_norm_, fp64_global_norm_of_tensors, fp64_grad_norm_direct, fp64_sq_norm,
     fp64_weight_norm)

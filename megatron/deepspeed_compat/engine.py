@@ -51,10 +51,48 @@ def defer_loss_scale_growth(optimizer) -> None:
     optimizer.step = step_then_grow
 
 
-def skip_single_replica_allreduce(engine) -> None:
-    """At ZeRO stage 0 with one data-parallel replica DeepSpeed still flattens every gradient and
-    "all-reduces" it over a group of one after each backward: off (`enable_backward_allreduce`)."""
+def skip_single_replica_allreduce(engine) -> bool:
+    """With one data-parallel replica (DP x SP = 1) DeepSpeed's engine still flattens every gradient,
+    "all-reduces" it over the group of one and copies it back after each backward, at stage 0 and
+    with its `BF16_Optimizer` (bf16 at ZeRO-1, which reduces the fp32 gradient copies it accumulated:
+    9 % of a bf16 step on bench/zero_tax.py's model): off (`enable_backward_allreduce`; True when
+    turned off). Kept where the engine's reduction feeds the optimizer: DeepSpeed's ZeRO-1/2
+    optimizer fills its gradient partitions there (`skip_single_replica_reduction` for that one)."""
+    if engine.seq_dp_world_size != 1:
+        return False
+    if engine.zero_optimization_stage() != 0 and type(getattr(engine, "optimizer", None)).__name__ != "BF16_Optimizer":
+        return False
     engine.enable_backward_allreduce = False
+    return True
+
+
+def share_single_replica_master_weights(engine) -> bool:
+    """fp32 ZeRO-1/2 over one data-parallel replica: DeepSpeed's optimizer keeps a separate fp32
+    "master" copy of the whole flat model (`single_partition_of_fp32_groups`), steps it and copies it
+    back into the fp32 weights (`bit16_partitions[...].copy_(fp32_partition)`) after every step: the
+    same values twice and a full copy per step. Here the master is made a view of the weights' own
+    flat buffer (both are fp32, same size, the partition is the whole group), so the optimizer
+    updates the weights in place and the copy back is a copy of a tensor onto itself (which torch
+    skips). The parameters' links into the master (`_link_all_hp_params`, what DeepSpeed redoes when
+    it moves the master itself) are rebuilt. True when installed; not with offload, half precision
+    (the master is wider than the weights) or several replicas (each master is one partition)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    opt = getattr(engine, "optimizer", None)
+    if engine.zero_optimization_stage() not in (1, 2) or not hasattr(opt, "single_partition_of_fp32_groups"):
+        return False
+    groups = getattr(opt, "real_dp_process_group", None) or []
+    if not groups or any(dist.get_world_size(group=g) != 1 for g in groups) or getattr(opt, "cpu_offload", True):
+        return False
+    pairs = list(zip(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups))
+    if len(pairs) != len(groups) or any(
+            len(parts) != 1 or master.dtype != parts[0].dtype or master.shape != parts[0].shape
+            or master.device != parts[0].device for master, parts in pairs):
+        return False
+    for master, parts in pairs:
+        master.data = parts[0].data  # the optimizer's parameter object (and its state) stays the same
+    opt._link_all_hp_params()
+    return True
 
 
 def skip_single_replica_reduction(engine) -> bool:
@@ -87,6 +125,69 @@ def skip_bf16_overflow_scan(engine) -> None:
     checker = getattr(engine.optimizer, "overflow_checker", None)
     if checker is not None and hasattr(engine.optimizer, "_skip_invalid_grad_norm"):
         checker.check = lambda param_groups=None: False
+
+
+def copy_first_bf16_gradient(engine) -> bool:
+    """DeepSpeed's `BF16_Optimizer` (bf16 ZeRO-1) zeroes its fp32 gradient copies after every step
+    (`clear_hp_grads`) and adds each bf16 gradient into them (`_update_hp_grad`): a full fp32 fill
+    and a read of the zeros per step, 3-4 % of a bf16 step at one replica. Here a copy that holds
+    no gradient of this step yet is overwritten with the gradient (0 + g is g, bit for bit); later
+    micro-batches add as before. Only the "has a gradient" flags are cleared after the step, and
+    the copies of parameters that got no gradient in a backward are zeroed right after it
+    (`backward_epilogue`), before anything reads them. One data-parallel replica only (what the
+    tests cover); not with DeepSpeed's AutoEP folding (which corrects the gradient while adding).
+    True when installed."""
+    opt = getattr(engine, "optimizer", None)
+    if type(opt).__name__ != "BF16_Optimizer" or engine.seq_dp_world_size != 1 or \
+            getattr(opt, "autoep_folding_tp_group", None) is not None:
+        return False
+    update, epilogue = opt._update_hp_grad, opt.backward_epilogue
+    has, grads = opt.fp32_groups_has_gradients, opt.fp32_groups_gradients
+
+    def update_hp_grad(lp, group_idx, param_idx, clear_lp_grads):
+        if lp.grad is None or has[group_idx][param_idx]:
+            return update(lp, group_idx, param_idx, clear_lp_grads)
+        hp_grad = grads[group_idx][param_idx]
+        hp_grad.copy_(lp.grad.view(hp_grad.shape))
+        lp._hp_grad = hp_grad
+        has[group_idx][param_idx] = True
+        if clear_lp_grads:
+            lp.grad.zero_()
+        return None
+
+    def clear_hp_grads():
+        for flags in has:
+            flags[:] = [False] * len(flags)
+
+    def backward_epilogue(*args, **kwargs):
+        result = epilogue(*args, **kwargs)
+        for flags, group in zip(has, grads):
+            for flag, hp_grad in zip(flags, group):
+                if not flag:
+                    hp_grad.zero_()
+        return result
+
+    opt._update_hp_grad, opt.clear_hp_grads, opt.backward_epilogue = update_hp_grad, clear_hp_grads, backward_epilogue
+    return True
+
+
+def forget_initial_zero_step(engine) -> bool:
+    """DeepSpeed's stage-0 half-precision optimizers (`FP16_UnfusedOptimizer`: bf16 at stage 0 with
+    torch's optimizers; `FP16_Optimizer`) call `initialize_optimizer_states` when they are built: one
+    step of the wrapped optimizer with all-zero gradients on the fp32 master weights. For Adam(W) that
+    step counts (state step 1, zero moments) and decays the master weights by lr x weight decay, so
+    the first real update is Adam's bias-corrected second step, 0.74x the first one: measured on the
+    tiny test model, bf16 stage 0 losses 6.2708, 5.6025, 5.8830 against ZeRO-1's 6.2708, 5.5533,
+    6.1975 and fp32's 6.2707, 5.5497, 6.1911. Here the wrapped optimizer's state is cleared (the
+    trainer builds the optimizer without state just before `deepspeed.initialize`; a checkpoint is
+    loaded after) and the master weights are copied again from the model weights
+    (`refresh_fp32_params`), which the zero step did not touch. True when done."""
+    opt = getattr(engine, "optimizer", None)
+    if type(opt).__name__ not in ("FP16_UnfusedOptimizer", "FP16_Optimizer"):
+        return False
+    innermost_optimizer(opt).state.clear()
+    opt.refresh_fp32_params()
+    return True
 
 
 def wrap_model_step(engine, make_step: Callable[[Callable], Callable]) -> None:

@@ -138,7 +138,10 @@ class PartitionedWeights:
     @torch.no_grad()
     def scale_model_param(self, param: torch.Tensor, factor: torch.Tensor) -> None:
         """param *= factor (broadcast to param's shape) in the model's weights and in the master
-        fragment this optimizer holds, so the two stay equal."""
+        fragment this optimizer holds, so the two stay equal. Where the master is the weights' own
+        buffer (fp32 ZeRO-1/2 at one replica: deepspeed_compat.share_single_replica_master_weights),
+        the weight is scaled once, through the master."""
+        scaled_in_master = False
         for g in self.param_groups:
             for flat in g["params"]:
                 lay = self.layout(flat)
@@ -149,7 +152,9 @@ class PartitionedWeights:
                     continue
                 full = factor.expand(param.shape).reshape(-1).to(flat.dtype)
                 flat.view(-1)[f.local_start:f.local_start + f.numel].mul_(full[f.tensor_start:f.tensor_start + f.numel])
-        param.mul_(factor.to(param.dtype))
+                scaled_in_master |= flat.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+        if not scaled_in_master:
+            param.mul_(factor.to(param.dtype))
 
 
 def attach_layouts(engine) -> None:
