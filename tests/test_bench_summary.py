@@ -57,10 +57,10 @@ def test_missing_failed_and_skipped():
     assert status(rows, "load") == ("-", "FAILED (no value)")
     rows = rows_for("checkpoint_io", "0", "Traceback (most recent call last):\n  ...\nKeyError: 'x'\n")
     assert {r.status for r in rows} == {"FAILED (no value)"}
-    rows = rows_for("zero_tax", "0", "ratio fp32=nan bf16=0.99")
-    assert [r.status for r in rows] == ["FAILED (no value)", "ok"]
-    rows = rows_for("zero_tax", "1", "ratio fp32=0.99 bf16=0.99")  # values, but the bench exited 1
-    assert [(r.measured, r.status) for r in rows] == [("0.990", "FAILED (exit 1)")] * 2
+    rows = rows_for("zero_tax", "0", "ratio fp32=nan bf16=0.99 cpu_fp32=0.97 cpu_bf16=0.98")
+    assert [r.status for r in rows] == ["FAILED (no value)", "ok", "report", "report"]
+    rows = rows_for("zero_tax", "1", "ratio fp32=0.99 bf16=0.99 cpu_fp32=0.99 cpu_bf16=0.99")  # the bench exited 1
+    assert [(r.measured, r.status) for r in rows] == [("0.990", "FAILED (exit 1)")] * 4
     rows = rows_for("memory", "skip:MEMORY=1 runs it")
     assert {r.status for r in rows} == {"not run (MEMORY=1 runs it)"} and len(rows) == 2
     assert rows_for("no_such_bench", "0", "x=1")[0].status.startswith("FAILED (no targets")
@@ -81,7 +81,7 @@ FAKE_PYTHON = r"""#!/usr/bin/env bash
 case "$(basename "$1")" in
   targets.py) exec "$REAL_PYTHON" "$@" ;;
   train_throughput.py) echo "ratio fp32=1.100 bf16=1.600 mfu_fp32=0.8 mfu_bf16=0.7" ;;
-  zero_tax.py) echo "ratio fp32=0.990 bf16=0.990 as_is_fp32=0.9 as_is_bf16=0.9" ;;
+  zero_tax.py) echo "ratio fp32=0.990 bf16=0.990 as_is_fp32=0.9 as_is_bf16=0.9 cpu_fp32=0.99 cpu_bf16=0.99" ;;
   scaling.py) echo "efficiency zero1=0.980 zero2=0.980 zero3=0.950" ;;
   checkpoint_io.py) echo "ratio save=0.900 load=0.900" ;;
   startup.py) echo "[2026] [INFO] launching"; echo "Traceback: boom" >&2; exit 3 ;;
@@ -112,7 +112,7 @@ def test_run_sh_table_and_exit_status(tmp_path):
     assert rows["--compile bf16 MFU"][2].startswith("not run (QUICK")
     assert rows["memory peak / ZeRO formula, worst cell"][2] == "not run (MEMORY=1 runs it)"
     assert [r[2] for k, r in rows.items() if k.startswith(("zero_tax", "checkpoint", "data_index", "preprocess"))] \
-        == ["ok"] * 7
+        == ["ok"] * 2 + ["report"] * 2 + ["ok"] * 5
     assert "[2026] [INFO]" not in proc.stdout and "[2026] [INFO]" in (out / "startup.txt").read_text()
     assert "Traceback: boom" in (out / "startup.txt").read_text()  # stderr kept in the log
 
