@@ -428,3 +428,28 @@ def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
             tol = 1e-6 if dtype == "fp32" else 2 ** -7
             for a, b in zip(got["params"], base["params"]):
                 assert (a - b).abs().max() <= tol * b.abs().max(), (dtype, zero)
+
+
+def test_no_shm_inference_op_is_built_on_cpu(monkeypatch):
+    """`skip_shm_inference_op` leaves DeepSpeed's CPU backend without its shared-memory all-reduce op,
+    whose first use compiles a C++ extension (~53 s of CPU) for an inference-only all-reduce: after it,
+    `build_shm_op` (what `TorchBackend.__init__` calls) returns None without loading or compiling."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    import importlib
+
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm's `torch` is torch)
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    # what the change relies on: the backend builds the op through build_shm_op, which reads the table
+    assert "self.shm_comm_op = build_shm_op()" in inspect.getsource(ds_torch_comm.TorchBackend.__init__)
+    assert "__compatible_ops__" in inspect.getsource(ds_torch_comm.build_shm_op)
+    assert get_accelerator().create_op_builder("ShareMemCommBuilder").NAME == ShareMemCommBuilder.NAME
+
+    table = deepspeed.ops.__compatible_ops__
+    monkeypatch.setitem(table, ShareMemCommBuilder.NAME, table.get(ShareMemCommBuilder.NAME, True))
+    loads = []
+    monkeypatch.setattr(ShareMemCommBuilder, "load", lambda self, *a, **k: loads.append(self) or "built")
+    assert ds_torch_comm.build_shm_op() == "built" and len(loads) == 1  # without the change: built
+    assert compat.skip_shm_inference_op() is True
+    assert ds_torch_comm.build_shm_op() is None and len(loads) == 1  # with it: neither built nor loaded

@@ -18,6 +18,8 @@ silently in a run.
   skipped step (`step_without_update`); and before it, ZeRO-3's parameters partitioned over the
   sequence+data-parallel group under Ulysses SP (`partition_zero3_over_sequence_data_parallel`), and
   its reduce-scatter summing over the SP ranks (`sum_zero3_scatter_over_sequence_parallel`).
+* `comm`: before `deepspeed.init_distributed`, no CPU shared-memory all-reduce op (`skip_shm_inference_op`:
+  DeepSpeed compiles it in every new environment for its inference all-reduce, which training never calls).
 * `partitions`: where ZeRO put each parameter (layouts of the flat partitions, ZeRO-3 local parts).
 * `universal`: the private helpers of DeepSpeed's universal-checkpoint converter that
   tools/convert_checkpoint/ds_to_universal.py calls.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import os
 
+from megatron.deepspeed_compat.comm import skip_shm_inference_op  # noqa: F401
 from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers use)
     allow_fp16_on_cpu, copy_first_bf16_gradient, defer_loss_scale_growth, forget_initial_zero_step, innermost_optimizer,
     partition_zero3_over_sequence_data_parallel, replace_checkpoint_engine, share_single_replica_master_weights,
