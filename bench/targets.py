@@ -7,7 +7,7 @@ which run is compared with what; `summarize` turns a run's outputs into one row 
     metric | measured | target | status
 
 status: `ok`, `BELOW` (a minimum not reached), `ABOVE` (a maximum exceeded), `report` (no target),
-`SUSPECT` (a value no quiet machine gives, e.g. a 2-rank efficiency above 2 on 2 cores: the 1-rank
+`SUSPECT` (a value no quiet machine gives, e.g. a 2-rank efficiency above 1.2 on 2 cores: the 1-rank
 baseline was slowed by other processes' load; re-run),
 `FAILED` (the benchmark exited non-zero, or its last key=value line lacks the value, or the value
 is not a finite number), `not run` (left out on purpose: QUICK or MEMORY, with the reason).
@@ -70,9 +70,9 @@ TARGETS = [
     T("zero_tax", "bf16", "zero_tax ZeRO-1 1 replica / stage 0, bf16", ">=", 0.98),
     T("zero_tax", "cpu_fp32", "zero_tax same, process CPU time, fp32", "report"),
     T("zero_tax", "cpu_bf16", "zero_tax same, process CPU time, bf16", "report"),
-    T("scaling", "zero1", "scaling 2-rank efficiency ZeRO-1", ">=", 0.97, limit=2.0),
-    T("scaling", "zero2", "scaling 2-rank efficiency ZeRO-2", ">=", 0.97, limit=2.0),
-    T("scaling", "zero3", "scaling 2-rank efficiency ZeRO-3", ">=", 0.93, limit=2.0),
+    T("scaling", "zero1", "scaling 2-rank efficiency ZeRO-1", ">=", 0.97, limit=1.2),
+    T("scaling", "zero2", "scaling 2-rank efficiency ZeRO-2", ">=", 0.97, limit=1.2),
+    T("scaling", "zero3", "scaling 2-rank efficiency ZeRO-3", ">=", 0.93, limit=1.2),
     T("memory", "max", "memory peak / ZeRO formula, worst cell", "<=", 1.25),
     T("memory", "zero3/zero0", "memory ZeRO-3 / ZeRO-0 model states", "<=", 0.6),
     T("checkpoint_io", "save", "checkpoint_io save GB/s ours/torch.save", ">=", 0.8),

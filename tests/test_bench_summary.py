@@ -48,7 +48,7 @@ def test_statuses_against_targets():
     rows = rows_for("memory", "0", "ratio max=1.83 zero3/zero0=0.55")
     assert [r.status for r in rows] == ["ABOVE", "ok"]
     rows = rows_for("scaling", "0", "efficiency zero1=0.98 zero2=0.96 zero3=9.4")
-    assert [r.status for r in rows] == ["ok", "BELOW", "SUSPECT (> 2: load)"]
+    assert [r.status for r in rows] == ["ok", "BELOW", "SUSPECT (> 1.2: load)"]
 
 
 def test_missing_failed_and_skipped():
