@@ -76,6 +76,34 @@ def test_malicious_pickle_refused(tmp_path):
     assert os.path.exists(marker)
 
 
+class _ByName:
+    """Pickles as `getattr(cls, name)`: how Python 3.11.2 and 3.12+ pickle an Enum member (3.11.7 pickles
+    `cls(value)`), e.g. DeepSpeed's ZeroStageEnum in every ZeRO optimizer shard."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return (getattr, (self.cls, self.name))
+
+
+def test_enum_member_pickled_by_name_loads_and_other_getattrs_are_refused(tmp_path):
+    import argparse
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    ok = str(tmp_path / "enum.pt")
+    torch.save({"zero_stage": _ByName(ZeroStageEnum, "optimizer_states"), "w": torch.ones(2)}, ok)
+    checkpoint_io.check_pickle_globals(ok)
+    assert checkpoint_io.torch_load(ok)["zero_stage"] is ZeroStageEnum.optimizer_states
+    for i, (cls, name) in enumerate([(argparse.Namespace, "__init__"), (ZeroStageEnum, "__class__"),
+                                     (ZeroStageEnum, "mro")]):
+        bad = str(tmp_path / f"bad{i}.pt")  # an attribute of an allowed class that is not an Enum member
+        torch.save({"x": _ByName(cls, name)}, bad)
+        with pytest.raises(checkpoint_io.CheckpointLoadRefused):
+            checkpoint_io.torch_load(bad)
+
+
 def _torch_engine():
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 

@@ -28,6 +28,7 @@ its first 64 KiB (megatron/observability/numerics.py parses the variable).
 from __future__ import annotations
 
 import argparse
+import enum
 import errno
 import io
 import logging
@@ -54,11 +55,21 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; `latest` still names the previous complete one."""
 
 
+def _enum_member(cls, name):
+    """What `builtins.getattr` may do in a checkpoint: fetch a member of an Enum class that is itself on
+    the allowlist. Some Python builds (3.11.2, 3.12+) pickle an Enum member as `getattr(cls, name)`
+    instead of `cls(value)`, e.g. DeepSpeed's `ZeroStageEnum` in every ZeRO optimizer shard; any
+    other attribute is refused (a getattr on an allowed class could reach its methods)."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not an Enum member")
+
+
 def safe_globals() -> list:
     """Non-tensor types our checkpoints (and upstream's) are allowed to contain."""
     import numpy as np  # noqa: PLC0415
 
-    allowed: list = [argparse.Namespace, np.ndarray, np.dtype]
+    allowed: list = [argparse.Namespace, np.ndarray, np.dtype, (_enum_member, "builtins.getattr")]
     try:
         from numpy._core.multiarray import _reconstruct  # noqa: PLC0415  (numpy >= 2)
     except ImportError:  # pragma: no cover - numpy 1.x
@@ -94,6 +105,8 @@ def torch_load(path, map_location=None, *, unsafe: bool = False):
 
 
 def _qualified(obj) -> str:
+    if isinstance(obj, tuple):  # (replacement, "the name in the pickle")
+        return obj[1]
     return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}"
 
 
