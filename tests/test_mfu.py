@@ -53,9 +53,9 @@ def test_matmul_benchmark_counts_two_n_cubed_flops(monkeypatch):
 
 
 def test_a_matmul_slower_than_the_budget_is_the_measurement(monkeypatch):
-    """fp16 on a CPU without native fp16 takes ~2 s per 1024^3 matmul: when the warm-up matmul and the next
-    (warm) one each take longer than `min_seconds`, the second is the measurement (no loop after it)."""
-    clock = iter([0.0, 5.0, 5.0, 9.0])  # warm-up 5 s, then 4 s
+    """fp16 on a CPU without native fp16 takes ~2 s per 1024^3 matmul: when a warm matmul (the one after the
+    untimed warm-up) takes longer than `min_seconds`, it is the measurement (no loop after it)."""
+    clock = iter([5.0, 9.0])  # the warm-up is not timed; the next matmul takes 4 s
     monkeypatch.setattr("megatron.observability.mfu.time.perf_counter", lambda: next(clock))
     calls = []
     monkeypatch.setattr("megatron.observability.mfu._synchronizer", lambda kind: lambda: calls.append(kind))
@@ -67,6 +67,6 @@ def test_a_slow_first_matmul_alone_is_not_the_measurement(monkeypatch):
     """The first matmul of a process can be slow for reasons that do not repeat (thread pool start, kernel
     selection, a busy moment): a warm-up over the budget followed by a fast matmul goes on to the timed
     loop. (Taking the first call as the rate once reported a 54 GFLOP/s fp32 peak and an MFU of 111 %.)"""
-    clock = iter([0.0, 5.0, 5.0, 5.01, 5.01] + [15.01] * 100)  # warm-up 5 s, a 0.01 s matmul, then the loop
+    clock = iter([5.0, 5.01, 5.01] + [15.01] * 100)  # (warm-up untimed) a 0.01 s matmul, then the loop
     monkeypatch.setattr("megatron.observability.mfu.time.perf_counter", lambda: next(clock))
     assert measure_matmul_tflops(torch.float32, n=64, min_seconds=1.0) == pytest.approx(2 * 64**3 * 4 / 10.0 / 1e12)

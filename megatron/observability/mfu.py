@@ -85,21 +85,16 @@ def measure_matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, min
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     sync = _synchronizer(torch.device(device).type)
-    start = time.perf_counter()
     a @ b  # warm-up (thread pool, kernel selection: the first call can take far longer than the next)
     sync()
-    if time.perf_counter() - start >= min_seconds:
-        start = time.perf_counter()
-        a @ b
-        sync()
-        second = time.perf_counter() - start
-        if second >= min_seconds:
-            # a warm matmul takes the time given: a dtype the device emulates (fp16 on a CPU: ~2 s per
-            # 1024^3 matmul), whose rate one matmul measures as well as the 5 more of the loop below would
-            return 2.0 * n ** 3 / second / 1e12
-    else:
-        a @ b
-        sync()
+    start = time.perf_counter()
+    a @ b
+    sync()
+    one = time.perf_counter() - start
+    if one >= min_seconds:
+        # a warm matmul takes the time given: a dtype the device emulates (fp16 on a CPU: ~2 s per
+        # 1024^3 matmul), whose rate one matmul measures as well as the 5 more of the loop below would
+        return 2.0 * n ** 3 / one / 1e12
     reps, start = 0, time.perf_counter()
     while True:
         a @ b
