@@ -457,8 +457,9 @@ _alcf_cpu_bf16_feature() {
 
 # DTYPE for a run on CPUs (no accelerator) that did not set it: bf16 where the CPU multiplies bf16
 # natively (2.1x fp32's speed for the demo's step on AVX512-BF16: ALCF/notes/launcher.md), fp32 elsewhere (bf16 is
-# emulated there, slower than fp32), and fp32 where bf16 would be refused (ZeRO stage 0 with several
-# replicas or micro-batches: megatron/arguments.py). DTYPE_WHY says which rule chose it.
+# emulated there, slower than fp32), and fp32 where bf16 would be refused (ZeRO stage 0 without
+# pipeline parallelism, with several replicas or micro-batches: megatron/arguments.py; the launcher
+# refuses a GLOBAL_BATCH other than MB*GAS*DP, so GAS is the micro-batch count). DTYPE_WHY says which rule chose it.
 _alcf_cpu_dtype() {
     [[ -n "${DTYPE:-}" ]] && return 0
     local feature replicas=1
@@ -468,7 +469,7 @@ _alcf_cpu_dtype() {
     if ! feature="$(_alcf_cpu_bf16_feature)"; then
         DTYPE=fp32
         DTYPE_WHY="automatic: this CPU has no native bf16 (no amx_bf16/avx512_bf16/bf16 flag), where fp32 is faster; DTYPE=bf16 to force bf16"
-    elif [[ "$ZERO_STAGE" == 0 ]] && [[ "${GRAD_ACC_STEPS}" != 1 || "$replicas" != 1 ]]; then
+    elif [[ "$ZERO_STAGE" == 0 && "$PP" == 1 ]] && [[ "${GRAD_ACC_STEPS}" != 1 || "$replicas" != 1 ]]; then
         DTYPE=fp32
         DTYPE_WHY="automatic: this CPU has native bf16 (${feature}), but bf16 at ZERO_STAGE=0 needs one replica and one micro-batch per step; ZERO_STAGE=1 and DTYPE=bf16 for bf16"
     else

@@ -226,6 +226,9 @@ CPU_DTYPE_CASES = [
     ("avx512-bf16", {"ZERO_STAGE": "0", "GRAD_ACC_STEPS": "2"}, "fp32", "but bf16 at ZERO_STAGE=0 needs one replica"),
     ("avx512-bf16", {"ZERO_STAGE": "0", "NPROC": "2"}, "fp32", "but bf16 at ZERO_STAGE=0 needs one replica"),
     ("avx512-bf16", {"ZERO_STAGE": "0"}, "bf16", "automatic: this CPU has native bf16"),
+    # ... which the trainer does not apply with pipeline parallelism
+    ("avx512-bf16", {"ZERO_STAGE": "0", "PP": "2", "NPROC": "2", "GRAD_ACC_STEPS": "2"}, "bf16",
+     "automatic: this CPU has native bf16"),
     ("avx512-bf16", {"DTYPE": "fp32"}, "fp32", "set by DTYPE"),
     ("avx2", {"DTYPE": "bf16"}, "bf16", "set by DTYPE"),
 ]
