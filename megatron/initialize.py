@@ -273,7 +273,7 @@ def initialize_megatron(args) -> parallel_state.ParallelState:
         raise ArgumentError(str(e)) from e
     if world != args.world_size:
         raise RuntimeError(f"the launcher started {world} processes but WORLD_SIZE said {args.world_size}")
-    from megatron.deepspeed_compat import check_version, skip_shm_inference_op  # noqa: PLC0415
+    from megatron.deepspeed_compat import check_version, defer_muon_compile, skip_shm_inference_op  # noqa: PLC0415
 
     try:
         warning = check_version()  # a DeepSpeed the overrides were not tested with is refused
@@ -285,6 +285,7 @@ def initialize_megatron(args) -> parallel_state.ParallelState:
 
     timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
     skip_shm_inference_op()  # DeepSpeed would compile an op on a CPU that training never uses
+    defer_muon_compile()  # and load torch.compile's machinery for an optimizer it never builds
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, timeout=timeout)
     state = parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
                                                      args.pipeline_model_parallel_size,

@@ -453,3 +453,46 @@ def test_no_shm_inference_op_is_built_on_cpu(monkeypatch):
     assert ds_torch_comm.build_shm_op() == "built" and len(loads) == 1  # without the change: built
     assert compat.skip_shm_inference_op() is True
     assert ds_torch_comm.build_shm_op() is None and len(loads) == 1  # with it: neither built nor loaded
+
+
+def test_deepspeed_muon_kernels_compile_on_first_call_not_at_import(monkeypatch):
+    """`defer_muon_compile`: DeepSpeed's Muon module decorates its kernels with `compiler.compile()`
+    (torch.compile, which loads Inductor: ~1 s of CPU per rank at every ZeRO start-up). After the change the
+    decorator compiles a function on its first call, once, and returns what the compiled function returns;
+    in a fresh process, importing the module (as every ZeRO engine does) then loads no Inductor back end."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from deepspeed.runtime import compiler
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    # what the change relies on: the Muon module is the decorator's only user, imported while ZeRO is built
+    with open(importlib.util.find_spec("deepspeed.runtime.zero.muon.original_muon").origin) as f:
+        assert "@compiler.compile()" in f.read()
+    assert "muon_optimizer import MuonWithAuxAdam" in inspect.getsource(zero_utils.is_zero_supported_optimizer)
+
+    monkeypatch.setattr(compiler, "compile", compiler.compile)  # restored after the test
+    monkeypatch.delitem(sys.modules, "deepspeed.runtime.zero.muon.original_muon", raising=False)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or (lambda *a: ("compiled", fn(*a))))
+    assert compat.defer_muon_compile() is True
+
+    def square(x):
+        return x * x
+
+    lazy = compiler.compile()(square)
+    assert compiled == [] and lazy.__wrapped__ is square  # decorating compiles nothing
+    assert lazy(3) == ("compiled", 9) and compiled == [square]  # the first call compiles, then runs it
+    assert lazy(4) == ("compiled", 16) and compiled == [square]  # once
+    # already imported: nothing to defer
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.muon.original_muon", object())
+    assert compat.defer_muon_compile() is False
+
+    code = ("import sys; from megatron import deepspeed_compat as c; assert c.defer_muon_compile(); "
+            "from deepspeed.runtime.zero.muon import muon_optimizer; "
+            "print(sorted(m for m in sys.modules if m.startswith('torch._inductor.compile_fx')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+

@@ -20,6 +20,8 @@ silently in a run.
   its reduce-scatter summing over the SP ranks (`sum_zero3_scatter_over_sequence_parallel`).
 * `comm`: before `deepspeed.init_distributed`, no CPU shared-memory all-reduce op (`skip_shm_inference_op`:
   DeepSpeed compiles it in every new environment for its inference all-reduce, which training never calls).
+* `imports`: DeepSpeed's Muon kernels compiled on first use, not when ZeRO imports them (`defer_muon_compile`:
+  2.3 s of CPU per rank at every start-up otherwise).
 * `partitions`: where ZeRO put each parameter (layouts of the flat partitions, ZeRO-3 local parts).
 * `universal`: the private helpers of DeepSpeed's universal-checkpoint converter that
   tools/convert_checkpoint/ds_to_universal.py calls.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import os
 
 from megatron.deepspeed_compat.comm import skip_shm_inference_op  # noqa: F401
+from megatron.deepspeed_compat.imports import defer_muon_compile  # noqa: F401
 from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers use)
     allow_fp16_on_cpu, copy_first_bf16_gradient, defer_loss_scale_growth, forget_initial_zero_step, innermost_optimizer,
     partition_zero3_over_sequence_data_parallel, replace_checkpoint_engine, share_single_replica_master_weights,
