@@ -747,8 +747,12 @@ alcf_build_train_args() {
     [[ -n "${MUP_BASE_WIDTH:-}" ]] && TRAIN_ARGS+=(--enable-mup "--mup-base-width=${MUP_BASE_WIDTH}")
     [[ -n "${DEPTH_BASE:-}" ]] && TRAIN_ARGS+=(--enable-depth-scale "--depth-base=${DEPTH_BASE}"
         "--depth-alpha=${DEPTH_ALPHA:-1.0}")
-    # fp32 gradient accumulation and reduction (as upstream; always on in the trainer)
-    TRAIN_ARGS+=(--accumulate-allreduce-grads-in-fp32)
+    # fp32 gradient accumulation and reduction (as upstream; the trainer's default), or GRAD_ACCUM_DTYPE's
+    if [[ -n "${GRAD_ACCUM_DTYPE:-}" && "${GRAD_ACCUM_DTYPE}" != fp32 ]]; then
+        TRAIN_ARGS+=("--grad-accum-dtype=${GRAD_ACCUM_DTYPE}")
+    else
+        TRAIN_ARGS+=(--accumulate-allreduce-grads-in-fp32)
+    fi
     TRAIN_ARGS+=(
         --adjust-word-embedding-init
         "--adam-beta1=${ADAM_BETA1}"
