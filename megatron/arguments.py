@@ -216,6 +216,11 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                         "AUTO_COMPILE_MIN_TFLOP, where compiling pays for itself (ALCF/notes/performance.md)")
     g.add_argument("--no-compile", dest="compile", action="store_false",
                    help="never torch.compile the model (eager), whatever the run's size")
+    g.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                   help="glibc malloc serves allocations of at least BYTES with their own mappings, returned to the "
+                        "system when freed (mallopt M_MMAP_THRESHOLD): freed gradients and activations do not stay "
+                        "resident. 0: glibc's default, whose threshold rises to 32 MiB and keeps them. "
+                        "MALLOC_MMAP_THRESHOLD_ in the environment wins (ALCF/notes/performance.md)")
 
 
 def _optimizer_args(p: argparse.ArgumentParser) -> None:

@@ -299,6 +299,9 @@ def setup_model_and_optimizer(args, before_engine=None):
 def pretrain(args) -> dict:
     """Train as configured by the validated `args`; returns a summary dict."""
     initialize_megatron(args)  # before DeepSpeed is imported: it picks DeepSpeed's accelerator
+    from megatron.resilience.allocator import set_mmap_threshold  # noqa: PLC0415
+
+    args.malloc_setting = set_mmap_threshold(args.malloc_mmap_threshold)  # before the model and DeepSpeed allocate
     tokenizer = build_tokenizer_and_vocab(args)
     config = Config.from_args(args)  # with the rank and the vocabulary (--compile is decided with the model)
     # the estimate vs the device / host memory, before any model or data is built; kept on `args` for

@@ -128,6 +128,8 @@ def config_rows(config: Config, num_params: int | None, parser: argparse.Argumen
     asked = config.runtime.zero_stage_requested
     add("parallel", "ZeRO stage", "zero_stage",
         None if asked is None else f"0 (asked {asked}: one data-parallel replica, nothing to partition)")
+    add("parallel", "C allocator", "malloc_mmap_threshold",
+        config.runtime.malloc_setting or f"mmap threshold {flat['malloc_mmap_threshold']} bytes")
     add("batch", "micro batch", "micro_batch_size")
     add("batch", "gradient accumulation", "num_micro_batches")
     add("batch", "global batch", "global_batch_size",
