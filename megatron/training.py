@@ -292,6 +292,7 @@ def setup_model_and_optimizer(args, before_engine=None):
     attach_layouts(engine)  # per-tensor optimizers see whole tensors through ZeRO's partitions
     if par.zero_stage == 0 and prec.bf16:
         ds_compat.skip_bf16_overflow_scan(engine)
+    ds_compat.step_stage0_in_chunks(engine)  # bf16 stage 0: no fp32 copy of all gradients at once in the step
     return model, engine
 
 

@@ -126,7 +126,7 @@ EFFECT = {
     "--adam-eps": "test_launcher.py::test_defaults_7b",
     "--sgd-momentum": "test_convert_checkpoint.py::test_non_adam_state_sgd_momentum",
     "--cpu-optimizer": "test_flag_audit.py::test_cpu_optimizer_offloads",
-    "--grad-accum-dtype": "test_grad_accum_dtype.py::test_two_ranks_keep_bf16_gradients_at_zero_1_and_2",
+    "--grad-accum-dtype": "test_grad_accum_dtype.py::test_two_ranks_keep_bf16_gradients_at_every_stage",
     "--malloc-mmap-threshold": "test_allocator.py::test_fixed_threshold_returns_freed_blocks",
     # fp32 gradients are the default with or without it (test_fp32_gradient_reduction_is_always_on); with
     # --grad-accum-dtype bf16/fp16 it is a contradiction, refused

@@ -72,41 +72,47 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     batches = [{"text": torch.randint(0, 500, (1, 33), generator=torch.Generator().manual_seed(10 * i + rank))}
                for i in range(6)]
     out = {}
-    for stage in ("1", "2"):
-        for dtype in ("fp32", "bf16"):
-            args = parse_args(BASE[:-4] + ["--bf16", "--zero-stage", stage, "--grad-accum-dtype", dtype,
-                                           "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "3e-3",
-                                           "--train-iters", "3", "--data-path", "x", "--eval-iters", "0"],
-                              env={"WORLD_SIZE": "2"})
-            if not out:
-                initialize_megatron(args)
-            training.build_tokenizer_and_vocab(args)
-            torch.manual_seed(1234)
-            _model, engine = training.setup_model_and_optimizer(args)
-            opt, seen = engine.optimizer, []
-            step = opt.step
+    for stage, dtype in (("1", "fp32"), ("1", "bf16"), ("2", "fp32"), ("2", "bf16"), ("3", "fp32"), ("3", "bf16"),
+                         ("0", "bf16")):  # bf16 stage 0 at 2 ranks: refused with fp32 gradients (its sums are bf16)
+        args = parse_args(BASE[:-4] + ["--bf16", "--zero-stage", stage, "--grad-accum-dtype", dtype,
+                                       "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "3e-3",
+                                       "--train-iters", "3", "--data-path", "x", "--eval-iters", "0"],
+                          env={"WORLD_SIZE": "2"})
+        if not out:
+            initialize_megatron(args)
+        training.build_tokenizer_and_vocab(args)
+        torch.manual_seed(1234)
+        _model, engine = training.setup_model_and_optimizer(args)
+        opt, seen = engine.optimizer, []
+        step = opt.step
 
-            def recording_step(*a, _opt=opt, _step=step, **k):  # the gradients the step is about to use
-                held = getattr(_opt, "averaged_gradients", None) or {}
-                flat = getattr(_opt, "fp32_groups_gradients_flat", None) or []  # BF16_Optimizer's
-                seen.extend(str(t.dtype) for g in held.values() for t in (g if isinstance(g, list) else [g])
-                            if t is not None)
-                seen.extend(str(t.dtype) for t in flat)
-                return _step(*a, **k)
+        def recording_step(*a, _opt=opt, _step=step, **k):  # the gradients the step is about to use
+            held = getattr(_opt, "averaged_gradients", None) or {}  # ZeRO-1/2's
+            flat = list(getattr(_opt, "fp32_groups_gradients_flat", None) or [])  # BF16_Optimizer's
+            flat += [b for b in [getattr(_opt, "grad_partitions_flat_buffer", None)] if b is not None]  # ZeRO-3
+            if type(_opt).__name__ == "FP16_UnfusedOptimizer":  # stage 0's: the bf16 parameters' own
+                flat += [p.grad for g in _opt.fp16_groups for p in g]
+            seen.extend(str(t.dtype) for g in held.values() for t in (g if isinstance(g, list) else [g])
+                        if t is not None)
+            seen.extend(str(t.dtype) for t in flat)
+            return _step(*a, **k)
 
-            opt.step = recording_step
-            data, config = iter(batches), Config.from_args(args)
-            losses = [float(training.train_step(engine, data, config, None, engine.device)) for _ in range(3)]
-            out[stage, dtype] = {"optimizer": type(opt).__name__, "grad_dtypes": sorted(set(seen)),
-                                 "accum": str(getattr(opt, "gradient_accumulation_dtype", None)),
-                                 "comm": str(getattr(opt, "communication_data_type", None)), "losses": losses}
+        opt.step = recording_step
+        data, config = iter(batches), Config.from_args(args)
+        losses = [float(training.train_step(engine, data, config, None, engine.device)) for _ in range(3)]
+        out[stage, dtype] = {"optimizer": type(opt).__name__, "grad_dtypes": sorted(set(seen)),
+                             "accum": str(getattr(opt, "gradient_accumulation_dtype", None)),
+                             "comm": str(engine.communication_data_type), "losses": losses}
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_two_ranks_keep_bf16_gradients_at_zero_1_and_2(tmp_path):
+@pytest.mark.slow
+def test_two_ranks_keep_bf16_gradients_at_every_stage(tmp_path):
     """2 gloo ranks, bf16, 2 micro-batches per rank, 3 steps: with --grad-accum-dtype bf16 DeepSpeed's ZeRO
-    optimizer (also at ZeRO-1, instead of its BF16_Optimizer) holds bf16 gradient partitions, accumulated and
-    reduced in bf16; by default fp32 ones. The losses agree within 2 % (bf16 rounding of the sums)."""
+    optimizer (also at ZeRO-1, instead of its BF16_Optimizer) holds bf16 gradient partitions (ZeRO-3: its flat
+    gradient buffer), accumulated and averaged across the ranks in bf16; by default fp32 ones. Stage 0 (allowed
+    with bf16 gradients only) keeps bf16 gradients and averages them in bf16. The losses agree with the
+    fp32-gradient run's within 2 % (bf16 rounding of the sums)."""
     from distributed import spawn_workers
 
     ranks = spawn_workers(_worker, 2, str(tmp_path))
@@ -114,12 +120,19 @@ def test_two_ranks_keep_bf16_gradients_at_zero_1_and_2(tmp_path):
     assert r["1", "fp32"]["optimizer"] == "BF16_Optimizer" and r["1", "fp32"]["grad_dtypes"] == ["torch.float32"]
     assert r["2", "fp32"]["optimizer"] == "DeepSpeedZeroOptimizer"
     assert r["2", "fp32"]["grad_dtypes"] == ["torch.float32"] and r["2", "fp32"]["accum"] == "torch.float32"
-    for stage in ("1", "2"):
+    assert r["3", "fp32"]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+    assert r["3", "fp32"]["grad_dtypes"] == ["torch.float32"] and r["3", "fp32"]["comm"] == "torch.float32"
+    assert r["0", "bf16"]["optimizer"] == "FP16_UnfusedOptimizer" and r["0", "bf16"]["grad_dtypes"] == ["torch.bfloat16"]
+    assert r["0", "bf16"]["comm"] == "torch.bfloat16"
+    for stage, optimizer in (("1", "DeepSpeedZeroOptimizer"), ("2", "DeepSpeedZeroOptimizer"),
+                             ("3", "DeepSpeedZeroOptimizer_Stage3")):
         half = r[stage, "bf16"]
-        assert half["optimizer"] == "DeepSpeedZeroOptimizer", stage
+        assert half["optimizer"] == optimizer, stage
         assert half["grad_dtypes"] == ["torch.bfloat16"], stage
         assert half["accum"] == half["comm"] == "torch.bfloat16", stage
-        fp32 = r[stage, "fp32"]["losses"]
+    for stage in ("0", "1", "2", "3"):
+        half = r[stage, "bf16"]
+        fp32 = r["1" if stage == "0" else stage, "fp32"]["losses"]  # stage 0 against ZeRO-1's fp32 gradients
         assert half["losses"][0] == fp32[0]  # same weights, same batch: the first loss is the same forward
         assert half["losses"][2] != half["losses"][0]  # it trained
         for a, b in zip(half["losses"], fp32):
