@@ -2,7 +2,7 @@
 
 The DeepSpeed config each setting produces, the refusals, and a 2-rank bf16 run at ZeRO-1 and ZeRO-2 that
 keeps bf16 gradient partitions with DeepSpeed's ZeRO optimizer (fp32 ones by default) and whose losses stay
-within bf16 rounding of the fp32-gradient run's.
+within bf16 rounding of the fp32-gradient run's (stages 0 and 3 too).
 """
 from __future__ import annotations
 
@@ -69,13 +69,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from megatron.initialize import initialize_megatron
 
     become_rank(rank, 2, port)
+    # one batch per rank and micro-batch, the same every step: the loss falls clearly
     batches = [{"text": torch.randint(0, 500, (1, 33), generator=torch.Generator().manual_seed(10 * i + rank))}
-               for i in range(6)]
+               for i in range(2)] * 3
     out = {}
     for stage, dtype in (("1", "fp32"), ("1", "bf16"), ("2", "fp32"), ("2", "bf16"), ("3", "fp32"), ("3", "bf16"),
                          ("0", "bf16")):  # bf16 stage 0 at 2 ranks: refused with fp32 gradients (its sums are bf16)
         args = parse_args(BASE[:-4] + ["--bf16", "--zero-stage", stage, "--grad-accum-dtype", dtype,
-                                       "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "3e-3",
+                                       "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-2",
+                                   "--lr-decay-style", "constant", "--lr-warmup-iters", "0",
                                        "--train-iters", "3", "--data-path", "x", "--eval-iters", "0"],
                           env={"WORLD_SIZE": "2"})
         if not out:
@@ -112,7 +114,8 @@ def test_two_ranks_keep_bf16_gradients_at_every_stage(tmp_path):
     optimizer (also at ZeRO-1, instead of its BF16_Optimizer) holds bf16 gradient partitions (ZeRO-3: its flat
     gradient buffer), accumulated and averaged across the ranks in bf16; by default fp32 ones. Stage 0 (allowed
     with bf16 gradients only) keeps bf16 gradients and averages them in bf16. The losses agree with the
-    fp32-gradient run's within 2 % (bf16 rounding of the sums)."""
+    fp32-gradient run's within 0.2 % while both fall by more than 0.2 (the same batches every step; measured:
+    6.2511, 5.5749, 5.4305 at ZeRO-2/3 with bf16 gradients against 6.2511, 5.5756, 5.4324 with fp32 ones)."""
     from distributed import spawn_workers
 
     ranks = spawn_workers(_worker, 2, str(tmp_path))
@@ -134,9 +137,9 @@ def test_two_ranks_keep_bf16_gradients_at_every_stage(tmp_path):
         half = r[stage, "bf16"]
         fp32 = r["1" if stage == "0" else stage, "fp32"]["losses"]  # stage 0 against ZeRO-1's fp32 gradients
         assert half["losses"][0] == fp32[0]  # same weights, same batch: the first loss is the same forward
-        assert half["losses"][2] != half["losses"][0]  # it trained
-        for a, b in zip(half["losses"], fp32):
-            assert abs(a - b) <= 0.02 * abs(b), (stage, half["losses"], fp32)
+        assert fp32[0] - fp32[2] > 0.2 and half["losses"][0] - half["losses"][2] > 0.2  # both trained
+        for a, b in zip(half["losses"], fp32):  # and the same way, within bf16 rounding of the sums
+            assert abs(a - b) <= 0.002 * abs(b), (stage, half["losses"], fp32)
     assert ranks[1]["1", "bf16"]["losses"] == r["1", "bf16"]["losses"]  # both ranks log the global loss
 
 
