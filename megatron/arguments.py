@@ -220,7 +220,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                    help="glibc malloc serves allocations of at least BYTES with their own mappings, returned to the "
                         "system when freed (mallopt M_MMAP_THRESHOLD): freed gradients and activations do not stay "
                         "resident. 0: glibc's default, whose threshold rises to 32 MiB and keeps them. "
-                        "MALLOC_MMAP_THRESHOLD_ in the environment wins (ALCF/notes/performance.md)")
+                        "Refused with MALLOC_MMAP_THRESHOLD_ also set (ALCF/notes/performance.md)")
 
 
 def _optimizer_args(p: argparse.ArgumentParser) -> None:
@@ -741,6 +741,10 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
     if args.train_iters is None:
         args.train_iters = args.train_samples // args.global_batch_size
     apply_profiler_env(args, env)
+    if args.malloc_mmap_threshold and env.get("MALLOC_MMAP_THRESHOLD_"):  # glibc read the variable at start
+        raise ArgumentError(
+            f"--malloc-mmap-threshold {args.malloc_mmap_threshold} with MALLOC_MMAP_THRESHOLD_="
+            f"{env['MALLOC_MMAP_THRESHOLD_']} in the environment, which glibc already applied: keep one of the two")
     if args.num_key_value_heads is None:
         args.num_key_value_heads = args.num_attention_heads
     if args.max_position_embeddings is None:

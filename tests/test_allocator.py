@@ -58,3 +58,8 @@ def test_negative_threshold_is_refused():
     with pytest.raises(ArgumentError, match=r"--malloc-mmap-threshold must be >= 0 bytes \(got -1\)"):
         parse_args([*TINY_MODEL, "--lr", "1e-3", "--train-iters", "3", "--data-path", "x",
                     "--malloc-mmap-threshold", "-1"], env={})
+    # the flag and the variable glibc already applied: one of the two, not a silent winner
+    with pytest.raises(ArgumentError, match="MALLOC_MMAP_THRESHOLD_=4096 in the environment, which glibc already "
+                                            "applied: keep one of the two"):
+        parse_args([*TINY_MODEL, "--lr", "1e-3", "--train-iters", "3", "--data-path", "x",
+                    "--malloc-mmap-threshold", "1048576"], env={"MALLOC_MMAP_THRESHOLD_": "4096"})

@@ -515,3 +515,20 @@ def test_stage0_step_in_chunks_is_deepspeeds_step_bit_for_bit(tmp_path):
     for a, b in zip(r["chunked"]["params"], r["as_is"]["params"]):
         assert torch.equal(a, b)
     assert r["chunked"]["losses"][3] != r["chunked"]["losses"][0]  # it trained
+
+
+def test_stage0_step_in_chunks_only_for_per_parameter_optimizers():
+    """Stepped once per chunk, an optimizer with a per-step counter or a global statistic would count one
+    step several times: only torch's Adam/AdamW get the chunked step, any other keeps DeepSpeed's."""
+    from types import SimpleNamespace
+
+    class FP16_UnfusedOptimizer:  # noqa: N801  (what the override recognizes, by DeepSpeed's class name)
+        def __init__(self, inner):
+            self.optimizer, self.fused_lamb_legacy, self.fp32_groups, self.fp16_groups = inner, False, [], []
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    for inner, installed in ((torch.optim.AdamW([w]), True), (torch.optim.Adam([w]), True),
+                             (torch.optim.SGD([w], lr=0.1), False), (torch.optim.Adagrad([w]), False)):
+        engine = SimpleNamespace(optimizer=FP16_UnfusedOptimizer(inner))
+        assert compat.step_stage0_in_chunks(engine) is installed, type(inner).__name__
+        assert ("step" in vars(engine.optimizer)) is installed

@@ -313,13 +313,18 @@ def step_stage0_in_chunks(engine, chunk_elements: int | None = None) -> bool:
     the same step (overflow check, norm, loss scaler, clipping factor) then converts, scales and steps the
     parameters about `chunk_elements` at a time, so one chunk's fp32 gradients exist at once; the wrapped
     optimizer steps only the parameters that have a gradient, each element sees the same operations: the
-    same bits (tests/test_deepspeed_compat.py). Not with DeepSpeed's legacy fused LAMB. True when installed."""
+    same bits (tests/test_deepspeed_compat.py). Only for torch's Adam/AdamW, whose state is per parameter:
+    an optimizer with a per-step counter or a global statistic (schedule-free's averaging weights, a
+    global norm, a Hessian refresh every k steps) would count a chunked step several times, so it keeps
+    DeepSpeed's step. Not with DeepSpeed's legacy fused LAMB. True when installed."""
     import torch  # noqa: PLC0415
     from deepspeed.runtime.fp16 import unfused_optimizer as unfused  # noqa: PLC0415
 
     opt = getattr(engine, "optimizer", None)
     if type(opt).__name__ != "FP16_UnfusedOptimizer" or opt.fused_lamb_legacy:
         return False
+    if type(opt.optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False  # stepped once per chunk: only an optimizer whose every state is per parameter
     pairs = [pair for g32, g16 in zip(opt.fp32_groups, opt.fp16_groups) for pair in zip(g32, g16)]
 
     def chunks():
