@@ -29,7 +29,7 @@
 #              LR_WARMUP_FRAC|LR_WARMUP_FRACTION [0.05], LR_DECAY_ITERS, WEIGHT_DECAY [0.1],
 #              ADAM_BETA1 [0.9], ADAM_BETA2 [0.95], ADAM_EPS [0.00001], CLIP_GRAD [1.0],
 #              DTYPE [machine; bf16 with an accelerator or a CPU with native bf16, else fp32],
-#              OVERRIDE_CKPT_OPT_PARAM
+#              GRAD_ACCUM_DTYPE [fp32; bf16/fp16: 16-bit gradients], OVERRIDE_CKPT_OPT_PARAM
 #   logging    LOG_INTERVAL [1], EVAL_INTERVAL [100], EVAL_ITERS [20], SAVE_INTERVAL [50],
 #              TIMING_LOG_LEVEL [1], NO_TENSORBOARD, FLOPS_PROFILER, COMMS_LOGGER [false];
 #              read by the trainer: TORCH_PROFILER_ENABLE (1: torch profiler over the whole run,
@@ -747,8 +747,12 @@ alcf_build_train_args() {
     [[ -n "${MUP_BASE_WIDTH:-}" ]] && TRAIN_ARGS+=(--enable-mup "--mup-base-width=${MUP_BASE_WIDTH}")
     [[ -n "${DEPTH_BASE:-}" ]] && TRAIN_ARGS+=(--enable-depth-scale "--depth-base=${DEPTH_BASE}"
         "--depth-alpha=${DEPTH_ALPHA:-1.0}")
-    # fp32 gradient accumulation and reduction (as upstream; always on in the trainer)
-    TRAIN_ARGS+=(--accumulate-allreduce-grads-in-fp32)
+    # fp32 gradient accumulation and reduction (as upstream; the trainer's default), or GRAD_ACCUM_DTYPE's
+    if [[ -n "${GRAD_ACCUM_DTYPE:-}" && "${GRAD_ACCUM_DTYPE}" != fp32 ]]; then
+        TRAIN_ARGS+=("--grad-accum-dtype=${GRAD_ACCUM_DTYPE}")
+    else
+        TRAIN_ARGS+=(--accumulate-allreduce-grads-in-fp32)
+    fi
     TRAIN_ARGS+=(
         --adjust-word-embedding-init
         "--adam-beta1=${ADAM_BETA1}"

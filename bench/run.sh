@@ -5,7 +5,7 @@
 #
 #   bash bench/run.sh                 # all but memory.py, default sizes (about 17 minutes on 2 quiet CPU cores)
 #   QUICK=1 bash bench/run.sh         # small models, fewer rounds, no --compile run: <= 5 minutes
-#   MEMORY=1 bash bench/run.sh        # also bench/memory.py (about 6 minutes; QUICK=1: ZeRO-0 and -3 only)
+#   MEMORY=1 bash bench/run.sh        # also bench/memory.py (about 12 minutes; QUICK=1: ZeRO-0 and -3 only)
 #   BENCH_OUT=dir bash bench/run.sh   # keep each benchmark's full output in dir (default: a temp dir)
 set -euo pipefail
 

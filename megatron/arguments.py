@@ -137,6 +137,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
                    help="always on here: bf16/fp16 gradients are averaged across ranks and accumulated over "
                         "micro-batches in fp32")
+    g.add_argument("--grad-accum-dtype", choices=("fp32", "bf16", "fp16"),
+                   help="dtype bf16/fp16 runs keep, accumulate and average the gradients in: fp32 (the default, "
+                        "Megatron's --accumulate-allreduce-grads-in-fp32) or the weights' 16-bit dtype (2 bytes "
+                        "per parameter less, the ZeRO paper's count; sums rounded to 16 bits; ALCF/notes/performance.md)")
 
 
 def _init_args(p: argparse.ArgumentParser) -> None:
@@ -212,6 +216,11 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                         "AUTO_COMPILE_MIN_TFLOP, where compiling pays for itself (ALCF/notes/performance.md)")
     g.add_argument("--no-compile", dest="compile", action="store_false",
                    help="never torch.compile the model (eager), whatever the run's size")
+    g.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                   help="glibc malloc serves allocations of at least BYTES with their own mappings, returned to the "
+                        "system when freed (mallopt M_MMAP_THRESHOLD): freed gradients and activations do not stay "
+                        "resident. 0: glibc's default, whose threshold rises to 32 MiB and keeps them. "
+                        "Refused with MALLOC_MMAP_THRESHOLD_ also set (ALCF/notes/performance.md)")
 
 
 def _optimizer_args(p: argparse.ArgumentParser) -> None:
@@ -482,6 +491,7 @@ def _problems(args: argparse.Namespace, world_size: int) -> list[str]:
     errs.extend(pipeline_problems(config))  # PP > 1: ZeRO 0/1 only, refused combinations (megatron/core/pipeline_schedule.py)
     errs.extend(ulysses_problems(config))  # Ulysses SP: heads / seq divisible by SP (core/sequence_parallel.py)
     errs.extend(fp16_problems(config))  # loss-scaling flags and the fp16 block (megatron/fp16.py)
+    errs.extend(grad_accum_dtype_problems(args))  # --grad-accum-dtype where DeepSpeed would keep fp32 gradients
 
     for dest, message in REFUSED_FLAGS.items():  # upstream flags whose promise cannot be kept here
         if vars(args)[dest] not in (None, False):
@@ -561,6 +571,22 @@ def auto_compile(args: argparse.Namespace) -> tuple[bool, str]:
                        "too short to pay for compiling; --compile to force it)")
     return True, (f"on (automatic: the run's model compute {tflop:.3g} TFLOP >= {AUTO_COMPILE_MIN_TFLOP:g}; "
                   "--no-compile to turn it off)")
+
+
+def grad_accum_dtype_problems(args: argparse.Namespace) -> list[str]:
+    """16-bit gradients (--grad-accum-dtype bf16/fp16) where DeepSpeed would keep fp32 ones anyway:
+    with pipeline parallelism (its bf16 optimizer there is `BF16_Optimizer`, fp32 gradient copies) and
+    with optimizer offload (ZeRO-Offload accumulates the gradients in fp32 on the CPU)."""
+    if args.grad_accum_dtype in (None, "fp32"):
+        return []
+    where = [why for why, hit in (
+        ("pipeline parallelism (PP > 1: DeepSpeed's pipeline engine keeps fp32 gradient copies)",
+         args.pipeline_model_parallel_size > 1),
+        ("optimizer offload (--cpu-optimizer / offload_* in the DeepSpeed config: ZeRO-Offload accumulates "
+         "the gradients in fp32)", args.cpu_optimizer or _zero_offload(args.deepspeed_config))) if hit]
+    return [f"--grad-accum-dtype {args.grad_accum_dtype} with {why}: the gradients would not be kept in "
+            f"{args.grad_accum_dtype}; use --grad-accum-dtype fp32 (the default) or drop that setting"
+            for why in where]
 
 
 def _zero_offload(ds_config_path: str | None) -> bool:
@@ -706,15 +732,19 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
     replicas = args.data_parallel_size * args.ds_sequence_parallel_size
     if args.bf16 and args.zero_stage == 0 and args.pipeline_model_parallel_size == 1 and (
-            replicas > 1 or args.num_micro_batches > 1):
+            replicas > 1 or args.num_micro_batches > 1) and args.grad_accum_dtype == "fp32":
         raise ArgumentError(
             f"--bf16 at --zero-stage 0 with {replicas} data-parallel replica(s) and {args.num_micro_batches} "
             "micro-batch(es) per step: DeepSpeed's stage 0 bf16 optimizer sums the gradients of micro-batches and "
             "ranks in bf16 (3 significant digits); use --zero-stage 1 (fp32 gradient accumulation, the launcher's "
-            "default)")
+            "default), or --grad-accum-dtype bf16 if 16-bit sums are what you want")
     if args.train_iters is None:
         args.train_iters = args.train_samples // args.global_batch_size
     apply_profiler_env(args, env)
+    if args.malloc_mmap_threshold and env.get("MALLOC_MMAP_THRESHOLD_"):  # glibc read the variable at start
+        raise ArgumentError(
+            f"--malloc-mmap-threshold {args.malloc_mmap_threshold} with MALLOC_MMAP_THRESHOLD_="
+            f"{env['MALLOC_MMAP_THRESHOLD_']} in the environment, which glibc already applied: keep one of the two")
     if args.num_key_value_heads is None:
         args.num_key_value_heads = args.num_attention_heads
     if args.max_position_embeddings is None:

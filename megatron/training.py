@@ -292,6 +292,7 @@ def setup_model_and_optimizer(args, before_engine=None):
     attach_layouts(engine)  # per-tensor optimizers see whole tensors through ZeRO's partitions
     if par.zero_stage == 0 and prec.bf16:
         ds_compat.skip_bf16_overflow_scan(engine)
+    ds_compat.step_stage0_in_chunks(engine)  # bf16 stage 0: no fp32 copy of all gradients at once in the step
     return model, engine
 
 
@@ -299,6 +300,9 @@ def setup_model_and_optimizer(args, before_engine=None):
 def pretrain(args) -> dict:
     """Train as configured by the validated `args`; returns a summary dict."""
     initialize_megatron(args)  # before DeepSpeed is imported: it picks DeepSpeed's accelerator
+    from megatron.resilience.allocator import set_mmap_threshold  # noqa: PLC0415
+
+    args.malloc_setting = set_mmap_threshold(args.malloc_mmap_threshold)  # before the model and DeepSpeed allocate
     tokenizer = build_tokenizer_and_vocab(args)
     config = Config.from_args(args)  # with the rank and the vocabulary (--compile is decided with the model)
     # the estimate vs the device / host memory, before any model or data is built; kept on `args` for

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -147,13 +148,19 @@ def test_memory_formula_by_hand():
     assert formula(p, 2, 2) == (2 + 1 + 6) * p
     assert formula(p, 3, 2) == 8 * p
     assert formula(p, 3, 4) == 4 * p
+    # the fp32-gradient runs against the same formula with 4-byte gradients: 2 + 4 + 12
+    assert formula(p, 0, 2, grad_bytes=4) == 18 * p
+    assert formula(p, 1, 2, grad_bytes=4) == (2 + 4 + 6) * p
+    assert formula(p, 2, 2, grad_bytes=4) == (2 + 2 + 6) * p
+    assert formula(p, 3, 2, grad_bytes=4) == 9 * p
 
 
 @pytest.mark.slow
 def test_memory_bench_smoke(tmp_path):
-    """bench/memory.py end to end on the tiny model, ZeRO-3 on 2 ranks, one iteration: each rank
-    reports a baseline and a larger peak; the formula uses the model's parameter count worked out by
-    hand (2 x (4 x 64^2 + 3 x 64 x 176 + 2 x 64) + 2 x 512 x 64 + 64 = 166,208)."""
+    """bench/memory.py end to end on the tiny model, ZeRO-3 on 2 ranks, one iteration, bf16 and fp32
+    gradients: each rank reports a baseline and a larger peak; the formula uses the model's parameter count
+    worked out by hand (2 x (4 x 64^2 + 3 x 64 x 176 + 2 x 64) + 2 x 512 x 64 + 64 = 166,208) and the
+    run's gradient bytes; the final line has both dtypes' worst cell."""
     out = tmp_path / "memory.json"
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -162,11 +169,14 @@ def test_memory_bench_smoke(tmp_path):
                            "--configs", "z3", "--iters", "1", "--json", str(out)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["name"] == "z3" and row["ranks"] == 2 and row["stage"] == 3
-    assert row["parameters"] == 166_208
-    assert row["formula_states"] == 8 * 166_208  # (2 + 2 + 12) / 2 bytes per parameter
-    assert len(row["per_rank"]) == 2 and all(0 < x < 2**31 for x in row["per_rank"])
-    assert row["ours"] == max(row["per_rank"]) and row["activations"] > 0
-    assert [n for n, _, _ in row["phases"]][:4] == ["engine", "forward", "backward", "step"]
-    assert "ratio max=" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["name"], r["grads"]) for r in rows] == [("z3", "bf16"), ("z3", "fp32")]
+    for row, per_param in zip(rows, (8, 9)):  # (2 + 2 + 12) / 2 and (2 + 4 + 12) / 2 bytes per parameter
+        assert row["ranks"] == 2 and row["stage"] == 3
+        assert row["parameters"] == 166_208
+        assert row["formula_states"] == per_param * 166_208
+        assert len(row["per_rank"]) == 2 and all(0 < x < 2**31 for x in row["per_rank"])
+        assert row["ours"] == max(row["per_rank"]) and row["activations"] > 0
+        assert [n for n, _, _ in row["phases"]][:4] == ["engine", "forward", "backward", "step"]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"ratio max=[\d.]+ zero3/zero0=nan fp32grad_max=[\d.]+ fp32grad_zero3/zero0=nan", last), last

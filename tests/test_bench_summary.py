@@ -45,8 +45,8 @@ def test_statuses_against_targets():
     assert status(rows, "first step") == ("20.50 s", "ABOVE")  # target <= 20 s
     rows = rows_for("data_index", "0", "ratio ours/mcore=0.985 cpu_ours/mcore=0.9 warm_seconds=2.63")
     assert [r.status for r in rows] == ["ok", "ok"]
-    rows = rows_for("memory", "0", "ratio max=1.83 zero3/zero0=0.55")
-    assert [r.status for r in rows] == ["ABOVE", "ok"]
+    rows = rows_for("memory", "0", "ratio max=1.83 zero3/zero0=0.55 fp32grad_max=1.3 fp32grad_zero3/zero0=0.7")
+    assert [r.status for r in rows] == ["ABOVE", "ok", "report", "report"]
     rows = rows_for("scaling", "0", "efficiency zero1=0.98 zero2=0.96 zero3=9.4")
     assert [r.status for r in rows] == ["ok", "BELOW", "SUSPECT (> 1.2: load)"]
 
@@ -62,7 +62,7 @@ def test_missing_failed_and_skipped():
     rows = rows_for("zero_tax", "1", "ratio fp32=0.99 bf16=0.99 cpu_fp32=0.99 cpu_bf16=0.99")  # the bench exited 1
     assert [(r.measured, r.status) for r in rows] == [("0.990", "FAILED (exit 1)")] * 4
     rows = rows_for("memory", "skip:MEMORY=1 runs it")
-    assert {r.status for r in rows} == {"not run (MEMORY=1 runs it)"} and len(rows) == 2
+    assert {r.status for r in rows} == {"not run (MEMORY=1 runs it)"} and len(rows) == 4
     assert rows_for("no_such_bench", "0", "x=1")[0].status.startswith("FAILED (no targets")
 
 
@@ -87,7 +87,7 @@ case "$(basename "$1")" in
   startup.py) echo "[2026] [INFO] launching"; echo "Traceback: boom" >&2; exit 3 ;;
   data_index.py) echo "ratio ours/mcore=0.900 cpu_ours/mcore=0.9 warm_seconds=1.5" ;;
   preprocess.py) echo "ratio ours/raw=1.000" ;;
-  memory.py) [[ "$2 $3" == "--configs z0,z3" ]] || exit 7; echo "ratio max=1.20 zero3/zero0=0.50" ;;
+  memory.py) [[ "$2 $3" == "--configs z0,z3" ]] || exit 7; echo "ratio max=1.20 zero3/zero0=0.50 fp32grad_max=1.1 fp32grad_zero3/zero0=0.6" ;;
   *) echo "unexpected $*" >&2; exit 9 ;;
 esac
 """

@@ -111,6 +111,19 @@ def test_the_engine_overrides_rely_on_what_deepspeed_has():
     # skip_bf16_overflow_scan: the stage 0 half-precision optimizer's checker and its NaN skip
     fp16_src = inspect.getsource(FP16_Optimizer)
     assert "overflow_checker" in fp16_src and "_skip_invalid_grad_norm" in fp16_src
+    # step_stage0_in_chunks: FP16_UnfusedOptimizer.step as it reimplements it (norm per group, scaler, clip factor,
+    # fp32 copies, one step, copy back), and the names it calls
+    unfused_step = inspect.getsource(FP16_UnfusedOptimizer.step)
+    for line in ("self.overflow = self.overflow_checker.check()", "get_weight_norm(grads_for_norm, mpu=self.mpu)",
+                 "self._global_grad_norm = get_global_norm(norm_list=norm_groups)", "self._update_scale(False)",
+                 "self.unscale_and_clip_grads(self._global_grad_norm)", "fp32_param.grad = fp16_param.grad.to(",
+                 "self.optimizer.step()", "fp16_param.data.copy_(fp32_param.data)", "self.fused_lamb_legacy"):
+        assert line in unfused_step, line
+    assert _params(FP16_UnfusedOptimizer.unscale_and_clip_grads) == ["self", "total_norm", "apply_scale"]
+    import deepspeed.runtime.fp16.unfused_optimizer as unfused_module  # noqa: PLC0415
+    for name in ("split_params_grads_into_shared_and_expert_params", "get_weight_norm", "get_global_norm",
+                 "is_invalid_grad_norm"):
+        assert callable(getattr(unfused_module, name)), name
     # wrap_model_step: the pipeline schedule's optimizer step calls self._take_model_step(lr_kwargs)
     assert _params(eng.DeepSpeedEngine._take_model_step)[:2] == ["self", "lr_kwargs"]
     assert "self._take_model_step(" in inspect.getsource(PipelineEngine._exec_optimizer_step)
@@ -496,3 +509,68 @@ def test_deepspeed_muon_kernels_compile_on_first_call_not_at_import(monkeypatch)
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
 
+
+def _stage0_chunks_worker(rank: int, port: int, out_dir: str) -> None:
+    from distributed import TINY_MODEL
+
+    from megatron import deepspeed_compat, training
+    from megatron.arguments import parse_args
+    from megatron.initialize import initialize_megatron
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    args = parse_args(TINY_MODEL + ["--bf16", "--zero-stage", "0", "--micro-batch-size", "2", "--train-iters", "4",
+                                    "--lr", "1e-2", "--clip-grad", "0.5", "--data-path", "x", "--eval-iters", "0"],
+                      env={"WORLD_SIZE": "1"})
+    initialize_megatron(args)
+    training.build_tokenizer_and_vocab(args)
+    batches = [{"text": torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    original, out = deepspeed_compat.step_stage0_in_chunks, {}
+    for name, chunked in (("chunked", lambda engine: original(engine, chunk_elements=20_000)),
+                          ("as_is", lambda engine: False)):
+        deepspeed_compat.step_stage0_in_chunks = chunked
+        try:
+            torch.manual_seed(1234)
+            _model, engine = training.setup_model_and_optimizer(args)
+        finally:
+            deepspeed_compat.step_stage0_in_chunks = original
+        data, config = iter(batches), Config.from_args(args)
+        losses = [float(training.train_step(engine, data, config, None, engine.device)) for _ in range(4)]
+        out[name] = {"installed": "step" in vars(engine.optimizer), "losses": losses,
+                     "norm": float(engine.get_global_grad_norm()), "optimizer": type(engine.optimizer).__name__,
+                     "params": [p.detach().clone() for p in engine.module.parameters()]}
+    torch.save(out, os.path.join(out_dir, "rank0.pt"))
+
+
+def test_stage0_step_in_chunks_is_deepspeeds_step_bit_for_bit(tmp_path):
+    """bf16 stage 0, 4 steps with clipping at 0.5 (it clips): DeepSpeed's step with fp32 gradient copies made,
+    scaled and stepped 20,000 elements at a time (the tiny model: several chunks, a few parameters each) gives
+    the same losses, gradient norm and bf16 weights, bit for bit, as DeepSpeed's own step over all at once."""
+    from distributed import spawn_workers
+
+    (r,) = spawn_workers(_stage0_chunks_worker, 1, str(tmp_path))
+    assert r["chunked"]["optimizer"] == r["as_is"]["optimizer"] == "FP16_UnfusedOptimizer"
+    assert r["chunked"]["installed"] and not r["as_is"]["installed"]
+    assert r["chunked"]["losses"] == r["as_is"]["losses"] and r["chunked"]["norm"] == r["as_is"]["norm"]
+    assert r["chunked"]["norm"] > 0.5  # clipped
+    assert len(r["chunked"]["params"]) == len(r["as_is"]["params"]) > 0
+    for a, b in zip(r["chunked"]["params"], r["as_is"]["params"]):
+        assert torch.equal(a, b)
+    assert r["chunked"]["losses"][3] != r["chunked"]["losses"][0]  # it trained
+
+
+def test_stage0_step_in_chunks_only_for_per_parameter_optimizers():
+    """Stepped once per chunk, an optimizer with a per-step counter or a global statistic would count one
+    step several times: only torch's Adam/AdamW get the chunked step, any other keeps DeepSpeed's."""
+    from types import SimpleNamespace
+
+    class FP16_UnfusedOptimizer:  # noqa: N801  (what the override recognizes, by DeepSpeed's class name)
+        def __init__(self, inner):
+            self.optimizer, self.fused_lamb_legacy, self.fp32_groups, self.fp16_groups = inner, False, [], []
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    for inner, installed in ((torch.optim.AdamW([w]), True), (torch.optim.Adam([w]), True),
+                             (torch.optim.SGD([w], lr=0.1), False), (torch.optim.Adagrad([w]), False)):
+        engine = SimpleNamespace(optimizer=FP16_UnfusedOptimizer(inner))
+        assert compat.step_stage0_in_chunks(engine) is installed, type(inner).__name__
+        assert ("step" in vars(engine.optimizer)) is installed

@@ -126,6 +126,11 @@ EFFECT = {
     "--adam-eps": "test_launcher.py::test_defaults_7b",
     "--sgd-momentum": "test_convert_checkpoint.py::test_non_adam_state_sgd_momentum",
     "--cpu-optimizer": "test_flag_audit.py::test_cpu_optimizer_offloads",
+    "--grad-accum-dtype": "test_grad_accum_dtype.py::test_two_ranks_keep_bf16_gradients_at_every_stage",
+    "--malloc-mmap-threshold": "test_allocator.py::test_fixed_threshold_returns_freed_blocks",
+    # fp32 gradients are the default with or without it (test_fp32_gradient_reduction_is_always_on); with
+    # --grad-accum-dtype bf16/fp16 it is a contradiction, refused
+    "--accumulate-allreduce-grads-in-fp32": "test_grad_accum_dtype.py::test_refusals_name_the_fix",
     "--sophiag-beta1": "test_optimizer_sophia.py::test_hessian_refreshes_exactly_every_k_iterations_and_matches_gnb_by_hand",
     "--sophiag-beta2": "test_optimizer_sophia.py::test_hessian_refreshes_exactly_every_k_iterations_and_matches_gnb_by_hand",
     "--sophiag-rho": "test_optimizer_sophia.py::test_update_uses_the_hessian_not_lr_sign_m",
@@ -289,9 +294,6 @@ NO_OP = {
     "--no-query-key-layer-scaling": "upstream's query-key layer scaling divides the scores by the layer number and "
                                     "multiplies it back in the fp32 softmax (the same math); here the scores are "
                                     "always scaled by 1/sqrt(head dim) only, which is what the flag selects",
-    "--accumulate-allreduce-grads-in-fp32": "always on: bf16/fp16 gradients are reduced and accumulated in fp32 "
-                                            "with or without the flag (test_flag_audit.py::"
-                                            "test_fp32_gradient_reduction_is_always_on)",
     "--data-impl": "only the mmap .bin/.idx format exists here; 'infer' and 'mmap' read the same files the same way",
     "--deepspeed": "DeepSpeed is always the engine here; upstream needs the flag to select it",
     "--deepspeed_mpi": "ranks are always found from the MPI launcher's environment (PMI_*, OMPI_*, PALS_*), "
@@ -331,6 +333,7 @@ ENV_EFFECT = {
     "GLOBAL_BATCH": "test_launcher.py::test_env_var_sets_flag",
     "GPUS_PER_NODE": "test_flag_audit.py::test_launcher_env_vars_without_other_tests",
     "GRAD_ACC_STEPS": "test_launcher.py::test_env_var_sets_flag",
+    "GRAD_ACCUM_DTYPE": "test_launcher.py::test_env_var_sets_flag",
     "HEADS": "test_launcher.py::test_env_var_sets_flag",
     "HIDDEN": "test_launcher.py::test_env_var_sets_flag",
     "HOSTFILE": "test_launcher.py::test_pbs_default_gpus_per_host_on_aurora",
@@ -690,7 +693,8 @@ def test_trust_remote_code_reaches_autotokenizer(monkeypatch, tmp_path):
 
 
 def test_fp32_gradient_reduction_is_always_on():
-    """Megatron's --accumulate-allreduce-grads-in-fp32 is what always happens here: in 16-bit runs DeepSpeed
+    """Megatron's --accumulate-allreduce-grads-in-fp32 is the default here (--grad-accum-dtype fp32; 16-bit
+    gradients only with --grad-accum-dtype bf16/fp16, tests/test_grad_accum_dtype.py): in 16-bit runs DeepSpeed
     averages the gradients in fp32 and (ZeRO >= 1) accumulates them in fp32, flag or not; 16-bit stage 0,
     whose DeepSpeed optimizer would add them up in 16 bits, is refused where it would add anything."""
     from megatron.training import build_ds_config

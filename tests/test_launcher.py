@@ -174,6 +174,7 @@ ENV_FLAG_CASES = [
     ({"ADAM_EPS": "1e-8"}, "--adam-eps", "1e-8"),
     ({"CLIP_GRAD": "0.5"}, "--clip-grad", "0.5"),
     ({"ZERO_STAGE": "2"}, "--zero-stage", "2"),
+    ({"DTYPE": "bf16", "GRAD_ACCUM_DTYPE": "bf16"}, "--grad-accum-dtype", "bf16"),
     ({"MICRO_BATCH": "4"}, "--micro-batch-size", "4"),
     ({"MICRO_BATCH": "4", "GRAD_ACC_STEPS": "3"}, "--global-batch-size", "12"),
     ({"GLOBAL_BATCH": "6", "GRAD_ACC_STEPS": "6"}, "--global-batch-size", "6"),

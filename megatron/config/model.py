@@ -140,6 +140,16 @@ class PrecisionConfig(Section):
     loss_scale_window: float | None = None
     hysteresis: int | None = None
     accumulate_allreduce_grads_in_fp32: bool = False
+    grad_accum_dtype: str = "fp32"  # gradients kept, accumulated and reduced in: fp32, or the 16-bit weights' dtype
 
     def validate(self) -> list[str]:
-        return ["--fp16 and --bf16 are mutually exclusive"] if self.fp16 and self.bf16 else []
+        errs = ["--fp16 and --bf16 are mutually exclusive"] if self.fp16 and self.bf16 else []
+        weights = "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+        if self.grad_accum_dtype != "fp32" and self.grad_accum_dtype != weights:
+            errs.append(f"--grad-accum-dtype {self.grad_accum_dtype} needs --{self.grad_accum_dtype} weights (the "
+                        f"gradients are kept in the weights' dtype; these are {weights}): add "
+                        f"--{self.grad_accum_dtype} or use --grad-accum-dtype fp32")
+        if self.grad_accum_dtype != "fp32" and self.accumulate_allreduce_grads_in_fp32:
+            errs.append(f"--grad-accum-dtype {self.grad_accum_dtype} contradicts --accumulate-allreduce-grads-in-fp32: "
+                        "drop one of them (the launcher passes the latter unless GRAD_ACCUM_DTYPE is set)")
+        return errs

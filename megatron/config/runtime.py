@@ -31,6 +31,8 @@ class RuntimeConfig(Section):
     padded_vocab_size: int | None = None
     # --compile: why it is on or off (the start-up table)
     compile_reason: str | None = None
+    # --malloc-mmap-threshold: what the C allocator was set to (the start-up table)
+    malloc_setting: str | None = None
     # --lr-finder: where its outputs go
     lr_finder_dir: str | None = None
     # --use-checkpoint-args: the model arguments taken from the checkpoint (name -> value)

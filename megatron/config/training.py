@@ -32,9 +32,13 @@ class TrainingConfig(Section):
     deepspeed_activation_checkpointing: bool = False
     recompute_granularity: str | None = None
     compile: bool | None = None
+    malloc_mmap_threshold: int = 0  # bytes; 0: glibc's rising default (megatron/resilience/allocator.py)
 
     def validate(self) -> list[str]:
         errs = positive(self, "micro_batch_size", "eval_interval")
+        if self.malloc_mmap_threshold < 0:
+            errs.append(f"--malloc-mmap-threshold must be >= 0 bytes (got {self.malloc_mmap_threshold}); 0 keeps "
+                        "glibc's default")
         if self.eval_iters < 0:
             errs.append(f"--eval-iters must be >= 0 (got {self.eval_iters})")
         if (self.train_iters is None) == (self.train_samples is None):

@@ -30,7 +30,7 @@ ENV_FOR_DEST: dict[str, tuple[str, ...]] = {
     "log_interval": ("LOG_INTERVAL",), "eval_interval": ("EVAL_INTERVAL",), "eval_iters": ("EVAL_ITERS",),
     "save_interval": ("SAVE_INTERVAL",), "timing_log_level": ("TIMING_LOG_LEVEL",),
     "data_file_list": ("DATA_FILE_LIST",), "tokenizer_type": ("TOKENIZER_TYPE",),
-    "tokenizer_model": ("TOKENIZER_MODEL",), "load": ("LOAD",), "save": ("SAVE", "CKPT_DIR"),
+    "tokenizer_model": ("TOKENIZER_MODEL",), "grad_accum_dtype": ("GRAD_ACCUM_DTYPE",), "load": ("LOAD",), "save": ("SAVE", "CKPT_DIR"),
 }
 DERIVED = {"data_parallel_size", "num_micro_batches", "padded_vocab_size", "world_size"}
 TINY_TOKENS_PER_STEP = 8192
@@ -112,6 +112,10 @@ def config_rows(config: Config, num_params: int | None, parser: argparse.Argumen
     add("model", "vocabulary (padded)", "padded_vocab_size",
         f"{_known(config.runtime.padded_vocab_size)} (tokenizer {_known(config.runtime.vocab_size_orig)})")
     add("model", "dtype", "fp16" if config.precision.fp16 else "bf16", config.runtime.params_dtype)
+    if config.precision.bf16 or config.precision.fp16:
+        grads = config.precision.grad_accum_dtype
+        add("model", "gradients kept in", "grad_accum_dtype", f"{grads} (accumulated and averaged across ranks in "
+            f"{grads}" + ("; --grad-accum-dtype for 16-bit)" if grads == "fp32" else ", 2 bytes/parameter)"))
     if config.precision.fp16:
         from megatron.fp16 import describe  # noqa: PLC0415
 
@@ -124,6 +128,8 @@ def config_rows(config: Config, num_params: int | None, parser: argparse.Argumen
     asked = config.runtime.zero_stage_requested
     add("parallel", "ZeRO stage", "zero_stage",
         None if asked is None else f"0 (asked {asked}: one data-parallel replica, nothing to partition)")
+    add("parallel", "C allocator", "malloc_mmap_threshold",
+        config.runtime.malloc_setting or f"mmap threshold {flat['malloc_mmap_threshold']} bytes")
     add("batch", "micro batch", "micro_batch_size")
     add("batch", "gradient accumulation", "num_micro_batches")
     add("batch", "global batch", "global_batch_size",
