@@ -189,15 +189,18 @@ def print_profile(name: str, prof: dict) -> None:
 
 def plain_kernels(step) -> None:
     """One step of our trainer with the fused eager kernels off (megatron/model/rotary.py,
-    fused_cross_entropy.py): the model code as it was before them, same engine and weights."""
-    from megatron.model import fused_cross_entropy, rotary
+    fused_cross_entropy.py, fused_ops.py, attention_cpu.py's causal query blocks): the model code
+    as it was before them, same engine and weights."""
+    from megatron.model import attention_cpu, fused_cross_entropy, fused_ops, rotary
 
-    saved = rotary.use_fused, fused_cross_entropy.use_fused
-    rotary.use_fused, fused_cross_entropy.use_fused = (lambda: False), (lambda x: False)
+    saved = rotary.use_fused, fused_cross_entropy.use_fused, fused_ops.use_fused, attention_cpu.CAUSAL_BLOCKS
+    rotary.use_fused = fused_ops.use_fused = lambda: False
+    fused_cross_entropy.use_fused = lambda x: False
+    attention_cpu.CAUSAL_BLOCKS = 1
     try:
         step()
     finally:
-        rotary.use_fused, fused_cross_entropy.use_fused = saved
+        rotary.use_fused, fused_cross_entropy.use_fused, fused_ops.use_fused, attention_cpu.CAUSAL_BLOCKS = saved
 
 
 def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str,
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true", help="after the timed rounds, profile 2 steps of each side "
                    "(torch.profiler): top 10 ops by self CPU time, share of the step, matmul share")
     p.add_argument("--plain", action="store_true", help="also time our trainer with the fused eager kernels off "
-                   "(QKV + RoPE, output layer + loss): column 'ours/plain'")
+                   "(QKV + RoPE, output layer + loss, RMSNorm, SwiGLU, causal attention blocks): column 'ours/plain'")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--extra", default="", help="extra trainer flags for ours, space separated")
     opts = p.parse_args(argv)
