@@ -78,8 +78,9 @@ class _BlockCausal(torch.autograd.Function):
         probs = []
         for i in range(blocks):
             lo, hi = i * rows, (i + 1) * rows  # queries [lo, hi) see keys [0, hi)
-            scores = torch.baddbmm(full[lo:hi, :hi].expand(n, rows, hi), q[:, lo:hi], k[:, :hi].transpose(1, 2),
+            scores = torch.baddbmm(q.new_empty(n, rows, hi), q[:, lo:hi], k[:, :hi].transpose(1, 2), beta=0.0,
                                    alpha=scale)
+            scores[:, :, lo:].add_(full[lo:hi, lo:hi])  # the mask: only the diagonal tile has masked entries
             probs.append(torch.softmax(scores, dim=-1))
             out[:, lo:hi] = torch.bmm(probs[-1], v[:, :hi])
         ctx.save_for_backward(q, k, v, *probs)
