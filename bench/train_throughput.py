@@ -158,7 +158,8 @@ class HFLoop:
         self.losses.append(loss.detach())
 
 
-MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::addmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
