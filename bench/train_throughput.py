@@ -4,6 +4,7 @@
     python bench/train_throughput.py --compile       # ours with --compile (torch.compile)
     python bench/train_throughput.py --small         # tiny model (CI): seconds
     python bench/train_throughput.py --profile       # also top-10 ops of each side's step (torch.profiler)
+    python bench/train_throughput.py --kernel-ab --dtypes bf16   # CPU time with each eager kernel off/on
 
 "ours" is the `pretrain_gpt.py` code path, in this process as rank 0 of 1: the arguments parsed
 and validated by `megatron.arguments`, the data pipeline (.bin/.idx corpus, blended dataset,
@@ -204,6 +205,48 @@ def plain_kernels(step) -> None:
         rotary.use_fused, fused_cross_entropy.use_fused, fused_ops.use_fused, attention_cpu.CAUSAL_BLOCKS = saved
 
 
+def kernel_sides(ours: "Ours") -> dict:
+    """Our step with this round's eager kernels (megatron/model/fused_ops.py RMSNorm and SwiGLU,
+    attention_cpu.py's causal query blocks) all off ("none"), one at a time, and all on ("all")."""
+    from megatron.model import attention_cpu, fused_ops
+
+    blocks = attention_cpu.CAUSAL_BLOCKS
+
+    def side(norm: bool, swiglu: bool, causal_blocks: int):
+        def step() -> None:
+            saved = fused_ops.use_fused_norm, fused_ops.use_fused_swiglu, attention_cpu.CAUSAL_BLOCKS
+            fused_ops.use_fused_norm, fused_ops.use_fused_swiglu = (lambda: norm), (lambda: swiglu)
+            attention_cpu.CAUSAL_BLOCKS = causal_blocks
+            try:
+                ours.step()
+            finally:
+                fused_ops.use_fused_norm, fused_ops.use_fused_swiglu, attention_cpu.CAUSAL_BLOCKS = saved
+        return step
+
+    return {"none": side(False, False, 1), "rmsnorm": side(True, False, 1), "swiglu": side(False, True, 1),
+            "causal blocks": side(False, False, blocks), "all": side(True, True, blocks)}
+
+
+def kernel_ab(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str) -> dict:
+    """One thread, process CPU time per step of our trainer (`kernel_sides`), sides alternated:
+    a loaded machine disturbs CPU time much less than wall time. Ratio: median over rounds of
+    none's time / the side's time."""
+    import torch
+
+    n_sides = 5
+    iters = (warmup + rounds) * n_sides + 2
+    data_list = write_corpus(os.path.join(workdir, f"ab-{dtype}"), (iters + 1) * m["mbs"] * (m["seq"] + 1) * 2,
+                             m["vocab"])
+    ours = Ours.build(trainer_flags(m, data_list, iters, dtype, zero, extra))
+    torch.set_num_threads(1)
+    bench = Interleaved(kernel_sides(ours))
+    bench.run(rounds, warmup=warmup)
+    rows = [[name, f"{median(cpu):.3f}", f"{bench.ratio(name, 'none', cpu=True):.3f}"] for name, cpu in bench.cpu.items()]
+    print_table(f"kernel A/B, {dtype}, one thread: process CPU seconds per step, medians of {rounds} interleaved rounds",
+                ["kernels on", "CPU s/step", "none/this"], rows)
+    return {"dtype": dtype, "cpu": bench.cpu, "ratios": {n: bench.ratio(n, "none", cpu=True) for n in bench.cpu}}
+
+
 def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str,
             peak_every: int = 2, profile: bool = False, plain: bool = False) -> dict:
     """Interleaved ours vs hf for one dtype; returns the measured numbers."""
@@ -276,6 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "(torch.profiler): top 10 ops by self CPU time, share of the step, matmul share")
     p.add_argument("--plain", action="store_true", help="also time our trainer with the fused eager kernels off "
                    "(QKV + RoPE, output layer + loss, RMSNorm, SwiGLU, causal attention blocks): column 'ours/plain'")
+    p.add_argument("--kernel-ab", action="store_true", help="instead of the HF comparison: one thread, process CPU "
+                   "time of our step with the RMSNorm / SwiGLU / causal-block kernels off, one at a time, all on")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--extra", default="", help="extra trainer flags for ours, space separated")
     opts = p.parse_args(argv)
@@ -292,6 +337,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ["--keep-zero-stage"] if opts.keep_zero_stage else [])
     print(f"# train_throughput: {machine_line()}", flush=True)
     results = []
+    if opts.kernel_ab:
+        with tempfile.TemporaryDirectory() as workdir:
+            return [kernel_ab(m, dtype, rounds=opts.rounds, warmup=opts.warmup, zero=opts.zero_stage, extra=extra,
+                              workdir=workdir) for dtype in opts.dtypes.split(",")]
     with tempfile.TemporaryDirectory() as workdir:
         for dtype in opts.dtypes.split(","):
             results.append(compare(m, dtype, rounds=opts.rounds, warmup=opts.warmup, zero=opts.zero_stage,

@@ -38,6 +38,14 @@ def use_fused() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def use_fused_norm() -> bool:  # separate switches, so the benchmark can time each kernel alone
+    return use_fused()
+
+
+def use_fused_swiglu() -> bool:
+    return use_fused()
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -131,7 +131,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_ops.use_fused():  # same arithmetic, fewer passes (megatron/model/fused_ops.py)
+        if fused_ops.use_fused_norm():  # same arithmetic, fewer passes (megatron/model/fused_ops.py)
             return fused_ops.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -248,7 +248,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dense_h_to_4h(x)
-        if self.swiglu and fused_ops.use_fused():  # megatron/model/fused_ops.py
+        if self.swiglu and fused_ops.use_fused_swiglu():  # megatron/model/fused_ops.py
             return self.dense_4h_to_h(fused_ops.swiglu(x))
         if self.swiglu:
             gate, up = x.chunk(2, dim=-1)
