@@ -16,11 +16,10 @@ this path only for bf16 on CPU within `MAX_SCORE_ELEMENTS` (`use_explicit`) and
 Causal masks without dropout (the default training case) skip the masked half: the queries are cut
 into `causal_blocks` blocks (4 of 128 rows at seq 512) and block i computes scores, softmax and
 both matmuls only against keys [0, end of block i), (k + 1) / 2k of the s x s work (`_BlockCausal`,
-whose backward accumulates the k and v gradients of all blocks into one buffer with in-place
-`baddbmm_`). The forward is the same per-row arithmetic on a shorter row (the skipped probabilities
+whose backward adds each block's k and v gradients into the last block's). The forward is the same per-row arithmetic on a shorter row (the skipped probabilities
 are exact zeros); the k/v gradients are rounded to bf16 once per block they are summed over. One
-thread, bench model (6 layers, [2, 8, 512, 64]): 8 % less process CPU time per bf16 training step
-(bench/README.md); the split in 2 blocks gave 6 %, 8 blocks of 64 rows 5 %.
+thread, bench model (6 layers, [2, 8, 512, 64]): 5-8 % less process CPU time per bf16 training step
+(runs at different loads, bench/README.md); 4 blocks beat 2 and 8 (64-row blocks).
 
 Semantics equal `F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
 dropout_p=dropout, enable_gqa=True, scale=scale)`: query head i uses kv head i // (heads / kv heads),
@@ -66,44 +65,48 @@ def causal_blocks(s_q: int, s_k: int) -> int:
 
 
 class _BlockCausal(torch.autograd.Function):
-    """Causal attention on [n, s, d] q/k/v, query block by query block (see `causal_blocks`); the
-    backward accumulates each block's k and v gradients into one buffer (in-place `baddbmm_`)."""
+    """Causal attention on [n, s, d] q/k/v, query block by query block (see `causal_blocks`). Every
+    matmul writes a fresh contiguous tensor (an in-place matmul into a slice would go through a
+    contiguous copy of it and back); the backward adds each block's k and v gradients into the
+    rows it covers of the last block's (which covers every key)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: int, scale: float) -> torch.Tensor:
         n, s, d = q.shape
         rows = s // blocks
         full = _causal_bias(s, s, q.device, q.dtype)
-        out = q.new_empty(n, s, d)
-        probs = []
+        probs, outs = [], []
         for i in range(blocks):
             lo, hi = i * rows, (i + 1) * rows  # queries [lo, hi) see keys [0, hi)
             scores = torch.baddbmm(q.new_empty(n, rows, hi), q[:, lo:hi], k[:, :hi].transpose(1, 2), beta=0.0,
                                    alpha=scale)
             scores[:, :, lo:].add_(full[lo:hi, lo:hi])  # the mask: only the diagonal tile has masked entries
             probs.append(torch.softmax(scores, dim=-1))
-            out[:, lo:hi] = torch.bmm(probs[-1], v[:, :hi])
+            outs.append(torch.bmm(probs[-1], v[:, :hi]))
         ctx.save_for_backward(q, k, v, *probs)
         ctx.scale = scale
-        return out
+        return torch.cat(outs, dim=1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, *probs = ctx.saved_tensors
-        n, s, d = q.shape
         blocks, scale = len(probs), ctx.scale
-        rows = s // blocks
-        grads = [q.new_empty(n, s, d) for _ in range(3)]  # dq (every row written), dk, dv (last block first)
-        dq, dk, dv = grads
-        for i in reversed(range(blocks)):
+        rows = q.shape[1] // blocks
+        dq, dk, dv = [None] * blocks, None, None
+        for i in reversed(range(blocks)):  # the last block first: its k and v gradients cover every key
             lo, hi = i * rows, (i + 1) * rows
             p, g = probs[i], grad_out[:, lo:hi]
-            first = 0.0 if i == blocks - 1 else 1.0  # the last block covers every key: it initializes dk, dv
-            dv[:, :hi].baddbmm_(p.transpose(1, 2), g, beta=first)
+            dv_i = torch.bmm(p.transpose(1, 2), g)
             ds = torch.ops.aten._softmax_backward_data(torch.bmm(g, v[:, :hi].transpose(1, 2)), p, -1, p.dtype)
-            dq[:, lo:hi].baddbmm_(ds, k[:, :hi], beta=0.0, alpha=scale)
-            dk[:, :hi].baddbmm_(ds.transpose(1, 2), q[:, lo:hi], beta=first, alpha=scale)
-        return dq, dk, dv, None, None
+            dq[i] = torch.baddbmm(p.new_empty(p.shape[0], rows, q.shape[2]), ds, k[:, :hi], beta=0.0, alpha=scale)
+            dk_i = torch.baddbmm(p.new_empty(p.shape[0], hi, q.shape[2]), ds.transpose(1, 2), q[:, lo:hi], beta=0.0,
+                                 alpha=scale)
+            if dk is None:
+                dk, dv = dk_i, dv_i
+            else:
+                dk[:, :hi].add_(dk_i)
+                dv[:, :hi].add_(dv_i)
+        return torch.cat(dq, dim=1), dk, dv, None, None
 
 
 @functools.lru_cache(maxsize=4)
