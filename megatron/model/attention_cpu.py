@@ -16,8 +16,9 @@ this path only for bf16 on CPU within `MAX_SCORE_ELEMENTS` (`use_explicit`) and
 Causal masks without dropout (the default training case) skip the masked half: the queries are cut
 into `causal_blocks` blocks (4 of 128 rows at seq 512) and block i computes scores, softmax and
 both matmuls only against keys [0, end of block i), (k + 1) / 2k of the s x s work (`_BlockCausal`,
-whose backward adds each block's k and v gradients into the last block's). The forward is the same per-row arithmetic on a shorter row (the skipped probabilities
-are exact zeros); the k/v gradients are rounded to bf16 once per block they are summed over. One
+whose backward adds each block's k and v gradients into the last block's). The forward is the same
+per-row arithmetic on a shorter row (the skipped probabilities are exact zeros); the k/v gradients
+are rounded to bf16 once per block they are summed over. One
 thread, bench model (6 layers, [2, 8, 512, 64]): 5-8 % less process CPU time per bf16 training step
 (runs at different loads, bench/README.md); 4 blocks beat 2 and 8 (64-row blocks).
 
