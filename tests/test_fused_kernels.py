@@ -10,8 +10,8 @@
   two (a mean over 2^k tokens); otherwise the fused path rounds G = softmax - onehot to bf16 before
   scaling by the weight instead of after, one extra bf16 rounding (relative 2^-8) on
   values of size up to max|G @ W|: asserted <= 2^-7 of the largest gradient entry.
-* `megatron/model/fused_ops.py` (RMSNorm, SwiGLU): the plain path is `RMSNorm.forward` / `MLP.forward`
-  with `fused_ops.use_fused` off. Same expressions, rounding for rounding: output and both gradients
+* `megatron/model/fused_norm.py` (RMSNorm): the plain path is `RMSNorm.forward` with
+  `fused_norm.use_fused` off. Same expressions, rounding for rounding: output and both gradients
   bit-identical for the module alone in float32 and bf16 (also a float32 weight on a bf16 input). In
   a whole float32 model the gradient reaching a norm's input is the sum of three float32 terms (the
   residual, the normalized path, the rstd path); the plain autograd adds them in the order the engine
@@ -29,8 +29,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.model import GPTConfig, GPTModel, attention_cpu, fused_cross_entropy, fused_ops, rotary
-from megatron.model.gpt import MLP, RMSNorm
+from megatron.model import GPTConfig, GPTModel, attention_cpu, fused_cross_entropy, fused_norm, rotary
+from megatron.model.gpt import RMSNorm
 
 BF16 = torch.bfloat16
 
@@ -157,11 +157,11 @@ def test_rms_norm_is_bit_identical_to_the_module(monkeypatch, dtype, weight_dtyp
     x = (3 * torch.randn(2, 40, 96, generator=gen)).to(dtype)
     grad = torch.randn(2, 40, 96, generator=gen).to(torch.promote_types(dtype, weight_dtype))
     calls = []
-    real = fused_ops.rms_norm
-    monkeypatch.setattr(fused_ops, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    real = fused_norm.rms_norm
+    monkeypatch.setattr(fused_norm, "rms_norm", lambda *a: calls.append(1) or real(*a))
     fused = _module_case(norm, x, [norm.weight], grad)
     assert calls == [1]
-    monkeypatch.setattr(fused_ops, "use_fused", lambda: False)
+    monkeypatch.setattr(fused_norm, "use_fused", lambda: False)
     plain = _module_case(norm, x, [norm.weight], grad)
     assert calls == [1]
     for a, b in zip(fused, plain):
@@ -173,29 +173,7 @@ def test_rms_norm_is_bit_identical_to_the_module(monkeypatch, dtype, weight_dtyp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_swiglu_is_bit_identical_to_the_module(monkeypatch, dtype):
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=16, hidden_size=64, num_layers=1, num_attention_heads=4, ffn_hidden_size=96)
-    mlp = MLP(cfg).to(dtype)
-    x = torch.randn(2, 24, 64).to(dtype)
-    grad = torch.randn(2, 24, 64).to(dtype)
-    params = list(mlp.parameters())
-    calls = []
-    real = fused_ops.swiglu
-    monkeypatch.setattr(fused_ops, "swiglu", lambda z: calls.append(z.shape) or real(z))
-    fused = _module_case(mlp, x, params, grad)
-    assert calls == [(2, 24, 192)]  # the [gate; up] projection's output
-    monkeypatch.setattr(fused_ops, "use_fused", lambda: False)
-    plain = _module_case(mlp, x, params, grad)
-    for a, b in zip(fused, plain):
-        assert torch.equal(a, b)
-    z = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)  # the function itself against its formula
-    torch.autograd.gradcheck(fused_ops.swiglu, (z,))
-    assert torch.equal(fused_ops.swiglu(z), F.silu(z[:, :4]) * z[:, 4:])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_model_with_fused_norm_and_swiglu_matches_the_plain_model(monkeypatch, dtype):
+def test_model_with_fused_norm_matches_the_plain_model(monkeypatch, dtype):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=256, hidden_size=128, num_layers=2, num_attention_heads=4, max_position_embeddings=64)
     model = GPTModel(cfg).to(dtype)
@@ -205,7 +183,7 @@ def test_model_with_fused_norm_and_swiglu_matches_the_plain_model(monkeypatch, d
                 p.add_(0.2 * torch.randn_like(p))
     tokens = torch.randint(0, 256, (2, 32))
     fused = _loss_and_grads(model, tokens)
-    monkeypatch.setattr(fused_ops, "use_fused", lambda: False)
+    monkeypatch.setattr(fused_norm, "use_fused", lambda: False)
     plain = _loss_and_grads(model, tokens)
     assert torch.equal(fused[0], plain[0])
     for a, b in zip(fused[1:], plain[1:]):

@@ -17,7 +17,7 @@ from torch import nn
 
 from megatron.core import sequence_parallel as ulysses
 from megatron.core import tensor_parallel as tp
-from megatron.model import attention_cpu, fused_cross_entropy, fused_ops, rotary
+from megatron.model import attention_cpu, fused_cross_entropy, fused_norm, rotary
 
 _RESIDUAL_PROJECTIONS = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), or None with learned positions
@@ -131,8 +131,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_ops.use_fused_norm():  # same arithmetic, fewer passes (megatron/model/fused_ops.py)
-            return fused_ops.rms_norm(x, self.weight, self.eps)
+        if fused_norm.use_fused():  # same arithmetic, fewer passes (megatron/model/fused_norm.py)
+            return fused_norm.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -248,8 +248,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dense_h_to_4h(x)
-        if self.swiglu and fused_ops.use_fused_swiglu():  # megatron/model/fused_ops.py
-            return self.dense_4h_to_h(fused_ops.swiglu(x))
         if self.swiglu:
             gate, up = x.chunk(2, dim=-1)
             return self.dense_4h_to_h(F.silu(gate) * up)
