@@ -20,8 +20,8 @@ is exact):
 `c * x32` equals the plain `(expand(g) / h) * (2 * x32)` exactly (scaling by 2 is exact), so the
 gradients are bit-identical to the plain module's in float32 and bf16 (tests/test_fused_kernels.py).
 
-Measured (bench/README.md): ~1 % less CPU time per bf16 step of the benchmark model, not slower in
-fp32, and no float32 copy of each norm's input kept for the backward. A SwiGLU function of the
+Measured (bench/README.md): 0-1 % less CPU time per bf16 step of the benchmark model, not slower
+in fp32, and no float32 copy of each norm's input kept for the backward. A SwiGLU function of the
 same kind (both gradient halves written into one buffer) was measured neutral (within +-1 %, fp32
 and bf16) and dropped.
 """
