@@ -18,9 +18,9 @@ into `causal_blocks` blocks (4 of 128 rows at seq 512) and block i computes scor
 both matmuls only against keys [0, end of block i), (k + 1) / 2k of the s x s work (`_BlockCausal`,
 whose backward adds each block's k and v gradients into the last block's). The forward is the same
 per-row arithmetic on a shorter row (the skipped probabilities are exact zeros); the k/v gradients
-are rounded to bf16 once per block they are summed over. One
-thread, bench model (6 layers, [2, 8, 512, 64]): 5-8 % less process CPU time per bf16 training step
-(runs at different loads, bench/README.md); 4 blocks beat 2 and 8 (64-row blocks).
+are rounded to bf16 once per block they are summed over. One thread, bench model (6 layers,
+[2, 8, 512, 64]): 5-8 % less process CPU time per bf16 training step (runs at different loads,
+bench/README.md); 4 blocks beat 2 and 8 (64-row blocks).
 
 Semantics equal `F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
 dropout_p=dropout, enable_gqa=True, scale=scale)`: query head i uses kv head i // (heads / kv heads),
