@@ -4,6 +4,7 @@
     python bench/train_throughput.py --compile       # ours with --compile (torch.compile)
     python bench/train_throughput.py --small         # tiny model (CI): seconds
     python bench/train_throughput.py --profile       # also top-10 ops of each side's step (torch.profiler)
+    python bench/train_throughput.py --kernel-ab --dtypes bf16   # CPU time with each eager kernel off/on
 
 "ours" is the `pretrain_gpt.py` code path, in this process as rank 0 of 1: the arguments parsed
 and validated by `megatron.arguments`, the data pipeline (.bin/.idx corpus, blended dataset,
@@ -158,7 +159,8 @@ class HFLoop:
         self.losses.append(loss.detach())
 
 
-MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::addmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
@@ -189,15 +191,59 @@ def print_profile(name: str, prof: dict) -> None:
 
 def plain_kernels(step) -> None:
     """One step of our trainer with the fused eager kernels off (megatron/model/rotary.py,
-    fused_cross_entropy.py): the model code as it was before them, same engine and weights."""
-    from megatron.model import fused_cross_entropy, rotary
+    fused_cross_entropy.py, fused_norm.py, attention_cpu.py's causal query blocks): the model code
+    as it was before them, same engine and weights."""
+    from megatron.model import attention_cpu, fused_cross_entropy, fused_norm, rotary
 
-    saved = rotary.use_fused, fused_cross_entropy.use_fused
-    rotary.use_fused, fused_cross_entropy.use_fused = (lambda: False), (lambda x: False)
+    saved = rotary.use_fused, fused_cross_entropy.use_fused, fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS
+    rotary.use_fused = fused_norm.use_fused = lambda: False
+    fused_cross_entropy.use_fused = lambda x: False
+    attention_cpu.CAUSAL_BLOCKS = 1
     try:
         step()
     finally:
-        rotary.use_fused, fused_cross_entropy.use_fused = saved
+        rotary.use_fused, fused_cross_entropy.use_fused, fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS = saved
+
+
+def kernel_sides(ours: "Ours") -> dict:
+    """Our step with this round's eager kernels (megatron/model/fused_norm.py's RMSNorm,
+    attention_cpu.py's causal query blocks) both off ("none"), one at a time, and both on ("all")."""
+    from megatron.model import attention_cpu, fused_norm
+
+    blocks = attention_cpu.CAUSAL_BLOCKS
+
+    def side(norm: bool, causal_blocks: int):
+        def step() -> None:
+            saved = fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS
+            fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS = (lambda: norm), causal_blocks
+            try:
+                ours.step()
+            finally:
+                fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS = saved
+        return step
+
+    return {"none": side(False, 1), "rmsnorm": side(True, 1), "causal blocks": side(False, blocks),
+            "all": side(True, blocks)}
+
+
+def kernel_ab(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str) -> dict:
+    """One thread, process CPU time per step of our trainer (`kernel_sides`), sides alternated:
+    a loaded machine disturbs CPU time much less than wall time. Ratio: median over rounds of
+    none's time / the side's time."""
+    import torch
+
+    n_sides = 4
+    iters = (warmup + rounds) * n_sides + 2
+    data_list = write_corpus(os.path.join(workdir, f"ab-{dtype}"), (iters + 1) * m["mbs"] * (m["seq"] + 1) * 2,
+                             m["vocab"])
+    ours = Ours.build(trainer_flags(m, data_list, iters, dtype, zero, extra))
+    torch.set_num_threads(1)
+    bench = Interleaved(kernel_sides(ours))
+    bench.run(rounds, warmup=warmup)
+    rows = [[name, f"{median(cpu):.3f}", f"{bench.ratio(name, 'none', cpu=True):.3f}"] for name, cpu in bench.cpu.items()]
+    print_table(f"kernel A/B, {dtype}, one thread: process CPU seconds per step, medians of {rounds} interleaved rounds",
+                ["kernels on", "CPU s/step", "none/this"], rows)
+    return {"dtype": dtype, "cpu": bench.cpu, "ratios": {n: bench.ratio(n, "none", cpu=True) for n in bench.cpu}}
 
 
 def compare(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str,
@@ -271,7 +317,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true", help="after the timed rounds, profile 2 steps of each side "
                    "(torch.profiler): top 10 ops by self CPU time, share of the step, matmul share")
     p.add_argument("--plain", action="store_true", help="also time our trainer with the fused eager kernels off "
-                   "(QKV + RoPE, output layer + loss): column 'ours/plain'")
+                   "(QKV + RoPE, output layer + loss, RMSNorm, causal attention blocks): column 'ours/plain'")
+    p.add_argument("--kernel-ab", action="store_true", help="instead of the HF comparison: one thread, process CPU "
+                   "time of our step with the RMSNorm / causal-block kernels off, one at a time, both on")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--extra", default="", help="extra trainer flags for ours, space separated")
     opts = p.parse_args(argv)
@@ -288,6 +336,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ["--keep-zero-stage"] if opts.keep_zero_stage else [])
     print(f"# train_throughput: {machine_line()}", flush=True)
     results = []
+    if opts.kernel_ab:
+        with tempfile.TemporaryDirectory() as workdir:
+            return [kernel_ab(m, dtype, rounds=opts.rounds, warmup=opts.warmup, zero=opts.zero_stage, extra=extra,
+                              workdir=workdir) for dtype in opts.dtypes.split(",")]
     with tempfile.TemporaryDirectory() as workdir:
         for dtype in opts.dtypes.split(","):
             results.append(compare(m, dtype, rounds=opts.rounds, warmup=opts.warmup, zero=opts.zero_stage,

@@ -10,6 +10,18 @@
   two (a mean over 2^k tokens); otherwise the fused path rounds G = softmax - onehot to bf16 before
   scaling by the weight instead of after, one extra bf16 rounding (relative 2^-8) on
   values of size up to max|G @ W|: asserted <= 2^-7 of the largest gradient entry.
+* `megatron/model/fused_norm.py` (RMSNorm): the plain path is `RMSNorm.forward` with
+  `fused_norm.use_fused` off. Same expressions, rounding for rounding: output and both gradients
+  bit-identical for the module alone in float32 and bf16 (also a float32 weight on a bf16 input). In
+  a whole float32 model the gradient reaching a norm's input is the sum of three float32 terms (the
+  residual, the normalized path, the rstd path); the plain autograd adds them in the order the engine
+  meets them, the fused backward adds the last two first: the parameter gradients then differ by float32
+  reassociation only, asserted <= 1e-5 of the largest entry; in bf16 the plain path sums the two
+  terms in float32 first as well, so the bf16 model is bit-identical.
+* `megatron/model/attention_cpu.py` causal query blocks: against the one-block path (the previous
+  code) and float64 sdpa on the same inputs. The forward is the same per-row arithmetic on a shorter row
+  (the skipped scores are exact zeros after the softmax); k and v gradients are summed block by block
+  in bf16 (one rounding per block): asserted within 2^-7 of the largest entry of the one-block path.
 """
 from __future__ import annotations
 
@@ -17,7 +29,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.model import GPTConfig, GPTModel, fused_cross_entropy, rotary
+from megatron.model import GPTConfig, GPTModel, attention_cpu, fused_cross_entropy, fused_norm, rotary
+from megatron.model.gpt import RMSNorm
 
 BF16 = torch.bfloat16
 
@@ -124,3 +137,98 @@ def test_model_uses_fused_loss_in_bf16_only(monkeypatch, tied):
     plain = _loss_and_grads(model, tokens)
     for a, b in zip(fused, plain):
         assert torch.equal(a, b)
+
+
+def _module_case(fn, x, params, grad):
+    xx = x.clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    out = fn(xx)
+    out.backward(grad)
+    return [out.detach(), xx.grad] + [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (BF16, BF16), (BF16, torch.float32)])
+def test_rms_norm_is_bit_identical_to_the_module(monkeypatch, dtype, weight_dtype):
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(96, 1e-5).to(weight_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(96, generator=gen))
+    x = (3 * torch.randn(2, 40, 96, generator=gen)).to(dtype)
+    grad = torch.randn(2, 40, 96, generator=gen).to(torch.promote_types(dtype, weight_dtype))
+    calls = []
+    real = fused_norm.rms_norm
+    monkeypatch.setattr(fused_norm, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    fused = _module_case(norm, x, [norm.weight], grad)
+    assert calls == [1]
+    monkeypatch.setattr(fused_norm, "use_fused", lambda: False)
+    plain = _module_case(norm, x, [norm.weight], grad)
+    assert calls == [1]
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # independent check of the value: float64 RMSNorm of the same input, then the module's roundings
+    x64 = x.double()
+    ref = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).double() * norm.weight.double()
+    assert torch.allclose(fused[0].double(), ref, rtol=2**-7 if dtype == BF16 else 1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_model_with_fused_norm_matches_the_plain_model(monkeypatch, dtype):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=256, hidden_size=128, num_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    model = GPTModel(cfg).to(dtype)
+    with torch.no_grad():  # norms with non-trivial weights
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    tokens = torch.randint(0, 256, (2, 32))
+    fused = _loss_and_grads(model, tokens)
+    monkeypatch.setattr(fused_norm, "use_fused", lambda: False)
+    plain = _loss_and_grads(model, tokens)
+    assert torch.equal(fused[0], plain[0])
+    for a, b in zip(fused[1:], plain[1:]):
+        if dtype == BF16:
+            assert torch.equal(a, b)
+        else:  # float32 reassociation of the norm input's gradient (module docstring)
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_causal_blocks_rule(monkeypatch):
+    monkeypatch.setattr(attention_cpu, "CAUSAL_BLOCKS", 4)
+    monkeypatch.setattr(attention_cpu, "MIN_BLOCK_ROWS", 128)
+    assert attention_cpu.causal_blocks(512, 512) == 4
+    assert attention_cpu.causal_blocks(384, 384) == 3  # 4 blocks of 96 rows would be under the minimum
+    assert attention_cpu.causal_blocks(300, 300) == 2
+    assert attention_cpu.causal_blocks(200, 200) == 1
+    assert attention_cpu.causal_blocks(512, 1024) == 1  # only square (self-attention) scores
+    monkeypatch.setattr(attention_cpu, "CAUSAL_BLOCKS", 1)
+    assert attention_cpu.causal_blocks(512, 512) == 1
+
+
+@pytest.mark.parametrize("heads,kv_heads,s", [(4, 4, 64), (8, 2, 48)])
+def test_block_causal_attention_matches_one_block_and_sdpa(monkeypatch, heads, kv_heads, s):
+    gen = torch.Generator().manual_seed(0)
+    q = (2 * torch.randn(2, heads, s, 32, generator=gen)).to(BF16)
+    k, v, grad_out = (torch.randn(2, n, s, 32, generator=gen).to(BF16) for n in (kv_heads, kv_heads, heads))
+
+    def run(fn, dtype=BF16):
+        qq, kk, vv = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        out = fn(qq, kk, vv)
+        out.backward(grad_out.to(dtype))
+        return [out.detach().double(), qq.grad.double(), kk.grad.double(), vv.grad.double()]
+
+    monkeypatch.setattr(attention_cpu, "MIN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(attention_cpu, "CAUSAL_BLOCKS", 4)
+    applied = []
+    real = attention_cpu._BlockCausal.apply
+    monkeypatch.setattr(attention_cpu._BlockCausal, "apply", lambda *a: applied.append(a[3]) or real(*a))
+    blocks = run(attention_cpu.attention)
+    assert applied == [4]
+    monkeypatch.setattr(attention_cpu, "CAUSAL_BLOCKS", 1)
+    one = run(attention_cpu.attention)
+    assert applied == [4]
+    ref = run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True), torch.float64)
+    for got, base, exact in zip(blocks, one, ref):
+        assert (got - base).abs().max() <= 2**-7 * base.abs().max()
+        # as close to float64 as the one-block path (test_attention_cpu's bound: 2^-5 of the largest entry)
+        assert (got - exact).abs().max() <= 2**-5 * exact.abs().max()

@@ -17,7 +17,7 @@ from torch import nn
 
 from megatron.core import sequence_parallel as ulysses
 from megatron.core import tensor_parallel as tp
-from megatron.model import attention_cpu, fused_cross_entropy, rotary
+from megatron.model import attention_cpu, fused_cross_entropy, fused_norm, rotary
 
 _RESIDUAL_PROJECTIONS = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), or None with learned positions
@@ -131,6 +131,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_norm.use_fused():  # same arithmetic, fewer passes (megatron/model/fused_norm.py)
+            return fused_norm.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
