@@ -18,8 +18,9 @@ def defer_muon_compile() -> bool:
 
     import torch  # noqa: PLC0415
     from deepspeed.runtime import compiler  # noqa: PLC0415
+    from deepspeed.runtime.zero import muon  # noqa: PLC0415  (an empty package)
 
-    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+    if f"{muon.__name__}.original_muon" in sys.modules:
         return False
 
     def compile_on_first_call():
