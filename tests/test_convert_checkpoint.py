@@ -290,6 +290,8 @@ def test_padding_fix_large_padding_group(tmp_path):
     script = tmp_path / "tiny_ds.py"
     script.write_text(textwrap.dedent("""
         import sys, torch, deepspeed
+        from megatron.deepspeed_compat import skip_shm_inference_op
+        skip_shm_inference_op()  # as the trainer: no C++ all-reduce op compiled in a fresh environment
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 1)
