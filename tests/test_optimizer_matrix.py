@@ -156,11 +156,13 @@ def cached_reference(args, model, rows: list[torch.Tensor], dtype: torch.dtype |
     """`reference(...)`, computed once per distinct input. The reference is one process without ZeRO, so
     the cell's ZeRO stage is not one of its inputs (the registry reads it only in its refusal checks): the
     4 stages of an optimizer and precision share it when everything else is equal — the whole config but
-    the stage (and the argv it was parsed from), the clip, the dtype, the fp16 loss scales and the initial
-    weights (compared exactly)."""
+    the stage (and the argv it was parsed from, the log's reason for not compiling), the clip, the dtype,
+    the fp16 loss scales and the initial weights (compared exactly)."""
     config = Config.from_args(args)
+    # the argv is the same, parsed; compile_reason is the log's sentence on why --compile is off (its wording
+    # names the stage's reason), while the decision itself (training.compile, off in every cell) stays in the key
     config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, zero_stage=0),
-                                 runtime=dataclasses.replace(config.runtime, argv=[]))  # the argv: the same, parsed
+                                 runtime=dataclasses.replace(config.runtime, argv=[], compile_reason=None))
     key = (repr(config), args.clip_grad, dtype, tuple(scales) if scales else None)
     init = dict(model.state_dict())
     for seen, result in _REFERENCES.get(key, []):
