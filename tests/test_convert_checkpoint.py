@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from distributed import ROOT, TINY_MODEL, become_rank, env_for, free_port, make_dataset, run_trainer
+from distributed import ROOT, TINY_MODEL, become_rank, env_for, free_port, make_dataset, run_trainer, spawn
 
 from megatron.checkpoint import checkpointing as ck
 from tools.convert_checkpoint import ds_to_universal as d2u
@@ -242,7 +242,7 @@ def logits_after_load(tp: int, load: str, out: str, *extra: str) -> dict:
                          "--data-path", "unused", "--zero-stage", "1", "--deepspeed", "--seed", "1", "--lr", "1e-3",
                          "--use-checkpoint-opt_param-scheduler", "--tensor-model-parallel-size", str(tp),
                          "--load", load, *extra]
-    torch.multiprocessing.spawn(_logits_worker, args=(tp, free_port(), argv, out), nprocs=tp)
+    spawn(_logits_worker, (tp, free_port(), argv, out), tp)
     return torch.load(out, weights_only=False)
 
 
