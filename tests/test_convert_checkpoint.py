@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from distributed import ROOT, TINY_MODEL, become_rank, env_for, free_port, make_dataset, run_trainer
+from distributed import ROOT, TINY_MODEL, become_rank, env_for, free_port, make_dataset, run_trainer, spawn
 
 from megatron.checkpoint import checkpointing as ck
 from tools.convert_checkpoint import ds_to_universal as d2u
@@ -242,7 +242,7 @@ def logits_after_load(tp: int, load: str, out: str, *extra: str) -> dict:
                          "--data-path", "unused", "--zero-stage", "1", "--deepspeed", "--seed", "1", "--lr", "1e-3",
                          "--use-checkpoint-opt_param-scheduler", "--tensor-model-parallel-size", str(tp),
                          "--load", load, *extra]
-    torch.multiprocessing.spawn(_logits_worker, args=(tp, free_port(), argv, out), nprocs=tp)
+    spawn(_logits_worker, (tp, free_port(), argv, out), tp)
     return torch.load(out, weights_only=False)
 
 
@@ -290,6 +290,8 @@ def test_padding_fix_large_padding_group(tmp_path):
     script = tmp_path / "tiny_ds.py"
     script.write_text(textwrap.dedent("""
         import sys, torch, deepspeed
+        from megatron.deepspeed_compat import skip_shm_inference_op
+        skip_shm_inference_op()  # as the trainer: no C++ all-reduce op compiled in a fresh environment
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 1)

@@ -28,7 +28,7 @@ import os
 
 import pytest
 import torch
-from distributed import TINY_MODEL, become_rank, free_port, make_dataset, read_metrics, run_trainer
+from distributed import TINY_MODEL, become_rank, free_port, make_dataset, read_metrics, run_trainer, spawn
 
 from megatron.checkpoint import checkpointing as ck
 from tools.convert_checkpoint import ds_to_universal as d2u
@@ -126,7 +126,7 @@ def logits_of(nproc: int, loads: dict, out: str, *flags: str) -> dict:
     argv = TINY_MODEL + ["--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "1",
                          "--data-path", "unused", "--deepspeed", "--seed", "1", "--lr", "1e-3",
                          "--use-checkpoint-opt_param-scheduler", *flags]
-    torch.multiprocessing.spawn(_logits_worker, args=(nproc, free_port(), argv, loads, out), nprocs=nproc)
+    spawn(_logits_worker, (nproc, free_port(), argv, loads, out), nproc)
     return torch.load(out, weights_only=False)
 
 

@@ -587,8 +587,10 @@ DS_SCRIPT = textwrap.dedent(
     """
     import json, sys, tempfile
     import torch, deepspeed
+    from megatron.deepspeed_compat import skip_shm_inference_op
     from megatron.schedules import OptimizerParamScheduler, ScheduleSpec, lr_at
 
+    skip_shm_inference_op()  # as the trainer: no C++ all-reduce op compiled in a fresh environment
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     torch.manual_seed(0)
     cfg = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 0}}
@@ -640,7 +642,7 @@ def test_deepspeed_engine_drives_the_scheduler():
     pytest.importorskip("deepspeed")
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=str(REPO / ".venv" / "torch_extensions"),
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     proc = subprocess.run([sys.executable, "-c", DS_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,

@@ -123,6 +123,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     import deepspeed  # noqa: PLC0415  (DistributedAttention talks through deepspeed.comm)
 
+    from megatron.deepspeed_compat import skip_shm_inference_op  # noqa: PLC0415
+
+    skip_shm_inference_op()  # as the trainer: no C++ all-reduce op compiled in a fresh environment
     dist.init_process_group("gloo", rank=rank, world_size=SP)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     ps.initialize_model_parallel(1, 1, SP)
