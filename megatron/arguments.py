@@ -577,7 +577,7 @@ def grad_accum_dtype_problems(args: argparse.Namespace) -> list[str]:
     """16-bit gradients (--grad-accum-dtype bf16/fp16) where DeepSpeed would keep fp32 ones anyway:
     with pipeline parallelism (its bf16 optimizer there is `BF16_Optimizer`, fp32 gradient copies) and
     with optimizer offload (ZeRO-Offload accumulates the gradients in fp32 on the CPU)."""
-    if args.grad_accum_dtype in (None, "fp32"):
+    if args.grad_accum_dtype == "fp32":
         return []
     where = [why for why, hit in (
         ("pipeline parallelism (PP > 1: DeepSpeed's pipeline engine keeps fp32 gradient copies)",

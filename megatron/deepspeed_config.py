@@ -75,10 +75,17 @@ def build_ds_config(config: Config) -> dict:
     for k, v in zero_bucket_sizes(config).items():  # by model size, where neither a flag nor the file sets them
         zero.setdefault(k, v)
     if config.precision.bf16 or config.precision.fp16:
-        dtypes = gradient_dtypes(config)
-        cfg["communication_data_type"] = dtypes["communication_data_type"]
-        if "grad_accum_dtype" in dtypes:
-            cfg.setdefault("data_types", {})["grad_accum_dtype"] = dtypes["grad_accum_dtype"]
+        # The gradients' dtype (--grad-accum-dtype). fp32, the default: Megatron's
+        # --accumulate-allreduce-grads-in-fp32, always: the gradients are averaged across ranks and accumulated
+        # over micro-batches in fp32 (DeepSpeed's default sums them in bf16/fp16; bf16 ZeRO-1 is then DeepSpeed's
+        # `BF16_Optimizer`). Stage 0's half-precision optimizer cannot accumulate in fp32: arguments.py refuses it
+        # where it would sum. bf16/fp16: the gradients stay in the weights' dtype at every stage (ZeRO-1/2/3:
+        # DeepSpeed's ZeRO optimizers with 16-bit gradient partitions and buckets), averaged across ranks in that
+        # dtype: the ZeRO paper's 2 bytes per parameter; arguments.py refuses it where DeepSpeed keeps fp32 anyway.
+        grads = config.precision.grad_accum_dtype
+        cfg["communication_data_type"] = grads
+        if config.parallel.zero_stage >= 1 or grads != "fp32":
+            cfg.setdefault("data_types", {})["grad_accum_dtype"] = grads
     # upstream's fp16 launch config has "bfloat16": {"enabled": false, "loss_scale": 1.0}; DeepSpeed's bf16
     # block refuses a loss_scale (bf16 has no loss scaling)
     bf16 = {k: v for k, v in cfg.get("bf16", cfg.get("bfloat16", {})).items() if k != "loss_scale"}
@@ -95,23 +102,6 @@ def build_ds_config(config: Config) -> dict:
     if profiler:
         cfg["flops_profiler"] = profiler
     return cfg
-
-
-def gradient_dtypes(config: Config) -> dict:
-    """The DeepSpeed fields that decide the gradients' dtype in a bf16/fp16 run (`--grad-accum-dtype`).
-
-    fp32 (the default): Megatron's --accumulate-allreduce-grads-in-fp32, always: the gradients are
-    averaged across ranks and accumulated over micro-batches in fp32 (DeepSpeed's default sums them in
-    bf16/fp16; bf16 ZeRO-1 is then DeepSpeed's `BF16_Optimizer`). Stage 0's half-precision optimizer
-    cannot accumulate in fp32: arguments.py refuses it where it would sum.
-    bf16/fp16: the gradients stay in the weights' dtype at every stage (ZeRO-1/2/3: DeepSpeed's ZeRO
-    optimizers with 16-bit gradient partitions and buckets), averaged across ranks in that dtype: the
-    ZeRO paper's 2 bytes per parameter. arguments.py refuses it where DeepSpeed keeps fp32 anyway."""
-    dtype = config.precision.grad_accum_dtype
-    out = {"communication_data_type": dtype}
-    if config.parallel.zero_stage >= 1 or dtype != "fp32":
-        out["grad_accum_dtype"] = dtype
-    return out
 
 
 def flops_profiler_config(config: Config) -> dict | None:

@@ -94,7 +94,7 @@ def run_ranks(cmd: list[str], nproc: int, env: dict, timeout: int) -> subprocess
     WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), without torchrun's agent process (its
     own `import torch` is ~2 s of CPU per launch). As under torchrun, the first rank that fails stops
     the others; the result holds its exit status and the ranks' outputs in rank order."""
-    port, procs, status = free_port(), [], 0
+    port, procs = free_port(), []
     with tempfile.TemporaryDirectory() as logs:
         log = lambda rank, kind: os.path.join(logs, f"{rank}.{kind}")  # noqa: E731
         for rank in range(nproc):
@@ -102,13 +102,16 @@ def run_ranks(cmd: list[str], nproc: int, env: dict, timeout: int) -> subprocess
                         "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
             with open(log(rank, "out"), "w") as out, open(log(rank, "err"), "w") as err:
                 procs.append(subprocess.Popen(cmd, env=rank_env, cwd=ROOT, stdout=out, stderr=err))
-        deadline = time.monotonic() + timeout
-        while status == 0 and any(p.poll() is None for p in procs):
-            status = next((p.returncode for p in procs if p.returncode), 0)
-            if status == 0 and time.monotonic() > deadline:
-                status = None
-            time.sleep(0.05)
-        status = status if status != 0 else next((p.returncode for p in procs if p.returncode), 0)
+        deadline, status = time.monotonic() + timeout, None
+        while status is None:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c]
+            if failed or None not in codes:  # a failed rank (the first in rank order) or all done
+                status = failed[0] if failed else 0
+            elif time.monotonic() > deadline:
+                break
+            else:
+                time.sleep(0.05)
         for p in procs:
             if p.poll() is None:
                 p.kill()
