@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from warm import Zygote
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny Llama: fast on 2 cores, still every code path of the real one.
@@ -89,24 +91,42 @@ def launch_command(nproc: int, launcher: str) -> list[str]:
     raise ValueError(launcher)
 
 
-def run_ranks(cmd: list[str], nproc: int, env: dict, timeout: int) -> subprocess.CompletedProcess:
-    """`nproc` ranks of `cmd` started directly with the variables torchrun gives its workers (RANK,
-    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), without torchrun's agent process (its
-    own `import torch` is ~2 s of CPU per launch). As under torchrun, the first rank that fails stops
-    the others; the result holds its exit status and the ranks' outputs in rank order."""
-    port, procs = free_port(), []
+_ZYGOTE: Zygote | None = None
+
+
+def warm_zygote() -> Zygote:
+    """This pytest process's warm trainer process (tests/warm.py), started on first use."""
+    global _ZYGOTE
+    if _ZYGOTE is None:
+        _ZYGOTE = Zygote(env_for(1), ROOT)
+    return _ZYGOTE
+
+
+def start_process(cmd: list[str], env: dict, stdout: str, stderr: str):
+    """`cmd` with `env` in ROOT, its output to the files `stdout` and `stderr`: forked from this pytest
+    process's warm trainer process where that gives what a fresh process would (tests/warm.py: a
+    `python <script>` command whose environment differs from the warm process's only in variables read at
+    run time), else a fresh `subprocess.Popen`; stdin from /dev/null either way. TEST_WARM=0 starts every
+    process fresh."""
+    if os.environ.get("TEST_WARM", "1") != "0" and warm_zygote().accepts(cmd, env):
+        return warm_zygote().start(cmd, env, ROOT, stdout, stderr)
+    with open(stdout, "w") as out, open(stderr, "w") as err:
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+
+def run_processes(cmd: list[str], envs: list[dict], timeout: int) -> subprocess.CompletedProcess:
+    """One process of `cmd` per environment in `envs` (`start_process`). As under torchrun, the first
+    process that fails stops the others; the result holds its exit status and the outputs in order."""
+    procs = []
     with tempfile.TemporaryDirectory() as logs:
-        log = lambda rank, kind: os.path.join(logs, f"{rank}.{kind}")  # noqa: E731
-        for rank in range(nproc):
-            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                        "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            with open(log(rank, "out"), "w") as out, open(log(rank, "err"), "w") as err:
-                procs.append(subprocess.Popen(cmd, env=rank_env, cwd=ROOT, stdout=out, stderr=err))
+        log = lambda i, kind: os.path.join(logs, f"{i}.{kind}")  # noqa: E731
+        for i, env in enumerate(envs):
+            procs.append(start_process(cmd, env, log(i, "out"), log(i, "err")))
         deadline, status = time.monotonic() + timeout, None
         while status is None:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c]
-            if failed or None not in codes:  # a failed rank (the first in rank order) or all done
+            if failed or None not in codes:  # a failed process (the first in order) or all done
                 status = failed[0] if failed else 0
             elif time.monotonic() > deadline:
                 break
@@ -118,25 +138,39 @@ def run_ranks(cmd: list[str], nproc: int, env: dict, timeout: int) -> subprocess
             p.wait()
         if status is None:
             raise subprocess.TimeoutExpired(cmd, timeout)
-        out, err = ["".join(open(log(rank, kind)).read() for rank in range(nproc)) for kind in ("out", "err")]
+        out, err = ["".join(open(log(i, kind)).read() for i in range(len(envs))) for kind in ("out", "err")]
     return subprocess.CompletedProcess(cmd, status, out, err)
+
+
+def run_ranks(cmd: list[str], nproc: int, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`nproc` ranks of `cmd` started directly with the variables torchrun gives its workers (RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), without torchrun's agent process (its
+    own `import torch` is ~2 s of CPU per launch); `run_processes` otherwise."""
+    port = free_port()
+    return run_processes(cmd, [{**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                               for rank in range(nproc)], timeout)
 
 
 def run_trainer(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 600,
                 check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """The trainer in `nproc` processes started by `launcher`: "python" (one process), "torchrun",
     "mpiexec", or "ranks" (the ranks directly with torchrun's variables: the tests that are not about
-    the launcher itself, without the cost of torchrun's agent). Without --peak-tflops in `args` it gets
-    --peak-tflops 1: the trainer would otherwise measure the MFU peak at start (0.3 s of matmuls per rank),
-    which test_mfu.py tests and no trainer test here reads."""
+    the launcher itself, without the cost of torchrun's agent). "python" and "ranks" processes are forked
+    from a warm process where that is the same as a fresh one (`start_process`). Without --peak-tflops in
+    `args` it gets --peak-tflops 1: the trainer would otherwise measure the MFU peak at start (0.3 s of
+    matmuls per rank), which test_mfu.py tests and no trainer test here reads."""
     if "--peak-tflops" not in args:
         args = [*args, "--peak-tflops", "1"]
     env = env_for(nproc)
     if launcher == "mpiexec":
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env.update(env_extra or {})
+    script = os.path.join(ROOT, "pretrain_gpt.py")
     if launcher == "ranks":
-        proc = run_ranks([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), *args], nproc, env, timeout)
+        proc = run_ranks([sys.executable, script, *args], nproc, env, timeout)
+    elif launcher == "python" and nproc == 1:
+        proc = run_processes([sys.executable, script, *args], [env], timeout)
     else:
         proc = subprocess.run(launch_command(nproc, launcher) + args, env=env, cwd=ROOT, capture_output=True,
                               text=True, timeout=timeout)

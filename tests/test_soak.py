@@ -21,8 +21,11 @@ def test_reduced_soak_kill_term_and_damaged_checkpoint_match_uninterrupted_run(t
     s0, s1, s2 = r.segments
     assert (s0.signalled, s0.start, s0.resumed_from_fallback) == ("kill", 0, False)
     assert 45 <= s0.stop < 90
-    # SIGKILL saves nothing: the next process resumes from the last periodic save (a multiple of 10)
-    assert (s1.signalled, s1.start) == ("term", s0.stop // 10 * 10)
+    # SIGKILL saves nothing: the next process resumes from the last periodic save (a multiple of 10). When
+    # the kill lands on a multiple of 10, between the iteration's log line and the commit of its save
+    # (seen once on a loaded machine: stopped at 50, resumed from 40), that save never happened.
+    last_save = s0.stop // 10 * 10
+    assert s1.signalled == "term" and s1.start in ({last_save, last_save - 10} if s0.stop % 10 == 0 else {last_save})
     assert 90 <= s1.stop < 120
     # the SIGTERM save (global_step<s1.stop>) was damaged: resumed from the periodic save before it
     assert (s2.signalled, s2.resumed_from_fallback, s2.stop) == (None, True, 120)
