@@ -135,6 +135,10 @@ def test_zero_bucket_sizes_by_model_size(layers, hidden, vocab, bucket, tmp_path
     args.padded_vocab_size = vocab
     zero = build_ds_config(Config.from_args(args))["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == bucket
+    assert "sub_group_size" not in zero  # ZeRO-3's only
+    args.zero_stage = 3  # ZeRO-3's optimizer sub-group: the same eighth (DeepSpeed's default 1e9 is one sub-group)
+    zero = build_ds_config(Config.from_args(args))["zero_optimization"]
+    assert zero["sub_group_size"] == bucket
 
 
 def test_memory_formula_by_hand():

@@ -128,6 +128,15 @@ def config_rows(config: Config, num_params: int | None, parser: argparse.Argumen
     asked = config.runtime.zero_stage_requested
     add("parallel", "ZeRO stage", "zero_stage",
         None if asked is None else f"0 (asked {asked}: one data-parallel replica, nothing to partition)")
+    if config.parallel.zero_stage == 3:
+        from megatron.deepspeed_config import build_ds_config, zero3_sub_group_size  # noqa: PLC0415
+
+        chosen = zero3_sub_group_size(config).get("sub_group_size")
+        size = build_ds_config(config)["zero_optimization"].get("sub_group_size")
+        add("parallel", "ZeRO-3 optimizer sub-group", None,
+            f"{size:.3g} parameters (the DeepSpeed config)" if size != chosen else
+            f"{size:.3g} parameters (an eighth of the model, within [5e6, 5e8]; DeepSpeed's default 1e9)"
+            if size else "DeepSpeed's default (1e9 parameters)")
     add("parallel", "C allocator", "malloc_mmap_threshold",
         config.runtime.malloc_setting or f"mmap threshold {flat['malloc_mmap_threshold']} bytes")
     add("batch", "micro batch", "micro_batch_size")
