@@ -133,3 +133,29 @@ def test_deepspeed_step_is_what_the_chunked_step_mirrors():
     for name in ("_get_preflattened_grad_partition", "_release_preflattened_grad_buffers", "free_grad_in_param_list",
                  "unscale_and_clip_grads", "_lazy_init_hp_params_optimizer_state", "_update_model_bit16_weights"):
         assert callable(getattr(z12.DeepSpeedZeroOptimizer, name)), name
+
+
+def test_step_slices_equals_one_step_and_a_skipped_step_changes_nothing():
+    """torch's fused AdamW over a 1-D master in 4096-element slices (the last one short) == one step over all of it,
+    first step (state made per slice) and later ones; with the step turned into a no-op (the numerics guard's
+    skipped step, `step_without_update`) nothing changes and no state appears."""
+    n, grads = 3 * 4096 + 1000, [torch.randn(3 * 4096 + 1000, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    whole, sliced = torch.nn.Parameter(torch.ones(n)), torch.nn.Parameter(torch.ones(n))
+    a = torch.optim.AdamW([whole], lr=0.1, weight_decay=0.1, fused=True)
+    b = torch.optim.AdamW([sliced], lr=0.1, weight_decay=0.1, fused=True)
+    b.step = lambda *args, **kwargs: None  # skipped: as step_without_update patches the innermost optimizer
+    zero_step._step_slices(b, 0, sliced, lambda start, k: grads[0][start:start + k].clone(), n, 4096)
+    assert torch.equal(sliced, torch.ones(n)) and sliced not in b.state
+    del b.step
+    for g in grads:
+        whole.grad = g.clone()
+        a.step()
+        zero_step._step_slices(b, 0, sliced, lambda start, k, g=g: g[start:start + k].clone(), n, 4096)
+        assert torch.equal(whole, sliced)
+        assert sorted(a.state[whole]) == sorted(b.state[sliced]) and len(b.state) == 1
+        for k in a.state[whole]:
+            assert torch.equal(a.state[whole][k], b.state[sliced][k]), k
+    state = {k: v.clone() for k, v in b.state[sliced].items()}
+    b.step = lambda *args, **kwargs: None
+    zero_step._step_slices(b, 0, sliced, lambda start, k: grads[0][start:start + k].clone(), n, 4096)
+    assert torch.equal(whole, sliced) and all(torch.equal(state[k], b.state[sliced][k]) for k in state)
