@@ -293,6 +293,7 @@ def setup_model_and_optimizer(args, before_engine=None):
     if par.zero_stage == 0 and prec.bf16:
         ds_compat.skip_bf16_overflow_scan(engine)
     ds_compat.step_stage0_in_chunks(engine)  # bf16 stage 0: no fp32 copy of all gradients at once in the step
+    ds_compat.step_zero12_in_chunks(engine)  # bf16 ZeRO-1/2: no bf16 + fp32 copy of the gradient partition either
     return model, engine
 
 

@@ -135,6 +135,29 @@ def test_zero_bucket_sizes_by_model_size(layers, hidden, vocab, bucket, tmp_path
     args.padded_vocab_size = vocab
     zero = build_ds_config(Config.from_args(args))["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == bucket
+    assert "sub_group_size" not in zero and "stage3_max_live_parameters" not in zero  # ZeRO-3's only
+    args.zero_stage = 3  # ZeRO-3's sub-group and live / reuse limits: the same eighth (DeepSpeed's defaults 1e9)
+    zero = build_ds_config(Config.from_args(args))["zero_optimization"]
+    assert zero["sub_group_size"] == zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == bucket
+    assert zero["stage3_prefetch_bucket_size"] == min(bucket, 50_000_000)
+
+
+def test_zero3_memory_settings_leave_the_scaling_model_as_it_was():
+    """bench/scaling.py's ZeRO-3 model (4.3M parameters) is below the 5e6 floor: one sub-group, every parameter
+    stays gathered from its forward to its backward (no extra all-gather), as with DeepSpeed's defaults."""
+    from bench.scaling import MODEL
+    from megatron.arguments import parse_args
+    from megatron.resilience.preflight import parameters_per_rank
+    from megatron.training import build_ds_config
+
+    args = parse_args(MODEL + ["--zero-stage", "3", "--lr", "1e-3", "--train-iters", "2", "--data-path", "x"],
+                      env={"WORLD_SIZE": "2"})
+    args.padded_vocab_size = 2048
+    config = Config.from_args(args)
+    params = parameters_per_rank(config.model, config.parallel, 2048)
+    zero = build_ds_config(config)["zero_optimization"]
+    assert 4e6 < params < zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 5e6
+    assert zero["sub_group_size"] > params and zero["stage3_prefetch_bucket_size"] > params
 
 
 def test_memory_formula_by_hand():

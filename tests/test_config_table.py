@@ -88,3 +88,16 @@ def test_single_replica_zero_stage(extra, env, stage, tmp_path):
         assert a.runtime.zero_stage_requested in (1, 2) and row.value.startswith("0 (asked ")
     else:
         assert a.runtime.zero_stage_requested is None and row.value == str(stage)
+
+
+def test_zero3_memory_row(tmp_path):
+    """ZeRO-3's memory settings, chosen by size unless the DeepSpeed config sets them: the table says which."""
+    a = args_for(["--zero-stage", "3", "--train-iters", "2"])
+    row = rows_by_name(a, {})["ZeRO-3 memory"].value
+    assert row.startswith("sub_group_size 5e+06, stage3_max_live_parameters 5e+06, stage3_max_reuse_distance 5e+06, "
+                          "stage3_prefetch_bucket_size 5e+06; by model size"), row
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"sub_group_size": 1000000000}}')
+    a = args_for(["--zero-stage", "3", "--train-iters", "2", "--deepspeed_config", str(tmp_path / "ds.json")])
+    assert rows_by_name(a, {})["ZeRO-3 memory"].value.startswith(
+        "sub_group_size 1e+09 (the DeepSpeed config), stage3_max_live_parameters 5e+06,")
+    assert "ZeRO-3 memory" not in rows_by_name(args_for(["--zero-stage", "2", "--train-iters", "2"]), {})

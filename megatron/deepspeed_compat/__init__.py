@@ -14,7 +14,7 @@ silently in a run.
   zeroed and added to (`copy_first_bf16_gradient`), no zero-gradient optimizer step when the bf16 stage 0
   optimizer is built (`forget_initial_zero_step`), no second inf/NaN scan at bf16 stage 0
   (`skip_bf16_overflow_scan`), its fp32 gradient copies made and stepped a chunk at a time
-  (`step_stage0_in_chunks`), the pipeline's optimizer step (`wrap_model_step`), `--no-save-optim`
+  (`step_stage0_in_chunks`; bf16 ZeRO-1/2's too, `zero_step.step_zero12_in_chunks`), the pipeline's optimizer step (`wrap_model_step`), `--no-save-optim`
   under ZeRO (`without_optimizer_shards`), the checkpoint engine (`replace_checkpoint_engine`), a
   skipped step (`step_without_update`); and before it, ZeRO-3's parameters partitioned over the
   sequence+data-parallel group under Ulysses SP (`partition_zero3_over_sequence_data_parallel`), and
@@ -43,6 +43,7 @@ from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers
     skip_bf16_overflow_scan, skip_single_replica_allreduce, skip_single_replica_reduction, step_stage0_in_chunks,
     step_without_update,
     sum_zero3_scatter_over_sequence_parallel, without_optimizer_shards, wrap_model_step)
+from megatron.deepspeed_compat.zero_step import step_zero12_in_chunks  # noqa: F401
 from megatron.deepspeed_compat.norms import (  # noqa: F401
     exact_grad_norm, fp64_clip_grad_norm_, fp64_global_norm_of_tensors, fp64_grad_norm_direct, fp64_sq_norm,
     fp64_weight_norm)

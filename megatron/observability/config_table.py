@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 from megatron.config import Config
 
+ZERO3_KEYS = ("sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+              "stage3_prefetch_bucket_size")
+
 # dest -> the launcher's environment variables that set it (upstream-spec §2.4/§2.5; aliases included)
 ENV_FOR_DEST: dict[str, tuple[str, ...]] = {
     "lr": ("LR",), "min_lr": ("MIN_LR",), "lr_decay_style": ("LR_DECAY_STYLE",),
@@ -128,6 +131,14 @@ def config_rows(config: Config, num_params: int | None, parser: argparse.Argumen
     asked = config.runtime.zero_stage_requested
     add("parallel", "ZeRO stage", "zero_stage",
         None if asked is None else f"0 (asked {asked}: one data-parallel replica, nothing to partition)")
+    if config.parallel.zero_stage == 3:
+        from megatron.deepspeed_config import build_ds_config, zero3_memory_settings  # noqa: PLC0415
+
+        chosen, used = zero3_memory_settings(config), build_ds_config(config)["zero_optimization"]
+        text = ", ".join(f"{k} {used[k]:.3g}" + ("" if chosen.get(k) == used[k] else " (the DeepSpeed config)")
+                         for k in ZERO3_KEYS if k in used)
+        add("parallel", "ZeRO-3 memory", None, (text or "DeepSpeed's defaults") +
+            ("; by model size: an eighth of the parameters (DeepSpeed's defaults 1e9, 1e9, 1e9, 5e7)" if chosen else ""))
     add("parallel", "C allocator", "malloc_mmap_threshold",
         config.runtime.malloc_setting or f"mmap threshold {flat['malloc_mmap_threshold']} bytes")
     add("batch", "micro batch", "micro_batch_size")
