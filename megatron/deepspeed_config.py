@@ -57,15 +57,21 @@ def zero3_memory_settings(config: Config) -> dict:
     except the last ones, reused within an eighth), and `stage3_prefetch_bucket_size` (default 5e7, kept
     below the live limit). Measured (bench/memory.py, 134M parameters, bf16, 2 ranks, 6 iterations,
     alternated runs): peak 2.09 -> 1.87 GiB per rank, the same CPU time per iteration (bench/README.md).
-    A model below 4e7 parameters is one sub-group and keeps every parameter gathered, as before."""
+    A model below 4e7 parameters is one sub-group and keeps every parameter gathered, as before. A plain
+    resume of a ZeRO-3 checkpoint with its optimizer state takes the checkpoint's sub-group size
+    (`checks.saved_sub_group_size`: DeepSpeed's default 1e9 for one written before this rule)."""
     if config.parallel.zero_stage != 3:
         return {}
+    from megatron.checkpoint.checks import saved_sub_group_size  # noqa: PLC0415
+
     sizes = zero_bucket_sizes(config)
-    if not sizes:
-        return {}
-    eighth = sizes["reduce_bucket_size"]
-    return {"sub_group_size": eighth, "stage3_max_live_parameters": eighth, "stage3_max_reuse_distance": eighth,
-            "stage3_prefetch_bucket_size": min(eighth, ZERO3_PREFETCH_DEFAULT)}
+    eighth = sizes.get("reduce_bucket_size")
+    chosen = {"sub_group_size": eighth, "stage3_max_live_parameters": eighth, "stage3_max_reuse_distance": eighth,
+              "stage3_prefetch_bucket_size": min(eighth, ZERO3_PREFETCH_DEFAULT)} if sizes else {}
+    resumed = saved_sub_group_size(config.checkpoint)
+    if resumed is not None:  # a resume keeps the checkpoint's optimizer sub-groups (only they load its state)
+        chosen["sub_group_size"] = resumed
+    return chosen
 
 
 def build_ds_config(config: Config) -> dict:

@@ -101,3 +101,28 @@ def test_zero3_memory_row(tmp_path):
     assert rows_by_name(a, {})["ZeRO-3 memory"].value.startswith(
         "sub_group_size 1e+09 (the DeepSpeed config), stage3_max_live_parameters 5e+06,")
     assert "ZeRO-3 memory" not in rows_by_name(args_for(["--zero-stage", "2", "--train-iters", "2"]), {})
+
+
+@pytest.mark.parametrize("record,extra,want", [
+    ({"zero_stage": 3}, [], 1_000_000_000),  # written before the record: DeepSpeed's default then
+    ({"zero_stage": 3, "zero3_sub_group_size": 20000}, [], 20000),
+    ({"zero_stage": 3, "zero3_sub_group_size": 20000}, ["--no-load-optim"], 5_000_000),  # no state to load
+    ({"zero_stage": 3, "zero3_sub_group_size": 20000}, ["--finetune"], 5_000_000),
+])
+def test_zero3_resume_keeps_the_checkpoints_sub_groups(tmp_path, record, extra, want):
+    """DeepSpeed loads ZeRO-3 optimizer state only into the sub-groups it was saved from: a plain resume
+    takes the checkpoint's sub-group size (recorded in its megatron_args.json; DeepSpeed's default for one
+    written before), a start without its optimizer state the size rule."""
+    import json  # noqa: PLC0415
+
+    from megatron.deepspeed_config import build_ds_config  # noqa: PLC0415
+
+    (tmp_path / "global_step4").mkdir()
+    (tmp_path / "latest").write_text("global_step4")
+    (tmp_path / "global_step4" / "megatron_args.json").write_text(json.dumps(record))
+    a = args_for(["--zero-stage", "3", "--train-iters", "2", "--load", str(tmp_path), *extra])
+    assert build_ds_config(a)["zero_optimization"]["sub_group_size"] == want
+    row = rows_by_name(a, {})["ZeRO-3 memory"].value
+    resumed = want != 5_000_000
+    assert row.startswith(f"sub_group_size {want:.3g}{' (the checkpoint' + chr(39) + 's)' if resumed else ''}, "
+                          "stage3_max_live_parameters 5e+06"), row

@@ -115,6 +115,34 @@ def test_universal_from_zero3(data_list, tmp_path):
         assert got[i]["consumed_samples"] == want[i]["consumed_samples"]
 
 
+def test_zero3_sub_groups_resume_and_convert(data_list, tmp_path):
+    """A ZeRO-3 DP=2 checkpoint whose optimizer state is split into sub-groups (sub_group_size 20000 from a
+    DeepSpeed config: 15 sub-groups of the tiny model; larger models get several by size) resumes without
+    that config (the checkpoint records its size and the resume takes it: DeepSpeed refuses other sub-groups)
+    and converts to a universal checkpoint: both continuations equal the uninterrupted run."""
+    cfg = tmp_path / "ds.json"
+    cfg.write_text('{"zero_optimization": {"sub_group_size": 20000}}')
+    out3, save = str(tmp_path / "zero3"), str(tmp_path / "zero3" / "ckpt")
+    common = ("--lr-decay-style", "constant", "--lr-warmup-iters", "2")
+    run_trainer(targs(data_list, out3, zero=3, extra=(*common, "--save", save, "--save-interval", str(N),
+                                                      "--deepspeed_config", str(cfg))), nproc=2, launcher="ranks")
+    want = metrics(out3)
+    with open(os.path.join(save, f"global_step{N}", "megatron_args.json")) as f:
+        assert json.load(f)["zero3_sub_group_size"] == 20000
+    resumed = str(tmp_path / "resumed")
+    ckpt = copy_ckpt(save, os.path.join(resumed, "ckpt"), f"global_step{N}")
+    run_trainer(targs(data_list, resumed, zero=3, extra=(*common, "--load", ckpt)), nproc=2, launcher="ranks")
+    universal = str(tmp_path / "universal")
+    ckpt = copy_ckpt(save, os.path.join(universal, "ckpt"), f"global_step{N}")
+    d2u.convert(os.path.join(ckpt, f"global_step{N}"), os.path.join(ckpt, f"global_step{N}_universal"))
+    run_trainer(targs(data_list, universal, zero=1, extra=(*common, "--load", ckpt, "--universal-checkpoint")))
+    for out, tol in ((resumed, 0.0), (universal, 1e-5)):
+        got = metrics(out)
+        assert sorted(got) == list(range(N + 1, 2 * N + 1))
+        for i in got:
+            assert abs(got[i]["lm_loss"] - want[i]["lm_loss"]) <= tol, (out, i, got[i], want[i])
+
+
 @pytest.mark.parametrize("dtype,nproc,zero", [("fp32", 2, 1), ("bf16", 1, 2)])
 def test_universal_from_zero_stage0(data_list, tmp_path, dtype, nproc, zero):
     """A ZeRO stage 0 checkpoint (its optimizer state inside the model-states file: a torch

@@ -226,6 +226,8 @@ def save_checkpoint(engine, config: Config, iteration: int, consumed_train_sampl
     if rank == 0 and failure is None:
         record = model_args_record(config)
         record.update(iteration=iteration, optimizer_states_saved=not skip_optim)
+        if config.parallel.zero_stage == 3:  # the optimizer state's layout: a plain resume must use the same
+            record["zero3_sub_group_size"] = int(engine.optimizer.sub_group_size)
         try:
             with open(os.path.join(part_dir, ARGS_FILE), "w") as f:
                 json.dump(record, f, indent=1)

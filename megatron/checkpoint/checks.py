@@ -39,14 +39,37 @@ def read_saved_args(tag_dir: str) -> dict | None:
         return json.load(f)
 
 
-def saved_zero_stage(ckpt: CheckpointConfig) -> int | None:
-    """The ZeRO stage of the checkpoint a plain (not universal) `--load` would resume, if known."""
+def _resumed_args(ckpt: CheckpointConfig) -> dict | None:
+    """The saved arguments of the checkpoint a plain (not universal) `--load` would resume, if any."""
     load = ckpt.load
     if not load or ckpt.universal_checkpoint or not os.path.isdir(load):
         return None
     tag = ckpt.load_tag or read_tag(load)
-    saved = read_saved_args(os.path.join(load, tag)) if tag else None
+    return read_saved_args(os.path.join(load, tag)) if tag else None
+
+
+def saved_zero_stage(ckpt: CheckpointConfig) -> int | None:
+    """The ZeRO stage of the checkpoint a plain (not universal) `--load` would resume, if known."""
+    saved = _resumed_args(ckpt)
     return saved.get("zero_stage") if saved else None
+
+
+DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default ZeRO-3 `sub_group_size`
+
+
+def saved_sub_group_size(ckpt: CheckpointConfig) -> int | None:
+    """The ZeRO-3 optimizer sub-group size of the checkpoint a plain `--load` would resume with its optimizer
+    states. DeepSpeed stores ZeRO-3's optimizer state per sub-group and loads it only into the same
+    sub-groups ("loaded state dict contains a parameter group that doesn't match the size of optimizer's
+    group" otherwise). The size it recorded, or, for a ZeRO-3 checkpoint written before the record
+    (`sub_group_size` was then DeepSpeed's default unless a DeepSpeed config set it), DeepSpeed's default.
+    None when no ZeRO-3 optimizer state is to be loaded."""
+    if ckpt.finetune or ckpt.no_load_optim:
+        return None
+    saved = _resumed_args(ckpt)
+    if not saved or saved.get("zero_stage") != 3:
+        return None
+    return int(saved.get("zero3_sub_group_size", DEEPSPEED_SUB_GROUP_SIZE))
 
 
 def _zero_layout(stage: int) -> str:

@@ -132,13 +132,21 @@ def config_rows(config: Config, num_params: int | None, parser: argparse.Argumen
     add("parallel", "ZeRO stage", "zero_stage",
         None if asked is None else f"0 (asked {asked}: one data-parallel replica, nothing to partition)")
     if config.parallel.zero_stage == 3:
+        from megatron.checkpoint.checks import saved_sub_group_size  # noqa: PLC0415
         from megatron.deepspeed_config import build_ds_config, zero3_memory_settings  # noqa: PLC0415
 
         chosen, used = zero3_memory_settings(config), build_ds_config(config)["zero_optimization"]
-        text = ", ".join(f"{k} {used[k]:.3g}" + ("" if chosen.get(k) == used[k] else " (the DeepSpeed config)")
-                         for k in ZERO3_KEYS if k in used)
+        resumed = saved_sub_group_size(config.checkpoint)
+
+        def source(k):
+            if chosen.get(k) != used[k]:
+                return " (the DeepSpeed config)"
+            return " (the checkpoint's)" if k == "sub_group_size" and resumed is not None else ""
+
+        text = ", ".join(f"{k} {used[k]:.3g}{source(k)}" for k in ZERO3_KEYS if k in used)
         add("parallel", "ZeRO-3 memory", None, (text or "DeepSpeed's defaults") +
-            ("; by model size: an eighth of the parameters (DeepSpeed's defaults 1e9, 1e9, 1e9, 5e7)" if chosen else ""))
+            ("; by model size: an eighth of the parameters (DeepSpeed's defaults 1e9, 1e9, 1e9, 5e7)"
+             if "stage3_max_live_parameters" in chosen else ""))
     add("parallel", "C allocator", "malloc_mmap_threshold",
         config.runtime.malloc_setting or f"mmap threshold {flat['malloc_mmap_threshold']} bytes")
     add("batch", "micro batch", "micro_batch_size")
