@@ -117,6 +117,25 @@ def test_the_engine_overrides_rely_on_what_deepspeed_has():
     for name in ("_is_muon_group", "_use_compact_grad_partition_buffer", "get_param_gradient_attribute"):
         assert callable(getattr(DeepSpeedZeroOptimizer, name)), name
     assert "self.pipeline_parallelism = isinstance(model, PipelineModule)" in engine_src
+    # add_single_replica_gradients_to_fp32_partition: with an fp32 ("compact") gradient partition the bucket reduction
+    # flattens, converts, divides by the group size, all-reduces, adds each gradient into the partition and copies it
+    # back; the partition is built anew after each step
+    assert _params(DeepSpeedZeroOptimizer._buffered_reduce_fallback_preserving_fp32) == [
+        "self", "grads", "grad_params", "communication_data_type", "elements_per_buffer"]
+    assert "self._buffered_reduce_fallback_preserving_fp32(bucket.grads," in zero12_src
+    allreduce_src = inspect.getsource(DeepSpeedZeroOptimizer._allreduce_noncontiguous_bucket_preserving_fp32)
+    for line in ("allreduced = self.allreduce_bucket(grads, communication_data_type)",
+                 "source = reduced_grad.view(-1).narrow(0, source_offset, num_elements)",
+                 "self._add_to_grad_partition_buffer(output, source)", "grad.copy_(reduced_grad)"):
+        assert line in allreduce_src, line
+    assert "tensor_to_allreduce = tensor.to(communication_data_type)" in inspect.getsource(
+        DeepSpeedZeroOptimizer.allreduce_bucket)
+    assert _params(DeepSpeedZeroOptimizer._build_compact_grad_partition_buffer) == ["self", "group_idx"]
+    assert _params(DeepSpeedZeroOptimizer._get_compact_grad_partition_slice) == [
+        "self", "group_idx", "partition_id", "param_id", "num_elements"]
+    assert _params(DeepSpeedZeroOptimizer._add_to_grad_partition_buffer) == ["output", "source"]
+    for attr in ("self.grad_start_offset", "self.grad_partition_insertion_offset", "self.overlap_comm"):
+        assert attr in zero12_src, attr
     # copy_first_bf16_gradient: BF16_Optimizer adds into the fp32 copies, zeroes them in clear_hp_grads, and
     # the engine calls its backward_epilogue (which calls _update_hp_grad) before reducing
     import deepspeed.runtime.bf16_optimizer as bf16  # noqa: PLC0415
@@ -379,14 +398,17 @@ def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
     # two micro-batches per step: different ones, so that adding the second differs from doubling the first
     mixed = [{"text": torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(i))} for i in range(8)]
     single_replica = ("skip_single_replica_allreduce", "share_single_replica_master_weights",
-                      "copy_first_bf16_gradient", "reuse_single_replica_gradient_partition")
+                      "copy_first_bf16_gradient", "reuse_single_replica_gradient_partition",
+                      "add_single_replica_gradients_to_fp32_partition")
     overrides = (*single_replica, "forget_initial_zero_step")
     originals = {name: getattr(deepspeed_compat, name) for name in overrides}
     out = {}
     cases = [(dtype, zero, as_is, 1) for dtype in ("fp32", "bf16") for zero, as_is in
              ((0, False), (1, False), (1, True), (2, False))]
     # 2 micro-batches: the second one adds (at ZeRO-2 in DeepSpeed's partition, whose first is kept after each backward)
-    cases += [(dtype, zero, as_is, 2) for dtype, zero in (("fp32", 1), ("fp32", 2), ("bf16", 1)) for as_is in (False, True)]
+    cases += [(dtype, zero, as_is, 2) for dtype, zero in (("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2))
+              for as_is in (False, True)]
+    cases += [("bf16", 2, True, 1)]
     for dtype, zero, as_is, micro in cases:
         args = parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size", str(2 * micro),
                                         "--train-iters", "4", "--lr", "1e-2", "--clip-grad", "0.5",
@@ -443,7 +465,8 @@ def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
     """Real ZeRO-1/2 at one rank (--keep-zero-stage) against stage 0, 4 steps with clipping, fp32 and bf16.
     The single-replica changes (bf16 ZeRO-1's BF16_Optimizer: no all-reduce over the group of one, its
     first gradient copied rather than added to zeros; fp32 ZeRO-1/2: the weights are the master copy,
-    and the gradients go into one flat partition kept from step to step) are installed where they
+    and the gradients go into one flat partition kept from step to step; bf16 ZeRO-2: each gradient added
+    straight into its fp32 partition, kept from step to step) are installed where they
     apply and give the same losses, gradient norms and weights, bit for bit, as DeepSpeed's ZeRO-1
     without them, with one micro-batch and with two. With bf16 stage 0's start-up zero step undone
     (forget_initial_zero_step: without it stage 0's losses were 6.2708, 5.6025, 5.8830 against
@@ -460,20 +483,23 @@ def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
     assert installed("fp32", 1) == installed("fp32", 2) == installed("fp32", 1, False, 2) == installed(
         "fp32", 2, False, 2) == ["reuse_single_replica_gradient_partition", "share_single_replica_master_weights"]
     assert installed("fp32", 1, True) == installed("fp32", 1, True, 2) == installed("fp32", 2, True, 2) == []
-    for zero, micro in ((1, 1), (1, 2), (2, 2)):  # the master's gradient: one partition kept from step to step
-        grads = r["fp32", zero, False, micro]["grads"]
+    for dtype, zero, micro in (("fp32", 1, 1), ("fp32", 1, 2), ("fp32", 2, 2), ("bf16", 2, 1), ("bf16", 2, 2)):
+        grads = r[dtype, zero, False, micro]["grads"]  # the master's gradient: one partition kept from step to step
         per_step = len(grads) // 4  # one optimizer step per parameter group
-        assert per_step >= 1 and len(grads) == 4 * per_step and all(len(g) == 1 for g in grads), micro
-        assert all(g == grads[k % per_step] for k, g in enumerate(grads)), micro
+        assert per_step >= 1 and len(grads) == 4 * per_step and all(len(g) == 1 for g in grads), (dtype, zero, micro)
+        assert all(g == grads[k % per_step] for k, g in enumerate(grads)), (dtype, zero, micro)
     assert r["bf16", 0, False, 1]["optimizer"] == "FP16_UnfusedOptimizer"
     assert installed("bf16", 0) == ["forget_initial_zero_step", "skip_single_replica_allreduce"]
     assert r["bf16", 1, False, 1]["optimizer"] == r["bf16", 1, False, 2]["optimizer"] == "BF16_Optimizer"
     assert installed("bf16", 1) == installed("bf16", 1, False, 2) == ["copy_first_bf16_gradient",
                                                                      "skip_single_replica_allreduce"]
-    assert installed("bf16", 1, True) == installed("bf16", 1, True, 2) == installed("bf16", 2) == []
+    assert installed("bf16", 2) == installed("bf16", 2, False, 2) == ["add_single_replica_gradients_to_fp32_partition"]
+    assert r["bf16", 2, False, 1]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert installed("bf16", 1, True) == installed("bf16", 1, True, 2) == installed("bf16", 2, True) == []
     clip = r["muonclip"]  # scaled once, not by factor^2 through the shared master
     assert clip["shared"] and torch.equal(clip["scaled"], clip["want"])
-    for dtype, zero, micro in (("fp32", 1, 1), ("fp32", 1, 2), ("fp32", 2, 2), ("bf16", 1, 1), ("bf16", 1, 2)):
+    for dtype, zero, micro in (("fp32", 1, 1), ("fp32", 1, 2), ("fp32", 2, 2), ("bf16", 1, 1), ("bf16", 1, 2),
+                               ("bf16", 2, 1), ("bf16", 2, 2)):
         changed, as_is = r[dtype, zero, False, micro], r[dtype, zero, True, micro]
         assert changed["norms"][0] > 0.5, (dtype, zero, micro)  # clipped (--clip-grad 0.5)
         assert changed["losses"] == as_is["losses"] and changed["norms"] == as_is["norms"], (dtype, zero, micro)

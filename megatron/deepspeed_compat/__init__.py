@@ -20,7 +20,9 @@ silently in a run.
   sequence+data-parallel group under Ulysses SP (`partition_zero3_over_sequence_data_parallel`), and
   its reduce-scatter summing over the SP ranks (`sum_zero3_scatter_over_sequence_parallel`).
 * `single_replica`: fp32 ZeRO-1/2's flat gradient partition at one replica allocated once and filled in
-  the backward, so `step` no longer flattens the gradients into a new tensor (`reuse_single_replica_gradient_partition`).
+  the backward, so `step` no longer flattens the gradients into a new tensor (`reuse_single_replica_gradient_partition`);
+  bf16 ZeRO-2's gradients added straight into its fp32 partition, kept from step to step
+  (`add_single_replica_gradients_to_fp32_partition`).
 * `comm`: before `deepspeed.init_distributed`, no CPU shared-memory all-reduce op (`skip_shm_inference_op`:
   DeepSpeed compiles it in every new environment for its inference all-reduce, which training never calls).
 * `imports`: DeepSpeed's Muon kernels compiled on first use, not when ZeRO imports them (`defer_muon_compile`:
@@ -45,7 +47,8 @@ from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers
     skip_bf16_overflow_scan, skip_single_replica_allreduce, skip_single_replica_reduction, step_stage0_in_chunks,
     step_without_update,
     sum_zero3_scatter_over_sequence_parallel, without_optimizer_shards, wrap_model_step)
-from megatron.deepspeed_compat.single_replica import reuse_single_replica_gradient_partition  # noqa: F401
+from megatron.deepspeed_compat.single_replica import (  # noqa: F401
+    add_single_replica_gradients_to_fp32_partition, reuse_single_replica_gradient_partition)
 from megatron.deepspeed_compat.norms import (  # noqa: F401
     exact_grad_norm, fp64_clip_grad_norm_, fp64_global_norm_of_tensors, fp64_grad_norm_direct, fp64_sq_norm,
     fp64_weight_norm)

@@ -88,3 +88,56 @@ def reuse_single_replica_gradient_partition(engine) -> bool:
 
     opt.get_all_grad_tensors, opt.get_flat_partition = first_grad_tensors, flat_partition  # instance attributes
     return True
+
+
+def add_single_replica_gradients_to_fp32_partition(engine) -> bool:
+    """bf16 ZeRO-1/2 with fp32 gradient accumulation over one data-parallel replica, where DeepSpeed's
+    ZeRO optimizer keeps an fp32 gradient partition ("compact" buffer: bf16 ZeRO-2; bf16 ZeRO-1 is
+    `BF16_Optimizer`). For every bucket of gradients its backward hooks flatten the bf16 gradients,
+    convert them to the communication dtype, divide by the group size 1, all-reduce them over the
+    group of one, add each into its place in the fp32 partition and copy it back into the bf16
+    gradient (`_buffered_reduce_fallback_preserving_fp32`); and the partition is a new zero-filled
+    fp32 tensor of the whole model every step (`_build_compact_grad_partition_buffer`). Here each
+    gradient is added into its place directly (bf16 -> fp32 and the division by 1 are exact, the
+    all-reduce over one rank returns its input: the same sums), and the partition is allocated once
+    and zeroed at each step. Kept as DeepSpeed does it: several replicas, a communication dtype that
+    is neither fp32 nor the gradients' (a rounding step), overlapping or contiguous buckets, offload,
+    fp16, the pipeline engine. True when installed."""
+    import torch  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415
+
+    opt = getattr(engine, "optimizer", None)
+    if engine.zero_optimization_stage() not in (1, 2) or getattr(engine, "pipeline_parallelism", True) \
+            or not hasattr(opt, "_buffered_reduce_fallback_preserving_fp32"):
+        return False
+    groups = getattr(opt, "real_dp_process_group", None) or []
+    if not groups or any(dist.get_world_size(group=g) != 1 for g in groups) or opt.cpu_offload \
+            or opt.contiguous_gradients or opt.overlap_comm or opt.sequence_parallel_size != 1 \
+            or opt.dtype != torch.bfloat16 or not all(opt._use_compact_grad_partition_buffer(i) for i in range(len(groups))):
+        return False
+    reduce_fallback, build = opt._buffered_reduce_fallback_preserving_fp32, opt._build_compact_grad_partition_buffer
+    kept = {}
+
+    def add_to_partition(grads, grad_params, communication_data_type, elements_per_buffer):
+        if any(communication_data_type not in (torch.float32, g.dtype) for g in grads):
+            return reduce_fallback(grads, grad_params, communication_data_type, elements_per_buffer)
+        for grad, (group_idx, _, param_id) in zip(grads, grad_params):
+            if param_id not in opt.grad_start_offset[group_idx][0]:  # (partition 0: the only one)
+                continue
+            source_offset = int(opt.grad_start_offset[group_idx][0][param_id])
+            dest_offset = int(opt.grad_partition_insertion_offset[group_idx][0][param_id])
+            num_elements = int(min(grad.numel() - source_offset, opt.partition_size[group_idx] - dest_offset))
+            output = opt._get_compact_grad_partition_slice(group_idx, 0, param_id, num_elements)
+            opt._add_to_grad_partition_buffer(output, grad.view(-1).narrow(0, source_offset, num_elements))
+        return None
+
+    def reused_partition(group_idx):
+        if group_idx not in kept:
+            kept[group_idx] = build(group_idx)
+        else:
+            kept[group_idx].flat_partition.zero_()
+        return kept[group_idx]
+
+    opt._buffered_reduce_fallback_preserving_fp32 = add_to_partition  # instance attributes
+    opt._build_compact_grad_partition_buffer = reused_partition
+    return True
