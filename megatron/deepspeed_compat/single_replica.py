@@ -1,7 +1,6 @@
-"""fp32 ZeRO-1/2 at one data-parallel replica: the gradient partition kept from step to step.
-
-(The other single-replica changes are in `engine`; this one is a module of its own because it
-replaces two of the optimizer's methods together.)
+"""ZeRO-1/2 at one data-parallel replica: the gradient partition kept from step to step (fp32 ZeRO-1/2,
+bf16 ZeRO-2). The other single-replica changes are in `engine`; each function here replaces two of
+the optimizer's methods together.
 """
 from __future__ import annotations
 
@@ -14,16 +13,17 @@ def reuse_single_replica_gradient_partition(engine) -> bool:
     flatten (bench/zero_tax.py's model, one thread: 60 ms of a 2 s step; the same copy into memory
     already touched, 11 ms).
 
-    Here one flat gradient partition per group is allocated once and kept: the first backward of an
-    accumulation window copies each gradient into its place in it (where DeepSpeed keeps a reference
+    Here one flat gradient partition per group is allocated once and kept: the first backward epilogue
+    of an accumulation window (ZeRO-1 runs it at the boundary only, ZeRO-2 after every backward)
+    copies each gradient into its place in it (where DeepSpeed keeps a reference
     to the gradient tensor itself; a parameter without a gradient gets zeros, as DeepSpeed's), the
     later backwards add into it exactly as DeepSpeed adds into what it kept, and at the boundary the
     partition is handed to `step` as DeepSpeed's pre-flattened gradient partition
     (`GradPartitionBufferGroup`: `step` then uses it as the master's gradient instead of flattening).
     The same elements in the same order with the same additions: the same bits (tests/test_deepspeed_compat.py).
     Only where DeepSpeed's partition is every parameter whole, in order, with padding only at the end:
-    one replica, fp32 weights and gradients, no offload, no contiguous gradient buckets, no Muon
-    group, no pipeline engine. True when installed."""
+    one replica, fp32 weights and gradients, no offload, no contiguous or overlapped gradient buckets,
+    no Muon group, no pipeline engine. True when installed."""
     import torch  # noqa: PLC0415
     import torch.distributed as dist  # noqa: PLC0415
     from deepspeed.runtime.zero.stage_1_and_2 import GradPartitionBufferGroup  # noqa: PLC0415
@@ -34,7 +34,8 @@ def reuse_single_replica_gradient_partition(engine) -> bool:
         return False
     groups = getattr(opt, "real_dp_process_group", None) or []
     if not groups or any(dist.get_world_size(group=g) != 1 for g in groups) or opt.cpu_offload \
-            or opt.contiguous_gradients or opt.dtype != torch.float32 or opt.gradient_accumulation_dtype != torch.float32:
+            or opt.contiguous_gradients or opt.overlap_comm or opt.dtype != torch.float32 \
+            or opt.gradient_accumulation_dtype != torch.float32:
         return False
     for i, params in enumerate(opt.params_in_partition):
         if (opt.params_not_in_partition[i] or opt.first_offset[i] != 0 or any(opt.round_robin_bit16_padding[i])
