@@ -29,7 +29,8 @@ from bench.train_throughput import DEFAULT_MODEL, SMALL_MODEL, Ours, trainer_fla
 
 # megatron/deepspeed_compat's changes to DeepSpeed at one data-parallel replica ("as is" = none of them)
 SINGLE_REPLICA_CHANGES = ("skip_single_replica_reduction", "skip_single_replica_allreduce",
-                          "share_single_replica_master_weights", "copy_first_bf16_gradient")
+                          "share_single_replica_master_weights", "copy_first_bf16_gradient",
+                          "reuse_single_replica_gradient_partition", "add_single_replica_gradients_to_fp32_partition")
 
 
 def compare(m: dict, dtype: str, stage: int, zero_config: dict, rounds: int, warmup: int, workdir: str) -> dict:

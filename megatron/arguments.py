@@ -606,9 +606,11 @@ def single_replica_zero_stage(args: argparse.Namespace) -> None:
     """ZeRO-1/2 with one data-parallel replica partitions nothing, yet DeepSpeed's ZeRO optimizer
     still flattens the gradients into its partition every step: it was 8 % of a step on
     bench/train_throughput.py's model (ZeRO-1 0.935x the HF loop's tokens/s, stage 0 1.02x); with
-    megatron/deepspeed_compat's single-replica changes ZeRO-1 / stage 0 is 0.987 in bf16 and 0.974
-    in fp32 (bench/zero_tax.py, bench/README.md). Such runs use stage 0 (the same update, fp32
-    and bf16; its checkpoints convert to universal as ZeRO ones do); `args.zero_stage_requested` keeps what was asked.
+    megatron/deepspeed_compat's single-replica changes ZeRO-1 / stage 0 is 0.987 in bf16 and
+    0.988-1.000 in fp32 (bench/zero_tax.py, bench/README.md). Such runs still use stage 0 (the same
+    update, fp32 and bf16; its checkpoints convert to universal as ZeRO ones do): one rule for both
+    precisions, no `BF16_Optimizer` fp32 gradient copy in bf16, and the checkpoint layout single-replica
+    runs had; the start-up table shows it, and `args.zero_stage_requested` keeps what was asked.
 
     Kept as asked: --keep-zero-stage, PP > 1, a universal load (DeepSpeed loads those into its ZeRO
     optimizer), bf16 with gradient

@@ -289,6 +289,8 @@ def setup_model_and_optimizer(args, before_engine=None):
     ds_compat.exact_grad_norm(engine)  # the fp64 gradient norm at every stage and precision
     ds_compat.skip_single_replica_reduction(engine)  # ZeRO-1/2 at one replica: no all-reduce over a group of one
     ds_compat.share_single_replica_master_weights(engine)  # fp32 ZeRO-1/2 at one replica: weights are the master
+    ds_compat.reuse_single_replica_gradient_partition(engine)  # fp32 ZeRO-1/2 at one replica: no new flat gradient per step
+    ds_compat.add_single_replica_gradients_to_fp32_partition(engine)  # bf16 ZeRO-2 at one replica: no reduction
     attach_layouts(engine)  # per-tensor optimizers see whole tensors through ZeRO's partitions
     if par.zero_stage == 0 and prec.bf16:
         ds_compat.skip_bf16_overflow_scan(engine)

@@ -90,6 +90,52 @@ def test_the_engine_overrides_rely_on_what_deepspeed_has():
     assert _params(DeepSpeedZeroOptimizer._link_all_hp_params) == ["self"]
     for attr in ("self.single_partition_of_fp32_groups", "self.parallel_partitioned_bit16_groups", "self.cpu_offload"):
         assert attr in zero12_src, attr
+    # reuse_single_replica_gradient_partition: the epilogue keeps get_all_grad_tensors' tensors of the first backward
+    # and adds later ones into them; at the boundary get_flat_partition's list is the step's gradient, which step
+    # flattens unless it is a GradPartitionBufferGroup (flat_partition); the partition layout it checks
+    from deepspeed.runtime.zero import stage_1_and_2 as zero12  # noqa: PLC0415
+
+    epilogue_src = inspect.getsource(DeepSpeedZeroOptimizer.independent_gradient_partition_epilogue)
+    for line in ("if i not in self.all_grad_tensors or self.all_grad_tensors[i] is None:",
+                 "self.all_grad_tensors[i] = self.get_all_grad_tensors(self.params_in_partition[i],",
+                 "avg_new = self.get_all_grad_tensors(self.params_in_partition[i],", "accumulated_grad.add_(new_avg_grad)",
+                 "self.averaged_gradients[i] = self.get_flat_partition(", "return_tensor_list=True)"):
+        assert line in epilogue_src, line
+    assert _params(DeepSpeedZeroOptimizer.get_all_grad_tensors) == ["self", "tensor_list", "dtype"]
+    assert _params(DeepSpeedZeroOptimizer.get_flat_partition) == [
+        "self", "tensor_list", "first_offset", "partition_size", "dtype", "device", "param_group_idx",
+        "return_tensor_list"]
+    assert "grad_accum = self.get_param_gradient_attribute(tensor)" in inspect.getsource(
+        DeepSpeedZeroOptimizer.get_all_grad_tensors)
+    assert "flat_grad_partition = self._get_preflattened_grad_partition(i)" in step_src
+    assert "getattr(grad_group, \"flat_partition\", None)" in inspect.getsource(
+        DeepSpeedZeroOptimizer._get_preflattened_grad_partition)
+    assert _params(zero12.GradPartitionBufferGroup.__init__) == ["self", "grad_buffers", "flat_partition"]
+    for attr in ("self.params_in_partition", "self.params_not_in_partition", "self.first_offset", "self.partition_size",
+                 "self.round_robin_bit16_padding", "self.gradient_accumulation_dtype", "self.bit16_groups_flat"):
+        assert attr in zero12_src, attr
+    for name in ("_is_muon_group", "_use_compact_grad_partition_buffer", "get_param_gradient_attribute"):
+        assert callable(getattr(DeepSpeedZeroOptimizer, name)), name
+    assert "self.pipeline_parallelism = isinstance(model, PipelineModule)" in engine_src
+    # add_single_replica_gradients_to_fp32_partition: with an fp32 ("compact") gradient partition the bucket reduction
+    # flattens, converts, divides by the group size, all-reduces, adds each gradient into the partition and copies it
+    # back; the partition is built anew after each step
+    assert _params(DeepSpeedZeroOptimizer._buffered_reduce_fallback_preserving_fp32) == [
+        "self", "grads", "grad_params", "communication_data_type", "elements_per_buffer"]
+    assert "self._buffered_reduce_fallback_preserving_fp32(bucket.grads," in zero12_src
+    allreduce_src = inspect.getsource(DeepSpeedZeroOptimizer._allreduce_noncontiguous_bucket_preserving_fp32)
+    for line in ("allreduced = self.allreduce_bucket(grads, communication_data_type)",
+                 "source = reduced_grad.view(-1).narrow(0, source_offset, num_elements)",
+                 "self._add_to_grad_partition_buffer(output, source)", "grad.copy_(reduced_grad)"):
+        assert line in allreduce_src, line
+    assert "tensor_to_allreduce = tensor.to(communication_data_type)" in inspect.getsource(
+        DeepSpeedZeroOptimizer.allreduce_bucket)
+    assert _params(DeepSpeedZeroOptimizer._build_compact_grad_partition_buffer) == ["self", "group_idx"]
+    assert _params(DeepSpeedZeroOptimizer._get_compact_grad_partition_slice) == [
+        "self", "group_idx", "partition_id", "param_id", "num_elements"]
+    assert _params(DeepSpeedZeroOptimizer._add_to_grad_partition_buffer) == ["output", "source"]
+    for attr in ("self.grad_start_offset", "self.grad_partition_insertion_offset", "self.overlap_comm"):
+        assert attr in zero12_src, attr
     # copy_first_bf16_gradient: BF16_Optimizer adds into the fp32 copies, zeroes them in clear_hp_grads, and
     # the engine calls its backward_epilogue (which calls _update_hp_grad) before reducing
     import deepspeed.runtime.bf16_optimizer as bf16  # noqa: PLC0415
@@ -349,14 +395,20 @@ def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
     batches = [{"text": torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))}] * 8  # learnable
+    # two micro-batches per step: different ones, so that adding the second differs from doubling the first
+    mixed = [{"text": torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(i))} for i in range(8)]
     single_replica = ("skip_single_replica_allreduce", "share_single_replica_master_weights",
-                      "copy_first_bf16_gradient")
+                      "copy_first_bf16_gradient", "reuse_single_replica_gradient_partition",
+                      "add_single_replica_gradients_to_fp32_partition")
     overrides = (*single_replica, "forget_initial_zero_step")
     originals = {name: getattr(deepspeed_compat, name) for name in overrides}
     out = {}
     cases = [(dtype, zero, as_is, 1) for dtype in ("fp32", "bf16") for zero, as_is in
              ((0, False), (1, False), (1, True), (2, False))]
-    cases += [("bf16", 1, False, 2), ("bf16", 1, True, 2)]  # 2 micro-batches: the second one adds
+    # 2 micro-batches: the second one adds (at ZeRO-2 in DeepSpeed's partition, whose first is kept after each backward)
+    cases += [(dtype, zero, as_is, 2) for dtype, zero in (("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2))
+              for as_is in (False, True)]
+    cases += [("bf16", 2, True, 1)]
     for dtype, zero, as_is, micro in cases:
         args = parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--global-batch-size", str(2 * micro),
                                         "--train-iters", "4", "--lr", "1e-2", "--clip-grad", "0.5",
@@ -376,10 +428,18 @@ def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
         finally:
             for name in overrides:
                 setattr(deepspeed_compat, name, originals[name])
-        data, config = iter(batches), Config.from_args(args)
-        losses = [float(training.train_step(engine, data, config, None, engine.device)) for _ in range(4)]
+        data, config = iter(batches if micro == 1 else mixed), Config.from_args(args)
+        masters = getattr(engine.optimizer, "single_partition_of_fp32_groups", [])
+        grads = []  # where the master's gradient is when the optimizer steps (ZeRO-1/2)
+        deepspeed_compat.innermost_optimizer(engine.optimizer).register_step_pre_hook(
+            lambda *_: grads.append([m.grad.data_ptr() for m in masters if m.grad is not None]))  # (per group)
+        losses, norms = [], []
+        for _ in range(4):
+            losses.append(float(training.train_step(engine, data, config, None, engine.device)))
+            norms.append(float(engine.get_global_grad_norm()))
         out[dtype, zero, as_is, micro] = {
-            "losses": losses, "installed": installed, "optimizer": type(engine.optimizer).__name__,
+            "losses": losses, "norms": norms, "grads": grads, "installed": installed,
+            "optimizer": type(engine.optimizer).__name__,
             "params": [p.detach().float().clone() for p in engine.module.parameters()]}
     # MuonClip scales a weight and its master fragment (PartitionedWeights.scale_model_param): once, when
     # the master is the weights' own buffer
@@ -404,9 +464,11 @@ def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
 def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
     """Real ZeRO-1/2 at one rank (--keep-zero-stage) against stage 0, 4 steps with clipping, fp32 and bf16.
     The single-replica changes (bf16 ZeRO-1's BF16_Optimizer: no all-reduce over the group of one, its
-    first gradient copied rather than added to zeros; fp32 ZeRO-1/2: the weights are the master copy)
-    are installed where they apply and give the same bits as DeepSpeed's ZeRO-1 without them, with
-    one micro-batch and with two (bf16). With bf16 stage 0's start-up zero step undone
+    first gradient copied rather than added to zeros; fp32 ZeRO-1/2: the weights are the master copy,
+    and the gradients go into one flat partition kept from step to step; bf16 ZeRO-2: each gradient added
+    straight into its fp32 partition, kept from step to step) are installed where they
+    apply and give the same losses, gradient norms and weights, bit for bit, as DeepSpeed's ZeRO-1
+    without them, with one micro-batch and with two. With bf16 stage 0's start-up zero step undone
     (forget_initial_zero_step: without it stage 0's losses were 6.2708, 5.6025, 5.8830 against
     ZeRO-1's 6.2708, 5.5533, 6.1975), ZeRO-1/2 equal stage 0 within float rounding (fp32: 1e-6
     relative on the losses and weights; bf16: 2e-3 on the losses and 2^-7 of the largest weight)."""
@@ -418,19 +480,30 @@ def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
         return sorted(name for name, done in r[dtype, zero, as_is, micro]["installed"].items() if done)
 
     assert installed("fp32", 0) == ["skip_single_replica_allreduce"]
-    assert installed("fp32", 1) == installed("fp32", 2) == ["share_single_replica_master_weights"]
+    assert installed("fp32", 1) == installed("fp32", 2) == installed("fp32", 1, False, 2) == installed(
+        "fp32", 2, False, 2) == ["reuse_single_replica_gradient_partition", "share_single_replica_master_weights"]
+    assert installed("fp32", 1, True) == installed("fp32", 1, True, 2) == installed("fp32", 2, True, 2) == []
+    for dtype, zero, micro in (("fp32", 1, 1), ("fp32", 1, 2), ("fp32", 2, 2), ("bf16", 2, 1), ("bf16", 2, 2)):
+        grads = r[dtype, zero, False, micro]["grads"]  # the master's gradient: one partition kept from step to step
+        per_step = len(grads) // 4  # one optimizer step per parameter group
+        assert per_step >= 1 and len(grads) == 4 * per_step and all(len(g) == 1 for g in grads), (dtype, zero, micro)
+        assert all(g == grads[k % per_step] for k, g in enumerate(grads)), (dtype, zero, micro)
     assert r["bf16", 0, False, 1]["optimizer"] == "FP16_UnfusedOptimizer"
     assert installed("bf16", 0) == ["forget_initial_zero_step", "skip_single_replica_allreduce"]
     assert r["bf16", 1, False, 1]["optimizer"] == r["bf16", 1, False, 2]["optimizer"] == "BF16_Optimizer"
     assert installed("bf16", 1) == installed("bf16", 1, False, 2) == ["copy_first_bf16_gradient",
                                                                      "skip_single_replica_allreduce"]
-    assert installed("bf16", 1, True) == installed("bf16", 1, True, 2) == installed("bf16", 2) == []
+    assert installed("bf16", 2) == installed("bf16", 2, False, 2) == ["add_single_replica_gradients_to_fp32_partition"]
+    assert r["bf16", 2, False, 1]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert installed("bf16", 1, True) == installed("bf16", 1, True, 2) == installed("bf16", 2, True) == []
     clip = r["muonclip"]  # scaled once, not by factor^2 through the shared master
     assert clip["shared"] and torch.equal(clip["scaled"], clip["want"])
-    for dtype, micro in (("fp32", 1), ("bf16", 1), ("bf16", 2)):
-        changed, as_is = r[dtype, 1, False, micro], r[dtype, 1, True, micro]
-        assert changed["losses"] == as_is["losses"], (dtype, micro)
-        assert all(torch.equal(a, b) for a, b in zip(changed["params"], as_is["params"])), (dtype, micro)
+    for dtype, zero, micro in (("fp32", 1, 1), ("fp32", 1, 2), ("fp32", 2, 2), ("bf16", 1, 1), ("bf16", 1, 2),
+                               ("bf16", 2, 1), ("bf16", 2, 2)):
+        changed, as_is = r[dtype, zero, False, micro], r[dtype, zero, True, micro]
+        assert changed["norms"][0] > 0.5, (dtype, zero, micro)  # clipped (--clip-grad 0.5)
+        assert changed["losses"] == as_is["losses"] and changed["norms"] == as_is["norms"], (dtype, zero, micro)
+        assert all(torch.equal(a, b) for a, b in zip(changed["params"], as_is["params"])), (dtype, zero, micro)
     for dtype in ("fp32", "bf16"):
         base = r[dtype, 0, False, 1]
         assert base["losses"][3] < base["losses"][0] - 0.05, dtype  # it trained

@@ -19,6 +19,10 @@ silently in a run.
   skipped step (`step_without_update`); and before it, ZeRO-3's parameters partitioned over the
   sequence+data-parallel group under Ulysses SP (`partition_zero3_over_sequence_data_parallel`), and
   its reduce-scatter summing over the SP ranks (`sum_zero3_scatter_over_sequence_parallel`).
+* `single_replica`: fp32 ZeRO-1/2's flat gradient partition at one replica allocated once and filled in
+  the backward, so `step` no longer flattens the gradients into a new tensor (`reuse_single_replica_gradient_partition`);
+  bf16 ZeRO-2's gradients added straight into its fp32 partition, kept from step to step
+  (`add_single_replica_gradients_to_fp32_partition`).
 * `comm`: before `deepspeed.init_distributed`, no CPU shared-memory all-reduce op (`skip_shm_inference_op`:
   DeepSpeed compiles it in every new environment for its inference all-reduce, which training never calls).
 * `imports`: DeepSpeed's Muon kernels compiled on first use, not when ZeRO imports them (`defer_muon_compile`:
@@ -44,6 +48,8 @@ from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers
     step_without_update,
     sum_zero3_scatter_over_sequence_parallel, without_optimizer_shards, wrap_model_step)
 from megatron.deepspeed_compat.zero_step import step_zero12_in_chunks  # noqa: F401
+from megatron.deepspeed_compat.single_replica import (  # noqa: F401
+    add_single_replica_gradients_to_fp32_partition, reuse_single_replica_gradient_partition)
 from megatron.deepspeed_compat.norms import (  # noqa: F401
     exact_grad_norm, fp64_clip_grad_norm_, fp64_global_norm_of_tensors, fp64_grad_norm_direct, fp64_sq_norm,
     fp64_weight_norm)
