@@ -13,7 +13,10 @@ import time
 
 import numpy as np
 
-from warm import Zygote
+try:
+    from warm import Zygote  # tests/ on sys.path (pytest)
+except ImportError:  # imported as tests.distributed (bench/scaling.py)
+    from tests.warm import Zygote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,9 +109,9 @@ def start_process(cmd: list[str], env: dict, stdout: str, stderr: str):
     """`cmd` with `env` in ROOT, its output to the files `stdout` and `stderr`: forked from this pytest
     process's warm trainer process where that gives what a fresh process would (tests/warm.py: a
     `python <script>` command whose environment differs from the warm process's only in variables read at
-    run time), else a fresh `subprocess.Popen`; stdin from /dev/null either way. TEST_WARM=0 starts every
-    process fresh."""
-    if os.environ.get("TEST_WARM", "1") != "0" and warm_zygote().accepts(cmd, env):
+    run time), else a fresh `subprocess.Popen`; stdin from /dev/null either way. TEST_WARM=0 (in the
+    environment, or in `env`) starts every process fresh."""
+    if env.get("TEST_WARM", "1") != "0" and warm_zygote().accepts(cmd, env):
         return warm_zygote().start(cmd, env, ROOT, stdout, stderr)
     with open(stdout, "w") as out, open(stderr, "w") as err:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err)

@@ -75,3 +75,13 @@ def test_environment_read_at_import_starts_fresh():
     assert not zygote.accepts(cmd, {**env_for(1), "TORCHDYNAMO_DISABLE": "1"})  # TorchDynamo reads it at import
     assert not zygote.accepts(cmd, {**env_for(1), "DS_ACCELERATOR": "xpu"})  # DeepSpeed picks it at import
     assert not zygote.accepts(["bash", "train_alcf.sh"], env_for(1))
+
+
+def test_importable_as_a_package_module():
+    """bench/scaling.py imports `tests.distributed` from the repository root (no tests/ on sys.path)."""
+    import subprocess  # noqa: PLC0415
+
+    code = "import sys; sys.path[0] = sys.argv[1]; import tests.distributed as d; print(d.Zygote.__module__)"
+    out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, cwd="/",
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0 and out.stdout.strip() == "tests.warm", out.stderr
