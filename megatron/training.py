@@ -276,7 +276,8 @@ def setup_model_and_optimizer(args, before_engine=None):
         dtype = torch.bfloat16 if prec.bf16 else torch.float16 if prec.fp16 else torch.float32
         ds_compat.partition_zero3_over_sequence_data_parallel(model, kwargs["config"], dtype,
                                                               parallel_state.DeepSpeedMPU())
-    engine, _, _, _ = deepspeed.initialize(model=model, mpu=parallel_state.DeepSpeedMPU(), **kwargs)
+    with ds_compat.no_initial_zero_step():  # stage-0 bf16/fp16: no zero-gradient step (and its memory) at build
+        engine, _, _, _ = deepspeed.initialize(model=model, mpu=parallel_state.DeepSpeedMPU(), **kwargs)
     if par.zero_stage == 3 and par.ds_sequence_parallel_size > 1:
         ds_compat.sum_zero3_scatter_over_sequence_parallel(engine, par.ds_sequence_parallel_size)
     engine.optimizer_param_names = param_names

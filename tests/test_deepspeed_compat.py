@@ -647,3 +647,31 @@ def test_stage0_step_in_chunks_only_for_per_parameter_optimizers():
         engine = SimpleNamespace(optimizer=FP16_UnfusedOptimizer(inner))
         assert compat.step_stage0_in_chunks(engine) is installed, type(inner).__name__
         assert ("step" in vars(engine.optimizer)) is installed
+
+
+def test_no_initial_zero_step_builds_without_stepping(monkeypatch):
+    """`no_initial_zero_step`: DeepSpeed's stage-0 bf16 optimizer built inside it takes no step (no Adam
+    state, no zero gradients made, masters equal to the weights); outside it the constructor steps once,
+    and leaving the context puts DeepSpeed's method back."""
+    import deepspeed.runtime.fp16.unfused_optimizer as unfused  # noqa: PLC0415
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    monkeypatch.setattr(unfused.dist, "get_rank", lambda *a, **k: 0)  # its one collective call: a log line
+
+    def build():
+        weights = [torch.nn.Parameter(torch.randn(8, 4).bfloat16())]
+        inner = torch.optim.AdamW(weights, lr=1e-2, weight_decay=0.1)
+        steps = []
+        step = inner.step
+        inner.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+        opt = FP16_UnfusedOptimizer(inner, low_precision_dtype=torch.bfloat16, verbose=False)
+        return weights, opt, steps
+
+    original = FP16_UnfusedOptimizer.initialize_optimizer_states
+    with compat.no_initial_zero_step():
+        weights, opt, steps = build()
+    assert FP16_UnfusedOptimizer.initialize_optimizer_states is original
+    assert steps == [] and not compat.innermost_optimizer(opt).state
+    assert torch.equal(opt.fp32_groups[0][0], weights[0].float()) and weights[0].grad is None
+    _, opt, steps = build()
+    assert steps == [1] and compat.innermost_optimizer(opt).state  # DeepSpeed's own: one zero-gradient step

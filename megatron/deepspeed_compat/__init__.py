@@ -43,6 +43,7 @@ from megatron.deepspeed_compat.comm import skip_shm_inference_op  # noqa: F401
 from megatron.deepspeed_compat.imports import defer_muon_compile  # noqa: F401
 from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers use)
     allow_fp16_on_cpu, copy_first_bf16_gradient, defer_loss_scale_growth, forget_initial_zero_step, innermost_optimizer,
+    no_initial_zero_step,
     partition_zero3_over_sequence_data_parallel, replace_checkpoint_engine, share_single_replica_master_weights,
     skip_bf16_overflow_scan, skip_single_replica_allreduce, skip_single_replica_reduction, step_stage0_in_chunks,
     step_without_update,
