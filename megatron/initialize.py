@@ -6,7 +6,8 @@ the timeout chosen here; otherwise does the same job itself:
 * rank / world size / local rank from the launcher's variables (megatron/launch_env.py: torchrun,
   MPICH/PALS, Open MPI, SLURM, then mpi4py, then a single process; inconsistent ones are an error);
 * `MASTER_ADDR`/`MASTER_PORT`: used when set; otherwise rank 0 picks its host name and a free
-  port and shares them through mpi4py (127.0.0.1 on a single host);
+  port and shares them through mpi4py; a single process listens on 127.0.0.1 at a port the system
+  picks as the store binds it (and sets both variables to it);
 * device: TORCH_DEVICE if set, else xpu > cuda > cpu. intel_extension_for_pytorch (when installed)
   is imported *before* asking `torch.xpu.is_available()`: on the frameworks modules that ship it,
   XPU may register only on that import;
@@ -159,10 +160,6 @@ def _share_master_address(rank: int, world: int) -> None:
     """Make MASTER_ADDR/PORT known on every rank (rank 0 decides, mpi4py broadcasts)."""
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         return
-    if world == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        return
     try:
         from mpi4py import MPI  # noqa: PLC0415
     except ImportError as e:
@@ -189,10 +186,19 @@ def _setup_torch_builtin(backend: str, timeout_minutes: float, dev: str) -> tupl
     rank, world, local = dist_env()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
     _set_device(dev, local)
+    if dist.is_initialized():
+        return rank, world, local, dev
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if world == 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        # One process and no address given: its store listens on a port the system picks as it binds. A port
+        # found free first and bound later can be taken in between by another process (EADDRINUSE, seen with
+        # two single-process runs started at once); MASTER_ADDR/PORT then name the store, as under env://.
+        store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timeout)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(store.port)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        return rank, world, local, dev
     _share_master_address(rank, world)
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
     return rank, world, local, dev
 
 

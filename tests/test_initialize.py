@@ -9,8 +9,10 @@ backend, the timeout, the order of imports and calls, and what ezpz is handed.
 from __future__ import annotations
 
 import datetime
+import os
 import importlib
 import sys
+import textwrap
 import types
 
 import pytest
@@ -398,3 +400,31 @@ def test_initialize_megatron_turns_start_up_errors_into_argument_errors(hw, monk
                                  world_size=1)
     with pytest.raises(ArgumentError, match="PMI_RANK is set but PMI_SIZE is not"):
         initialize.initialize_megatron(args)
+
+
+def test_single_process_store_binds_its_own_port():
+    """One process without MASTER_ADDR/PORT: the store listens on a port the system picks as it binds, so a
+    port taken by another process between "found free" and "bound" cannot fail the start (EADDRINUSE, seen
+    with two single-process runs started at once). Here the old way's free port is made busy: the set-up
+    still works, on another port, which MASTER_PORT names."""
+    import subprocess  # noqa: PLC0415
+
+    code = textwrap.dedent("""
+        import os, socket
+        import torch.distributed as dist
+        from megatron import initialize
+        busy = socket.socket(); busy.bind(("127.0.0.1", 0)); busy.listen()
+        initialize._free_port = lambda: busy.getsockname()[1]  # what a race would hand out
+        rank, world, local, dev = initialize._setup_torch_builtin("gloo", 1, "cpu")
+        port = int(os.environ["MASTER_PORT"])
+        assert (rank, world, dist.get_world_size()) == (0, 1, 1) and os.environ["MASTER_ADDR"] == "127.0.0.1"
+        assert port != busy.getsockname()[1]
+        probe = socket.create_connection(("127.0.0.1", port))  # the store listens there
+        probe.close()
+        dist.all_reduce(__import__("torch").ones(1))
+        print("ok", port)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("ok "), out.stderr[-2000:]
