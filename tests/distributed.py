@@ -227,6 +227,25 @@ def spawn_workers(worker, nprocs: int, out_dir: str) -> list:
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(nprocs)]
 
 
+def engine_with(args, **replaced):
+    """The trainer's engine for `args` (`training.setup_model_and_optimizer`, seed 1234), built with the
+    named `megatron.deepspeed_compat` functions replaced by the given ones (`lambda engine: False`: that
+    change left out, DeepSpeed as is); the originals are put back afterwards."""
+    import torch  # noqa: PLC0415
+
+    from megatron import deepspeed_compat, training  # noqa: PLC0415
+
+    originals = {name: getattr(deepspeed_compat, name) for name in replaced}
+    for name, function in replaced.items():
+        setattr(deepspeed_compat, name, function)
+    try:
+        torch.manual_seed(1234)
+        return training.setup_model_and_optimizer(args)[1]
+    finally:
+        for name, function in originals.items():
+            setattr(deepspeed_compat, name, function)
+
+
 def parallel_test_config(**overrides):
     """The small GQA GPTConfig the in-process TP and Ulysses equivalence tests build (vocab 256,
     2 layers, 4 heads / 2 KV heads, no dropout), with `overrides`."""

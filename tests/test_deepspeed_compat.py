@@ -386,7 +386,7 @@ def test_deepspeed_internals_are_reached_only_through_deepspeed_compat():
 def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
     import os
 
-    from distributed import TINY_MODEL
+    from distributed import TINY_MODEL, engine_with
 
     from megatron import deepspeed_compat, training
     from megatron.arguments import parse_args
@@ -417,17 +417,10 @@ def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
                           + (["--bf16"] if dtype == "bf16" else []), env={"WORLD_SIZE": "1"})
         initialize_megatron(args)
         training.build_tokenizer_and_vocab(args)
-        installed = {}
-        for name in overrides:  # "as is": DeepSpeed's ZeRO-1 without the single-replica changes
-            original = originals[name]
-            setattr(deepspeed_compat, name, (lambda engine: False) if as_is and name in single_replica else
-                    (lambda engine, _f=original, _n=name: installed.setdefault(_n, _f(engine))))
-        try:
-            torch.manual_seed(1234)
-            _model, engine = training.setup_model_and_optimizer(args)
-        finally:
-            for name in overrides:
-                setattr(deepspeed_compat, name, originals[name])
+        installed = {}  # "as is": DeepSpeed's ZeRO-1 without the single-replica changes
+        engine = engine_with(args, **{name: (lambda engine: False) if as_is and name in single_replica else
+                                      (lambda engine, _f=originals[name], _n=name: installed.setdefault(_n, _f(engine)))
+                                      for name in overrides})
         data, config = iter(batches if micro == 1 else mixed), Config.from_args(args)
         masters = getattr(engine.optimizer, "single_partition_of_fp32_groups", [])
         grads = []  # where the master's gradient is when the optimizer steps (ZeRO-1/2)
@@ -584,7 +577,7 @@ def test_deepspeed_muon_kernels_compile_on_first_call_not_at_import(monkeypatch)
 
 
 def _stage0_chunks_worker(rank: int, port: int, out_dir: str) -> None:
-    from distributed import TINY_MODEL
+    from distributed import TINY_MODEL, engine_with
 
     from megatron import deepspeed_compat, training
     from megatron.arguments import parse_args
@@ -601,12 +594,7 @@ def _stage0_chunks_worker(rank: int, port: int, out_dir: str) -> None:
     original, out = deepspeed_compat.step_stage0_in_chunks, {}
     for name, chunked in (("chunked", lambda engine: original(engine, chunk_elements=20_000)),
                           ("as_is", lambda engine: False)):
-        deepspeed_compat.step_stage0_in_chunks = chunked
-        try:
-            torch.manual_seed(1234)
-            _model, engine = training.setup_model_and_optimizer(args)
-        finally:
-            deepspeed_compat.step_stage0_in_chunks = original
+        engine = engine_with(args, step_stage0_in_chunks=chunked)
         data, config = iter(batches), Config.from_args(args)
         losses = [float(training.train_step(engine, data, config, None, engine.device)) for _ in range(4)]
         out[name] = {"installed": "step" in vars(engine.optimizer), "losses": losses,

@@ -15,7 +15,7 @@ CASES = (("1", "bf16"), ("2", "bf16"), ("2", "fp32"))  # (ZeRO stage, --grad-acc
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from distributed import TINY_MODEL, become_rank
+    from distributed import TINY_MODEL, become_rank, engine_with
 
     from megatron import deepspeed_compat, training
     from megatron.arguments import parse_args
@@ -37,12 +37,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         training.build_tokenizer_and_vocab(args)
         for name, install in (("chunked", lambda engine: original(engine, chunk_elements=4096)),
                               ("as_is", lambda engine: False)):
-            deepspeed_compat.step_zero12_in_chunks = install
-            try:
-                torch.manual_seed(1234)
-                _model, engine = training.setup_model_and_optimizer(args)
-            finally:
-                deepspeed_compat.step_zero12_in_chunks = original
+            engine = engine_with(args, step_zero12_in_chunks=install)
             data, config = iter(batches), Config.from_args(args)
             losses = [float(training.train_step(engine, data, config, None, engine.device)) for _ in range(3)]
             opt = engine.optimizer

@@ -163,7 +163,8 @@ class Zygote:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=self.env, cwd=cwd,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.buf, self.exited, self.started, self.next_id = bytearray(), {}, {}, 0
-        while not self.started.get("ready"):
+        self.imports_set = None  # from its "ready" message
+        while self.imports_set is None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the warm trainer process failed to start (exit {self.proc.returncode})")
             self.collect(1.0)
@@ -187,7 +188,7 @@ class Zygote:
             elif "started" in message:
                 self.started[message["started"]] = message["pid"]
             else:
-                self.started["ready"], self.imports_set = message["ready"], message["imports_set"]
+                self.imports_set = message["imports_set"]
 
     def start(self, cmd: list[str], env: dict, cwd: str, stdout: str, stderr: str) -> WarmProcess:
         self.next_id += 1
