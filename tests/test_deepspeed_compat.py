@@ -266,7 +266,8 @@ def test_clip_uses_the_fp64_norm_and_deepspeeds_rule():
     torch.testing.assert_close(p.grad, torch.tensor([0.3, 0.4, 0.0, 0.0]))
 
 
-def _clip0_worker(rank: int, port: int, out_dir: str) -> None:
+def _one_rank_engine(port: int, flags: list[str]):
+    """(args, engine) of the tiny model's trainer at one rank, with `flags` (stage, precision, clipping)."""
     import os
 
     from distributed import TINY_MODEL
@@ -277,20 +278,66 @@ def _clip0_worker(rank: int, port: int, out_dir: str) -> None:
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       DS_ACCELERATOR="cpu")
-    args = parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3", "--clip-grad", "0",
-                                    "--zero-stage", "0", "--data-path", "x", "--eval-iters", "0"], env={"WORLD_SIZE": "1"})
+    args = parse_args(TINY_MODEL + ["--micro-batch-size", "2", "--train-iters", "1", "--lr", "1e-3",
+                                    "--data-path", "x", "--eval-iters", "0", *flags], env={"WORLD_SIZE": "1"})
     initialize_megatron(args)
     training.build_tokenizer_and_vocab(args)
     _model, engine = training.setup_model_and_optimizer(args)
+    return args, engine
+
+
+def _one_step(args, engine) -> None:
+    from megatron import training
+
+    tokens = torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))
+    training.train_step(engine, iter([{"text": tokens}]), Config.from_args(args), None, engine.device)
+
+
+def _clip0_worker(rank: int, port: int, out_dir: str) -> None:
+    args, engine = _one_rank_engine(port, ["--clip-grad", "0", "--zero-stage", "0"])
     seen = {}
 
     def record(*_):  # the gradients as the optimizer receives them (nothing clipped them)
         seen["norm"] = float(compat.fp64_sq_norm([p.grad for p in engine.module.parameters()]).sqrt())
     engine.optimizer.register_step_pre_hook(record)
-    tokens = torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))
-    training.train_step(engine, iter([{"text": tokens}]), Config.from_args(args), None, engine.device)
+    _one_step(args, engine)
     norm = engine.get_global_grad_norm()
     torch.save({"norm": None if norm is None else float(norm), "seen": seen["norm"]}, os.path.join(out_dir, "rank0.pt"))
+
+
+def _bf16_stage0_worker(rank: int, port: int, out_dir: str) -> None:
+    from deepspeed.runtime import utils
+    from deepspeed.runtime.fp16 import unfused_optimizer
+
+    args, engine = _one_rank_engine(port, ["--bf16", "--zero-stage", "0", "--clip-grad", "1e9"])
+    opt = engine.optimizer
+    seen = {"optimizer": type(opt).__name__}
+    step = opt.step
+
+    def recording_step(*a, **k):  # the bf16 gradients the norm is taken of: float64 copies, and DeepSpeed's fp32 norm
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        seen["fp64"] = float(sum(g.double().square().sum() for g in grads)) ** 0.5
+        seen["deepspeed_fp32"] = float(utils.get_weight_norm(grads))
+        return step(*a, **k)
+    opt.step = recording_step
+    _one_step(args, engine)
+    seen["norm"] = float(engine.get_global_grad_norm())
+    seen["hooked"] = unfused_optimizer.get_weight_norm is not utils.get_weight_norm
+    torch.save(seen, os.path.join(out_dir, "rank0.pt"))
+
+
+def test_stage0_bf16_takes_the_fp64_norm():
+    """bf16 at ZeRO stage 0 (DeepSpeed's FP16_UnfusedOptimizer): the gradient norm is the fp64 one, equal to the
+    float64 copies' norm within fp64 rounding, not DeepSpeed's one fp32 norm per tensor."""
+    import tempfile
+
+    from distributed import spawn_workers
+
+    with tempfile.TemporaryDirectory() as out:
+        (r,) = spawn_workers(_bf16_stage0_worker, 1, out)
+    assert r["optimizer"] == "FP16_UnfusedOptimizer" and r["hooked"]
+    assert abs(r["norm"] - r["fp64"]) / r["fp64"] < 1e-12, r
+    assert r["deepspeed_fp32"] != r["norm"]  # what the hook replaces differs (fp32 sums)
 
 
 def test_stage0_fp32_logs_the_fp64_norm_without_clipping(tmp_path):

@@ -12,14 +12,17 @@ import torch
 import torch.distributed as dist
 
 
-NORM_CHUNK = 1 << 20  # elements per fp64 norm
+NORM_CHUNK = 1 << 16  # elements per fp64 norm: its float64 copy (512 KiB) stays in the core's cache
 
 
 def fp64_sq_norm(tensors) -> torch.Tensor:
-    """Sum of squares of `tensors`, accumulated in fp64 (a 0-d fp64 tensor), 2^20 elements at a time:
+    """Sum of squares of `tensors`, accumulated in fp64 (a 0-d fp64 tensor), 2^16 elements at a time:
     `vector_norm(dtype=float64)` converts its whole input first, a transient copy as large as the
     largest gradient (95 MB for a 32000 x 768 bf16 output layer), and sums it less exactly (relative
-    error 4.9e-14 there, 7e-16 in chunks, against the sum of squares of the float64 copy)."""
+    error 4.9e-14 there, 7e-16 in chunks, against the sum of squares of the float64 copy). Chunks of
+    2^16 rather than 2^20: 25.6M fp32 gradients on one core in 18.7 ms instead of 24.6, bf16 in 15.2
+    instead of 21.6, the conversion's copy staying in cache (one fp32 norm per tensor, DeepSpeed's:
+    8.2 and 12.3 ms, 1e-4 relative off)."""
     total = torch.zeros((), dtype=torch.float64)
     for t in tensors:
         for piece in t.detach().reshape(-1).split(NORM_CHUNK):
@@ -107,7 +110,8 @@ def exact_grad_norm(engine) -> None:
       ``--clip-grad 0`` DeepSpeed never calls it, so the norm is taken at `engine.step` instead.
     * DeepSpeed's BF16_Optimizer (bf16 at ZeRO-1 with fp32 gradient accumulation, and PP): its
       module-level `get_global_norm_of_tensors`.
-    * DeepSpeed's fp16 optimizer (fp16 at stage 0, and bf16 at stage 0): its `get_weight_norm`.
+    * DeepSpeed's fp16 optimizers at stage 0 (`FP16_Optimizer`, and `FP16_UnfusedOptimizer`: bf16, and fp16
+      with torch's optimizers): their module's `get_weight_norm`.
     * ZeRO 1/2: the optimizer's `get_grad_norm_direct`.
     """
     opt = getattr(engine, "optimizer", None)
@@ -129,13 +133,15 @@ def exact_grad_norm(engine) -> None:
         return
     if engine.zero_optimization_stage() != 0:
         return
-    if opt is not None and hasattr(opt, "fp32_groups_flat"):  # DeepSpeed's fp16 optimizer (fp16, or bf16 at stage 0)
+    if type(opt).__name__ in ("FP16_Optimizer", "FP16_UnfusedOptimizer"):  # fp16, or bf16, at stage 0
         import deepspeed.runtime.fp16.fused_optimizer as fused  # noqa: PLC0415
+        import deepspeed.runtime.fp16.unfused_optimizer as unfused  # noqa: PLC0415
         from deepspeed.runtime import utils  # noqa: PLC0415
 
-        if fused.get_weight_norm is utils.get_weight_norm:
+        module = fused if type(opt).__name__ == "FP16_Optimizer" else unfused
+        if module.get_weight_norm is utils.get_weight_norm:
             original = utils.get_weight_norm
-            fused.get_weight_norm = (lambda parameters, norm_type=2, mpu=None: fp64_weight_norm(
+            module.get_weight_norm = (lambda parameters, norm_type=2, mpu=None: fp64_weight_norm(
                 parameters, norm_type, mpu, _original=original))
         return
     if engine.fp16_enabled() or opt is None:
