@@ -106,7 +106,8 @@ def test_console_line_every_field(run):
         assert float(r["tokens_per_gpu_per_second_tgs"]) == pytest.approx(GBS * SEQ / sec / WORLD, rel=rel)
         tflops = FLOPS_PER_ITER / sec / 1e12 / WORLD
         assert float(r["TFLOPs"]) == pytest.approx(tflops, rel=rel)
-        assert float(r["MFU"].rstrip("%")) == pytest.approx(100 * tflops / PEAK, rel=rel, abs=0.006)
+        mfu = 100 * tflops / PEAK  # printed to 0.01 %: its rounding adds to the time's
+        assert abs(float(r["MFU"].rstrip("%")) - mfu) <= 0.005 + rel * mfu
         h, m, s = (int(x) for x in r["ETA"].split(":"))
         assert abs(3600 * h + 60 * m + s - (ITERS - it) * sec) <= 0.51
 
