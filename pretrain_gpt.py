@@ -15,6 +15,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # this process's own command line: --allocator mimalloc re-executes it with the library preloaded
+        from megatron.resilience.allocator import start_with
+
+        start_with(sys.argv[1:])
     from megatron.arguments import ArgumentError, parse_args
 
     try:

@@ -33,8 +33,11 @@ setup(
         # reference implementations the optimizer tests compare against
         # (+ wandb, so its offline-mode test runs; it is never activated unless WANDB_MODE or a login says so)
         # (galore-torch, for galoreadamw and its parity test; it brings bitsandbytes, whose 8-bit kernels need CUDA)
+        # (cmeel-mimalloc, so --allocator mimalloc's re-execution is tested with the real library)
         "test": ["pytest", "pytest-xdist", "lion-pytorch", "schedulefree", "torch-optimizer", "pytorch-optimizer", "wandb",
-                 "galore-torch"],
+                 "galore-torch", "cmeel-mimalloc"],
+        # --allocator mimalloc (megatron/resilience/allocator.py)
+        "mimalloc": ["cmeel-mimalloc"],
         # mpiexec on a workstation / in CI (MPICH's mpiexec lands in the environment's bin). On a
         # cluster use the site's MPI instead: `pip install mpi4py` builds against the loaded module.
         "mpi": ["mpi4py", "mpich"],

@@ -216,6 +216,10 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                         "AUTO_COMPILE_MIN_TFLOP, where compiling pays for itself (ALCF/notes/performance.md)")
     g.add_argument("--no-compile", dest="compile", action="store_false",
                    help="never torch.compile the model (eager), whatever the run's size")
+    g.add_argument("--allocator", choices=["glibc", "mimalloc"],
+                   help="the C allocator: glibc (the default) or mimalloc, which returns freed memory to the system "
+                        "itself (ZeRO-3: less resident memory and CPU per step); pretrain_gpt.py re-executes itself "
+                        "with it preloaded. Needs pip install cmeel-mimalloc (ALCF/notes/performance.md)")
     g.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
                    help="glibc malloc serves allocations of at least BYTES with their own mappings, returned to the "
                         "system when freed (mallopt M_MMAP_THRESHOLD): freed gradients and activations do not stay "
@@ -743,6 +747,11 @@ def validate_args(args: argparse.Namespace, env=os.environ) -> argparse.Namespac
     if args.train_iters is None:
         args.train_iters = args.train_samples // args.global_batch_size
     apply_profiler_env(args, env)
+    from megatron.resilience.allocator import allocator_problems  # noqa: PLC0415
+
+    problems = allocator_problems(args.allocator, args.malloc_mmap_threshold, bool(args.check_args))
+    if problems:
+        raise ArgumentError("\n".join(problems))
     if args.malloc_mmap_threshold and env.get("MALLOC_MMAP_THRESHOLD_"):  # glibc read the variable at start
         raise ArgumentError(
             f"--malloc-mmap-threshold {args.malloc_mmap_threshold} with MALLOC_MMAP_THRESHOLD_="

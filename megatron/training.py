@@ -304,9 +304,9 @@ def setup_model_and_optimizer(args, before_engine=None):
 def pretrain(args) -> dict:
     """Train as configured by the validated `args`; returns a summary dict."""
     initialize_megatron(args)  # before DeepSpeed is imported: it picks DeepSpeed's accelerator
-    from megatron.resilience.allocator import set_mmap_threshold  # noqa: PLC0415
+    from megatron.resilience.allocator import allocator_setting  # noqa: PLC0415
 
-    args.malloc_setting = set_mmap_threshold(args.malloc_mmap_threshold)  # before the model and DeepSpeed allocate
+    args.malloc_setting = allocator_setting(args.allocator, args.malloc_mmap_threshold)  # before anything allocates
     tokenizer = build_tokenizer_and_vocab(args)
     config = Config.from_args(args)  # with the rank and the vocabulary (--compile is decided with the model)
     # the estimate vs the device / host memory, before any model or data is built; kept on `args` for

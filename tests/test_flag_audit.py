@@ -128,6 +128,7 @@ EFFECT = {
     "--cpu-optimizer": "test_flag_audit.py::test_cpu_optimizer_offloads",
     "--grad-accum-dtype": "test_grad_accum_dtype.py::test_two_ranks_keep_bf16_gradients_at_every_stage",
     "--malloc-mmap-threshold": "test_allocator.py::test_fixed_threshold_returns_freed_blocks",
+    "--allocator": "test_allocator.py::test_mimalloc_trainer_reexecutes_itself_with_the_library",
     # fp32 gradients are the default with or without it (test_fp32_gradient_reduction_is_always_on); with
     # --grad-accum-dtype bf16/fp16 it is a contradiction, refused
     "--accumulate-allreduce-grads-in-fp32": "test_grad_accum_dtype.py::test_refusals_name_the_fix",

@@ -33,6 +33,7 @@ class TrainingConfig(Section):
     recompute_granularity: str | None = None
     compile: bool | None = None
     malloc_mmap_threshold: int = 0  # bytes; 0: glibc's rising default (megatron/resilience/allocator.py)
+    allocator: str = "glibc"  # --allocator: glibc or mimalloc (preloaded: megatron/resilience/allocator.py)
 
     def validate(self) -> list[str]:
         errs = positive(self, "micro_batch_size", "eval_interval")
