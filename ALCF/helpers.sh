@@ -848,10 +848,13 @@ alcf_build_launcher() {
     _alcf_lp "$EXEC"
 }
 
-# Is this mpiexec MPICH's hydra (not Cray PALS / Open MPI)? Its --version says HYDRA.
+# Is this mpiexec MPICH's hydra (not Cray PALS / Open MPI)? Its --version says HYDRA. (Read whole, not piped
+# into `grep -q`: grep exits at the first line, the rest of mpiexec's output then meets a closed pipe, and under
+# alcf_main's pipefail that SIGPIPE made the answer "no" now and then: PALS' --cpu-bind given to MPICH.)
 _alcf_mpiexec_is_hydra() {
     [[ -x "$1" || -n "$(command -v "$1" 2>/dev/null)" ]] || return 1
-    "$1" --version 2>/dev/null | grep -q HYDRA
+    local version; version="$("$1" --version 2>/dev/null)"
+    [[ "$version" == *HYDRA* ]]
 }
 
 # cores per rank for --cpu-bind=depth: (cores / 2) / ranks per node, at least 1

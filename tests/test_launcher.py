@@ -970,3 +970,21 @@ def test_trainer_accepts_every_launcher_flag(env, tmp_path, case):
     assert unknown == []
     assert ns.seq_length == int(d.last("--seq-length")) and ns.lr == float(d.last("--lr"))
     assert ns.train_iters == int(d.last("--train-iters"))
+
+
+def test_hydra_detection_reads_the_whole_version_under_pipefail(tmp_path):
+    """MPICH's mpiexec is told from PALS by its --version. An mpiexec that goes on writing after the line
+    naming HYDRA: piped into `grep -q`, the rest met a closed pipe (SIGPIPE, status 141), and under
+    alcf_main's pipefail that read as "not hydra" (PALS' --cpu-bind then given to MPICH, which refuses it)."""
+    fake = tmp_path / "mpiexec"
+    fake.write_text("#!/usr/bin/env bash\necho 'HYDRA build details:'\nsleep 0.3\n"
+                    "for i in $(seq 200); do echo \"    option $i\"; done\n")
+    fake.chmod(0o755)
+    pals = tmp_path / "pals-mpiexec"
+    pals.write_text("#!/usr/bin/env bash\necho 'mpiexec version 1.2 (PALS)'\n")
+    pals.chmod(0o755)
+    probe = (f"source {shlex.quote(str(ROOT / 'ALCF' / 'helpers.sh'))}; set -o pipefail; "
+             f"for m in {shlex.quote(str(fake))} {shlex.quote(str(pals))} no-such-mpiexec; do "
+             "_alcf_mpiexec_is_hydra \"$m\" && echo hydra || echo other; done")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["hydra", "other", "other"], out.stdout + out.stderr
