@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 MIN_BUCKET, MAX_BUCKET = 5_000_000, 500_000_000  # elements; DeepSpeed's default bucket is the maximum
 
 
+def model_parameters_per_rank(config: Config) -> int:
+    """The model's parameters on this rank before ZeRO partitions them (TP and PP split them)."""
+    from megatron.resilience.preflight import parameters_per_rank  # noqa: PLC0415
+
+    vocab = config.runtime.padded_vocab_size or config.data.vocab_size or 0
+    return parameters_per_rank(config.model, config.parallel, vocab)
+
+
 def zero_bucket_sizes(config: Config) -> dict:
     """ZeRO's reduce and all-gather bucket sizes (elements) by model size: an eighth of
     this rank's parameters, at least 5e6, at most DeepSpeed's default 5e8. DeepSpeed's 5e8 exceeds
@@ -34,12 +42,9 @@ def zero_bucket_sizes(config: Config) -> dict:
     to 0.5 B/parameter; the floor keeps small models in one bucket (their speed is unchanged).
     Measured (bench/memory.py, 134M parameters, bf16, 2 ranks): peak ZeRO-2 2.61 -> 1.94 GiB,
     ZeRO-3 3.32 -> 2.24 GiB per rank."""
-    from megatron.resilience.preflight import parameters_per_rank  # noqa: PLC0415
-
     if not config.model.hidden_size:  # no model shape (unit tests of other keys): nothing to size by
         return {}
-    vocab = config.runtime.padded_vocab_size or config.data.vocab_size or 0
-    per_rank = parameters_per_rank(config.model, config.parallel, vocab)
+    per_rank = model_parameters_per_rank(config)
     bucket = int(min(MAX_BUCKET, max(MIN_BUCKET, per_rank // 8))) // 2 * 2  # even (DeepSpeed)
     return {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
 
@@ -72,6 +77,26 @@ def zero3_memory_settings(config: Config) -> dict:
     if resumed is not None:  # a resume keeps the checkpoint's optimizer sub-groups (only they load its state)
         chosen["sub_group_size"] = resumed
     return chosen
+
+
+DS_STAGE3_LIVE_DEFAULT = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance
+
+
+def zero3_fetch_by_layer(config: Config, zero: dict) -> bool:
+    """Whether ZeRO-3 gathers a transformer layer's parameters as one unit (the layer a DeepSpeed "z3 leaf
+    module": one fetch hook and one all-gather per layer, no hooks on its norms and linears) instead of one
+    fetch per module. True where every parameter stays gathered from its forward to its backward anyway:
+    the live and reuse limits (`zero`, the zero_optimization block as built) hold the whole model of this
+    rank, as `zero3_memory_settings` leaves a model below 4e7 parameters. There the unit changes no peak
+    (the whole model is gathered at the end of the forward either way) and only removes per-module hook
+    work: bench/scaling.py's 4.3M model at 2 ranks, CPU per step and rank 362 -> 336 ms, ZeRO-1's / ZeRO-3's
+    0.876 -> 0.971 (bench/README.md). A larger model keeps DeepSpeed's per-module fetch, which its live
+    limit bounds."""
+    if config.parallel.zero_stage != 3 or not config.model.hidden_size:
+        return False
+    whole = model_parameters_per_rank(config)
+    return all(zero.get(k, DS_STAGE3_LIVE_DEFAULT) >= whole
+               for k in ("stage3_max_live_parameters", "stage3_max_reuse_distance"))
 
 
 def build_ds_config(config: Config) -> dict:

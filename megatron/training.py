@@ -17,7 +17,7 @@ from megatron.checkpoint import checkpointing
 from megatron.config import Config, DataConfig
 from megatron.arguments import auto_compile
 from megatron.core import parallel_state
-from megatron.deepspeed_config import build_ds_config
+from megatron.deepspeed_config import build_ds_config, zero3_fetch_by_layer
 from megatron.core import sequence_parallel as ulysses
 from megatron.data.gpt_dataset import document_attention_mask, reset_position_ids
 from megatron.data.loading import build_datasets, build_loader
@@ -26,6 +26,7 @@ from megatron.resilience.preflight import check_memory
 from megatron.initialize import initialize_megatron
 from megatron.tokenizer import run_tokenizer
 from megatron.model import GPTConfig, GPTModel
+from megatron.model.gpt import TransformerLayer
 from megatron import deepspeed_compat as ds_compat
 from megatron.optimizer import OptimizerHooks, deepspeed_initialize_kwargs
 from megatron.optimizer.partition import attach_layouts
@@ -276,6 +277,8 @@ def setup_model_and_optimizer(args, before_engine=None):
         dtype = torch.bfloat16 if prec.bf16 else torch.float16 if prec.fp16 else torch.float32
         ds_compat.partition_zero3_over_sequence_data_parallel(model, kwargs["config"], dtype,
                                                               parallel_state.DeepSpeedMPU())
+    if zero3_fetch_by_layer(config, kwargs["config"]["zero_optimization"]):  # the model stays gathered anyway
+        deepspeed.utils.set_z3_leaf_modules(model, [TransformerLayer])  # one fetch per layer, not per module
     with ds_compat.no_initial_zero_step():  # stage-0 bf16/fp16: no zero-gradient step (and its memory) at build
         engine, _, _, _ = deepspeed.initialize(model=model, mpu=parallel_state.DeepSpeedMPU(), **kwargs)
     if par.zero_stage == 3 and par.ds_sequence_parallel_size > 1:

@@ -121,6 +121,7 @@ def test_zero_bucket_sizes_by_model_size(layers, hidden, vocab, bucket, tmp_path
     parameters within [5e6, 5e8] elements (bench/memory.py: DeepSpeed's 5e8 made a 134M model's
     bucket a whole extra gradient copy)."""
     from megatron.arguments import parse_args
+    from megatron.deepspeed_config import zero3_fetch_by_layer
     from megatron.training import build_ds_config
 
     data = tmp_path / "list.txt"
@@ -136,10 +137,15 @@ def test_zero_bucket_sizes_by_model_size(layers, hidden, vocab, bucket, tmp_path
     zero = build_ds_config(Config.from_args(args))["zero_optimization"]
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == bucket
     assert "sub_group_size" not in zero and "stage3_max_live_parameters" not in zero  # ZeRO-3's only
+    assert not zero3_fetch_by_layer(Config.from_args(args), zero)  # ZeRO-3's only
     args.zero_stage = 3  # ZeRO-3's sub-group and live / reuse limits: the same eighth (DeepSpeed's defaults 1e9)
     zero = build_ds_config(Config.from_args(args))["zero_optimization"]
     assert zero["sub_group_size"] == zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == bucket
     assert zero["stage3_prefetch_bucket_size"] == min(bucket, 50_000_000)
+    # whole layers fetched only where the limits hold the whole model (the floor's tiny model); DeepSpeed's 1e9
+    # limits would hold the 134M one too, not GPT-3
+    assert zero3_fetch_by_layer(Config.from_args(args), zero) == (bucket == 5_000_000)
+    assert zero3_fetch_by_layer(Config.from_args(args), {}) == (bucket < 500_000_000)
 
 
 def test_zero3_memory_settings_leave_the_scaling_model_as_it_was():
@@ -147,6 +153,7 @@ def test_zero3_memory_settings_leave_the_scaling_model_as_it_was():
     stays gathered from its forward to its backward (no extra all-gather), as with DeepSpeed's defaults."""
     from bench.scaling import MODEL
     from megatron.arguments import parse_args
+    from megatron.deepspeed_config import zero3_fetch_by_layer
     from megatron.resilience.preflight import parameters_per_rank
     from megatron.training import build_ds_config
 
@@ -158,6 +165,42 @@ def test_zero3_memory_settings_leave_the_scaling_model_as_it_was():
     zero = build_ds_config(config)["zero_optimization"]
     assert 4e6 < params < zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 5e6
     assert zero["sub_group_size"] > params and zero["stage3_prefetch_bucket_size"] > params
+    assert zero3_fetch_by_layer(config, zero)  # so its transformer layers are fetched whole
+
+
+def _fake_scaling(monkeypatch, rates: dict) -> list:
+    """bench.scaling with its trainer runs replaced: run_config returns rates[(nproc, zero)][round]; the runs made."""
+    sys.path.insert(0, ROOT)
+    import bench.scaling as scaling
+
+    runs = []
+
+    def run_config(nproc, zero, data_list, workdir, iters, gbs, tag, dtype, zero_config=None):
+        runs.append((nproc, zero, zero_config))
+        return rates[nproc, zero][int(tag.rsplit("_", 1)[1])]
+
+    monkeypatch.setattr(scaling, "run_config", run_config)
+    monkeypatch.setattr(scaling, "write_corpus", lambda *a: "list.txt")
+    return runs
+
+
+def test_scaling_baseline_zero1_divides_by_the_same_rounds_zero1_run(monkeypatch, capsys):
+    """`bench/scaling.py --baseline zero1`: no 1-rank run; the rounds alternate the 2-rank ZeRO-1 run (added
+    though --stages leaves it out) with the others, and each stage's ratio is the median over rounds of its
+    tokens/s over that round's ZeRO-1 tokens/s (hand-worked: 900/1000 = 0.9, 760/800 = 0.95 -> 0.925)."""
+    import bench.scaling as scaling
+
+    runs = _fake_scaling(monkeypatch, {(2, 1): [1000, 800], (2, 3): [900, 760]})
+    out = scaling.main(["--baseline", "zero1", "--stages", "3", "--rounds", "2", "--zero-config", '{"a": 1}'])
+    assert runs == [(2, 1, {"a": 1}), (2, 3, {"a": 1}), (2, 3, {"a": 1}), (2, 1, {"a": 1})]  # alternating
+    assert out["vs_zero1"] == {3: pytest.approx(0.925)}
+    assert capsys.readouterr().out.splitlines()[-1] == "vs_zero1 zero3=0.925"
+    # the default baseline: the 1-rank x 2-thread run, and the efficiency line bench/targets.py reads
+    runs = _fake_scaling(monkeypatch, {(1, 1): [1000, 800], (2, 1): [990, 800], (2, 3): [900, 760]})
+    out = scaling.main(["--stages", "1,3", "--rounds", "2"])
+    assert [r[:2] for r in runs] == [(1, 1), (2, 1), (2, 3), (2, 3), (2, 1), (1, 1)]
+    assert out["efficiency"] == {1: pytest.approx(0.995), 3: pytest.approx(0.925)}
+    assert capsys.readouterr().out.splitlines()[-1] == "efficiency zero1=0.995 zero3=0.925"
 
 
 def test_memory_formula_by_hand():

@@ -103,6 +103,17 @@ def test_zero3_memory_row(tmp_path):
     assert "ZeRO-3 memory" not in rows_by_name(args_for(["--zero-stage", "2", "--train-iters", "2"]), {})
 
 
+def test_zero3_fetch_row(tmp_path):
+    """The unit ZeRO-3 gathers parameters in: a transformer layer where the model fits the live and reuse limits
+    (the size rule's 5e6 for this small model), a module where a DeepSpeed config's limit is below the model."""
+    assert rows_by_name(args_for(["--zero-stage", "3", "--train-iters", "2"]), {})["ZeRO-3 fetch"].value.startswith(
+        "a transformer layer at a time")
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage3_max_live_parameters": 1000}}')
+    a = args_for(["--zero-stage", "3", "--train-iters", "2", "--deepspeed_config", str(tmp_path / "ds.json")])
+    assert rows_by_name(a, {})["ZeRO-3 fetch"].value.startswith("a module at a time")
+    assert "ZeRO-3 fetch" not in rows_by_name(args_for(["--zero-stage", "1", "--train-iters", "2"]), {})
+
+
 @pytest.mark.parametrize("record,extra,want", [
     ({"zero_stage": 3}, [], 1_000_000_000),  # written before the record: DeepSpeed's default then
     ({"zero_stage": 3, "zero3_sub_group_size": 20000}, [], 20000),

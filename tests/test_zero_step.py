@@ -171,10 +171,14 @@ def _zero3_worker(rank: int, port: int, out_dir: str) -> None:
     batches = [{"text": torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(10 * i + rank))}
                for i in range(3)]
     out = {}
-    for name, zero in (("defaults", {"sub_group_size": 1_000_000_000, "stage3_max_live_parameters": 1_000_000_000,
-                                     "stage3_max_reuse_distance": 1_000_000_000}),
+    defaults = {"sub_group_size": 1_000_000_000, "stage3_max_live_parameters": 1_000_000_000,
+                "stage3_max_reuse_distance": 1_000_000_000}
+    by_layer = training.zero3_fetch_by_layer
+    for name, zero in (("defaults", defaults), ("per-module", defaults),
                        ("small", {"sub_group_size": 20_000, "stage3_max_live_parameters": 20_000,
                                   "stage3_max_reuse_distance": 20_000, "stage3_prefetch_bucket_size": 20_000})):
+        # per-module: DeepSpeed's fetch of each module's parameters, where the rule would fetch whole layers
+        training.zero3_fetch_by_layer = (lambda *a: False) if name == "per-module" else by_layer
         path = os.path.join(out_dir, f"{name}.json")
         if rank == 0:
             with open(path + ".tmp", "w") as f:
@@ -194,14 +198,18 @@ def _zero3_worker(rank: int, port: int, out_dir: str) -> None:
         data, config = iter(batches), Config.from_args(args)
         losses = [float(training.train_step(engine, data, config, None, engine.device)) for _ in range(3)]
         out[name] = {"losses": losses, "sub_groups": len(engine.optimizer.fp16_groups),
-                     "norm": float(engine.get_global_grad_norm())}
+                     "norm": float(engine.get_global_grad_norm()),
+                     "leaves": [type(m).__name__ for m in engine.module.modules() if getattr(m, "_z3_leaf", False)]}
+    training.zero3_fetch_by_layer = by_layer
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_zero3_sub_groups_and_released_parameters_train_the_same():
     """ZeRO-3 with the tiny model split into optimizer sub-groups and its parameters released after their forward
     (what zero3_memory_settings chooses for larger models) trains as with DeepSpeed's defaults (one sub-group per
-    parameter group, everything kept gathered): the same losses and norm to float rounding, 3 clipped steps on 2 ranks."""
+    parameter group, everything kept gathered): the same losses and norm to float rounding, 3 clipped steps on 2 ranks.
+    With everything kept gathered the trainer fetches each transformer layer whole: bitwise DeepSpeed's per-module
+    fetch."""
     import tempfile
 
     from distributed import spawn_workers
@@ -209,6 +217,11 @@ def test_zero3_sub_groups_and_released_parameters_train_the_same():
     with tempfile.TemporaryDirectory() as tmp:
         for r in spawn_workers(_zero3_worker, 2, tmp):
             assert r["defaults"]["sub_groups"] == 2 < r["small"]["sub_groups"]  # 2: with and without weight decay
+            # everything kept gathered: each transformer layer fetched as one unit (zero3_fetch_by_layer), the
+            # same arithmetic as DeepSpeed's per-module fetch, bit for bit; released parameters: per module
+            assert r["defaults"]["leaves"] == ["TransformerLayer"] * 2
+            assert r["per-module"]["leaves"] == r["small"]["leaves"] == []
+            assert r["defaults"]["losses"] == r["per-module"]["losses"] and r["defaults"]["norm"] == r["per-module"]["norm"]
             assert r["small"]["losses"] == pytest.approx(r["defaults"]["losses"], rel=1e-5)
             assert r["small"]["norm"] == pytest.approx(r["defaults"]["norm"], rel=1e-5)
             assert r["small"]["losses"][2] != r["small"]["losses"][0]

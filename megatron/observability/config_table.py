@@ -133,7 +133,7 @@ def config_rows(config: Config, num_params: int | None, parser: argparse.Argumen
         None if asked is None else f"0 (asked {asked}: one data-parallel replica, nothing to partition)")
     if config.parallel.zero_stage == 3:
         from megatron.checkpoint.checks import saved_sub_group_size  # noqa: PLC0415
-        from megatron.deepspeed_config import build_ds_config, zero3_memory_settings  # noqa: PLC0415
+        from megatron.deepspeed_config import build_ds_config, zero3_fetch_by_layer, zero3_memory_settings  # noqa: PLC0415
 
         chosen, used = zero3_memory_settings(config), build_ds_config(config)["zero_optimization"]
         resumed = saved_sub_group_size(config.checkpoint)
@@ -147,6 +147,9 @@ def config_rows(config: Config, num_params: int | None, parser: argparse.Argumen
         add("parallel", "ZeRO-3 memory", None, (text or "DeepSpeed's defaults") +
             ("; by model size: an eighth of the parameters (DeepSpeed's defaults 1e9, 1e9, 1e9, 5e7)"
              if "stage3_max_live_parameters" in chosen else ""))
+        add("parallel", "ZeRO-3 fetch", None,
+            "a transformer layer at a time (the model fits the live and reuse limits: it stays gathered)"
+            if zero3_fetch_by_layer(config, used) else "a module at a time (DeepSpeed's; the live limit releases)")
     add("parallel", "C allocator", "malloc_mmap_threshold",
         config.runtime.malloc_setting or f"mmap threshold {flat['malloc_mmap_threshold']} bytes")
     add("batch", "micro batch", "micro_batch_size")
