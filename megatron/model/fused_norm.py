@@ -23,9 +23,7 @@ gradients are bit-identical to the plain module's in float32 and bf16 (tests/tes
 Measured (bench/README.md): 0-1 % less CPU time per bf16 step of the benchmark model, not slower
 in fp32, and no float32 copy of each norm's input kept for the backward; with the one conversion of x
 per pass (round four, an AMX CPU) a bf16 forward + backward of [2, 512, 512] takes 4.1 instead of
-5.4 ms at one thread. A SwiGLU function of the
-same kind (both gradient halves written into one buffer) was measured neutral (within +-1 %, fp32
-and bf16) and dropped.
+5.4 ms at one thread. SwiGLU has a function of the same kind (megatron/model/fused_swiglu.py).
 """
 
 from __future__ import annotations
