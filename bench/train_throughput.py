@@ -191,39 +191,43 @@ def print_profile(name: str, prof: dict) -> None:
 
 def plain_kernels(step) -> None:
     """One step of our trainer with the fused eager kernels off (megatron/model/rotary.py,
-    fused_cross_entropy.py, fused_norm.py, attention_cpu.py's causal query blocks): the model code
-    as it was before them, same engine and weights."""
-    from megatron.model import attention_cpu, fused_cross_entropy, fused_norm, rotary
+    fused_cross_entropy.py, fused_norm.py, fused_swiglu.py, attention_cpu.py's causal query blocks):
+    the model code as it was before them, same engine and weights."""
+    from megatron.model import attention_cpu, fused_cross_entropy, fused_norm, fused_swiglu, rotary
 
-    saved = rotary.use_fused, fused_cross_entropy.use_fused, fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS
-    rotary.use_fused = fused_norm.use_fused = lambda: False
+    saved = (rotary.use_fused, fused_cross_entropy.use_fused, fused_norm.use_fused, fused_swiglu.use_fused,
+             attention_cpu.CAUSAL_BLOCKS)
+    rotary.use_fused = fused_norm.use_fused = fused_swiglu.use_fused = lambda: False
     fused_cross_entropy.use_fused = lambda x: False
     attention_cpu.CAUSAL_BLOCKS = 1
     try:
         step()
     finally:
-        rotary.use_fused, fused_cross_entropy.use_fused, fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS = saved
+        (rotary.use_fused, fused_cross_entropy.use_fused, fused_norm.use_fused, fused_swiglu.use_fused,
+         attention_cpu.CAUSAL_BLOCKS) = saved
 
 
 def kernel_sides(ours: "Ours") -> dict:
-    """Our step with this round's eager kernels (megatron/model/fused_norm.py's RMSNorm,
-    attention_cpu.py's causal query blocks) both off ("none"), one at a time, and both on ("all")."""
-    from megatron.model import attention_cpu, fused_norm
+    """Our step with the eager kernels of rounds three and four (megatron/model/fused_norm.py's RMSNorm,
+    fused_swiglu.py's SwiGLU, attention_cpu.py's causal query blocks) all off ("none"), one at a
+    time, and all on ("all")."""
+    from megatron.model import attention_cpu, fused_norm, fused_swiglu
 
     blocks = attention_cpu.CAUSAL_BLOCKS
 
-    def side(norm: bool, causal_blocks: int):
+    def side(norm: bool, swiglu: bool, causal_blocks: int):
         def step() -> None:
-            saved = fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS
-            fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS = (lambda: norm), causal_blocks
+            saved = fused_norm.use_fused, fused_swiglu.use_fused, attention_cpu.CAUSAL_BLOCKS
+            fused_norm.use_fused, fused_swiglu.use_fused = (lambda: norm), (lambda: swiglu)
+            attention_cpu.CAUSAL_BLOCKS = causal_blocks
             try:
                 ours.step()
             finally:
-                fused_norm.use_fused, attention_cpu.CAUSAL_BLOCKS = saved
+                fused_norm.use_fused, fused_swiglu.use_fused, attention_cpu.CAUSAL_BLOCKS = saved
         return step
 
-    return {"none": side(False, 1), "rmsnorm": side(True, 1), "causal blocks": side(False, blocks),
-            "all": side(True, blocks)}
+    return {"none": side(False, False, 1), "rmsnorm": side(True, False, 1), "swiglu": side(False, True, 1),
+            "causal blocks": side(False, False, blocks), "all": side(True, True, blocks)}
 
 
 def kernel_ab(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra: list[str], workdir: str) -> dict:
@@ -232,7 +236,7 @@ def kernel_ab(m: dict, dtype: str, *, rounds: int, warmup: int, zero: int, extra
     none's time / the side's time."""
     import torch
 
-    n_sides = 4
+    n_sides = 5  # kernel_sides
     iters = (warmup + rounds) * n_sides + 2
     data_list = write_corpus(os.path.join(workdir, f"ab-{dtype}"), (iters + 1) * m["mbs"] * (m["seq"] + 1) * 2,
                              m["vocab"])
@@ -317,9 +321,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--profile", action="store_true", help="after the timed rounds, profile 2 steps of each side "
                    "(torch.profiler): top 10 ops by self CPU time, share of the step, matmul share")
     p.add_argument("--plain", action="store_true", help="also time our trainer with the fused eager kernels off "
-                   "(QKV + RoPE, output layer + loss, RMSNorm, causal attention blocks): column 'ours/plain'")
+                   "(QKV + RoPE, output layer + loss, RMSNorm, SwiGLU, causal attention blocks): column 'ours/plain'")
     p.add_argument("--kernel-ab", action="store_true", help="instead of the HF comparison: one thread, process CPU "
-                   "time of our step with the RMSNorm / causal-block kernels off, one at a time, both on")
+                   "time of our step with the RMSNorm / SwiGLU / causal-block kernels off, one at a time, all on")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--extra", default="", help="extra trainer flags for ours, space separated")
     opts = p.parse_args(argv)

@@ -18,6 +18,10 @@
   meets them, the fused backward adds the last two first: the parameter gradients then differ by float32
   reassociation only, asserted <= 1e-5 of the largest entry; in bf16 the plain path sums the two
   terms in float32 first as well, so the bf16 model is bit-identical.
+* `megatron/model/fused_swiglu.py` (SwiGLU): the plain path is `MLP.forward` with
+  `fused_swiglu.use_fused` off. The same operations (silu, the product, silu's backward, the two
+  products of the backward), only written into one gradient buffer instead of concatenated: output,
+  input gradient and the model's loss and gradients bit-identical in float32 and bf16.
 * `megatron/model/attention_cpu.py` causal query blocks: against the one-block path (the previous
   code) and float64 sdpa on the same inputs. The forward is the same per-row arithmetic on a shorter row
   (the skipped scores are exact zeros after the softmax); k and v gradients are summed block by block
@@ -29,8 +33,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.model import GPTConfig, GPTModel, attention_cpu, fused_cross_entropy, fused_norm, rotary
-from megatron.model.gpt import RMSNorm
+from megatron.model import GPTConfig, GPTModel, attention_cpu, fused_cross_entropy, fused_norm, fused_swiglu, rotary
+from megatron.model.gpt import MLP, RMSNorm
 
 BF16 = torch.bfloat16
 
@@ -191,6 +195,57 @@ def test_model_with_fused_norm_matches_the_plain_model(monkeypatch, dtype):
             assert torch.equal(a, b)
         else:  # float32 reassociation of the norm input's gradient (module docstring)
             assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_swiglu_is_bit_identical_to_the_plain_code(monkeypatch, dtype):
+    gen = torch.Generator().manual_seed(0)
+    mlp = MLP(GPTConfig(vocab_size=64, hidden_size=48, num_layers=1, num_attention_heads=4,
+                        ffn_hidden_size=72)).to(dtype)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    x = (2 * torch.randn(3, 17, 48, generator=gen)).to(dtype)
+    grad = torch.randn(3, 17, 48, generator=gen).to(dtype)
+    calls = []
+    real = fused_swiglu.swiglu
+    monkeypatch.setattr(fused_swiglu, "swiglu", lambda t: calls.append(t.shape) or real(t))
+    fused = _module_case(mlp, x, list(mlp.parameters()), grad)
+    assert calls == [torch.Size([3, 17, 144])]
+    monkeypatch.setattr(fused_swiglu, "use_fused", lambda: False)
+    plain = _module_case(mlp, x, list(mlp.parameters()), grad)
+    assert len(calls) == 1
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+    # independent check of the function itself: float64 silu(gate) * up and its gradient
+    h = (2 * torch.randn(5, 2 * 40, generator=gen)).to(dtype).requires_grad_()
+    g = torch.randn(5, 40, generator=gen).to(dtype)
+    out = fused_swiglu.swiglu(h)
+    out.backward(g)
+    h64 = h.detach().double().requires_grad_()
+    ref = F.silu(h64[:, :40]) * h64[:, 40:]
+    ref.backward(g.double())
+    tol = 2**-6 if dtype == BF16 else 1e-6
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    assert (h.grad.double() - h64.grad).abs().max() <= tol * h64.grad.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_model_with_fused_swiglu_matches_the_plain_model(monkeypatch, dtype):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=256, hidden_size=128, num_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    model = GPTModel(cfg).to(dtype)
+    tokens = torch.randint(0, 256, (2, 32))
+    calls = []
+    real = fused_swiglu.swiglu
+    monkeypatch.setattr(fused_swiglu, "swiglu", lambda t: calls.append(1) or real(t))
+    fused = _loss_and_grads(model, tokens)
+    assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(fused_swiglu, "use_fused", lambda: False)
+    plain = _loss_and_grads(model, tokens)
+    assert len(calls) == 2
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
 
 
 def test_causal_blocks_rule(monkeypatch):

@@ -17,7 +17,7 @@ from torch import nn
 
 from megatron.core import sequence_parallel as ulysses
 from megatron.core import tensor_parallel as tp
-from megatron.model import attention_cpu, fused_cross_entropy, fused_norm, rotary
+from megatron.model import attention_cpu, fused_cross_entropy, fused_norm, fused_swiglu, rotary
 
 _RESIDUAL_PROJECTIONS = ("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin), or None with learned positions
@@ -248,6 +248,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dense_h_to_4h(x)
+        if self.swiglu and fused_swiglu.use_fused():  # same arithmetic, one pass fewer (megatron/model/fused_swiglu.py)
+            return self.dense_4h_to_h(fused_swiglu.swiglu(x))
         if self.swiglu:
             gate, up = x.chunk(2, dim=-1)
             return self.dense_4h_to_h(F.silu(gate) * up)
