@@ -364,7 +364,7 @@ def step_stage0_in_chunks(engine, chunk_elements: int | None = None) -> bool:
         if opt.overflow:
             return opt._skip_invalid_grad_norm()
         norm_groups = []
-        for group in opt.fp16_groups:  # DeepSpeed's norm per group: its fp32 get_weight_norm (not norms.py's fp64)
+        for group in opt.fp16_groups:  # the module's get_weight_norm: norms.py's fp64 (exact_grad_norm)
             grads_for_norm, _ = unfused.split_params_grads_into_shared_and_expert_params(group)
             norm_groups.append(unfused.get_weight_norm(grads_for_norm, mpu=opt.mpu) if grads_for_norm else 0.0)
         opt._global_grad_norm = unfused.get_global_norm(norm_list=norm_groups)
