@@ -278,7 +278,7 @@ def setup_model_and_optimizer(args, before_engine=None):
         ds_compat.partition_zero3_over_sequence_data_parallel(model, kwargs["config"], dtype,
                                                               parallel_state.DeepSpeedMPU())
     if zero3_fetch_by_layer(config, kwargs["config"]["zero_optimization"]):  # the model stays gathered anyway
-        deepspeed.utils.set_z3_leaf_modules(model, [TransformerLayer])  # one fetch per layer, not per module
+        ds_compat.fetch_zero3_by_module_type(model, [TransformerLayer])  # one fetch per layer, not per module
     with ds_compat.no_initial_zero_step():  # stage-0 bf16/fp16: no zero-gradient step (and its memory) at build
         engine, _, _, _ = deepspeed.initialize(model=model, mpu=parallel_state.DeepSpeedMPU(), **kwargs)
     if par.zero_stage == 3 and par.ds_sequence_parallel_size > 1:

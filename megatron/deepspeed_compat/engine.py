@@ -283,6 +283,15 @@ def step_without_update(engine, step_fn: Callable[[], None]) -> None:
         engine.skipped_steps = before + 1
 
 
+def fetch_zero3_by_module_type(model, leaf_types: list) -> None:
+    """Before `deepspeed.initialize` at ZeRO-3: each module of `leaf_types` a DeepSpeed "z3 leaf module",
+    its parameters gathered and released as one unit (one fetch hook and one all-gather) instead of one
+    fetch per submodule (`megatron.deepspeed_config.zero3_fetch_by_layer` says where)."""
+    from deepspeed.utils import set_z3_leaf_modules  # noqa: PLC0415
+
+    set_z3_leaf_modules(model, list(leaf_types))
+
+
 def partition_zero3_over_sequence_data_parallel(model, ds_config: dict, dtype, mpu) -> None:
     """ZeRO-3 with Ulysses SP > 1: partition the parameters over the sequence+data-parallel group,
     before `deepspeed.initialize` (which then finds them partitioned and leaves them so).
