@@ -8,7 +8,6 @@ because both sides are timed alternately (A, B, B, A, A, B, ...) and compared by
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import sys
 import time
@@ -31,9 +30,10 @@ def llama_flags(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, s
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port for a child's store, below the system's ephemeral range (tests/distributed.free_port)."""
+    from tests.distributed import free_port as choose  # noqa: PLC0415
+
+    return choose()
 
 
 def single_rank_env() -> None:

@@ -428,3 +428,21 @@ def test_single_process_store_binds_its_own_port():
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("ok "), out.stderr[-2000:]
+
+
+def test_test_ports_are_chosen_below_the_ephemeral_range():
+    """tests/distributed.free_port (the multi-rank tests' and benchmarks' MASTER_PORT): a port outside the
+    range outgoing connections take their local ports from, free when chosen, and not the same twice in a
+    row by construction of a random pick (the system's port-0 pick came from that range and was taken by
+    another process's connection before torchrun bound it: EADDRINUSE in a one-core suite run)."""
+    import socket
+
+    from distributed import ephemeral_port_range, free_port
+
+    low, _ = ephemeral_port_range()
+    ports = [free_port() for _ in range(20)]
+    if low > 11000:
+        assert all(10000 <= p < low for p in ports), ports
+    assert len(set(ports)) > 15  # random picks, not one port handed to every caller
+    with socket.socket() as s:  # free: it can be bound
+        s.bind(("127.0.0.1", ports[-1]))

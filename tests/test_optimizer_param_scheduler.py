@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -632,9 +631,9 @@ DS_SCRIPT = textwrap.dedent(
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from distributed import free_port  # noqa: PLC0415
+
+    return free_port()
 
 
 @pytest.mark.slow
