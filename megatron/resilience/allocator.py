@@ -115,7 +115,8 @@ def allocator_problems(allocator: str, mmap_threshold: int, check_only: bool) ->
     """What stops `--allocator` from doing what it says (one line each, naming the fix)."""
     if allocator != "mimalloc":
         return []
-    if mimalloc_library() is None:
+    lib = mimalloc_library()
+    if lib is None:
         return [f"--allocator mimalloc: the library is not installed: pip install {MIMALLOC_DIST} "
                 "(or drop --allocator)"]
     problems = []
@@ -125,13 +126,13 @@ def allocator_problems(allocator: str, mmap_threshold: int, check_only: bool) ->
     if not check_only and active_allocator() != "mimalloc":
         problems.append("--allocator mimalloc: this process was started without it; run pretrain_gpt.py as a "
                         "program (it re-executes itself with the library preloaded) or start Python with "
-                        f"LD_PRELOAD={mimalloc_library()}")
+                        f"LD_PRELOAD={lib}")
     return problems
 
 
 def allocator_setting(allocator: str, mmap_threshold: int) -> str:
     """The start-up table's "C allocator" value; applies `--malloc-mmap-threshold` under glibc."""
     if allocator == "mimalloc":
-        return (f"mimalloc ({os.path.basename(mimalloc_library() or 'libmimalloc.so')} preloaded; transparent huge "
-                f"pages {'off' if os.environ.get('MIMALLOC_ALLOW_THP') == '0' else 'allowed'})")
+        return ("mimalloc (libmimalloc.so preloaded; transparent huge pages "
+                f"{'off' if os.environ.get('MIMALLOC_ALLOW_THP') == '0' else 'allowed'})")
     return set_mmap_threshold(mmap_threshold)
