@@ -196,9 +196,11 @@ alcf_polaris_micro_batch() {
     else echo 1; fi
 }
 
+# MASTER_PORT for a one-node run: a free port below the system's ephemeral range (megatron/launch_env.py
+# free_port: one the system picks from that range can be taken by an outgoing connection before the store binds it).
 alcf_free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' \
-        2>/dev/null || echo $((29500 + ($$ % 1000)))
+    python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); from megatron.launch_env import free_port; print(free_port())' \
+        "$ALCF_REPO_DIR" 2>/dev/null || echo $((29500 + ($$ % 1000)))
 }
 
 # Where PBS/SLURM/workstation runs start from; sets JOB_TYPE, HOSTFILE, NHOSTS, NGPU_PER_HOST,

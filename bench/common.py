@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python bench/x.py` from anywhere
     sys.path.insert(0, ROOT)
 
+from megatron.launch_env import free_port  # noqa: E402,F401  (a child's MASTER_PORT, below the ephemeral range)
 
 def llama_flags(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, seq: int, vocab: int) -> list[str]:
     """Trainer flags of a Llama-style model (SwiGLU, RMSNorm, RoPE, untied, no bias, no dropout) with a
@@ -27,13 +28,6 @@ def llama_flags(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, s
             "--max-position-embeddings", str(seq), "--swiglu", "--normalization", "rmsnorm", "--disable-bias-linear",
             "--use-rotary-position-embeddings", "--untie-embeddings-and-output-weights", "--hidden-dropout", "0",
             "--attention-dropout", "0", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab)]
-
-
-def free_port() -> int:
-    """A free TCP port for a child's store, below the system's ephemeral range (tests/distributed.free_port)."""
-    from tests.distributed import free_port as choose  # noqa: PLC0415
-
-    return choose()
 
 
 def single_rank_env() -> None:

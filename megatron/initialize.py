@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state, tensor_parallel
-from megatron.launch_env import LaunchEnvError, launch_env
+from megatron.launch_env import LaunchEnvError, free_port, launch_env
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,6 @@ def precision_problem(device: str, bf16: bool) -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _share_master_address(rank: int, world: int) -> None:
     """Make MASTER_ADDR/PORT known on every rank (rank 0 decides, mpi4py broadcasts)."""
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
@@ -168,7 +162,7 @@ def _share_master_address(rank: int, world: int) -> None:
     addr = port = None
     if rank == 0:
         addr = os.environ.get("MASTER_ADDR") or socket.gethostname()
-        port = os.environ.get("MASTER_PORT") or str(_free_port())
+        port = os.environ.get("MASTER_PORT") or str(free_port())
     addr, port = MPI.COMM_WORLD.bcast((addr, port), root=0)
     if addr is None or port is None:
         raise RuntimeError("could not share MASTER_ADDR/PORT through MPI (is mpi4py built for this MPI?)")

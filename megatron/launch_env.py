@@ -21,6 +21,8 @@ raise `LaunchEnvError` naming the variables and the fix.
 from __future__ import annotations
 
 import os
+import random
+import socket
 from dataclasses import dataclass
 
 
@@ -141,3 +143,35 @@ def launch_env(env=os.environ, use_mpi: bool = True) -> LaunchEnv:
     else:
         local = rank % local_size if local_size else rank % world
     return LaunchEnv(rank, world, local, fam.name)
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The range the system takes outgoing connections' local ports from (Linux's default otherwise)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(host: str = "") -> int:
+    """A free TCP port for a rendezvous store that another process binds later (MASTER_PORT), chosen at
+    random below the system's ephemeral range. A port the system picks (binding port 0) comes from that
+    range, where any process's outgoing connection (gloo opens many) can take it before the store binds
+    it: EADDRINUSE at start-up. Below the range only another caller's random choice can collide. `host`
+    is where the store will listen ("" = every interface, as the store binds). Falls back to the system's
+    pick where the range starts too low to leave room."""
+    low, _ = ephemeral_port_range()
+    rng = random.SystemRandom()
+    for _ in range(100 if low > 11000 else 0):
+        port = rng.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:  # in use (a service, another run's store, a closing connection)
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from megatron.launch_env import free_port  # noqa: F401  (the tests' MASTER_PORT)
 
 try:
     from warm import Zygote  # tests/ on sys.path (pytest)
@@ -29,37 +29,6 @@ TINY_MODEL = [
     "--untie-embeddings-and-output-weights", "--hidden-dropout", "0", "--attention-dropout", "0",
     "--tokenizer-type", "NullTokenizer", "--vocab-size", "500",
 ]
-
-
-def ephemeral_port_range() -> tuple[int, int]:
-    """The range the system takes outgoing connections' local ports from (Linux's default otherwise)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = (int(x) for x in f.read().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def free_port() -> int:
-    """A free TCP port for a store that a child process will bind, chosen at random below the system's
-    ephemeral range. A port the system picks (binding port 0) comes from that range, where any process's
-    outgoing connection (gloo opens many) can take it before the child binds it: EADDRINUSE, seen in a
-    one-core suite run. Below the range only another caller's choice can collide. Falls back to the
-    system's pick where the range starts too low to leave room."""
-    low, _ = ephemeral_port_range()
-    rng = random.SystemRandom()
-    for _ in range(100 if low > 11000 else 0):
-        port = rng.randrange(10000, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:  # in use (a service, a store of another test, a closing connection)
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_dataset(directory: str, n_docs: int = 400, vocab: int = 500, seed: int = 0) -> str:

@@ -414,7 +414,7 @@ def test_single_process_store_binds_its_own_port():
         import torch.distributed as dist
         from megatron import initialize
         busy = socket.socket(); busy.bind(("127.0.0.1", 0)); busy.listen()
-        initialize._free_port = lambda: busy.getsockname()[1]  # what a race would hand out
+        initialize.free_port = lambda: busy.getsockname()[1]  # what a race would hand out
         rank, world, local, dev = initialize._setup_torch_builtin("gloo", 1, "cpu")
         port = int(os.environ["MASTER_PORT"])
         assert (rank, world, dist.get_world_size()) == (0, 1, 1) and os.environ["MASTER_ADDR"] == "127.0.0.1"
@@ -430,14 +430,15 @@ def test_single_process_store_binds_its_own_port():
     assert out.returncode == 0 and out.stdout.startswith("ok "), out.stderr[-2000:]
 
 
-def test_test_ports_are_chosen_below_the_ephemeral_range():
-    """tests/distributed.free_port (the multi-rank tests' and benchmarks' MASTER_PORT): a port outside the
-    range outgoing connections take their local ports from, free when chosen, and not the same twice in a
-    row by construction of a random pick (the system's port-0 pick came from that range and was taken by
-    another process's connection before torchrun bound it: EADDRINUSE in a one-core suite run)."""
+def test_ports_are_chosen_below_the_ephemeral_range():
+    """launch_env.free_port (MASTER_PORT where nobody gave one: the trainer's multi-rank start under mpiexec,
+    the launcher's one-node runs, the tests and benchmarks): a port outside the range outgoing connections
+    take their local ports from, free when chosen, and not the same twice in a row by construction of a
+    random pick (the system's port-0 pick came from that range and was taken by another process's
+    connection before torchrun bound it: EADDRINUSE in a one-core suite run)."""
     import socket
 
-    from distributed import ephemeral_port_range, free_port
+    from megatron.launch_env import ephemeral_port_range, free_port
 
     low, _ = ephemeral_port_range()
     ports = [free_port() for _ in range(20)]
@@ -446,3 +447,30 @@ def test_test_ports_are_chosen_below_the_ephemeral_range():
     assert len(set(ports)) > 15  # random picks, not one port handed to every caller
     with socket.socket() as s:  # free: it can be bound
         s.bind(("127.0.0.1", ports[-1]))
+
+
+def test_mpi_ranks_share_a_port_below_the_ephemeral_range(monkeypatch):
+    """Ranks started by mpiexec without MASTER_PORT: rank 0 picks the port with launch_env.free_port and
+    MPI broadcasts it (a fake mpi4py here records the broadcast); no port from the ephemeral range."""
+    from megatron.launch_env import ephemeral_port_range
+
+    sent = []
+
+    class Comm:
+        @staticmethod
+        def bcast(obj, root):
+            sent.append((obj, root))
+            return obj
+
+    fake = types.ModuleType("mpi4py")
+    fake.MPI = types.SimpleNamespace(COMM_WORLD=Comm())
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # set first so that the test's end restores them
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    initialize._share_master_address(0, 2)
+    (addr, port), root = sent[0]
+    assert root == 0 and os.environ["MASTER_PORT"] == port and os.environ["MASTER_ADDR"] == addr
+    low, _ = ephemeral_port_range()
+    if low > 11000:
+        assert 10000 <= int(port) < low
