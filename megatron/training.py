@@ -287,7 +287,6 @@ def setup_model_and_optimizer(args, before_engine=None):
     # DeepSpeed behaviours changed on this engine, each explained in megatron/deepspeed_compat
     if prec.fp16:
         ds_compat.defer_loss_scale_growth(engine.optimizer)  # grow the loss scale after the step, not before
-    ds_compat.forget_initial_zero_step(engine)  # bf16 stage 0: no phantom Adam step at start-up
     ds_compat.skip_single_replica_allreduce(engine)  # one replica, stage 0 or bf16 ZeRO-1: no all-reduce over one
     ds_compat.copy_first_bf16_gradient(engine)  # bf16 ZeRO-1 at one replica: no fill + add of its fp32 gradients
     ds_compat.exact_grad_norm(engine)  # the fp64 gradient norm at every stage and precision

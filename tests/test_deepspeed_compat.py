@@ -148,12 +148,11 @@ def test_the_engine_overrides_rely_on_what_deepspeed_has():
                  "self.fp32_groups_gradients[", "self.autoep_folding_tp_group"):
         assert attr in bf16_src, attr
     assert "self.optimizer.backward_epilogue()" in engine_src
-    # forget_initial_zero_step: the stage 0 half-precision optimizers step once at construction
+    # no_initial_zero_step: the stage 0 half-precision optimizers step once at construction
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     for cls in (FP16_UnfusedOptimizer, FP16_Optimizer):
         assert "self.initialize_optimizer_states()" in inspect.getsource(cls.__init__), cls
         assert "self.optimizer.step()" in inspect.getsource(cls.initialize_optimizer_states), cls
-        assert _params(cls.refresh_fp32_params) == ["self"], cls
     # skip_bf16_overflow_scan: the stage 0 half-precision optimizer's checker and its NaN skip
     fp16_src = inspect.getsource(FP16_Optimizer)
     assert "overflow_checker" in fp16_src and "_skip_invalid_grad_norm" in fp16_src
@@ -444,10 +443,9 @@ def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
     batches = [{"text": torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(0))}] * 8  # learnable
     # two micro-batches per step: different ones, so that adding the second differs from doubling the first
     mixed = [{"text": torch.randint(0, 500, (2, 33), generator=torch.Generator().manual_seed(i))} for i in range(8)]
-    single_replica = ("skip_single_replica_allreduce", "share_single_replica_master_weights",
-                      "copy_first_bf16_gradient", "reuse_single_replica_gradient_partition",
-                      "add_single_replica_gradients_to_fp32_partition")
-    overrides = (*single_replica, "forget_initial_zero_step")
+    overrides = ("skip_single_replica_allreduce", "share_single_replica_master_weights",
+                 "copy_first_bf16_gradient", "reuse_single_replica_gradient_partition",
+                 "add_single_replica_gradients_to_fp32_partition")
     originals = {name: getattr(deepspeed_compat, name) for name in overrides}
     out = {}
     cases = [(dtype, zero, as_is, 1) for dtype in ("fp32", "bf16") for zero, as_is in
@@ -465,7 +463,7 @@ def _zero_vs_stage0_worker(rank: int, port: int, out_dir: str) -> None:
         initialize_megatron(args)
         training.build_tokenizer_and_vocab(args)
         installed = {}  # "as is": DeepSpeed's ZeRO-1 without the single-replica changes
-        engine = engine_with(args, **{name: (lambda engine: False) if as_is and name in single_replica else
+        engine = engine_with(args, **{name: (lambda engine: False) if as_is and name in overrides else
                                       (lambda engine, _f=originals[name], _n=name: installed.setdefault(_n, _f(engine)))
                                       for name in overrides})
         data, config = iter(batches if micro == 1 else mixed), Config.from_args(args)
@@ -508,8 +506,8 @@ def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
     and the gradients go into one flat partition kept from step to step; bf16 ZeRO-2: each gradient added
     straight into its fp32 partition, kept from step to step) are installed where they
     apply and give the same losses, gradient norms and weights, bit for bit, as DeepSpeed's ZeRO-1
-    without them, with one micro-batch and with two. With bf16 stage 0's start-up zero step undone
-    (forget_initial_zero_step: without it stage 0's losses were 6.2708, 5.6025, 5.8830 against
+    without them, with one micro-batch and with two. With bf16 stage 0's start-up zero step not taken
+    (no_initial_zero_step: with it stage 0's losses were 6.2708, 5.6025, 5.8830 against
     ZeRO-1's 6.2708, 5.5533, 6.1975), ZeRO-1/2 equal stage 0 within float rounding (fp32: 1e-6
     relative on the losses and weights; bf16: 2e-3 on the losses and 2^-7 of the largest weight)."""
     from distributed import spawn_workers
@@ -529,7 +527,7 @@ def test_single_replica_zero_equals_stage0_and_deepspeed_as_is(tmp_path):
         assert per_step >= 1 and len(grads) == 4 * per_step and all(len(g) == 1 for g in grads), (dtype, zero, micro)
         assert all(g == grads[k % per_step] for k, g in enumerate(grads)), (dtype, zero, micro)
     assert r["bf16", 0, False, 1]["optimizer"] == "FP16_UnfusedOptimizer"
-    assert installed("bf16", 0) == ["forget_initial_zero_step", "skip_single_replica_allreduce"]
+    assert installed("bf16", 0) == ["skip_single_replica_allreduce"]
     assert r["bf16", 1, False, 1]["optimizer"] == r["bf16", 1, False, 2]["optimizer"] == "BF16_Optimizer"
     assert installed("bf16", 1) == installed("bf16", 1, False, 2) == ["copy_first_bf16_gradient",
                                                                      "skip_single_replica_allreduce"]

@@ -11,12 +11,12 @@ silently in a run.
   replica (`skip_single_replica_allreduce` at stage 0 and bf16 ZeRO-1, `skip_single_replica_reduction`
   at ZeRO-1/2), the fp32 weights as ZeRO-1/2's master copy at one replica
   (`share_single_replica_master_weights`), bf16 ZeRO-1's fp32 gradient copies overwritten rather than
-  zeroed and added to (`copy_first_bf16_gradient`), no zero-gradient optimizer step when the bf16 stage 0
-  optimizer is built (`forget_initial_zero_step`), no second inf/NaN scan at bf16 stage 0
+  zeroed and added to (`copy_first_bf16_gradient`), no second inf/NaN scan at bf16 stage 0
   (`skip_bf16_overflow_scan`), its fp32 gradient copies made and stepped a chunk at a time
   (`step_stage0_in_chunks`; bf16 ZeRO-1/2's too, `zero_step.step_zero12_in_chunks`), the pipeline's optimizer step (`wrap_model_step`), `--no-save-optim`
   under ZeRO (`without_optimizer_shards`), the checkpoint engine (`replace_checkpoint_engine`), a
-  skipped step (`step_without_update`); and before it, ZeRO-3's fetch by layer (`fetch_zero3_by_module_type`),
+  skipped step (`step_without_update`); and around or before it, no zero-gradient optimizer step when the
+  bf16 stage 0 optimizer is built (`no_initial_zero_step`), ZeRO-3's fetch by layer (`fetch_zero3_by_module_type`),
   ZeRO-3's parameters partitioned over the
   sequence+data-parallel group under Ulysses SP (`partition_zero3_over_sequence_data_parallel`), and
   its reduce-scatter summing over the SP ranks (`sum_zero3_scatter_over_sequence_parallel`).
@@ -44,8 +44,7 @@ from megatron.deepspeed_compat.comm import skip_shm_inference_op  # noqa: F401
 from megatron.deepspeed_compat.imports import defer_muon_compile  # noqa: F401
 from megatron.deepspeed_compat.engine import (  # noqa: F401  (the names callers use)
     allow_fp16_on_cpu, copy_first_bf16_gradient, defer_loss_scale_growth, fetch_zero3_by_module_type,
-    forget_initial_zero_step, innermost_optimizer,
-    no_initial_zero_step,
+    innermost_optimizer, no_initial_zero_step,
     partition_zero3_over_sequence_data_parallel, replace_checkpoint_engine, share_single_replica_master_weights,
     skip_bf16_overflow_scan, skip_single_replica_allreduce, skip_single_replica_reduction, step_stage0_in_chunks,
     step_without_update,

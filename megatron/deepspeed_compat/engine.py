@@ -173,12 +173,16 @@ def copy_first_bf16_gradient(engine) -> bool:
 
 @contextlib.contextmanager
 def no_initial_zero_step():
-    """While DeepSpeed builds the engine: its stage-0 half-precision optimizers skip the step with all-zero
-    gradients their constructor takes (`initialize_optimizer_states`, see `forget_initial_zero_step`, which
-    then finds an empty state and masters equal to the weights, as that step never ran). That step made a
-    zero gradient for every weight, bf16 and fp32, at once: bench/memory.py's 134M model peaked at 2.58 GiB
-    building the engine against ~2.24 in its training steps. The optimizer's state is made by its first
-    real step instead, as torch's optimizers do."""
+    """While DeepSpeed builds the engine: its stage-0 half-precision optimizers (`FP16_UnfusedOptimizer`:
+    bf16 at stage 0 with torch's optimizers; `FP16_Optimizer`) skip the step with all-zero gradients their
+    constructor takes (`initialize_optimizer_states`). For Adam(W) that step counts (state step 1, zero
+    moments) and decays the master weights by lr x weight decay, so the first real update was Adam's
+    bias-corrected second step, 0.74x the first one: on the tiny test model, bf16 stage 0 losses 6.2708,
+    5.6025, 5.8830 against ZeRO-1's 6.2708, 5.5533, 6.1975. It also made a zero gradient for every weight,
+    bf16 and fp32, at once: bench/memory.py's 134M model peaked at 2.58 GiB building the engine against
+    ~2.24 in its training steps. The optimizer's state is made by its first real step instead, as torch's
+    optimizers do, and the masters stay equal to the weights. (The pipeline engine needs none of this: with
+    PP > 1 bf16 runs `BF16_Optimizer`, and fp16 is refused there and at stage 0.)"""
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer  # noqa: PLC0415
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer  # noqa: PLC0415
 
@@ -190,25 +194,6 @@ def no_initial_zero_step():
     finally:
         for cls, method in saved.items():
             cls.initialize_optimizer_states = method
-
-
-def forget_initial_zero_step(engine) -> bool:
-    """DeepSpeed's stage-0 half-precision optimizers (`FP16_UnfusedOptimizer`: bf16 at stage 0 with
-    torch's optimizers; `FP16_Optimizer`) call `initialize_optimizer_states` when they are built: one
-    step of the wrapped optimizer with all-zero gradients on the fp32 master weights. For Adam(W) that
-    step counts (state step 1, zero moments) and decays the master weights by lr x weight decay, so
-    the first real update is Adam's bias-corrected second step, 0.74x the first one: measured on the
-    tiny test model, bf16 stage 0 losses 6.2708, 5.6025, 5.8830 against ZeRO-1's 6.2708, 5.5533,
-    6.1975 and fp32's 6.2707, 5.5497, 6.1911. Here the wrapped optimizer's state is cleared (the
-    trainer builds the optimizer without state just before `deepspeed.initialize`; a checkpoint is
-    loaded after) and the master weights are copied again from the model weights
-    (`refresh_fp32_params`), which the zero step did not touch. True when done."""
-    opt = getattr(engine, "optimizer", None)
-    if type(opt).__name__ not in ("FP16_UnfusedOptimizer", "FP16_Optimizer"):
-        return False
-    innermost_optimizer(opt).state.clear()
-    opt.refresh_fp32_params()
-    return True
 
 
 def wrap_model_step(engine, make_step: Callable[[Callable], Callable]) -> None:
