@@ -5,11 +5,17 @@ sequence-parallel (SP) ranks, then data-parallel, then pipeline stages
 (rank = pp_rank * (dp * sp * tp) + dp_rank * (sp * tp) + sp_rank * tp + tp_rank).
 With TP = PP = SP = 1 the data-parallel group is the whole world. The "sequence+data parallel"
 group (the SP and DP ranks of one TP rank and stage) is where gradients are reduced under SP.
+
+`collective_device()` is where the trainer's own small collectives (flags, sums, timings) put their
+tensors: a backend serves only the devices in its map, and nccl (`cuda:nccl`) and torch's xccl
+(`xpu:xccl`) have no CPU backend: a CPU tensor there fails with "No backend type associated with
+device type cpu".
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -45,6 +51,23 @@ class ParallelState:
 
 
 _STATE: ParallelState | None = None
+
+
+def collective_device(group=None) -> torch.device:
+    """The device for a small tensor that a collective over `group` (default: the world) reduces or
+    gathers: the CPU where the group's backend serves it (gloo; oneCCL's ccl; no process group at all),
+    else the accelerator it serves (nccl: the current CUDA device; xccl: the current XPU). The values
+    are read back with `.tolist()` / `.item()`, which work on either."""
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    served = {entry.split(":")[0] for entry in dist.get_backend_config(group).split(",")}
+    if "cpu" in served:
+        return torch.device("cpu")
+    for kind in ("cuda", "xpu"):
+        if kind in served:
+            return torch.device(kind, getattr(torch, kind).current_device())
+    raise RuntimeError(f"the process group's backend ({dist.get_backend_config(group)}) serves neither the CPU nor "
+                       "a CUDA/XPU device: use gloo, nccl, xccl or ccl (--distributed-backend)")
 
 
 def rank_groups(world_size: int, tp: int, pp: int, sp: int = 1) -> dict[str, list[list[int]]]:

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.config import Config
+from megatron.core.parallel_state import collective_device
 from megatron.deepspeed_compat.engine import step_without_update
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class NumericsGuard:
         finite = finite and (self.fp16 or local_grads_finite(engine.module))  # fp16: DeepSpeed checks the grads
         self._iteration_losses = []
         if dist.is_initialized() and dist.get_world_size() > 1:  # every rank skips, or none does
-            flag = torch.tensor([0 if finite else 1], dtype=torch.int32)
+            flag = torch.tensor([0 if finite else 1], dtype=torch.int32, device=collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             finite = not flag.item()
         before = int(getattr(engine, "skipped_steps", 0))

@@ -19,6 +19,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron.core.parallel_state import collective_device
+
 MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
 VARIANCE_KEYS = ("exp_avg_sq",)
 
@@ -85,16 +87,20 @@ def optimizer_state_stats(optimizer, model_numel: int | None = None, group=None)
     partitioned = world > 1 and (model_numel is None or numel < model_numel)
     if world > 1:
         # every rank must take part even if it holds no state of some kind; agree on the kinds first
-        flags = torch.tensor([1.0 if n in acc else 0.0 for n in names], dtype=torch.float64)
+        flags = torch.tensor([1.0 if n in acc else 0.0 for n in names], dtype=torch.float64,
+                             device=collective_device(group))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         present = [n for n, f in zip(names, flags.tolist()) if f > 0]
     else:
         present = [n for n in names if n in acc]
-    sums = torch.tensor([acc.get(n, [0.0, 0.0, 0.0])[i] for n in present for i in (0, 1)], dtype=torch.float64)
-    maxes = torch.tensor([acc.get(n, [0.0, 0.0, 0.0])[2] for n in present], dtype=torch.float64)
+    device = collective_device(group) if partitioned else torch.device("cpu")
+    sums = torch.tensor([acc.get(n, [0.0, 0.0, 0.0])[i] for n in present for i in (0, 1)], dtype=torch.float64,
+                        device=device)
+    maxes = torch.tensor([acc.get(n, [0.0, 0.0, 0.0])[2] for n in present], dtype=torch.float64, device=device)
     if partitioned:
         dist.all_reduce(sums, group=group)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    sums, maxes = sums.tolist(), maxes.tolist()
     out: dict[str, float] = {}
     for k, n in enumerate(present):
         out[f"{n}_l2"] = math.sqrt(float(sums[2 * k]))

@@ -9,6 +9,8 @@ import resource
 import torch
 import torch.distributed as dist
 
+from megatron.core.parallel_state import collective_device
+
 
 def format_duration(seconds: float) -> str:
     """h:mm:ss (hours unbounded)."""
@@ -42,7 +44,7 @@ def _human_seconds(seconds: float) -> str:
 def _all_reduce(values: list[float], op=None, group=None) -> list[float]:
     if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
     return t.tolist()
 

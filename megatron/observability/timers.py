@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron.core.parallel_state import collective_device
+
 
 def accelerator_synchronize() -> None:
     acc = getattr(torch, "accelerator", None)
@@ -89,11 +91,12 @@ class Timers:
 
     def gather(self, names: list[str], reset: bool = True) -> dict[str, list[float]]:
         """{name: [seconds on rank 0, rank 1, ...]} for the timers that ran on some rank."""
-        local = torch.tensor([self.elapsed(n, reset) for n in names], dtype=torch.float64)
+        local = torch.tensor([self.elapsed(n, reset) for n in names], dtype=torch.float64,
+                             device=collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             parts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, local)
-            table = torch.stack(parts)
+            table = torch.stack(parts).cpu()
         else:
             table = local.unsqueeze(0)
         return {n: table[:, i].tolist() for i, n in enumerate(names) if table[:, i].abs().sum() > 0}

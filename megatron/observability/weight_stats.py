@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron.core.parallel_state import collective_device
 from megatron.deepspeed_compat.partitions import full_grad, zero3_local
 
 
@@ -40,7 +41,7 @@ def _counted_here(p: torch.nn.Parameter, tp_rank: int) -> bool:
 
 
 def _world_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.config import Config
+from megatron.core.parallel_state import collective_device
 from megatron.optimizer import register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 from megatron.optimizer.partition import PartitionedWeights
@@ -85,10 +86,12 @@ class SophiaG(PartitionedWeights, ElementwiseOptimizer):
         self.update_hessian(dict(zip(params, grads)))
         flats = [p for g in self.param_groups for p in g["params"]]
         total = torch.tensor([float(sum(self.state[p]["hessian"].sum() for p in flats)),
-                              float(sum(f.numel for p in flats for f in self.layout(p).fragments))], dtype=torch.float64)
+                              float(sum(f.numel for p in flats for f in self.layout(p).fragments))], dtype=torch.float64,
+                             device=collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
-        return {"sophiag_hessian_mean": float(total[0] / total[1])}
+        hessian, count = total.tolist()
+        return {"sophiag_hessian_mean": hessian / count}
 
 
 def sample_labels(logits: torch.Tensor, seed: int, iteration: int, index: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.config import TrainingConfig
+from megatron.core.parallel_state import collective_device
 
 
 class ExitConditions:
@@ -30,7 +31,7 @@ class ExitConditions:
                  bool(a.exit_duration_in_mins and (time.time() - self.start) / 60 > a.exit_duration_in_mins),
                  bool(a.kill_switch_file and os.path.exists(a.kill_switch_file))]
         if dist.is_initialized() and dist.get_world_size() > 1:  # every rank must agree
-            t = torch.tensor(flags, dtype=torch.int32)
+            t = torch.tensor(flags, dtype=torch.int32, device=collective_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flags = [bool(x) for x in t.tolist()]
         names = ["signal", "exit-interval", "exit-duration", "kill-switch-file"]

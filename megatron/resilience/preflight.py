@@ -323,10 +323,12 @@ def check_memory(config: Config) -> str | None:
     import torch  # noqa: PLC0415  (this module stays light for --check-args)
     import torch.distributed as dist  # noqa: PLC0415
 
+    from megatron.core.parallel_state import collective_device  # noqa: PLC0415
+
     rank = config.runtime.rank
     problems, warnings, est = memory_problems(config, config.runtime.padded_vocab_size)
     if dist.is_initialized() and dist.get_world_size() > 1:  # one rank short of memory stops them all
-        refused = torch.tensor([float(bool(problems))])
+        refused = torch.tensor([float(bool(problems))], device=collective_device())
         dist.all_reduce(refused, op=dist.ReduceOp.MAX)
         if refused.item() and not problems:
             problems = ["another rank has not enough memory for this configuration (see rank 0's line, or "
