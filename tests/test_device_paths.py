@@ -77,3 +77,44 @@ def test_every_optimizer_steps_on_the_device(build):
     for group in opt.param_groups:
         for p in group["params"]:
             assert all(v.device == META for k, v in opt.state[p].items() if torch.is_tensor(v) and k != "step")
+
+
+def _on(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """`t` (a CPU tensor) reporting `kind` as its device: the attention's kernel choice reads only that."""
+    fake = type(f"On{kind}", (torch.Tensor,), {"device": property(lambda self: torch.device(kind, 0))})
+    return torch.Tensor._make_subclass(fake, t)
+
+
+@pytest.mark.parametrize("kind, dtype, masked, version, fused", [
+    ("cuda", torch.bfloat16, False, None, True),    # flash takes grouped K/V
+    ("cuda", torch.float32, False, None, False),    # fp32: no flash, math would run
+    ("cuda", torch.bfloat16, True, None, False),    # --reset-attention-mask: no flash, math would run
+    ("xpu", torch.bfloat16, True, "2.8.0+xpu", True),
+    ("xpu", torch.bfloat16, False, "2.5.1+cxx11.abi", False),
+    ("cpu", torch.float32, True, None, True),       # the CPU as it was
+])
+def test_grouped_query_attention_reaches_a_fused_kernel(monkeypatch, kind, dtype, masked, version, fused):
+    """With grouped K/V (4 query heads, 2 KV heads) the attention hands SDPA `enable_gqa=True` only where a
+    fused kernel takes it; elsewhere (torch would fall back to its math kernel, the [b, heads, s, s] scores
+    in memory) K/V are expanded to every query head first, head i getting KV head i // 2. The output is
+    SDPA's with enable_gqa=True either way (checked on the CPU, the device only faked)."""
+    if version is not None:
+        monkeypatch.setattr(torch, "__version__", version)
+    cfg = GPTConfig(vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                    ffn_hidden_size=48, max_position_embeddings=16)
+    attn = GPTModel(cfg).language_model.encoder.layers[0].self_attention.eval()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 8, 8, generator=g) for n in (4, 2, 2))
+    mask = torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 1, 8, 8) if masked else None
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        calls.append((k.shape[1], kw["enable_gqa"]))
+        return sdpa(*(t.as_subclass(torch.Tensor) for t in (q, k, v)), **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    out = attn.core_attention(*(_on(kind, t.to(dtype)) for t in (q, k, v)), mask)
+    assert calls == ([(2, True)] if fused else [(4, False)])
+    want = sdpa(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), want, rtol=0, atol=0)
