@@ -7,7 +7,7 @@ Here the model and the optimizers run on `meta` tensors, a device whose values n
 which no op mixes with CPU tensors: the model's forward and backward in each of its variants (dropout,
 learned positions, full and selective recompute, per-document masks and positions, LayerNorm/GELU/bias)
 and one step of every optimizer written in megatron/optimizer. (The audit found these clean; the
-test keeps them so.)
+test keeps them so.) Last, the attention's choice of SDPA kernel for grouped K/V on a faked CUDA/XPU device.
 """
 from __future__ import annotations
 
