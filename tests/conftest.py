@@ -1,5 +1,5 @@
 """Shared pytest configuration: the repo root on sys.path, the `slow` marker, the `one_thread` fixture,
-the demo data built once per session (`demo_data`)."""
+the demo data built once per session (`demo_data`), the `host_reads` recorder."""
 import os
 import sys
 
@@ -33,6 +33,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A list that records every read of a tensor's values by the host (`.item()`, `.tolist()`, `.cpu()`,
+    `.numpy()`, `float()`, `int()`, `bool()`) while the test runs: each one waits for a GPU/XPU to finish
+    all queued work, so code run once per step may make one, not one per layer or parameter."""
+    import torch  # noqa: PLC0415
+
+    seen: list[str] = []
+
+    def recording(name, original):
+        def read(self, *args, **kwargs):
+            seen.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, recording(name, getattr(torch.Tensor, name)))
+    return seen
 
 
 @pytest.fixture(scope="session")

@@ -353,3 +353,24 @@ def test_sigkill_during_saves_never_breaks_latest(data_list, tmp_path):
     run_trainer(trainer_args(data_list, out, iters=last + 1, extra=("--load", ckpt, "--save", ckpt,
                                                                         "--override-opt_param-scheduler")))
     assert ck.read_tag(ckpt) == f"global_step{last + 1}"
+
+
+@pytest.mark.parametrize("name", ["cuda", "xpu"])
+def test_the_accelerators_generator_is_saved_and_restored(monkeypatch, name):
+    """The default generator of the accelerator (CUDA on Polaris, XPU on Aurora: the one the dropout masks
+    come from) goes into the checkpoint's RNG state and back, so a resumed run draws what an uninterrupted
+    one would (the XPU's was not saved). Faked here: this torch has neither device."""
+    from types import SimpleNamespace
+
+    restored = []
+    fake = SimpleNamespace(is_available=lambda: True, get_rng_state=lambda: torch.tensor([7, 8], dtype=torch.uint8),
+                           set_rng_state=restored.append)
+    other = "xpu" if name == "cuda" else "cuda"
+    monkeypatch.setattr(torch, name, fake, raising=False)
+    monkeypatch.setattr(torch, other, SimpleNamespace(is_available=lambda: False), raising=False)
+    state = ck._rng_state()
+    assert state[name].tolist() == [7, 8] and other not in state
+    ck._set_rng_state(state)
+    assert len(restored) == 1 and restored[0].tolist() == [7, 8]
+    ck._set_rng_state({k: v for k, v in state.items() if k != name})  # a checkpoint from another device
+    assert len(restored) == 1

@@ -172,6 +172,36 @@ def test_muonclip_fires_and_bounds_max_logit():
         assert torch.allclose(after[~under], torch.full_like(after[~under], 5.0), rtol=1e-4)  # clipped land on t
 
 
+def test_muonclip_reads_the_maxima_once_per_step_not_per_layer(host_reads):
+    """The per-head maxima of every layer are reduced and read back together: one host read per step (each
+    read stalls a GPU/XPU; the old loop made three per layer). The clip is the same: the heads over t, per
+    layer, as counted from each layer's own maxima."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, hidden_size=32, num_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    ffn_hidden_size=48, max_position_embeddings=16)
+    model = GPTModel(cfg)
+    layers = model.language_model.encoder.layers
+    with torch.no_grad():  # layers 1 and 3: head 1 far over t
+        for i in (1, 3):
+            w = layers[i].self_attention.query_key_value.weight.view(2, 4, 8, -1)
+            w[0, 1] *= 40.0
+            w[0, 2] *= 10.0
+    clip = QKClip(t=5.0, alpha=0.5)
+    clip.attach(model)
+    model.train()
+    model(batches(1)[0][:, :16])
+    maxes = [clip.maxes[layer.self_attention].clone() for layer in layers]
+    weights = [layer.self_attention.query_key_value.weight.clone() for layer in layers]
+    host_reads.clear()
+    out = clip(model, lambda: [])
+    assert host_reads == ["tolist"]
+    assert out["muonclip_heads_clipped"] == sum(int((m > 5.0).sum()) for m in maxes) >= 2
+    assert out["muonclip_max_logit"] == max(float(m.max()) for m in maxes)
+    for layer, m, w in zip(layers, maxes, weights):
+        changed = not torch.equal(layer.self_attention.query_key_value.weight, w)
+        assert changed == bool((m > 5.0).any())
+
+
 def test_ns_steps_and_nesterov_flags_reach_the_update():
     """--muon-ns-steps and --muon-nesterov (muon_ns_steps, muon_nesterov) set the groups and change the step."""
     def two_updates(**kw):

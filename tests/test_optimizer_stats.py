@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from megatron.observability.optimizer_stats import inner_torch_optimizer, optimizer_state_stats
+from megatron.observability.optimizer_stats import inner_torch_optimizer, local_sums, optimizer_state_stats
 
 
 def trained(opt_cls, **kw):
@@ -51,3 +51,27 @@ def test_sgd_momentum_buffer_and_no_variance():
 def test_no_torch_optimizer_is_an_error():
     with pytest.raises(TypeError, match="no torch optimizer"):
         inner_torch_optimizer(object())
+
+
+def test_local_sums_read_the_host_once(host_reads):
+    """One host read for all tensors and statistics (the old loop made three per tensor and statistic, each
+    waiting for a GPU/XPU), with the bits of the float sums and max on the host, tensor after tensor."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (5, 7, 11, 3)]
+    opt = torch.optim.AdamW(params)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    want: dict[str, list[float]] = {}
+    for p in params:
+        st = opt.state[p]
+        for name, t in (("weight", p.data), ("momentum", st["exp_avg"]), ("variance", st["exp_avg_sq"]),
+                        ("variance_sqrt", st["exp_avg_sq"].clamp(min=0).sqrt())):
+            s = want.setdefault(name, [0.0, 0.0, 0.0])
+            s[0] += float(torch.sum(t * t))
+            s[1] += float(torch.sum(t.abs()))
+            s[2] = max(s[2], float(t.abs().max()))
+    host_reads.clear()
+    got, numel = local_sums(opt)
+    assert host_reads == ["tolist"]
+    assert got == want and numel == 26

@@ -44,3 +44,28 @@ def test_misuse_is_reported():
     t.start()
     with pytest.raises(RuntimeError, match="started twice"):
         t.start()
+
+
+@pytest.mark.parametrize("name", ["cuda", "xpu"])
+def test_timers_synchronize_the_device_on_a_torch_without_torch_accelerator(monkeypatch, name):
+    """torch.accelerator is torch >= 2.6; on an older torch (setup.py allows 2.2) the timers must still wait
+    for the device's queued kernels, through torch.cuda / torch.xpu, or each timer would measure only the
+    launches and the time would land in whichever later timer waits (faked devices: this torch has neither)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron.observability import timers
+
+    synced = []
+    monkeypatch.delattr(torch, "accelerator", raising=False)
+    for kind in ("cuda", "xpu"):
+        monkeypatch.setattr(torch, kind, SimpleNamespace(is_available=lambda kind=kind: kind == name,
+                                                         synchronize=lambda kind=kind: synced.append(kind)),
+                            raising=False)
+    timers.accelerator_synchronize()
+    assert synced == [name]
+    t = Timers(log_level=1)
+    with t("forward-backward", level=1):
+        pass
+    assert synced == [name] * 3  # on start and on stop

@@ -94,3 +94,27 @@ def test_every_layout_gives_the_reference_values(runs, layout):
     for it in range(1, ITERS + 1):
         assert got[it]["num_zeros"] == want[it]["num_zeros"], (layout, it)
         assert got[it]["params_norm"] == pytest.approx(want[it]["params_norm"], rel=1e-6), (layout, it)
+
+
+def test_one_host_read_per_statistic_not_per_tensor(host_reads):
+    """Each statistic reads the host once (its local sum) plus once for the world sum, whatever the number of
+    tensors (each read waits for a GPU/XPU; the old loop made one per tensor), and gives the bits of the
+    float sums on the host, tensor after tensor."""
+    from megatron.observability.weight_stats import num_zeros_in_grad, params_norm
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(5, 5) for _ in range(4)))
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).relu()  # about half exact zeros
+    want_norm = 0.0
+    want_zeros = 0
+    for p in model.parameters():
+        want_norm += float(p.detach().double().square().sum())
+        want_zeros += int((p.grad == 0).sum())
+    host_reads.clear()
+    assert params_norm(model) == want_norm ** 0.5
+    assert host_reads == ["tolist", "tolist"]
+    host_reads.clear()
+    assert num_zeros_in_grad(model) == want_zeros > 0
+    assert host_reads == ["tolist", "tolist"]

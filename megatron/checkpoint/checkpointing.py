@@ -74,10 +74,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _accelerators() -> list[tuple[str, object]]:
+    """(name, torch module) of the accelerators present: their default generator draws the model's dropout
+    masks (CUDA on Polaris, XPU on Aurora), so it is saved and restored with the CPU one."""
+    return [(name, getattr(torch, name)) for name in ("cuda", "xpu")
+            if hasattr(torch, name) and getattr(torch, name).is_available()]
+
+
 def _rng_state() -> dict:
     state = {"random": random.getstate(), "np": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    for name, accelerator in _accelerators():
+        state[name] = accelerator.get_rng_state()
     state["tp_tracker"] = get_rng_tracker().get_states()  # per-TP-rank dropout stream (one file per TP rank)
     if ps.get_sequence_parallel_world_size() > 1:  # one file for the SP group: every SP rank's stream in it
         state["sp_trackers"] = [None] * ps.get_sequence_parallel_world_size()
@@ -89,8 +96,9 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    for name, accelerator in _accelerators():
+        if name in state:
+            accelerator.set_rng_state(state[name])
     sp = ps.get_sequence_parallel_world_size()
     if sp > 1:  # Ulysses: this SP rank's stream; a checkpoint of another SP size keeps the fresh per-rank seeds
         if len(state.get("sp_trackers") or ()) == sp:

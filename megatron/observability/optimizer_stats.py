@@ -46,15 +46,17 @@ def _first_key(state: dict, keys: tuple[str, ...]):
 def local_sums(optimizer: torch.optim.Optimizer) -> tuple[dict[str, list[float]], int]:
     """Per statistic group: [sum of squares, sum of |x|, max |x|] over this rank's tensors, and
     the number of weight elements this rank holds."""
-    acc: dict[str, list[float]] = {}
+    acc: dict[str, torch.Tensor] = {}  # fp64 on the tensors' device: one host read in all, not three per tensor
     numel = 0
 
     def add(name: str, t: torch.Tensor) -> None:
         t = t.detach().float()
-        s = acc.setdefault(name, [0.0, 0.0, 0.0])
-        s[0] += float(torch.sum(t * t))
-        s[1] += float(torch.sum(t.abs()))
-        s[2] = max(s[2], float(t.abs().max()))
+        s = acc.get(name)
+        if s is None:
+            s = acc[name] = torch.zeros(3, dtype=torch.float64, device=t.device)
+        s[0] += torch.sum(t * t).to(s)
+        s[1] += torch.sum(t.abs()).to(s)
+        s[2] = torch.fmax(s[2], t.abs().max().to(s))  # as Python's max(s, x): a NaN x leaves s
 
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -70,7 +72,8 @@ def local_sums(optimizer: torch.optim.Optimizer) -> tuple[dict[str, list[float]]
             if v is not None:
                 add("variance", v)
                 add("variance_sqrt", v.clamp(min=0).sqrt())
-    return acc, numel
+    rows = torch.stack(list(acc.values())).tolist() if acc else []
+    return dict(zip(acc, rows)), numel
 
 
 def optimizer_state_stats(optimizer, model_numel: int | None = None, group=None) -> dict[str, float]:

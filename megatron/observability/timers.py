@@ -25,9 +25,17 @@ from megatron.core.parallel_state import collective_device
 
 
 def accelerator_synchronize() -> None:
+    """Wait for the kernels queued on the accelerator: torch.accelerator, or where torch is older than 2.6
+    (the CUDA and XPU frameworks modules of 2024) the device's own module."""
     acc = getattr(torch, "accelerator", None)
     try:
-        if acc is not None and acc.current_accelerator() is not None:
+        if acc is None:
+            for name in ("cuda", "xpu"):
+                mod = getattr(torch, name, None)
+                if mod is not None and mod.is_available():
+                    mod.synchronize()
+                    return
+        elif acc.current_accelerator() is not None:
             acc.synchronize()
     except RuntimeError:
         pass

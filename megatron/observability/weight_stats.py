@@ -47,32 +47,45 @@ def _world_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """`total + value` on the device, in order: the bits of adding their floats on the host, without a host
+    read (which waits for a GPU/XPU) per tensor."""
+    return value if total is None else total + value.to(total.device)
+
+
+def _read(totals: list[torch.Tensor | None]) -> list[float]:
+    """The totals as floats (None: 0.0), in one host read."""
+    held = [t for t in totals if t is not None]
+    values = iter(torch.stack([t.to(held[0].device) for t in held]).tolist() if held else [])
+    return [0.0 if t is None else next(values) for t in totals]
+
+
 def params_norm(model: torch.nn.Module) -> float:
     """L2 norm of all weights of the model (every rank must call it: one all-reduce)."""
     tp_rank, replicas = _layout()
-    full = part = 0.0
+    full = part = None
     for p in model.parameters():
         if not _counted_here(p, tp_rank):
             continue
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition only
-            part += float(zero3_local(p).detach().double().square().sum())
+            part = _add(part, zero3_local(p).detach().double().square().sum())
         else:
-            full += float(p.detach().double().square().sum())
-    full, part = _world_sum([full, part])
+            full = _add(full, p.detach().double().square().sum())
+    full, part = _world_sum(_read([full, part]))
     return (full / replicas + part) ** 0.5
 
 
 def num_zeros_in_grad(model: torch.nn.Module) -> int:
     """Zero elements of the reduced gradient (call between the last backward and the step, on every rank)."""
     tp_rank, replicas = _layout()
-    zeros = 0.0
+    zeros = None
     for p in model.parameters():
         if not p.requires_grad:
             continue
         g = full_grad(p)  # a collective under ZeRO: every rank, same order
         if g is not None and _counted_here(p, tp_rank):
-            zeros += float(g.numel() - torch.count_nonzero(g))
-    (zeros,) = _world_sum([zeros])
+            zeros = _add(zeros, g.numel() - torch.count_nonzero(g))
+    (zeros,) = _world_sum(_read([zeros]))
     return int(round(zeros / replicas))
 
 

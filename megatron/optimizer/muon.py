@@ -222,19 +222,20 @@ class QKClip:
             for tokens, _mask in replay():
                 module(tokens)
             module.train(was_training)
-        group = _replica_group()
+        attns = [a for a in _attention_modules(module) if a in self.maxes]
         clipped, worst = 0, 0.0
-        for attn in _attention_modules(module):
-            m = self.maxes.pop(attn, None)
-            if m is None:
-                continue
+        if attns:  # every layer's maxima [layers, heads] in one all-reduce and one host read per step
+            maxes = torch.stack([self.maxes.pop(a) for a in attns])
+            group = _replica_group()
             if dist.is_initialized() and dist.get_world_size(group) > 1:
-                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            worst = max(worst, float(m.max()))
-            eta = torch.where(m > self.t, self.t / m, torch.ones_like(m)).clamp(max=1.0)
-            if bool((eta < 1).any()):
-                clipped += int((eta < 1).sum())
-                self._scale(attn, eta, scale_param or (lambda w, f: w.mul_(f.to(w.dtype))))
+                dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+            etas = torch.where(maxes > self.t, self.t / maxes, torch.ones_like(maxes)).clamp(max=1.0)
+            per_layer = torch.stack([maxes.amax(dim=1), (etas < 1).sum(dim=1).to(maxes.dtype)], dim=1).tolist()
+            for attn, eta, (layer_max, n_clipped) in zip(attns, etas, per_layer):
+                worst = max(worst, layer_max)
+                if n_clipped:
+                    clipped += int(n_clipped)
+                    self._scale(attn, eta, scale_param or (lambda w, f: w.mul_(f.to(w.dtype))))
         self.fired += clipped
         return {"muonclip_heads_clipped": clipped, "muonclip_max_logit": worst, "muonclip_fired_total": self.fired}
 
