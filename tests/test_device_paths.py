@@ -92,6 +92,8 @@ def _on(kind: str, t: torch.Tensor) -> torch.Tensor:
     ("xpu", torch.bfloat16, True, "2.8.0+xpu", True),
     ("xpu", torch.bfloat16, False, "2.5.1+cxx11.abi", False),
     ("cpu", torch.float32, True, None, True),       # the CPU as it was
+    ("cuda", torch.bfloat16, False, "2.3.1", False),  # no enable_gqa before torch 2.5: expanded, not passed
+    ("cpu", torch.float32, False, "2.4.0+cpu", False),
 ])
 def test_grouped_query_attention_reaches_a_fused_kernel(monkeypatch, kind, dtype, masked, version, fused):
     """With grouped K/V (4 query heads, 2 KV heads) the attention hands SDPA `enable_gqa=True` only where a
@@ -110,11 +112,11 @@ def test_grouped_query_attention_reaches_a_fused_kernel(monkeypatch, kind, dtype
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def recording(q, k, v, **kw):
-        calls.append((k.shape[1], kw["enable_gqa"]))
+        calls.append((k.shape[1], kw.get("enable_gqa")))  # absent (None) when K/V were expanded
         return sdpa(*(t.as_subclass(torch.Tensor) for t in (q, k, v)), **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
     out = attn.core_attention(*(_on(kind, t.to(dtype)) for t in (q, k, v)), mask)
-    assert calls == ([(2, True)] if fused else [(4, False)])
+    assert calls == ([(2, True)] if fused else [(4, None)])
     want = sdpa(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     torch.testing.assert_close(out.as_subclass(torch.Tensor), want, rtol=0, atol=0)
