@@ -75,10 +75,8 @@ def _barrier() -> None:
 
 
 def _accelerators() -> list[tuple[str, object]]:
-    """(name, torch module) of the accelerators present: their default generator draws the model's dropout
-    masks (CUDA on Polaris, XPU on Aurora), so it is saved and restored with the CPU one."""
-    return [(name, getattr(torch, name)) for name in ("cuda", "xpu")
-            if hasattr(torch, name) and getattr(torch, name).is_available()]
+    """(name, module) of the accelerators present, whose generators draw dropout masks (CUDA: Polaris, XPU: Aurora)."""
+    return [(n, getattr(torch, n)) for n in ("cuda", "xpu") if hasattr(torch, n) and getattr(torch, n).is_available()]
 
 
 def _rng_state() -> dict:

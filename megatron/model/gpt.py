@@ -182,12 +182,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def sdpa_fuses_gqa(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether `F.scaled_dot_product_attention(..., enable_gqa=True)` reaches a fused kernel for `q` [b, heads,
-    s, d] and `mask`. On CUDA only the flash kernel takes grouped K/V (fp16/bf16, no mask, d <= 256; the
-    memory-efficient and cuDNN kernels do not), on XPU torch >= 2.8; otherwise torch falls back to its math
-    kernel, which keeps the [b, heads, s, s] scores in memory: an fp32 or --reset-attention-mask run on a GPU.
-    There K/V are expanded to every query head instead and a fused kernel runs; so they are on a torch older
-    than 2.5, whose SDPA has no `enable_gqa` (the frameworks modules of 2024). The CPU is otherwise left as it is."""
+    """Whether SDPA's `enable_gqa=True` reaches a fused kernel for `q` [b, heads, s, d]: torch >= 2.5 (no such argument
+    before); on CUDA only flash takes it (fp16/bf16, no mask, d <= 256), on XPU torch >= 2.8. Elsewhere torch would
+    run its math kernel (the [b, heads, s, s] scores in memory), so the caller expands K/V to every query head."""
     if torch.torch_version.TorchVersion(torch.__version__) < "2.5.0a0":
         return False
     if q.device.type == "cuda":
@@ -225,13 +222,11 @@ class Attention(nn.Module):
         with tp.model_parallel_rng(dropout > 0):  # heads differ across TP ranks (and Ulysses SP ranks): so do masks
             if attention_cpu.use_explicit(q, k):  # bf16 on CPU: faster than the fused kernel (see the module)
                 return attention_cpu.attention(q, k, v, mask, scale=self.scale, dropout=dropout)
-            grouped = {}
-            if self.group > 1 and sdpa_fuses_gqa(q, mask):
-                grouped = {"enable_gqa": True}
-            elif self.group > 1:  # each query head gets its KV head, as torch's math kernel does
+            grouped = self.group > 1 and sdpa_fuses_gqa(q, mask)
+            if self.group > 1 and not grouped:  # each query head gets its KV head, as torch's math kernel does
                 k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
-                                                  scale=self.scale, **grouped)
+                                                  scale=self.scale, **({"enable_gqa": True} if grouped else {}))
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None = None) -> torch.Tensor:
         g = self.group
