@@ -97,15 +97,9 @@ def meta_world(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", record("all_reduce"))
     monkeypatch.setattr(dist, "all_gather", record("all_gather"))
     import megatron.deepspeed_compat.norms as norms
-    import megatron.observability.numerics as numerics
-    import megatron.observability.optimizer_stats as optimizer_stats
-    import megatron.observability.stats as stats
     import megatron.observability.timers as timers
-    import megatron.observability.weight_stats as weight_stats
-    import megatron.optimizer.sophia as sophia
-    import megatron.resilience.exits as exits
 
-    for module in (numerics, optimizer_stats, stats, timers, weight_stats, sophia, exits, parallel_state):
+    for module in (timers, parallel_state):  # the others reduce through parallel_state.all_reduce_values
         monkeypatch.setattr(module, "collective_device", lambda group=None: META)
     monkeypatch.setattr(norms, "_accelerator_device", lambda: META)
     return seen
@@ -117,13 +111,14 @@ def _reads_back_from_meta(fn):
         fn()
 
 
-def test_logged_sums_timers_and_exit_flags_use_the_collective_device(meta_world):
-    from megatron.observability import stats, weight_stats
+def test_logged_sums_timers_and_exit_flags_use_the_collective_device(meta_world, monkeypatch):
+    from megatron.observability import weight_stats
     from megatron.observability.timers import Timers
     from megatron.resilience.exits import ExitConditions
 
-    _reads_back_from_meta(lambda: stats._all_reduce([1.0, 2.0]))
-    _reads_back_from_meta(lambda: weight_stats._world_sum([1.0]))
+    _reads_back_from_meta(lambda: parallel_state.all_reduce_values([1.0, 2.0]))  # the training log's sums
+    monkeypatch.setattr(weight_stats, "_layout", lambda: (0, 1))  # TP rank 0, one replica
+    _reads_back_from_meta(lambda: weight_stats.params_norm(torch.nn.Linear(2, 2)))
     timers = Timers(log_level=1)
     with timers("forward-backward"):
         pass
@@ -198,17 +193,12 @@ REVIEWED = {
     ("deepspeed_compat/norms.py", "_model_parallel_sum"): "fp64_sq_norm's sum, on the gradients' device",
     ("deepspeed_compat/norms.py", "fp64_grad_norm_direct"): "fp64_sq_norm's sum, on the gradients' device",
     ("deepspeed_compat/zero_step.py", "_all_gather_in_shards"): "the bf16 weight partitions",
-    ("observability/numerics.py", "step"): "collective_device()",
-    ("observability/optimizer_stats.py", "optimizer_state_stats"): "collective_device()",
-    ("observability/stats.py", "_all_reduce"): "collective_device()",
+    ("core/parallel_state.py", "all_reduce_values"): "collective_device() (numerics and exit flags, the memory "
+                                                       "check, logged sums and statistics, SophiaG's mean)",
     ("observability/timers.py", "gather"): "collective_device()",
-    ("observability/weight_stats.py", "_world_sum"): "collective_device()",
     ("optimizer/muon.py", "__call__"): "attention logit maxima (the model's device)",
     ("optimizer/partition.py", "_reduce"): "sq_norms' sums, on the weights' device",
-    ("optimizer/sophia.py", "after_step"): "collective_device()",
     ("optimizer/sophia.py", "sampled_label_gradient"): "gradients (the model's device)",
-    ("resilience/exits.py", "reason"): "collective_device()",
-    ("resilience/preflight.py", "check_memory"): "collective_device()",
     ("training.py", "dp_mean"): "losses (the model's device)",
 }
 

@@ -70,6 +70,16 @@ def collective_device(group=None) -> torch.device:
                        "a CUDA/XPU device: use gloo, nccl, xccl or ccl (--distributed-backend)")
 
 
+def all_reduce_values(values: list[float], op=None, group=None) -> list[float]:
+    """`values` reduced over `group` (default: the world; `op` default SUM) in one float64 collective on
+    `collective_device(group)`, as host floats; unchanged in a single process or when empty."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t.tolist()
+
+
 def rank_groups(world_size: int, tp: int, pp: int, sp: int = 1) -> dict[str, list[list[int]]]:
     """The rank lists of every TP, SP, DP, SP+DP ("sdp") and PP group (pure function, used by the tests)."""
     if world_size % (tp * pp * sp):

@@ -40,12 +40,8 @@ def fp64_sq_norm(tensors, device=None) -> torch.Tensor:
         chunk = NORM_CHUNK if flat.device.type == "cpu" else DEVICE_NORM_CHUNK
         for piece in flat.split(chunk):
             sq = torch.linalg.vector_norm(piece, dtype=torch.float64) ** 2
-            if total is None:
-                total = sq
-            elif sq.device == total.device:
-                total += sq
-            else:  # gradients on two devices (not seen in practice): summed where the first one is
-                total += sq.to(total.device)
+            # (gradients on two devices, not seen in practice, are summed where the first one is)
+            total = sq if total is None else total.add_(sq.to(total.device))
     if total is None:
         return torch.zeros((), dtype=torch.float64, device=device if device is not None else _accelerator_device())
     return total

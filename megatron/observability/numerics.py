@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.config import Config
-from megatron.core.parallel_state import collective_device
+from megatron.core.parallel_state import all_reduce_values
 from megatron.deepspeed_compat.engine import step_without_update
 
 log = logging.getLogger(__name__)
@@ -145,10 +145,8 @@ class NumericsGuard:
         finite = bool(torch.isfinite(torch.stack(self._iteration_losses)).all())
         finite = finite and (self.fp16 or local_grads_finite(engine.module))  # fp16: DeepSpeed checks the grads
         self._iteration_losses = []
-        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank skips, or none does
-            flag = torch.tensor([0 if finite else 1], dtype=torch.int32, device=collective_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            finite = not flag.item()
+        if dist.is_initialized():  # every rank skips, or none does
+            finite = not all_reduce_values([0.0 if finite else 1.0], op=dist.ReduceOp.MAX)[0]
         before = int(getattr(engine, "skipped_steps", 0))
         if finite or self.fp16:
             if self.fp16:

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from megatron.core.parallel_state import collective_device
+from megatron.core.parallel_state import all_reduce_values
 
 MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
 VARIANCE_KEYS = ("exp_avg_sq",)
@@ -90,20 +90,15 @@ def optimizer_state_stats(optimizer, model_numel: int | None = None, group=None)
     partitioned = world > 1 and (model_numel is None or numel < model_numel)
     if world > 1:
         # every rank must take part even if it holds no state of some kind; agree on the kinds first
-        flags = torch.tensor([1.0 if n in acc else 0.0 for n in names], dtype=torch.float64,
-                             device=collective_device(group))
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        present = [n for n, f in zip(names, flags.tolist()) if f > 0]
+        flags = all_reduce_values([1.0 if n in acc else 0.0 for n in names], op=dist.ReduceOp.MAX, group=group)
+        present = [n for n, f in zip(names, flags) if f > 0]
     else:
         present = [n for n in names if n in acc]
-    device = collective_device(group) if partitioned else torch.device("cpu")
-    sums = torch.tensor([acc.get(n, [0.0, 0.0, 0.0])[i] for n in present for i in (0, 1)], dtype=torch.float64,
-                        device=device)
-    maxes = torch.tensor([acc.get(n, [0.0, 0.0, 0.0])[2] for n in present], dtype=torch.float64, device=device)
+    sums = [acc.get(n, [0.0, 0.0, 0.0])[i] for n in present for i in (0, 1)]
+    maxes = [acc.get(n, [0.0, 0.0, 0.0])[2] for n in present]
     if partitioned:
-        dist.all_reduce(sums, group=group)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
-    sums, maxes = sums.tolist(), maxes.tolist()
+        sums = all_reduce_values(sums, group=group)
+        maxes = all_reduce_values(maxes, op=dist.ReduceOp.MAX, group=group)
     out: dict[str, float] = {}
     for k, n in enumerate(present):
         out[f"{n}_l2"] = math.sqrt(float(sums[2 * k]))

@@ -9,7 +9,6 @@ import resource
 import torch
 import torch.distributed as dist
 
-from megatron.core.parallel_state import collective_device
 
 
 def format_duration(seconds: float) -> str:
@@ -39,14 +38,6 @@ def memory_stats(device_type: str) -> dict[str, float]:
 def _human_seconds(seconds: float) -> str:
     """'12.3 s' under a minute, else h:mm:ss."""
     return f"{seconds:.1f} s" if 0 <= seconds < 60 else format_duration(seconds)
-
-
-def _all_reduce(values: list[float], op=None, group=None) -> list[float]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device(group))
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
-    return t.tolist()
 
 
 def _zero_partition_group():

@@ -41,8 +41,9 @@ import torch.distributed as dist
 from megatron.config import Config
 from megatron.fp16 import loss_scale as fp16_loss_scale
 from megatron.observability.mfu import PeakFlops, flops_per_iteration, resolve_peak
+from megatron.core.parallel_state import all_reduce_values
 from megatron.observability.stats import (  # noqa: F401  (format_duration, memory_stats: exported)
-    _all_reduce, _data_parallel_group, _human_seconds, _zero_partition_group, format_duration, memory_stats)
+    _data_parallel_group, _human_seconds, _zero_partition_group, format_duration, memory_stats)
 from megatron.observability.timers import Timers
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class TrainLogger:
             run = init_wandb(config)
         runtime = config.runtime
         peak = resolve_peak(config.logging.peak_tflops, runtime.device_type, runtime.params_dtype,
-                            reduce_mean=lambda x: _all_reduce([x])[0] / max(runtime.world_size, 1))
+                            reduce_mean=lambda x: all_reduce_values([x])[0] / max(runtime.world_size, 1))
         if config.runtime.rank == 0:
             print(f"> MFU is measured against {peak.tflops:.4g} TFLOPS per device ({peak.source}); "
                   "set --peak-tflops to use another peak", flush=True)
@@ -236,11 +237,11 @@ class TrainLogger:
         timer_block, timer_ms = "", {}
         if cfg.logging.timing_log_level > 0:
             timer_block, timer_ms = self.timers.log_block(list(TIMER_LEVELS), normalizer=n_iters)
-        corpus = _all_reduce(self.corpus_interval, group=_data_parallel_group()) if self.corpus_names else []
+        corpus = all_reduce_values(self.corpus_interval, group=_data_parallel_group()) if self.corpus_names else []
         self.corpus_total = [t + c for t, c in zip(self.corpus_total, corpus)]
         self.corpus_interval = [0.0] * len(self.corpus_names)
         mem = memory_stats(cfg.runtime.device_type)
-        mem = dict(zip(mem, _all_reduce(list(mem.values()), op=dist.ReduceOp.MAX if dist.is_initialized() else None)))
+        mem = dict(zip(mem, all_reduce_values(list(mem.values()), op=dist.ReduceOp.MAX if dist.is_initialized() else None)))
         extra = {}  # optional fields of the line, upstream's names
         if self.zeros.get("iteration") == iteration:
             extra["num_zeros"] = self.zeros["num_zeros"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron.core.parallel_state import collective_device
+from megatron.core.parallel_state import all_reduce_values
 from megatron.deepspeed_compat.partitions import full_grad, zero3_local
 
 
@@ -38,13 +38,6 @@ def _layout() -> tuple[int, int]:
 
 def _counted_here(p: torch.nn.Parameter, tp_rank: int) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
-
-
-def _world_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -71,7 +64,7 @@ def params_norm(model: torch.nn.Module) -> float:
             part = _add(part, zero3_local(p).detach().double().square().sum())
         else:
             full = _add(full, p.detach().double().square().sum())
-    full, part = _world_sum(_read([full, part]))
+    full, part = all_reduce_values(_read([full, part]))
     return (full / replicas + part) ** 0.5
 
 
@@ -85,7 +78,7 @@ def num_zeros_in_grad(model: torch.nn.Module) -> int:
         g = full_grad(p)  # a collective under ZeRO: every rank, same order
         if g is not None and _counted_here(p, tp_rank):
             zeros = _add(zeros, g.numel() - torch.count_nonzero(g))
-    (zeros,) = _world_sum(_read([zeros]))
+    (zeros,) = all_reduce_values(_read([zeros]))
     return int(round(zeros / replicas))
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.config import Config
-from megatron.core.parallel_state import collective_device
+from megatron.core.parallel_state import all_reduce_values
 from megatron.optimizer import register_optimizer
 from megatron.optimizer.base import ElementwiseOptimizer
 from megatron.optimizer.partition import PartitionedWeights
@@ -85,12 +85,8 @@ class SophiaG(PartitionedWeights, ElementwiseOptimizer):
         grads = sampled_label_gradient(module, params, replay, self.seed, iteration, whole_batch)
         self.update_hessian(dict(zip(params, grads)))
         flats = [p for g in self.param_groups for p in g["params"]]
-        total = torch.tensor([float(sum(self.state[p]["hessian"].sum() for p in flats)),
-                              float(sum(f.numel for p in flats for f in self.layout(p).fragments))], dtype=torch.float64,
-                             device=collective_device())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        hessian, count = total.tolist()
+        hessian, count = all_reduce_values([float(sum(self.state[p]["hessian"].sum() for p in flats)),
+                                            float(sum(f.numel for p in flats for f in self.layout(p).fragments))])
         return {"sophiag_hessian_mean": hessian / count}
 
 

@@ -6,11 +6,10 @@ import os
 import signal
 import time
 
-import torch
 import torch.distributed as dist
 
 from megatron.config import TrainingConfig
-from megatron.core.parallel_state import collective_device
+from megatron.core.parallel_state import all_reduce_values
 
 
 class ExitConditions:
@@ -30,9 +29,7 @@ class ExitConditions:
                  bool(a.exit_interval and iteration % a.exit_interval == 0),
                  bool(a.exit_duration_in_mins and (time.time() - self.start) / 60 > a.exit_duration_in_mins),
                  bool(a.kill_switch_file and os.path.exists(a.kill_switch_file))]
-        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank must agree
-            t = torch.tensor(flags, dtype=torch.int32, device=collective_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flags = [bool(x) for x in t.tolist()]
+        if dist.is_initialized():  # every rank must agree
+            flags = [bool(x) for x in all_reduce_values([float(f) for f in flags], op=dist.ReduceOp.MAX)]
         names = ["signal", "exit-interval", "exit-duration", "kill-switch-file"]
         return next((n for n, f in zip(names, flags) if f), None)

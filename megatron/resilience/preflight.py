@@ -320,17 +320,15 @@ def check_memory(config: Config) -> str | None:
     """Refuse (ArgumentError) a configuration whose memory estimate exceeds what this rank has; warn
     near it. Returns the estimate's description (None if none was made), which the caller keeps as
     `memory_estimate` for the out-of-memory message."""
-    import torch  # noqa: PLC0415  (this module stays light for --check-args)
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist  # noqa: PLC0415  (this module stays light for --check-args)
 
-    from megatron.core.parallel_state import collective_device  # noqa: PLC0415
+    from megatron.core.parallel_state import all_reduce_values  # noqa: PLC0415
 
     rank = config.runtime.rank
     problems, warnings, est = memory_problems(config, config.runtime.padded_vocab_size)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank short of memory stops them all
-        refused = torch.tensor([float(bool(problems))], device=collective_device())
-        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
-        if refused.item() and not problems:
+    if dist.is_initialized():  # one rank short of memory stops them all
+        (refused,) = all_reduce_values([float(bool(problems))], op=dist.ReduceOp.MAX)
+        if refused and not problems:
             problems = ["another rank has not enough memory for this configuration (see rank 0's line, or "
                         "MEGATRON_LOG_ALL_RANKS=1)"]
     if est and rank == 0:
