@@ -20,6 +20,7 @@ if ROOT not in sys.path:  # `python bench/x.py` from anywhere
 
 from megatron.launch_env import free_port  # noqa: E402,F401  (a child's MASTER_PORT, below the ephemeral range)
 
+
 def llama_flags(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, seq: int, vocab: int) -> list[str]:
     """Trainer flags of a Llama-style model (SwiGLU, RMSNorm, RoPE, untied, no bias, no dropout) with a
     NullTokenizer vocabulary."""
